@@ -1,0 +1,3 @@
+from cni_plugin.shim import main
+
+raise SystemExit(main())

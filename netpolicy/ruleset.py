@@ -1,0 +1,131 @@
+"""The sockgate nft table, rendered as text for `nft -f` (pure: data in, text out).
+
+Shape, after kubernetes-sigs/knftables: static chains; everything per container is an
+element of a set. Attaching the 1,000th container adds three elements and never
+touches a rule.
+
+The rendering is idempotent: `add table/chain/set` are no-ops on existing objects,
+and every chain is flushed and refilled in the same transaction. Loading it twice, or
+from two processes at once, gives the same table and keeps every set element.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FAMILY = "inet"
+TABLE = "sockgate"
+
+# Per-container state. `ifaces` holds host-side veth names; `saddr4`/`saddr6` pair a
+# veth with the only source address allowed to arrive on it (anti-spoofing).
+SETS = {
+    "ifaces": "typeof iifname",
+    "saddr4": "typeof iifname . ip saddr",
+    "saddr6": "typeof iifname . ip6 saddr",
+}
+
+# ICMPv6 neighbour discovery between a container and its gateway: without it the node
+# can't resolve the container's v6 address. Only valid with hop limit 255 (RFC 4861),
+# which also proves the packet didn't cross a router.
+_ND = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept"
+
+# Blocked attempts must fail at once (a reset or an ICMP error), not after a timeout.
+_REJECT = ["meta l4proto tcp reject with tcp reset", "reject with icmpx admin-prohibited"]
+
+BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
+    # hook chains: (declaration, rules)
+    "forward": ("type filter hook forward priority filter; policy accept;", [
+        "iifname @ifaces jump from_container",
+        "oifname @ifaces jump to_container",
+    ]),
+    "input": ("type filter hook input priority filter; policy accept;", [
+        "iifname @ifaces jump container_to_node",
+    ]),
+    "output": ("type filter hook output priority filter; policy accept;", [
+        "oifname @ifaces jump node_to_container",
+    ]),
+    # Egress-only NAT. fully-random: source ports don't reveal anything about the
+    # container's own port choice (C5).
+    "postrouting": ("type nat hook postrouting priority srcnat; policy accept;", [
+        "iifname @ifaces oifname != @ifaces masquerade fully-random",
+    ]),
+}
+
+
+def _from_container(policy_jump: bool) -> list[str]:
+    rules = [
+        # A container sends only from its own addresses.
+        "meta nfproto ipv4 iifname . ip saddr != @saddr4 drop",
+        "meta nfproto ipv6 iifname . ip6 saddr != @saddr6 drop",
+        # Invalid packets are not NATed and would leak container addresses upstream.
+        "ct state invalid drop",
+        # No container reaches another (C1).
+        "oifname @ifaces drop",
+    ]
+    if policy_jump:
+        rules.append("jump egress_policy")
+    return rules
+
+
+REGULAR_CHAINS: dict[str, list[str]] = {
+    # Only replies to the container's own flows, and ICMP errors about them, get in (C2).
+    "to_container": ["ct state established,related accept", "drop"],
+    # The node is not a service for containers: nothing but neighbour discovery.
+    "container_to_node": [_ND, *_REJECT],
+    "node_to_container": [_ND, "ct state established,related accept", "drop"],
+}
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """Where netpolicy's compiled contract plugs in: extra set declarations and the
+    rules of the `egress_policy` chain, evaluated for every new packet a container
+    sends that passed anti-spoofing. Empty means allow all egress."""
+
+    sets: tuple[tuple[str, str], ...] = ()
+    rules: tuple[str, ...] = ()
+
+
+def render_table(policy: EgressPolicy = EgressPolicy()) -> str:
+    t = f"{FAMILY} {TABLE}"
+    lines = [f"add table {t}"]
+    sets = dict(SETS) | dict(policy.sets)
+    for name, decl in sets.items():
+        lines.append(f"add set {t} {name} {{ {decl}; }}")
+    chains: dict[str, list[str]] = {name: rules for name, (_, rules) in BASE_CHAINS.items()}
+    chains |= REGULAR_CHAINS
+    chains["from_container"] = _from_container(policy_jump=True)
+    chains["egress_policy"] = list(policy.rules)
+    # Declare every chain before filling any: rules jump to chains declared later.
+    for name in chains:
+        decl = BASE_CHAINS[name][0] if name in BASE_CHAINS else ""
+        lines.append(f"add chain {t} {name} {{ {decl} }}" if decl else f"add chain {t} {name}")
+    for name, rules in chains.items():
+        lines.append(f"flush chain {t} {name}")
+        lines.extend(f"add rule {t} {name} {rule}" for rule in rules)
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """The per-container facts the data plane needs."""
+
+    host_ifname: str
+    ipv4: str
+    ipv6: str
+
+
+def _elements(ep: Endpoint) -> list[tuple[str, str]]:
+    return [("ifaces", f'"{ep.host_ifname}"'),
+            ("saddr4", f'"{ep.host_ifname}" . {ep.ipv4}'),
+            ("saddr6", f'"{ep.host_ifname}" . {ep.ipv6}')]
+
+
+def add_endpoint(ep: Endpoint) -> str:
+    return "".join(f"add element {FAMILY} {TABLE} {s} {{ {e} }}\n" for s, e in _elements(ep))
+
+
+def remove_endpoint(ep: Endpoint) -> str:
+    """Idempotent delete: `delete element` fails on a missing element and would abort
+    the whole transaction, so each element is first added (a no-op if present)."""
+    return add_endpoint(ep) + "".join(
+        f"delete element {FAMILY} {TABLE} {s} {{ {e} }}\n" for s, e in _elements(ep))

@@ -1,0 +1,204 @@
+"""The one core: attach, detach, check and gc of a container, whichever door (CNI,
+Docker, demo) the request came through.
+
+Crash safety rests on one ordering rule: the lease files and the attachment record
+reach the disk before the kernel is touched, and leave it only after the kernel state
+is gone. Whatever a crash interrupts, DEL or GC finds a record (or a lease) naming
+what to undo.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from netpolicy.ruleset import Endpoint
+from runtime import netns, nft
+from runtime.errors import (ALREADY_ATTACHED, CHECK_FAILED, NOT_AVAILABLE, SockgateError)
+from runtime.fsutil import locked
+from runtime.ipam import LeaseStore, Owner
+from runtime.netconf import NetConf
+from runtime.store import ADDING, READY, Attachment, AttachmentStore, host_ifname
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AttachRequest:
+    conf: NetConf
+    container_id: str
+    ifname: str
+    netns: str
+    labels: dict[str, str] = field(default_factory=dict)
+    runtime_config: dict = field(default_factory=dict)
+
+
+class Network:
+    """On-disk layout of one network under the state dir."""
+
+    def __init__(self, conf: NetConf) -> None:
+        self.conf = conf
+        self.root = Path(conf.state_dir) / "networks" / conf.name
+        self.leases = LeaseStore(self.root / "leases")
+        self.attachments = AttachmentStore(self.root / "attachments")
+
+    def lock(self):
+        return locked(self.root / "lock")
+
+
+def _endpoint(att: Attachment) -> Endpoint | None:
+    return Endpoint(att.host_ifname, att.ipv4, att.ipv6) if att.ipv4 and att.ipv6 else None
+
+
+def _reserve(net: Network, req: AttachRequest) -> Attachment:
+    """Under the network lock: refuse a second ADD, lease addresses, write the record."""
+    owner = Owner(req.container_id, req.ifname)
+    with net.lock():
+        if net.attachments.load(req.container_id, req.ifname) is not None:
+            raise SockgateError(ALREADY_ATTACHED, "container is already attached to this network",
+                                f"container {req.container_id} interface {req.ifname} on {req.conf.name}")
+        ipv4 = net.leases.allocate(req.conf.ipv4_pool, owner)
+        try:
+            ipv6 = net.leases.allocate(req.conf.ipv6_pool, owner)
+        except SockgateError:
+            net.leases.release(ipv4)
+            raise
+        att = Attachment(network=req.conf.name, container_id=req.container_id, ifname=req.ifname,
+                         netns=req.netns, host_ifname=host_ifname(req.conf.name, req.container_id, req.ifname),
+                         ipv4=str(ipv4), ipv6=str(ipv6), mtu=req.conf.mtu, labels=dict(req.labels),
+                         runtime_config=dict(req.runtime_config), state=ADDING,
+                         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        net.attachments.save(att)
+    return att
+
+
+def attach(req: AttachRequest) -> Attachment:
+    netns.check_netns(req.netns)
+    net = Network(req.conf)
+    att = _reserve(net, req)
+    try:
+        nft.ensure_table()
+        netns.enable_forwarding()
+        att.host_mac, att.container_mac = netns.create_veth(att.host_ifname, req.netns, req.ifname, att.mtu)
+        # Elements before the links come up: there is no moment when the container
+        # can send while the table doesn't know it.
+        nft.add(_endpoint(att))
+        netns.configure_container(req.netns, req.ifname, att.ipv4, att.ipv6, att.host_mac)
+        netns.configure_host(att.host_ifname, att.ipv4, att.ipv6)
+        att.state = READY
+        net.attachments.save(att)
+    except BaseException:
+        log.exception("attach of %s/%s failed; rolling back", req.container_id, req.ifname)
+        _teardown(net, att)
+        raise
+    log.info("attached %s/%s on %s: %s %s via %s", att.container_id, att.ifname,
+             att.network, att.ipv4, att.ipv6, att.host_ifname)
+    return att
+
+
+def _teardown(net: Network, att: Attachment) -> None:
+    """Undo an attachment, each step idempotent. The record goes last, so a crash here
+    leaves it for the next DEL or GC."""
+    netns.delete_link(att.host_ifname)
+    ep = _endpoint(att)
+    if ep is not None:
+        nft.remove(ep)
+    with net.lock():
+        net.leases.release_owner(Owner(att.container_id, att.ifname))
+        net.attachments.delete(att.container_id, att.ifname)
+
+
+def _orphan(net: Network, container_id: str, ifname: str) -> Attachment:
+    """What a record would have said, rebuilt from leases and the deterministic veth
+    name: DEL must clean up even when the record never made it to disk."""
+    att = Attachment(network=net.conf.name, container_id=container_id, ifname=ifname, netns="",
+                     host_ifname=host_ifname(net.conf.name, container_id, ifname))
+    for addr, owner in net.leases.leases().items():
+        if owner == Owner(container_id, ifname):
+            if addr.version == 4:
+                att.ipv4 = str(addr)
+            else:
+                att.ipv6 = str(addr)
+    return att
+
+
+def detach(conf: NetConf, container_id: str, ifname: str) -> Attachment | None:
+    """Idempotent: succeeds when the netns, the link, the leases or the record are
+    already gone. Returns the record that was removed, if there was one."""
+    net = Network(conf)
+    att = net.attachments.load(container_id, ifname)
+    _teardown(net, att or _orphan(net, container_id, ifname))
+    if att:
+        log.info("detached %s/%s from %s", container_id, ifname, conf.name)
+    return att
+
+
+def check(conf: NetConf, container_id: str, ifname: str, netns_path: str) -> None:
+    net = Network(conf)
+    att = net.attachments.load(container_id, ifname)
+    if att is None or att.state != READY:
+        raise SockgateError(CHECK_FAILED, "container is not attached to this network",
+                            f"no attachment for {container_id}/{ifname} on {conf.name}")
+    netns.check_netns(netns_path)
+    problems = []
+    view = netns.inspect_container(netns_path, ifname)
+    if view is None:
+        problems.append(f"interface {ifname} missing in {netns_path}")
+    else:
+        if not view.link_up:
+            problems.append(f"interface {ifname} is down")
+        problems += [f"address {a} missing on {ifname}" for a in (att.ipv4, att.ipv6)
+                     if a not in view.addresses]
+        if not view.default_v4:
+            problems.append("IPv4 default route missing")
+        if not view.default_v6:
+            problems.append("IPv6 default route missing")
+    if not netns.link_exists(att.host_ifname):
+        problems.append(f"host interface {att.host_ifname} missing")
+    else:
+        routes = netns.host_routes(att.host_ifname)
+        problems += [f"node route to {d} missing" for d in (f"{att.ipv4}/32", f"{att.ipv6}/128")
+                     if d not in routes]
+    problems += [f"nft element missing from set {s}" for s in nft.endpoint_present(_endpoint(att))]
+    if problems:
+        raise SockgateError(CHECK_FAILED, "attachment is damaged", "; ".join(problems))
+
+
+def gc(conf: NetConf, valid: set[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Remove every attachment of this network not in `valid` (container id, ifname),
+    and leases no attachment accounts for. Returns the keys removed."""
+    net = Network(conf)
+    removed = []
+    for att in net.attachments.all():
+        if att.key not in valid:
+            _teardown(net, att)
+            removed.append(att.key)
+    with net.lock():
+        recorded = {a.key for a in net.attachments.all()}
+        for addr, owner in net.leases.leases().items():
+            key = (owner.container_id, owner.ifname)
+            if key not in valid and key not in recorded:
+                # A lease without a record: an ADD crashed between the two writes,
+                # or this is a leftover from an older layout.
+                orphan = _orphan(net, *key)
+                netns.delete_link(orphan.host_ifname)
+                net.leases.release(addr)
+                removed.append(key)
+    for key in removed:
+        log.info("gc removed %s/%s from %s", key[0], key[1], conf.name)
+    return sorted(set(removed))
+
+
+def status(conf: NetConf) -> None:
+    """Ready when state can be written and nftables answers."""
+    net = Network(conf)
+    try:
+        net.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not os.access(net.root, os.W_OK):
+            raise OSError(f"{net.root} is not writable")
+        nft.ensure_table()
+    except (OSError, SockgateError) as exc:
+        raise SockgateError(NOT_AVAILABLE, "sockgate cannot serve ADD requests", str(exc)) from None

@@ -1,0 +1,62 @@
+"""The `sockgate` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from runtime.install import install_cni
+
+
+def _install_cni(args: argparse.Namespace) -> int:
+    path = install_cni(args.bin_dir)
+    print(f"installed CNI plugin at {path}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from runtime.demo import run_demo
+    return run_demo()
+
+
+def _lab_cleanup(args: argparse.Namespace) -> int:
+    from runtime.lab import Lab
+    removed = Lab.cleanup_stale()
+    print(f"removed {len(removed)} stale lab namespace(s)" + (": " + ", ".join(removed) if removed else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sockgate",
+        description="Outbound-only socket sandbox for containers: a CNI plugin with "
+                    "egress-only NAT, anti-spoofing and an nftables egress policy.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("install-cni", help="install the CNI executable into a CNI bin dir",
+                       description="Write the `sockgate` CNI executable (a launcher for this "
+                                   "installation's Python) into BIN_DIR, atomically.")
+    p.add_argument("--bin-dir", default="/opt/cni/bin",
+                   help="CNI plugin directory (default: %(default)s)")
+    p.set_defaults(func=_install_cni)
+
+    p = sub.add_parser("demo", help="show the sandbox on a throwaway lab (needs root)",
+                       description="Build the lab (node, internet and app network namespaces; "
+                                   "nothing leaves this machine), attach two containers through "
+                                   "the CNI plugin, print what they can and cannot reach, and "
+                                   "tear everything down.")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("lab-cleanup", help="remove lab namespaces left by crashed runs",
+                       description="Delete lab network namespaces whose creating process is dead. "
+                                   "Touches only namespaces carrying the lab's name prefix.")
+    p.set_defaults(func=_lab_cleanup)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

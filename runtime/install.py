@@ -1,0 +1,27 @@
+"""Install the CNI executable into a CNI bin dir."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+CNI_NAME = "sockgate"
+
+
+def cni_launcher(python: str = sys.executable) -> str:
+    # -I: no user site-packages or PYTHON* variables from the runtime's environment
+    # can change what the plugin imports.
+    return f"#!{python} -I\nfrom cni_plugin.shim import main\nraise SystemExit(main())\n"
+
+
+def install_cni(bin_dir: str, name: str = CNI_NAME) -> Path:
+    """Atomically place the executable, so a runtime calling the plugin during an
+    upgrade runs either the old or the new one."""
+    directory = Path(bin_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / name
+    tmp = directory / f".{name}.{os.getpid()}.tmp"
+    tmp.write_text(cni_launcher())
+    tmp.chmod(0o755)
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,239 @@
+"""Namespace plumbing with pyroute2: the routed veth between the node and a container.
+
+Layout per container (ptp style, no shared L2 between containers):
+
+  node netns                          container netns
+  sgXXXXXXXXXXXX  <──── veth ────>   <CNI_IFNAME>  10.77.0.5/32, fd77:…:5/128
+    fe80::1/64 (nodad)                 169.254.1.1 dev if scope link
+    route 10.77.0.5/32 dev sgX…        default via 169.254.1.1   (permanent neigh)
+    route fd77:…:5/128 dev sgX…        default via fe80::1       (permanent neigh)
+
+The container's gateways are fixed link-local addresses with permanent neighbour
+entries pointing at the host veth's MAC, so the container never needs to ARP for its
+gateway and every container sees the same gateway; the node still resolves container
+addresses normally (ARP, and ND which the nft table lets through).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import stat
+import threading
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from runtime.errors import KERNEL_FAILURE, UNKNOWN_CONTAINER, SockgateError
+
+GATEWAY_V4 = "169.254.1.1"
+GATEWAY_V6 = "fe80::1"
+_CLONE_NEWNET = 0x40000000
+_IFA_F_NODAD = 0x02
+_NUD_PERMANENT = 0x80
+_RT_SCOPE_LINK = 253
+_libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
+
+
+def check_netns(path: str) -> None:
+    """A missing netns means the container is gone (CNI code 3)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SockgateError(UNKNOWN_CONTAINER, "network namespace does not exist", path) from None
+    except OSError as exc:
+        raise SockgateError(UNKNOWN_CONTAINER, "network namespace is not accessible",
+                            f"{path}: {exc.strerror}") from None
+    # /proc/<pid>/ns/net and bind mounts of it are regular-looking files on nsfs.
+    if stat.S_ISDIR(st.st_mode):
+        raise SockgateError(UNKNOWN_CONTAINER, "network namespace path is a directory", path)
+
+
+def in_netns(path: str, fn: Callable[[], T]) -> T:
+    """Run fn in a thread that joined the netns at `path`.
+
+    setns(CLONE_NEWNET) is per thread, so the rest of the process (and the node-side
+    netlink socket) stays where it is; sockets that fn opens belong to the target netns,
+    and /proc/sys/net resolves to it too. No fork, unlike pyroute2's NetNS.
+    """
+    result: dict[str, object] = {}
+
+    def body() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise SockgateError(UNKNOWN_CONTAINER, "not a network namespace",
+                                        f"{path}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result["value"] = fn()
+        except BaseException as exc:  # re-raised in the caller's thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=body, name="netns")
+    worker.start()
+    worker.join()
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return result["value"]  # type: ignore[return-value]
+
+
+def sysctl(key: str, value: str) -> None:
+    with open("/proc/sys/" + key.replace(".", "/"), "w") as fh:
+        fh.write(value)
+
+
+def _kernel(action: str, exc: Exception) -> SockgateError:
+    return SockgateError(KERNEL_FAILURE, f"failed to {action}", str(exc))
+
+
+def _index(ipr: IPRoute, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return found[0] if found else None
+
+
+def _mac(ipr: IPRoute, index: int) -> str:
+    return ipr.get_links(index)[0].get("IFLA_ADDRESS")
+
+
+def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int) -> tuple[str, str]:
+    """Create the pair with the peer born inside the container netns under its final
+    name: no window where it sits in the node under a temporary name, and an ifname
+    already taken in the container fails here, before anything else was done."""
+    fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=host_ifname, kind="veth", mtu=mtu,
+                     peer={"ifname": ifname, "net_ns_fd": fd, "mtu": mtu})
+            host_mac = _mac(ipr, _index(ipr, host_ifname))
+    except NetlinkError as exc:
+        if exc.code == errno.EEXIST:
+            raise SockgateError(KERNEL_FAILURE, "interface already exists",
+                                f"{host_ifname} on the node or {ifname} in {netns_path}") from None
+        raise _kernel("create veth pair", exc) from None
+    finally:
+        os.close(fd)
+    container_mac = in_netns(netns_path, lambda: _mac_of(ifname))
+    return host_mac, container_mac
+
+
+def _mac_of(ifname: str) -> str:
+    with IPRoute() as ipr:
+        return _mac(ipr, _index(ipr, ifname))
+
+
+def configure_container(netns_path: str, ifname: str, ipv4: str, ipv6: str, gateway_mac: str) -> None:
+    def body() -> None:
+        # No SLAAC, no router advertisements: the container's only v6 address is ours.
+        for key, value in (("accept_ra", "0"), ("autoconf", "0"), ("accept_dad", "0")):
+            sysctl(f"net.ipv6.conf.{ifname}.{key}", value)
+        with IPRoute() as ipr:
+            lo = _index(ipr, "lo")
+            ipr.link("set", index=lo, state="up")
+            idx = _index(ipr, ifname)
+            ipr.addr("add", index=idx, address=ipv4, prefixlen=32)
+            ipr.addr("add", index=idx, address=ipv6, prefixlen=128, flags=_IFA_F_NODAD)
+            ipr.link("set", index=idx, state="up")
+            ipr.neigh("add", dst=GATEWAY_V4, lladdr=gateway_mac, ifindex=idx, state=_NUD_PERMANENT)
+            ipr.neigh("add", dst=GATEWAY_V6, lladdr=gateway_mac, ifindex=idx,
+                      state=_NUD_PERMANENT, family=socket.AF_INET6)
+            ipr.route("add", dst=f"{GATEWAY_V4}/32", oif=idx, scope=_RT_SCOPE_LINK)
+            ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY_V4, oif=idx)
+            ipr.route("add", dst="::/0", gateway=GATEWAY_V6, oif=idx, family=socket.AF_INET6)
+    try:
+        in_netns(netns_path, body)
+    except (NetlinkError, OSError) as exc:
+        raise _kernel(f"configure {ifname} in {netns_path}", exc) from None
+
+
+def enable_forwarding() -> None:
+    """The node must route between veths and its uplink (what ptp does too). Note: with
+    IPv6 forwarding on, the node ignores router advertisements unless accept_ra=2."""
+    sysctl("net.ipv4.ip_forward", "1")
+    sysctl("net.ipv6.conf.all.forwarding", "1")
+
+
+def configure_host(host_ifname: str, ipv4: str, ipv6: str) -> None:
+    try:
+        sysctl(f"net.ipv6.conf.{host_ifname}.accept_ra", "0")
+        with IPRoute() as ipr:
+            idx = _index(ipr, host_ifname)
+            ipr.addr("add", index=idx, address=GATEWAY_V6, prefixlen=64, flags=_IFA_F_NODAD)
+            ipr.link("set", index=idx, state="up")
+            ipr.route("add", dst=f"{ipv4}/32", oif=idx, scope=_RT_SCOPE_LINK)
+            ipr.route("add", dst=f"{ipv6}/128", oif=idx, family=socket.AF_INET6)
+    except (NetlinkError, OSError) as exc:
+        raise _kernel(f"configure {host_ifname}", exc) from None
+
+
+def delete_link(ifname: str) -> bool:
+    """Delete a node-side link; its veth peer and the routes through it go with it.
+    True if it existed."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        if idx is None:
+            return False
+        try:
+            ipr.link("del", index=idx)
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:  # raced with another deleter
+                raise _kernel(f"delete {ifname}", exc) from None
+        return True
+
+
+def link_exists(ifname: str) -> bool:
+    with IPRoute() as ipr:
+        return _index(ipr, ifname) is not None
+
+
+def delete_container_link(netns_path: str, ifname: str) -> None:
+    """Used on rollback when the host side is already gone but the peer survived (the
+    peer exists only as long as the pair; this covers a half-created pair)."""
+    def body() -> None:
+        with IPRoute() as ipr:
+            idx = _index(ipr, ifname)
+            if idx is not None:
+                ipr.link("del", index=idx)
+    in_netns(netns_path, body)
+
+
+@dataclass(frozen=True)
+class ContainerView:
+    """What the container side looks like, for CHECK."""
+
+    link_up: bool
+    addresses: frozenset[str]
+    default_v4: bool
+    default_v6: bool
+
+
+def inspect_container(netns_path: str, ifname: str) -> ContainerView | None:
+    def body() -> ContainerView | None:
+        with IPRoute() as ipr:
+            idx = _index(ipr, ifname)
+            if idx is None:
+                return None
+            link = ipr.get_links(idx)[0]
+            addrs = frozenset(a.get("IFA_ADDRESS") for a in ipr.get_addr(index=idx))
+            defaults = {r["family"] for r in ipr.get_routes(oif=idx)
+                        if r["dst_len"] == 0 and r.get("RTA_GATEWAY")}
+            return ContainerView(link_up=bool(link["flags"] & 1), addresses=addrs,
+                                 default_v4=socket.AF_INET in defaults,
+                                 default_v6=socket.AF_INET6 in defaults)
+    return in_netns(netns_path, body)
+
+
+def host_routes(host_ifname: str) -> set[str]:
+    """Destinations routed through a host veth, as "addr/len"."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, host_ifname)
+        if idx is None:
+            return set()
+        return {f"{r.get('RTA_DST')}/{r['dst_len']}" for r in ipr.get_routes(oif=idx, family=socket.AF_INET)
+                } | {f"{r.get('RTA_DST')}/{r['dst_len']}" for r in ipr.get_routes(oif=idx, family=socket.AF_INET6)}

@@ -1,0 +1,78 @@
+"""Talks to nftables through the `nft` command: `nft -f -` is one atomic transaction.
+
+Why the CLI and not a binding: libnftables' Python binding ships only as a Debian
+package for the system interpreter, and python-iptables drives legacy iptables only.
+The CLI is the stable interface, and one exec per transaction costs a few ms.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+
+from netpolicy.ruleset import (FAMILY, TABLE, EgressPolicy, Endpoint, add_endpoint,
+                               remove_endpoint, render_table)
+from runtime.errors import KERNEL_FAILURE, SockgateError
+
+log = logging.getLogger(__name__)
+NFT = "nft"
+
+
+def run(script: str) -> None:
+    proc = subprocess.run([NFT, "-f", "-"], input=script, text=True, capture_output=True)
+    if proc.returncode != 0:
+        log.error("nft transaction failed: %s\n%s", proc.stderr.strip(), script)
+        raise SockgateError(KERNEL_FAILURE, "nftables transaction failed",
+                            proc.stderr.strip().splitlines()[0] if proc.stderr.strip() else "")
+
+
+def _quiet(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([NFT, *args], text=True, capture_output=True)
+
+
+def table_exists() -> bool:
+    return _quiet("list", "table", FAMILY, TABLE).returncode == 0
+
+
+def ensure_table(policy: EgressPolicy | None = None) -> None:
+    """Load the table if it is missing. The rendering is idempotent, so two plugins
+    racing here both succeed and leave one correct table."""
+    if policy is not None or not table_exists():
+        run(render_table(policy or EgressPolicy()))
+
+
+def add(ep: Endpoint) -> None:
+    run(add_endpoint(ep))
+
+
+def remove(ep: Endpoint) -> None:
+    if table_exists():
+        run(remove_endpoint(ep))
+
+
+def has_element(set_name: str, element: str) -> bool:
+    return _quiet("get", "element", FAMILY, TABLE, set_name, "{", element, "}").returncode == 0
+
+
+def endpoint_present(ep: Endpoint) -> list[str]:
+    """Names of the endpoint's elements that are missing (empty: all there)."""
+    wanted = {"ifaces": f'"{ep.host_ifname}"', "saddr4": f'"{ep.host_ifname}" . {ep.ipv4}',
+              "saddr6": f'"{ep.host_ifname}" . {ep.ipv6}'}
+    return [name for name, element in wanted.items() if not has_element(name, element)]
+
+
+def interfaces() -> set[str]:
+    """Host veth names currently in the `ifaces` set."""
+    proc = _quiet("-j", "list", "set", FAMILY, TABLE, "ifaces")
+    if proc.returncode != 0:
+        return set()
+    out: set[str] = set()
+    for item in json.loads(proc.stdout).get("nftables", []):
+        for elem in item.get("set", {}).get("elem", []):
+            out.add(elem if isinstance(elem, str) else str(elem))
+    return out
+
+
+def delete_table() -> None:
+    if table_exists():
+        run(f"delete table {FAMILY} {TABLE}\n")

@@ -1,0 +1,72 @@
+"""Attachment records: what an ADD created, kept on disk so DEL, CHECK and GC can find
+it again after any crash (of the plugin, the agent or the node)."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from runtime.fsutil import atomic_write_json, read_json, remove
+
+ADDING = "adding"
+READY = "ready"
+
+
+def host_ifname(network: str, container_id: str, ifname: str) -> str:
+    """Deterministic host-side name, so DEL can find the veth with no record at all.
+    "sg" + 12 hex = 14 bytes, under Linux's 15-byte limit."""
+    digest = hashlib.sha256(f"{network}/{container_id}/{ifname}".encode()).hexdigest()
+    return "sg" + digest[:12]
+
+
+@dataclass
+class Attachment:
+    network: str
+    container_id: str
+    ifname: str
+    netns: str
+    host_ifname: str
+    ipv4: str = ""
+    ipv6: str = ""
+    mtu: int = 1500
+    host_mac: str = ""
+    container_mac: str = ""
+    # Who the container is, for billing: Kubernetes pod or Docker container name.
+    labels: dict[str, str] = field(default_factory=dict)
+    runtime_config: dict = field(default_factory=dict)
+    state: str = ADDING
+    created: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.container_id, self.ifname)
+
+
+class AttachmentStore:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _path(self, container_id: str, ifname: str) -> Path:
+        # Neither part can hold "/" (validated at the door); "--" can't start an ifname.
+        return self.directory / f"{container_id}--{ifname}.json"
+
+    def save(self, att: Attachment) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write_json(self._path(att.container_id, att.ifname), asdict(att))
+
+    def load(self, container_id: str, ifname: str) -> Attachment | None:
+        data = read_json(self._path(container_id, ifname))
+        return Attachment(**data) if data else None
+
+    def delete(self, container_id: str, ifname: str) -> None:
+        remove(self._path(container_id, ifname))
+
+    def all(self) -> list[Attachment]:
+        if not self.directory.is_dir():
+            return []
+        out = []
+        for path in sorted(self.directory.glob("*.json")):
+            data = read_json(path)
+            if data:
+                out.append(Attachment(**data))
+        return out
