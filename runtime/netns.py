@@ -143,9 +143,12 @@ def configure_container(netns_path: str, ifname: str, ipv4: str, ipv6: str, gate
             ipr.neigh("add", dst=GATEWAY_V4, lladdr=gateway_mac, ifindex=idx, state=_NUD_PERMANENT)
             ipr.neigh("add", dst=GATEWAY_V6, lladdr=gateway_mac, ifindex=idx,
                       state=_NUD_PERMANENT, family=socket.AF_INET6)
-            ipr.route("add", dst=f"{GATEWAY_V4}/32", oif=idx, scope=_RT_SCOPE_LINK)
-            ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY_V4, oif=idx)
-            ipr.route("add", dst="::/0", gateway=GATEWAY_V6, oif=idx, family=socket.AF_INET6)
+            # Metric = ifindex: a second sockgate interface in the same container gets
+            # its own gateway routes instead of EEXIST; the first one stays preferred.
+            ipr.route("add", dst=f"{GATEWAY_V4}/32", oif=idx, scope=_RT_SCOPE_LINK, priority=idx)
+            ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY_V4, oif=idx, priority=idx)
+            ipr.route("add", dst="::/0", gateway=GATEWAY_V6, oif=idx, priority=idx,
+                      family=socket.AF_INET6)
     try:
         in_netns(netns_path, body)
     except (NetlinkError, OSError) as exc:

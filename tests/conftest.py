@@ -1,0 +1,67 @@
+"""Shared fixtures. Everything that touches the kernel happens inside the lab's
+namespaces; each test gets its own network name, state dir and app namespaces, and
+its attachments are garbage-collected at teardown, pass or fail."""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from runtime.install import install_cni
+from runtime.lab import Lab
+from tests.support.plugin import Plugin
+
+_app_counter = itertools.count()
+
+
+def pytest_collection_modifyitems(config, items):
+    # Every test here needs root for namespaces, except the pure unit tests.
+    if os.geteuid() != 0 and any("unit" not in item.nodeid for item in items):
+        raise pytest.UsageError("the sockgate suite runs as root (it builds network namespaces)")
+
+
+@pytest.fixture(scope="session")
+def cni_exe(tmp_path_factory) -> str:
+    return str(install_cni(str(tmp_path_factory.mktemp("cni-bin"))))
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    Lab.cleanup_stale()
+    with Lab() as the_lab:
+        yield the_lab
+
+
+def network_conf(name: str, tmp: Path, **extra) -> dict:
+    return {"cniVersion": "1.1.0", "name": name, "type": "sockgate",
+            "stateDir": str(tmp / "state"), "runDir": str(tmp / "run"),
+            "logFile": str(tmp / "cni.log"), **extra}
+
+
+@pytest.fixture
+def plugin(lab: Lab, cni_exe: str, tmp_path: Path, request) -> Iterator[Plugin]:
+    name = "t" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:10]
+    p = Plugin(cni_exe, lab.ns_path(lab.node), network_conf(name, tmp_path))
+    yield p
+    gc = p("GC", conf=dict(p.conf, **{"cni.dev/valid-attachments": []}))
+    assert gc.rc == 0, f"teardown GC failed: {gc.stdout} {gc.stderr}"
+
+
+@pytest.fixture
+def app(lab: Lab) -> Iterator[Callable[[], str]]:
+    """Factory of fresh app namespaces; returns the netns path."""
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"app{next(_app_counter)}"
+        netns_name = lab.add_app(name)
+        made.append(name)
+        return lab.ns_path(netns_name)
+
+    yield make
+    for name in made:
+        lab.remove_app(name)
