@@ -10,6 +10,7 @@ from two processes at once, gives the same table and keeps every set element.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 FAMILY = "inet"
@@ -59,7 +60,7 @@ def _from_container(policy_jump: bool) -> list[str]:
         # Invalid packets are not NATed and would leak container addresses upstream.
         "ct state invalid drop",
         # No container reaches another (C1).
-        "oifname @ifaces drop",
+        "oifname @ifaces jump refuse",
     ]
     if policy_jump:
         rules.append("jump egress_policy")
@@ -70,7 +71,8 @@ REGULAR_CHAINS: dict[str, list[str]] = {
     # Only replies to the container's own flows, and ICMP errors about them, get in (C2).
     "to_container": ["ct state established,related accept", "drop"],
     # The node is not a service for containers: nothing but neighbour discovery.
-    "container_to_node": [_ND, *_REJECT],
+    "container_to_node": [_ND, "jump refuse"],
+    "refuse": _REJECT,
     "node_to_container": [_ND, "ct state established,related accept", "drop"],
 }
 
@@ -85,7 +87,17 @@ class EgressPolicy:
     rules: tuple[str, ...] = ()
 
 
+def revision(policy: EgressPolicy = EgressPolicy()) -> str:
+    """A fingerprint of the rules, stamped on the table's first rule: a node whose
+    loaded table was rendered by another sockgate version (or policy) reloads it."""
+    return hashlib.sha256(_render(policy, "").encode()).hexdigest()[:16]
+
+
 def render_table(policy: EgressPolicy = EgressPolicy()) -> str:
+    return _render(policy, revision(policy))
+
+
+def _render(policy: EgressPolicy, rev: str) -> str:
     t = f"{FAMILY} {TABLE}"
     lines = [f"add table {t}"]
     sets = dict(SETS) | dict(policy.sets)
@@ -99,6 +111,8 @@ def render_table(policy: EgressPolicy = EgressPolicy()) -> str:
     for name in chains:
         decl = BASE_CHAINS[name][0] if name in BASE_CHAINS else ""
         lines.append(f"add chain {t} {name} {{ {decl} }}" if decl else f"add chain {t} {name}")
+    if rev:
+        chains["forward"] = [f'{chains["forward"][0]} comment "rev {rev}"', *chains["forward"][1:]]
     for name, rules in chains.items():
         lines.append(f"flush chain {t} {name}")
         lines.extend(f"add rule {t} {name} {rule}" for rule in rules)

@@ -11,7 +11,7 @@ import logging
 import subprocess
 
 from netpolicy.ruleset import (FAMILY, TABLE, EgressPolicy, Endpoint, add_endpoint,
-                               remove_endpoint, render_table)
+                               remove_endpoint, render_table, revision)
 from runtime.errors import KERNEL_FAILURE, SockgateError
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,12 @@ def table_exists() -> bool:
     return _quiet("list", "table", FAMILY, TABLE).returncode == 0
 
 
-def ensure_table(policy: EgressPolicy | None = None) -> None:
-    """Load the table if it is missing. The rendering is idempotent, so two plugins
-    racing here both succeed and leave one correct table."""
-    if policy is not None or not table_exists():
-        run(render_table(policy or EgressPolicy()))
+def ensure_table(policy: EgressPolicy = EgressPolicy()) -> None:
+    """Load the table if it is missing or was rendered from other rules. The rendering
+    is idempotent, so two plugins racing here both succeed and leave one table."""
+    listed = _quiet("list", "chain", FAMILY, TABLE, "forward")
+    if listed.returncode != 0 or f"rev {revision(policy)}" not in listed.stdout:
+        run(render_table(policy))
 
 
 def add(ep: Endpoint) -> None:

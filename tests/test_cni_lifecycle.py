@@ -198,3 +198,14 @@ def test_version_and_status(plugin):
     assert set(call.json["supportedVersions"]) == {"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
     status = plugin("STATUS")
     assert status.rc == 0 and status.stdout.strip() == ""
+
+
+def test_stale_table_is_reloaded_and_keeps_elements(plugin, app):
+    ns = app()
+    plugin.add("old", ns)
+    node = plugin.node_netns
+    # What a node upgraded from another sockgate version looks like: different rules.
+    in_ns(node, "nft", "flush", "chain", "inet", "sockgate", "forward")
+    plugin.add("new", app())
+    assert "jump from_container" in in_ns(node, "nft", "list", "chain", "inet", "sockgate", "forward")
+    assert plugin("CHECK", "old", ns).rc == 0  # the reload kept existing containers' elements

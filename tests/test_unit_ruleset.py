@@ -26,3 +26,9 @@ def test_endpoint_elements_and_idempotent_removal():
     rm = remove_endpoint(ep)
     # add-then-delete in one transaction: succeeds whether or not the element exists.
     assert rm.startswith(add) and rm.count("delete element") == 3
+
+
+def test_revision_stamp_changes_with_the_rules():
+    plain, other = render_table(), render_table(EgressPolicy(rules=("meta l4proto icmp drop",)))
+    assert "comment \"rev " in plain
+    assert plain.split('comment "rev ')[1][:16] != other.split('comment "rev ')[1][:16]

@@ -478,6 +478,17 @@ class Lab:
         for proc, log in ((echo, "servers.log"), (dns, "dns.log")):
             self._wait_ready(proc, deadline, self.run_dir / log)
 
+    def start_echo(self, ns: str, ports: Sequence[int]) -> subprocess.Popen[Any]:
+        """The echo server inside any lab netns (e.g. a listen socket in an app, for
+        inbound tests); returns once it listens. Killed at teardown like every popen."""
+        log = self.run_dir / f"echo-{self._resolve(ns)}.log"
+        proc = self.popen(ns, [sys.executable, "-m", "runtime.lab.servers",
+                               "--ports", ",".join(map(str, ports))],
+                          log=log, die_with_parent=threading.current_thread() is threading.main_thread(),
+                          stdout=subprocess.PIPE)
+        self._wait_ready(proc, time.monotonic() + START_TIMEOUT, log)
+        return proc
+
     @staticmethod
     def _wait_ready(proc: subprocess.Popen[Any], deadline: float, log: Path) -> None:
         assert proc.stdout is not None

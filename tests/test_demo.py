@@ -1,0 +1,17 @@
+"""The README's demo command works and cleans up after itself."""
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+
+def test_demo_runs_and_leaves_nothing():
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    proc = subprocess.run([sys.executable, "-m", "runtime.cli", "demo"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "all checks as expected" in proc.stdout
+    assert proc.stdout.count(" ok") >= 12 and "MISMATCH" not in proc.stdout
+    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before
