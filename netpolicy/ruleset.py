@@ -52,8 +52,8 @@ BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def _from_container(policy_jump: bool) -> list[str]:
-    rules = [
+def _from_container() -> list[str]:
+    return [
         # A container sends only from its own addresses.
         "meta nfproto ipv4 iifname . ip saddr != @saddr4 drop",
         "meta nfproto ipv6 iifname . ip6 saddr != @saddr6 drop",
@@ -61,10 +61,8 @@ def _from_container(policy_jump: bool) -> list[str]:
         "ct state invalid drop",
         # No container reaches another (C1).
         "oifname @ifaces jump refuse",
+        "jump egress_policy",
     ]
-    if policy_jump:
-        rules.append("jump egress_policy")
-    return rules
 
 
 REGULAR_CHAINS: dict[str, list[str]] = {
@@ -79,12 +77,19 @@ REGULAR_CHAINS: dict[str, list[str]] = {
 
 @dataclass(frozen=True)
 class EgressPolicy:
-    """Where netpolicy's compiled contract plugs in: extra set declarations and the
-    rules of the `egress_policy` chain, evaluated for every new packet a container
-    sends that passed anti-spoofing. Empty means allow all egress."""
+    """Where netpolicy's compiled contract plugs in.
+
+    `rules` fill the `egress_policy` chain, evaluated for every packet a container
+    sends that passed anti-spoofing (empty: allow all egress). `ingress_rules` run
+    before the drop of connections into containers. `sets` are refilled from
+    `elements` on every load; `dynamic_sets` are declared but keep their elements.
+    """
 
     sets: tuple[tuple[str, str], ...] = ()
+    dynamic_sets: tuple[tuple[str, str], ...] = ()
     rules: tuple[str, ...] = ()
+    ingress_rules: tuple[str, ...] = ()
+    elements: tuple[str, ...] = ()
 
 
 def revision(policy: EgressPolicy = EgressPolicy()) -> str:
@@ -100,13 +105,16 @@ def render_table(policy: EgressPolicy = EgressPolicy()) -> str:
 def _render(policy: EgressPolicy, rev: str) -> str:
     t = f"{FAMILY} {TABLE}"
     lines = [f"add table {t}"]
-    sets = dict(SETS) | dict(policy.sets)
-    for name, decl in sets.items():
+    for name, decl in (SETS | dict(policy.dynamic_sets) | dict(policy.sets)).items():
         lines.append(f"add set {t} {name} {{ {decl}; }}")
+    lines += [f"flush set {t} {name}" for name, _ in policy.sets]
+    lines += list(policy.elements)
     chains: dict[str, list[str]] = {name: rules for name, (_, rules) in BASE_CHAINS.items()}
     chains |= REGULAR_CHAINS
-    chains["from_container"] = _from_container(policy_jump=True)
+    chains["from_container"] = _from_container()
     chains["egress_policy"] = list(policy.rules)
+    for name in ("to_container", "node_to_container"):
+        chains[name] = [*chains[name][:-1], *policy.ingress_rules, chains[name][-1]]
     # Declare every chain before filling any: rules jump to chains declared later.
     for name in chains:
         decl = BASE_CHAINS[name][0] if name in BASE_CHAINS else ""
@@ -136,6 +144,12 @@ def _elements(ep: Endpoint) -> list[tuple[str, str]]:
 
 def add_endpoint(ep: Endpoint) -> str:
     return "".join(f"add element {FAMILY} {TABLE} {s} {{ {e} }}\n" for s, e in _elements(ep))
+
+
+def add_pools(pools: tuple[str, ...]) -> str:
+    """A network's pools as destinations no container may reach (sets pools4/pools6,
+    which auto-merge, so every ADD may add them again)."""
+    return "".join(f"add element {FAMILY} {TABLE} pools{6 if ':' in p else 4} {{ {p} }}\n" for p in pools)
 
 
 def remove_endpoint(ep: Endpoint) -> str:

@@ -9,14 +9,13 @@ what to undo.
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from netpolicy.ruleset import Endpoint
-from runtime import netns, nft
+from runtime import netns, nft, policy
 from runtime.errors import (ALREADY_ATTACHED, CHECK_FAILED, NOT_AVAILABLE, SockgateError)
 from runtime.fsutil import locked
 from runtime.ipam import LeaseStore, Owner
@@ -80,12 +79,12 @@ def attach(req: AttachRequest) -> Attachment:
     net = Network(req.conf)
     att = _reserve(net, req)
     try:
-        nft.ensure_table()
+        policy.apply(req.conf.policy_file, req.conf.state_dir)
         netns.enable_forwarding()
         att.host_mac, att.container_mac = netns.create_veth(att.host_ifname, req.netns, req.ifname, att.mtu)
         # Elements before the links come up: there is no moment when the container
         # can send while the table doesn't know it.
-        nft.add(_endpoint(att))
+        nft.add(_endpoint(att), pools=(str(req.conf.ipv4_pool), str(req.conf.ipv6_pool)))
         netns.configure_container(req.netns, req.ifname, att.ipv4, att.ipv6, att.host_mac)
         netns.configure_host(att.host_ifname, att.ipv4, att.ipv6)
         att.state = READY
@@ -199,6 +198,6 @@ def status(conf: NetConf) -> None:
         net.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not os.access(net.root, os.W_OK):
             raise OSError(f"{net.root} is not writable")
-        nft.ensure_table()
+        policy.apply(conf.policy_file, conf.state_dir)
     except (OSError, SockgateError) as exc:
         raise SockgateError(NOT_AVAILABLE, "sockgate cannot serve ADD requests", str(exc)) from None

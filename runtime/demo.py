@@ -12,8 +12,10 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from runtime.lab import LAB, Lab
+from runtime.lab.policy import write_lab_policy
 
 APP_PORT = 8080
 
@@ -90,8 +92,9 @@ def run_demo() -> int:
         print("sockgate demo needs root: it builds network namespaces", file=sys.stderr)
         return 2
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="sockgate-demo-") as tmp:
-        conf = {"cniVersion": "1.1.0", "name": "demo", "type": "sockgate",
-                "stateDir": f"{tmp}/state", "runDir": f"{tmp}/run", "logFile": f"{tmp}/cni.log"}
+        policy = write_lab_policy(Path(tmp) / "policy.json")
+        conf = {"cniVersion": "1.1.0", "name": "demo", "type": "sockgate", "stateDir": f"{tmp}/state",
+                "runDir": f"{tmp}/run", "logFile": f"{tmp}/cni.log", "policyFile": str(policy)}
         print(f"lab {lab.prefix}: node uplink {LAB.node_uplink_v4} / {LAB.node_uplink_v6}; "
               f"internet hosts {LAB.public_v4} / {LAB.public_v6}")
         apps: dict[str, dict] = {}

@@ -15,11 +15,12 @@ DEFAULT_IPV6_POOL = "fd77:5067:6174::/64"
 DEFAULT_NAMESERVERS = ("8.8.8.8", "8.8.4.4", "2001:4860:4860::8888", "2001:4860:4860::8844")
 DEFAULT_STATE_DIR = "/var/lib/sockgate"
 DEFAULT_RUN_DIR = "/run/sockgate"
+DEFAULT_POLICY_FILE = "/etc/sockgate/policy.json"
 
 # Keys the CNI spec or runtimes put into a plugin's config; we accept them silently.
 _STANDARD_KEYS = {"cniVersion", "name", "type", "args", "prevResult", "runtimeConfig",
                   "capabilities", "cniVersions", "disableCheck", "disableGC"}
-_OWN_KEYS = {"ipv4Pool", "ipv6Pool", "dns", "mtu", "stateDir", "runDir", "logFile"}
+_OWN_KEYS = {"ipv4Pool", "ipv6Pool", "dns", "mtu", "stateDir", "runDir", "logFile", "policyFile"}
 _NETWORK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
 
 
@@ -52,6 +53,7 @@ class NetConf:
     state_dir: str = DEFAULT_STATE_DIR
     run_dir: str = DEFAULT_RUN_DIR
     log_file: str = ""
+    policy_file: str = DEFAULT_POLICY_FILE
     prev_result: dict | None = None
     runtime_config: dict = field(default_factory=dict)
 
@@ -133,6 +135,7 @@ def parse_netconf(conf: dict) -> NetConf:
         state_dir=_typed(conf, "stateDir", str, DEFAULT_STATE_DIR),
         run_dir=_typed(conf, "runDir", str, DEFAULT_RUN_DIR),
         log_file=_typed(conf, "logFile", str, ""),
+        policy_file=_typed(conf, "policyFile", str, DEFAULT_POLICY_FILE),
         prev_result=prev,
         runtime_config=_typed(conf, "runtimeConfig", dict, {}),
     )

@@ -10,7 +10,7 @@ import json
 import logging
 import subprocess
 
-from netpolicy.ruleset import (FAMILY, TABLE, EgressPolicy, Endpoint, add_endpoint,
+from netpolicy.ruleset import (FAMILY, TABLE, EgressPolicy, Endpoint, add_endpoint, add_pools,
                                remove_endpoint, render_table, revision)
 from runtime.errors import KERNEL_FAILURE, SockgateError
 
@@ -42,8 +42,8 @@ def ensure_table(policy: EgressPolicy = EgressPolicy()) -> None:
         run(render_table(policy))
 
 
-def add(ep: Endpoint) -> None:
-    run(add_endpoint(ep))
+def add(ep: Endpoint, pools: tuple[str, ...] = ()) -> None:
+    run(add_pools(pools) + add_endpoint(ep))
 
 
 def remove(ep: Endpoint) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from runtime.install import install_cni
 from runtime.lab import Lab
+from runtime.lab.policy import write_lab_policy
 from tests.support.plugin import Plugin
 
 _app_counter = itertools.count()
@@ -36,16 +37,21 @@ def lab() -> Iterator[Lab]:
         yield the_lab
 
 
-def network_conf(name: str, tmp: Path, **extra) -> dict:
+@pytest.fixture(scope="session")
+def policy_file(tmp_path_factory) -> str:
+    return str(write_lab_policy(tmp_path_factory.mktemp("policy") / "policy.json"))
+
+
+def network_conf(name: str, tmp: Path, policy: str, **extra) -> dict:
     return {"cniVersion": "1.1.0", "name": name, "type": "sockgate",
             "stateDir": str(tmp / "state"), "runDir": str(tmp / "run"),
-            "logFile": str(tmp / "cni.log"), **extra}
+            "logFile": str(tmp / "cni.log"), "policyFile": policy, **extra}
 
 
 @pytest.fixture
-def plugin(lab: Lab, cni_exe: str, tmp_path: Path, request) -> Iterator[Plugin]:
+def plugin(lab: Lab, cni_exe: str, policy_file: str, tmp_path: Path, request) -> Iterator[Plugin]:
     name = "t" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:10]
-    p = Plugin(cni_exe, lab.ns_path(lab.node), network_conf(name, tmp_path))
+    p = Plugin(cni_exe, lab.ns_path(lab.node), network_conf(name, tmp_path, policy_file))
     yield p
     gc = p("GC", conf=dict(p.conf, **{"cni.dev/valid-attachments": []}))
     assert gc.rc == 0, f"teardown GC failed: {gc.stdout} {gc.stderr}"

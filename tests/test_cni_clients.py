@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from runtime.lab import LAB
+from runtime.lab.policy import write_lab_policy
 from tests.support import cnitool, images
 from tests.support.containerd import Containerd, ctr_run_cni
 from tests.support.plugin import node_links
@@ -18,7 +19,8 @@ STOCK = Path("/usr/lib/cni")
 
 def sockgate_conf(tmp_path: Path) -> dict:
     return {"type": "sockgate", "stateDir": str(tmp_path / "state"), "runDir": str(tmp_path / "run"),
-            "logFile": str(tmp_path / "cni.log")}
+            "logFile": str(tmp_path / "cni.log"),
+            "policyFile": str(write_lab_policy(tmp_path / "policy.json"))}
 
 
 def leases(tmp_path: Path, net: str) -> list[str]:

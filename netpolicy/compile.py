@@ -1,0 +1,184 @@
+"""Compile a Policy into the `egress_policy` chain and its sets, and explain verdicts
+by walking the very same rule list. Pure: data in, ruleset out.
+
+Evaluation order (first match wins), for every packet a container sends:
+  1. ICMP errors about the container's own flows pass (Packet Too Big, unreachable).
+  2. Anything but TCP and UDP is refused (C3).
+  3. Exceptions pass, only on their protocols and ports (C8): by address, then by the
+     resolved addresses of their hostnames (kernel-expired at the DNS TTL).
+  4. Blocked ports are refused: 25 TCP/UDP, 21 TCP (C4, C6).
+  5. Blocked ranges are refused: special-purpose v4/v6, Google's ranges (C7, C9).
+  6. Container pools are refused (a pool address with no container behind it would
+     otherwise be routed to the uplink).
+  Everything else passes.
+Refused means an immediate TCP reset or ICMP admin-prohibited, so connect() fails at
+once instead of hanging.
+"""
+from __future__ import annotations
+
+import bisect
+import ipaddress
+from dataclasses import dataclass
+
+from netpolicy.policy import Allow, Policy
+from netpolicy.ranges import Block, IPNetwork, collapse
+from netpolicy.ruleset import EgressPolicy
+
+ALLOW = "accept"
+REFUSE = "refuse"
+
+# Sets: (name, declaration, refilled on every load?). Dynamic sets keep their
+# elements across reloads: resolved hostnames (the resolver owns them, with
+# timeouts) and pools (each network's ADD adds its own).
+STATIC_SETS = {
+    "allow4": "typeof ip daddr . meta l4proto . th dport; flags interval",
+    "allow6": "typeof ip6 daddr . meta l4proto . th dport; flags interval",
+    "blocked_ports": "typeof meta l4proto . th dport",
+    "blocked4": "type ipv4_addr; flags interval",
+    "blocked6": "type ipv6_addr; flags interval",
+    "ingress4": "typeof ip saddr . meta l4proto . th dport; flags interval",
+    "ingress6": "typeof ip6 saddr . meta l4proto . th dport; flags interval",
+}
+DYNAMIC_SETS = {
+    "allow4_dns": "typeof ip daddr . meta l4proto . th dport; flags timeout",
+    "allow6_dns": "typeof ip6 daddr . meta l4proto . th dport; flags timeout",
+    "pools4": "type ipv4_addr; flags interval; auto-merge",
+    "pools6": "type ipv6_addr; flags interval; auto-merge",
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    why: str
+    nft: str
+    verdict: str
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("icmp-errors", "ICMP errors about the container's own flows",
+         "meta l4proto { icmp, ipv6-icmp } ct state related accept", ALLOW),
+    Rule("tcp-udp-only", "only TCP and UDP leave a container (C3)",
+         "meta l4proto != { tcp, udp } jump refuse", REFUSE),
+    Rule("exception", "exception on its protocols and ports (C8)",
+         "ip daddr . meta l4proto . th dport @allow4 accept", ALLOW),
+    Rule("exception", "exception on its protocols and ports (C8)",
+         "ip6 daddr . meta l4proto . th dport @allow6 accept", ALLOW),
+    Rule("exception-host", "exception by hostname, resolved by the node (C8)",
+         "ip daddr . meta l4proto . th dport @allow4_dns accept", ALLOW),
+    Rule("exception-host", "exception by hostname, resolved by the node (C8)",
+         "ip6 daddr . meta l4proto . th dport @allow6_dns accept", ALLOW),
+    Rule("blocked-port", "blocked port (C4, C6)",
+         "meta l4proto . th dport @blocked_ports jump refuse", REFUSE),
+    Rule("blocked-range", "blocked destination range (C7)", "ip daddr @blocked4 jump refuse", REFUSE),
+    Rule("blocked-range", "blocked destination range (C7)", "ip6 daddr @blocked6 jump refuse", REFUSE),
+    Rule("container-pool", "container address pool", "ip daddr @pools4 jump refuse", REFUSE),
+    Rule("container-pool", "container address pool", "ip6 daddr @pools6 jump refuse", REFUSE),
+)
+INGRESS_RULES = ("ip saddr . meta l4proto . th dport @ingress4 accept",
+                 "ip6 saddr . meta l4proto . th dport @ingress6 accept")
+
+
+def _ip(net: IPNetwork) -> str:
+    """Single addresses print without /32 or /128, as nft lists them."""
+    return str(net.network_address) if net.num_addresses == 1 else str(net)
+
+
+def _elements(name: str, items: list[str]) -> list[str]:
+    return [f"add element inet sockgate {name} {{ {', '.join(items)} }}"] if items else []
+
+
+def _allow_elements(allows: tuple[Allow, ...], version: int, field: str = "dest") -> list[str]:
+    out = set()
+    for a in allows:
+        net = ipaddress.ip_network(getattr(a, field))
+        if net.version == version:
+            out |= {f"{_ip(net)} . {p} . {port}" for p in a.protos for port in a.ports}
+    return sorted(out)
+
+
+@dataclass(frozen=True)
+class Compiled:
+    policy: Policy
+    blocked: tuple[tuple[IPNetwork, str], ...]  # merged network, the reason of its first block
+    egress: EgressPolicy
+
+
+def blocked_networks(policy: Policy, google: list[IPNetwork]) -> list[tuple[IPNetwork, str]]:
+    """Merged blocked ranges, each with the reasons of the blocks inside it."""
+    blocks = list(policy.blocked) + [Block(str(n), "Google range (goog.json minus cloud.json)", "C7/C9")
+                                     for n in google]
+    merged = collapse(b.network for b in blocks)
+    keys = [(n.version, int(n.network_address)) for n in merged]
+    reasons: list[set[str]] = [set() for _ in merged]
+    for b in blocks:
+        net = b.network
+        # Merged networks are disjoint and sorted, and each block lies inside one: the
+        # last merged network starting at or before the block holds it.
+        i = bisect.bisect_right(keys, (net.version, int(net.network_address))) - 1
+        reasons[i].add(f"{b.name} ({b.source})")
+    return [(n, "; ".join(sorted(r))) for n, r in zip(merged, reasons)]
+
+
+def compile_policy(policy: Policy, google: list[IPNetwork]) -> Compiled:
+    blocked = blocked_networks(policy, google)
+    statics = [a for a in policy.allows if not a.is_host]
+    ports = sorted({f"{b.proto} . {b.port}" for b in policy.blocked_ports})
+    elements = (
+        _elements("allow4", _allow_elements(tuple(statics), 4))
+        + _elements("allow6", _allow_elements(tuple(statics), 6))
+        + _elements("blocked_ports", ports)
+        + _elements("blocked4", [_ip(n) for n, _ in blocked if n.version == 4])
+        + _elements("blocked6", [_ip(n) for n, _ in blocked if n.version == 6])
+        + _elements("ingress4", _allow_elements(policy.ingress, 4, "source"))
+        + _elements("ingress6", _allow_elements(policy.ingress, 6, "source"))
+    )
+    egress = EgressPolicy(
+        sets=tuple(STATIC_SETS.items()), dynamic_sets=tuple(DYNAMIC_SETS.items()),
+        rules=tuple(r.nft for r in RULES), ingress_rules=INGRESS_RULES, elements=tuple(elements))
+    return Compiled(policy, tuple(blocked), egress)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    verdict: str  # ALLOW or REFUSE
+    rule: str     # the deciding rule's name
+    why: str      # what the rule is for
+    detail: str   # which element matched
+
+    def __str__(self) -> str:
+        return f"{self.verdict.upper()}  rule {self.rule}: {self.why} — {self.detail}"
+
+
+def explain(compiled: Compiled, dst: str, port: int, proto: str,
+            resolved: dict[str, list[str]] | None = None,
+            pools: tuple[IPNetwork, ...] = (), node_addresses: tuple[str, ...] = ()) -> Verdict:
+    """The verdict for a new packet to dst:port/proto, and the rule that decides it,
+    walking RULES in their nft order. `resolved` maps exception hostnames to the
+    addresses the node's resolver currently holds."""
+    addr = ipaddress.ip_address(dst)
+    policy = compiled.policy
+    if dst in node_addresses or str(addr) in node_addresses:
+        return Verdict(REFUSE, "node-address", "the node is not a service for containers",
+                       f"{addr} is one of the node's own addresses")
+    if proto not in ("tcp", "udp"):
+        return Verdict(REFUSE, "tcp-udp-only", RULES[1].why, f"protocol {proto}")
+    for a in policy.allows:
+        if proto not in a.protos or port not in a.ports:
+            continue
+        if not a.is_host and addr in ipaddress.ip_network(a.dest):
+            return Verdict(ALLOW, "exception", RULES[2].why, f"{a.dest} {'/'.join(a.protos)} "
+                           f"{','.join(map(str, a.ports))}: {a.reason}")
+        if a.is_host and str(addr) in (resolved or {}).get(a.dest, []):
+            return Verdict(ALLOW, "exception-host", RULES[4].why,
+                           f"{addr} is {a.dest} {'/'.join(a.protos)} {','.join(map(str, a.ports))}: {a.reason}")
+    for b in policy.blocked_ports:
+        if b.proto == proto and b.port == port:
+            return Verdict(REFUSE, "blocked-port", RULES[6].why, f"{proto} {port}: {b.reason}")
+    for net, reason in compiled.blocked:
+        if addr.version == net.version and addr in net:
+            return Verdict(REFUSE, "blocked-range", RULES[7].why, f"{net}: {reason}")
+    for pool in pools:
+        if addr.version == pool.version and addr in pool:
+            return Verdict(REFUSE, "container-pool", RULES[9].why, str(pool))
+    return Verdict(ALLOW, "default", "public destination", "no rule blocks it")

@@ -1,0 +1,235 @@
+"""The policy model: what a container may reach. The default is the contract of App
+Engine's legacy sockets service; a policy file may add to it. Pure: data in, data out.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from netpolicy.ranges import SPECIAL_PURPOSE_V4, SPECIAL_PURPOSE_V6, Block
+
+PROTOCOLS = ("tcp", "udp")
+GOOG_URL = "https://www.gstatic.com/ipranges/goog.json"
+CLOUD_URL = "https://www.gstatic.com/ipranges/cloud.json"
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+                       r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?$")
+
+
+class PolicyError(ValueError):
+    """An invalid policy; `field` is the path of the offending field."""
+
+    def __init__(self, field_path: str, problem: str) -> None:
+        super().__init__(f"policy field {field_path!r} {problem}")
+        self.field = field_path
+
+
+@dataclass(frozen=True)
+class PortBlock:
+    proto: str
+    port: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Allow:
+    """An exception: `dest` (an address, a CIDR, or a hostname the node resolves) is
+    reachable on these protocols and ports although a blocked range holds it."""
+
+    dest: str
+    protos: tuple[str, ...]
+    ports: tuple[int, ...]
+    reason: str
+
+    @property
+    def is_host(self) -> bool:
+        try:
+            ipaddress.ip_network(self.dest)
+            return False
+        except ValueError:
+            return True
+
+
+@dataclass(frozen=True)
+class Ingress:
+    """A source (e.g. a platform proxy) allowed to open connections into containers."""
+
+    source: str
+    protos: tuple[str, ...]
+    ports: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ResolverSettings:
+    nameservers: tuple[str, ...] = ("8.8.8.8", "8.8.4.4")
+    min_ttl: int = 30
+    max_ttl: int = 3600
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True)
+class GoogleSources:
+    goog: str = GOOG_URL
+    cloud: str = CLOUD_URL
+
+
+@dataclass(frozen=True)
+class Policy:
+    blocked: tuple[Block, ...] = SPECIAL_PURPOSE_V4 + SPECIAL_PURPOSE_V6
+    blocked_ports: tuple[PortBlock, ...] = (
+        PortBlock("tcp", 25, "SMTP port 25 (C6)"),
+        PortBlock("udp", 25, "port 25 (C6)"),
+        PortBlock("tcp", 21, "FTP is not supported (C4)"),
+    )
+    allows: tuple[Allow, ...] = (
+        Allow("8.8.8.8", PROTOCOLS, (53,), "Google Public DNS (C8)"),
+        Allow("8.8.4.4", PROTOCOLS, (53,), "Google Public DNS (C8)"),
+        Allow("2001:4860:4860::8888", PROTOCOLS, (53,), "Google Public DNS (C8)"),
+        Allow("2001:4860:4860::8844", PROTOCOLS, (53,), "Google Public DNS (C8)"),
+        Allow("smtp.gmail.com", ("tcp",), (465, 587), "Gmail SMTP (C8)"),
+        Allow("pop.gmail.com", ("tcp",), (995,), "Gmail POP (C8)"),
+        Allow("imap.gmail.com", ("tcp",), (993,), "Gmail IMAP (C8)"),
+    )
+    ingress: tuple[Ingress, ...] = ()
+    resolver: ResolverSettings = field(default_factory=ResolverSettings)
+    google: GoogleSources = field(default_factory=GoogleSources)
+
+    @property
+    def hostnames(self) -> tuple[str, ...]:
+        return tuple(sorted({a.dest.rstrip(".").lower() for a in self.allows if a.is_host}))
+
+
+# --- parsing a policy file -------------------------------------------------------
+
+_KEYS = {"googleRanges", "resolver", "blockedRanges", "blockedPorts", "exceptions", "ingress"}
+
+
+def _obj(value: Any, path: str, keys: set[str]) -> dict:
+    if not isinstance(value, dict):
+        raise PolicyError(path, f"must be an object, got {type(value).__name__}")
+    unknown = sorted(set(value) - keys)
+    if unknown:
+        raise PolicyError(f"{path}.{unknown[0]}" if path else unknown[0],
+                          "is not a known field (known: " + ", ".join(sorted(keys)) + ")")
+    return value
+
+
+def _list(value: Any, path: str) -> list:
+    if not isinstance(value, list):
+        raise PolicyError(path, f"must be a list, got {type(value).__name__}")
+    return value
+
+
+def _port(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise PolicyError(path, f"must be a port number 1-65535, got {value!r}")
+    return value
+
+
+def _proto(value: Any, path: str) -> str:
+    if value not in PROTOCOLS:
+        raise PolicyError(path, f"must be 'tcp' or 'udp', got {value!r}")
+    return value
+
+
+def _cidr(value: Any, path: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except (TypeError, ValueError):
+        raise PolicyError(path, f"must be an IP address or CIDR, got {value!r}") from None
+
+
+def _ports(value: Any, path: str) -> tuple[int, ...]:
+    ports = _list(value, path)
+    if not ports:
+        raise PolicyError(path, "must not be empty")
+    return tuple(_port(p, f"{path}[{i}]") for i, p in enumerate(ports))
+
+
+def _protos(value: Any, path: str) -> tuple[str, ...]:
+    protos = _list(value, path)
+    if not protos:
+        raise PolicyError(path, "must not be empty")
+    return tuple(_proto(p, f"{path}[{i}]") for i, p in enumerate(protos))
+
+
+def _dest(value: Any, path: str) -> str:
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            if _HOSTNAME.match(value):
+                return value.rstrip(".").lower()
+    raise PolicyError(path, f"must be an IP address, CIDR or hostname, got {value!r}")
+
+
+def _resolver(raw: Any) -> ResolverSettings:
+    r = _obj(raw, "resolver", {"nameservers", "minTtl", "maxTtl", "timeout"})
+    base = ResolverSettings()
+    servers = tuple(str(ipaddress.ip_address(s)) if _is_ip(s) else _bad_server(i, s)
+                    for i, s in enumerate(_list(r.get("nameservers", list(base.nameservers)),
+                                                "resolver.nameservers")))
+    if not servers:
+        raise PolicyError("resolver.nameservers", "must not be empty")
+    min_ttl = r.get("minTtl", base.min_ttl)
+    max_ttl = r.get("maxTtl", base.max_ttl)
+    for name, v in (("minTtl", min_ttl), ("maxTtl", max_ttl)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 86400:
+            raise PolicyError(f"resolver.{name}", f"must be seconds 1-86400, got {v!r}")
+    if min_ttl > max_ttl:
+        raise PolicyError("resolver.minTtl", f"({min_ttl}) must not exceed maxTtl ({max_ttl})")
+    timeout = r.get("timeout", base.timeout)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 30:
+        raise PolicyError("resolver.timeout", f"must be seconds in (0, 30], got {timeout!r}")
+    return ResolverSettings(servers, min_ttl, max_ttl, float(timeout))
+
+
+def _is_ip(value: Any) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return False
+
+
+def _bad_server(i: int, value: Any) -> str:
+    raise PolicyError(f"resolver.nameservers[{i}]", f"must be an IP address, got {value!r}")
+
+
+def parse_policy(raw: Any) -> Policy:
+    """The default contract plus what the file adds. Raises PolicyError naming the field."""
+    doc = _obj(raw, "", _KEYS)
+    policy = Policy()
+    if "googleRanges" in doc:
+        g = _obj(doc["googleRanges"], "googleRanges", {"goog", "cloud"})
+        for key in ("goog", "cloud"):
+            if key in g and (not isinstance(g[key], str) or not g[key]):
+                raise PolicyError(f"googleRanges.{key}", "must be a URL or a file path")
+        policy = replace(policy, google=GoogleSources(g.get("goog", GOOG_URL), g.get("cloud", CLOUD_URL)))
+    if "resolver" in doc:
+        policy = replace(policy, resolver=_resolver(doc["resolver"]))
+    extra_blocks = tuple(Block(_cidr(c, f"blockedRanges[{i}]"), "blocked by policy file", "policy")
+                         for i, c in enumerate(_list(doc.get("blockedRanges", []), "blockedRanges")))
+    extra_ports = []
+    for i, item in enumerate(_list(doc.get("blockedPorts", []), "blockedPorts")):
+        p = _obj(item, f"blockedPorts[{i}]", {"protocol", "port"})
+        extra_ports.append(PortBlock(_proto(p.get("protocol"), f"blockedPorts[{i}].protocol"),
+                                     _port(p.get("port"), f"blockedPorts[{i}].port"), "blocked by policy file"))
+    extra_allows = []
+    for i, item in enumerate(_list(doc.get("exceptions", []), "exceptions")):
+        path = f"exceptions[{i}]"
+        e = _obj(item, path, {"destination", "protocols", "ports"})
+        extra_allows.append(Allow(_dest(e.get("destination"), f"{path}.destination"),
+                                  _protos(e.get("protocols", list(PROTOCOLS)), f"{path}.protocols"),
+                                  _ports(e.get("ports"), f"{path}.ports"), "exception from policy file"))
+    ingress = []
+    for i, item in enumerate(_list(doc.get("ingress", []), "ingress")):
+        path = f"ingress[{i}]"
+        e = _obj(item, path, {"source", "protocols", "ports"})
+        ingress.append(Ingress(_cidr(e.get("source"), f"{path}.source"),
+                               _protos(e.get("protocols", ["tcp"]), f"{path}.protocols"),
+                               _ports(e.get("ports"), f"{path}.ports")))
+    return replace(policy, blocked=policy.blocked + extra_blocks,
+                   blocked_ports=policy.blocked_ports + tuple(extra_ports),
+                   allows=policy.allows + tuple(extra_allows), ingress=tuple(ingress))

@@ -1,0 +1,1 @@
+"""Benchmarks on the lab (`scripts/bench-*`). Not tests: they measure and report."""
