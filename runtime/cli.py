@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from runtime.cli_policy import add_commands, run_guarded
 from runtime.install import install_cni
 
 
@@ -50,12 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Delete lab network namespaces whose creating process is dead. "
                                    "Touches only namespaces carrying the lab's name prefix.")
     p.set_defaults(func=_lab_cleanup)
+    add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run_guarded(args.func, args)
 
 
 if __name__ == "__main__":

@@ -62,15 +62,18 @@ def endpoint_present(ep: Endpoint) -> list[str]:
     return [name for name, element in wanted.items() if not has_element(name, element)]
 
 
-def interfaces() -> set[str]:
-    """Host veth names currently in the `ifaces` set."""
-    proc = _quiet("-j", "list", "set", FAMILY, TABLE, "ifaces")
+def prefixes(set_name: str) -> list[str]:
+    """The CIDRs in an interval set of single-type elements (e.g. pools4), as text."""
+    proc = _quiet("-j", "list", "set", FAMILY, TABLE, set_name)
     if proc.returncode != 0:
-        return set()
-    out: set[str] = set()
+        return []
+    out = []
     for item in json.loads(proc.stdout).get("nftables", []):
         for elem in item.get("set", {}).get("elem", []):
-            out.add(elem if isinstance(elem, str) else str(elem))
+            if isinstance(elem, dict) and "prefix" in elem:
+                out.append(f"{elem['prefix']['addr']}/{elem['prefix']['len']}")
+            elif isinstance(elem, str):
+                out.append(elem)
     return out
 
 

@@ -36,6 +36,10 @@ def load_policy(path: str) -> Policy:
         raise SockgateError(INVALID_CONFIG, f"invalid policy file {path}: {exc}", exc.field) from None
 
 
+def resolved_record(state_dir: str) -> Path:
+    return Path(state_dir) / "policy" / "resolved.json"
+
+
 def ranges_cache(state_dir: str) -> Path:
     return Path(state_dir) / "ranges" / "google.json"
 

@@ -12,12 +12,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import dns.exception
 import dns.resolver
 
 from netpolicy.policy import Policy, ResolverSettings
 from runtime import nft
+from runtime.fsutil import atomic_write_json
 
 log = logging.getLogger(__name__)
 GRACE_S = 2
@@ -85,8 +87,9 @@ def elements_script(policy: Policy, res: Resolution) -> str:
 class Refresher:
     """Keeps every exception hostname resolved, each on its own TTL."""
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, record: Path | None = None) -> None:
         self.policy = policy
+        self.record = record  # resolved.json, read by `sockgate policy explain`
         self.due = {host: 0.0 for host in policy.hostnames}
         self.failures = {host: 0 for host in policy.hostnames}
         self.last: dict[str, Resolution] = {}
@@ -112,6 +115,9 @@ class Refresher:
                 self.due[host] = now + res.ttl
             self.last[host] = res
             done.append(res)
+        if done and self.record is not None:
+            self.record.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.record, {h: list(r.addresses) for h, r in self.last.items()})
         return done
 
     def next_due(self) -> float:
