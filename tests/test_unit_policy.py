@@ -240,7 +240,10 @@ def test_blocked_sets_are_collapsed():
     assert "203.0.112.0/23" in blocked4 and "203.0.113.0/24" not in blocked4
     assert len(blocked4) == len(default4)  # 10.1/16 added nothing, 203.0.112/24 merged
     assert "2001:db8::/32" in ELEMENTS["blocked6"] and "2001:db8:1::/48" not in ELEMENTS["blocked6"]
-    assert "255.255.255.255" in blocked4  # single addresses without /32, as nft lists them
+    # Single addresses print without /32 or /128, as nft lists them.
+    singles = [e for name, es in ELEMENTS.items() if name != "blocked_ports" for e in es
+               if N(e.split(" . ")[0]).prefixlen == N(e.split(" . ")[0]).max_prefixlen]
+    assert singles and not [e for e in singles if "/" in e.split(" . ")[0]]
     nets4 = [N(e) for e in blocked4]
     assert collapse(nets4) == nets4
     assert len(COMPILED.blocked) == len(blocked4) + len(ELEMENTS["blocked6"])
@@ -257,6 +260,30 @@ def test_exceptions_are_static_elements_but_hostnames_are_not():
     for host in ("gmail.com", "relay.example.com", "465", "2525"):
         assert host not in " ".join(allow4 + allow6)
     assert "allow4_dns" not in ELEMENTS and "allow6_dns" not in ELEMENTS
+
+
+def _address_part(element: str):
+    addr, proto, port = element.split(" . ")
+    return N(addr), (proto, port)
+
+
+@pytest.mark.parametrize("raw", [
+    {"exceptions": [{"destination": "8.8.8.0/24", "ports": [53]}]},                # covers a default one
+    {"exceptions": [{"destination": "2001:4860:4860::/48", "protocols": ["udp"], "ports": [53]}]},
+    {"ingress": [{"source": "192.0.2.0/24", "ports": [22]}, {"source": "192.0.2.10", "ports": [22]}]},
+], ids=["exception-v4-covers-default", "exception-v6-covers-default", "ingress-overlap"])
+def test_interval_elements_never_overlap(raw):
+    """allow4/allow6/ingress4/ingress6 are concatenated interval sets: the kernel
+    (nft_set_pipapo) rejects an element that overlaps another with "File exists", and
+    the whole `nft -f` transaction with it. A valid policy file must compile to
+    elements that don't overlap (merge them, as blocked4/blocked6 are)."""
+    els = elements(render_table(compile_policy(parse_policy(raw), GOOGLE).egress))
+    for name in ("allow4", "allow6", "ingress4", "ingress6"):
+        parts = [_address_part(e) for e in els.get(name, [])]
+        overlaps = [(str(a), str(b), k) for i, (a, k) in enumerate(parts) for b, k2 in parts[i + 1:]
+                    if k == k2 and a.overlaps(b)]
+        assert not overlaps, (f"BUG netpolicy.compile._allow_elements: set {name} gets overlapping "
+                              f"elements {overlaps}; nft rejects the whole ruleset (File exists)")
 
 
 def test_blocked_ports():
