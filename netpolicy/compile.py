@@ -89,12 +89,17 @@ def _elements(name: str, items: list[str]) -> list[str]:
 
 
 def _allow_elements(allows: tuple[Allow, ...], version: int, field: str = "dest") -> list[str]:
-    out = set()
+    """Elements of a concatenated interval set. The kernel refuses overlapping
+    intervals there, so the networks of each (protocol, port) are merged first."""
+    by_port: dict[tuple[str, int], list[IPNetwork]] = {}
     for a in allows:
         net = ipaddress.ip_network(getattr(a, field))
         if net.version == version:
-            out |= {f"{_ip(net)} . {p} . {port}" for p in a.protos for port in a.ports}
-    return sorted(out)
+            for proto in a.protos:
+                for port in a.ports:
+                    by_port.setdefault((proto, port), []).append(net)
+    return sorted(f"{_ip(net)} . {proto} . {port}"
+                  for (proto, port), nets in by_port.items() for net in collapse(nets))
 
 
 @dataclass(frozen=True)
@@ -158,7 +163,7 @@ def explain(compiled: Compiled, dst: str, port: int, proto: str,
     addresses the node's resolver currently holds."""
     addr = ipaddress.ip_address(dst)
     policy = compiled.policy
-    if dst in node_addresses or str(addr) in node_addresses:
+    if addr in {ipaddress.ip_address(a) for a in node_addresses}:
         return Verdict(REFUSE, "node-address", "the node is not a service for containers",
                        f"{addr} is one of the node's own addresses")
     if proto not in ("tcp", "udp"):
@@ -169,7 +174,7 @@ def explain(compiled: Compiled, dst: str, port: int, proto: str,
         if not a.is_host and addr in ipaddress.ip_network(a.dest):
             return Verdict(ALLOW, "exception", RULES[2].why, f"{a.dest} {'/'.join(a.protos)} "
                            f"{','.join(map(str, a.ports))}: {a.reason}")
-        if a.is_host and str(addr) in (resolved or {}).get(a.dest, []):
+        if a.is_host and addr in {ipaddress.ip_address(x) for x in (resolved or {}).get(a.dest, [])}:
             return Verdict(ALLOW, "exception-host", RULES[4].why,
                            f"{addr} is {a.dest} {'/'.join(a.protos)} {','.join(map(str, a.ports))}: {a.reason}")
     for b in policy.blocked_ports:

@@ -134,10 +134,13 @@ def _proto(value: Any, path: str) -> str:
 
 
 def _cidr(value: Any, path: str) -> str:
+    # strict: "10.1.2.3/8" is a typo for one of two things; refuse rather than widen it.
+    if not isinstance(value, str):
+        raise PolicyError(path, f"must be an IP address or CIDR string, got {value!r}")
     try:
-        return str(ipaddress.ip_network(value, strict=False))
-    except (TypeError, ValueError):
-        raise PolicyError(path, f"must be an IP address or CIDR, got {value!r}") from None
+        return str(ipaddress.ip_network(value))
+    except ValueError as exc:
+        raise PolicyError(path, f"must be an IP address or CIDR, got {value!r} ({exc})") from None
 
 
 def _ports(value: Any, path: str) -> tuple[int, ...]:
@@ -156,11 +159,9 @@ def _protos(value: Any, path: str) -> tuple[str, ...]:
 
 def _dest(value: Any, path: str) -> str:
     if isinstance(value, str):
-        try:
-            return str(ipaddress.ip_network(value, strict=False))
-        except ValueError:
-            if _HOSTNAME.match(value):
-                return value.rstrip(".").lower()
+        if _HOSTNAME.match(value) and not value.rstrip(".").rsplit(".", 1)[-1].isdigit():
+            return value.rstrip(".").lower()
+        return _cidr(value, path)
     raise PolicyError(path, f"must be an IP address, CIDR or hostname, got {value!r}")
 
 
@@ -186,6 +187,8 @@ def _resolver(raw: Any) -> ResolverSettings:
 
 
 def _is_ip(value: Any) -> bool:
+    if not isinstance(value, str):  # ip_address(134744072) would be 8.8.8.8
+        return False
     try:
         ipaddress.ip_address(value)
         return True

@@ -190,7 +190,7 @@ def test_invalid_policy_names_the_field(raw, field):
 
 def test_additions_are_appended_to_the_defaults():
     p = parse_policy({
-        "blockedRanges": ["44.0.0.1/8"],
+        "blockedRanges": ["44.0.0.0/8"],
         "blockedPorts": [{"protocol": "udp", "port": 5060}],
         "exceptions": [{"destination": "10.1.2.3", "protocols": ["tcp"], "ports": [443]},
                        {"destination": "Relay.Example.COM.", "ports": [2525]}],
@@ -400,3 +400,22 @@ def test_explain_without_resolved_hostnames_refuses_them():
 def test_explain_reasons_name_the_range():
     assert "169.254.0.0/16" in explain(DEFAULT, "169.254.169.254", 80, "tcp").detail
     assert "Google range" in explain(DEFAULT, "142.250.72.14", 443, "tcp").detail
+
+
+@pytest.mark.parametrize("raw,field", [
+    ({"blockedRanges": ["10.1.2.3/8"]}, "blockedRanges[0]"),                 # host bits: a typo, not a /8
+    ({"exceptions": [{"destination": "300.1.1.1", "ports": [1]}]}, "exceptions[0].destination"),
+    ({"resolver": {"nameservers": [134744072]}}, "resolver.nameservers[0]"),  # not silently 8.8.8.8
+])
+def test_ambiguous_input_is_refused_not_guessed(raw, field):
+    with pytest.raises(PolicyError) as exc:
+        parse_policy(raw)
+    assert exc.value.field == field
+
+
+def test_explain_matches_addresses_not_spellings():
+    v = explain(DEFAULT, "2607:F8B0:400E:C00::6C", 465, "tcp",
+                resolved={"smtp.gmail.com": ["2607:f8b0:400e:c00::6c"]})
+    assert v.rule == "exception-host"
+    assert explain(DEFAULT, "2001:DB8:5067::2", 80, "tcp",
+                   node_addresses=("2001:db8:5067::2",)).rule == "node-address"
