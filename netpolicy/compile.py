@@ -140,7 +140,8 @@ def compile_policy(policy: Policy, google: list[IPNetwork]) -> Compiled:
     )
     egress = EgressPolicy(
         sets=tuple(STATIC_SETS.items()), dynamic_sets=tuple(DYNAMIC_SETS.items()),
-        rules=tuple(r.nft for r in RULES), ingress_rules=INGRESS_RULES, elements=tuple(elements))
+        rules=tuple(r.nft for r in RULES), ingress_rules=INGRESS_RULES, elements=tuple(elements),
+        idle_timeout=policy.idle_timeout)
     return Compiled(policy, tuple(blocked), egress)
 
 

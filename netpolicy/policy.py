@@ -94,6 +94,8 @@ class Policy:
     ingress: tuple[Ingress, ...] = ()
     resolver: ResolverSettings = field(default_factory=ResolverSettings)
     google: GoogleSources = field(default_factory=GoogleSources)
+    # Seconds a flow may stay silent (both directions) before it is reclaimed (C10).
+    idle_timeout: int = 600
 
     @property
     def hostnames(self) -> tuple[str, ...]:
@@ -102,7 +104,8 @@ class Policy:
 
 # --- parsing a policy file -------------------------------------------------------
 
-_KEYS = {"googleRanges", "resolver", "blockedRanges", "blockedPorts", "exceptions", "ingress"}
+_KEYS = {"googleRanges", "resolver", "blockedRanges", "blockedPorts", "exceptions", "ingress",
+         "idleTimeout"}
 
 
 def _obj(value: Any, path: str, keys: set[str]) -> dict:
@@ -212,6 +215,11 @@ def parse_policy(raw: Any) -> Policy:
         policy = replace(policy, google=GoogleSources(g.get("goog", GOOG_URL), g.get("cloud", CLOUD_URL)))
     if "resolver" in doc:
         policy = replace(policy, resolver=_resolver(doc["resolver"]))
+    if "idleTimeout" in doc:
+        idle = doc["idleTimeout"]
+        if isinstance(idle, bool) or not isinstance(idle, int) or not 1 <= idle <= 86400:
+            raise PolicyError("idleTimeout", f"must be seconds 1-86400, got {idle!r}")
+        policy = replace(policy, idle_timeout=idle)
     extra_blocks = tuple(Block(_cidr(c, f"blockedRanges[{i}]"), "blocked by policy file", "policy")
                          for i, c in enumerate(_list(doc.get("blockedRanges", []), "blockedRanges")))
     extra_ports = []

@@ -22,6 +22,10 @@ SETS = {
     "ifaces": "typeof iifname",
     "saddr4": "typeof iifname . ip saddr",
     "saddr6": "typeof iifname . ip6 saddr",
+    # Per-element counters, bumped by a lookup in the accounting chain: bytes sent
+    # (keyed by the veth the packet came in on) and received (the veth it goes out on).
+    "acct_tx": "typeof iifname; counter",
+    "acct_rx": "typeof oifname; counter",
 }
 
 # ICMPv6 neighbour discovery between a container and its gateway: without it the node
@@ -49,18 +53,40 @@ BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
     "postrouting": ("type nat hook postrouting priority srcnat; policy accept;", [
         "iifname @ifaces oifname != @ifaces masquerade fully-random",
     ]),
+    # Billing counts in postrouting: a packet gets here only once every forward chain
+    # (ours and any other table's) accepted it, and it still carries its input veth.
+    # The lookup itself bumps the element's counter: O(1), no rule per container.
+    "accounting": ("type filter hook postrouting priority filter; policy accept;", [
+        "iifname @acct_tx",
+        "oifname @acct_rx",
+    ]),
 }
 
 
-def _from_container() -> list[str]:
+def idle_timeouts(seconds: int) -> dict[str, str]:
+    """ct timeout objects that let the kernel expire idle container flows (C10). The
+    value is in the name: an object can't be changed in place, and a new name lets a
+    changed timeout load in one transaction while old flows keep their object."""
+    return {f"idle_tcp_{seconds}": f"protocol tcp; l3proto inet; policy = {{ established: {seconds} }};",
+            f"idle_udp_{seconds}": f"protocol udp; l3proto inet; policy = {{ replied: {seconds} }};"}
+
+
+def _from_container(idle_timeout: int) -> list[str]:
+    tcp_obj, udp_obj = idle_timeouts(idle_timeout)
     return [
         # A container sends only from its own addresses.
         "meta nfproto ipv4 iifname . ip saddr != @saddr4 drop",
         "meta nfproto ipv6 iifname . ip6 saddr != @saddr6 drop",
         # Invalid packets are not NATed and would leak container addresses upstream.
         "ct state invalid drop",
+        # With nf_conntrack_tcp_loose=1 a mid-stream packet re-creates a reclaimed
+        # flow's conntrack entry (and masquerade picks the same port again): a TCP
+        # flow may only start with a SYN.
+        "meta l4proto tcp ct state new tcp flags & (fin | syn | rst | ack) != syn jump refuse",
         # No container reaches another (C1).
         "oifname @ifaces jump refuse",
+        f'meta l4proto tcp ct state new ct timeout set "{tcp_obj}"',
+        f'meta l4proto udp ct state new ct timeout set "{udp_obj}"',
         "jump egress_policy",
     ]
 
@@ -90,6 +116,7 @@ class EgressPolicy:
     rules: tuple[str, ...] = ()
     ingress_rules: tuple[str, ...] = ()
     elements: tuple[str, ...] = ()
+    idle_timeout: int = 600
 
 
 def revision(policy: EgressPolicy = EgressPolicy()) -> str:
@@ -105,13 +132,14 @@ def render_table(policy: EgressPolicy = EgressPolicy()) -> str:
 def _render(policy: EgressPolicy, rev: str) -> str:
     t = f"{FAMILY} {TABLE}"
     lines = [f"add table {t}"]
+    lines += [f"add ct timeout {t} {name} {{ {decl} }}" for name, decl in idle_timeouts(policy.idle_timeout).items()]
     for name, decl in (SETS | dict(policy.dynamic_sets) | dict(policy.sets)).items():
         lines.append(f"add set {t} {name} {{ {decl}; }}")
     lines += [f"flush set {t} {name}" for name, _ in policy.sets]
     lines += list(policy.elements)
     chains: dict[str, list[str]] = {name: rules for name, (_, rules) in BASE_CHAINS.items()}
     chains |= REGULAR_CHAINS
-    chains["from_container"] = _from_container()
+    chains["from_container"] = _from_container(policy.idle_timeout)
     chains["egress_policy"] = list(policy.rules)
     for name in ("to_container", "node_to_container"):
         chains[name] = [*chains[name][:-1], *policy.ingress_rules, chains[name][-1]]
@@ -136,14 +164,16 @@ class Endpoint:
     ipv6: str
 
 
-def _elements(ep: Endpoint) -> list[tuple[str, str]]:
+def endpoint_elements(ep: Endpoint) -> list[tuple[str, str]]:
     return [("ifaces", f'"{ep.host_ifname}"'),
+            ("acct_tx", f'"{ep.host_ifname}"'),
+            ("acct_rx", f'"{ep.host_ifname}"'),
             ("saddr4", f'"{ep.host_ifname}" . {ep.ipv4}'),
             ("saddr6", f'"{ep.host_ifname}" . {ep.ipv6}')]
 
 
 def add_endpoint(ep: Endpoint) -> str:
-    return "".join(f"add element {FAMILY} {TABLE} {s} {{ {e} }}\n" for s, e in _elements(ep))
+    return "".join(f"add element {FAMILY} {TABLE} {s} {{ {e} }}\n" for s, e in endpoint_elements(ep))
 
 
 def add_pools(pools: tuple[str, ...]) -> str:
@@ -156,4 +186,4 @@ def remove_endpoint(ep: Endpoint) -> str:
     """Idempotent delete: `delete element` fails on a missing element and would abort
     the whole transaction, so each element is first added (a no-op if present)."""
     return add_endpoint(ep) + "".join(
-        f"delete element {FAMILY} {TABLE} {s} {{ {e} }}\n" for s, e in _elements(ep))
+        f"delete element {FAMILY} {TABLE} {s} {{ {e} }}\n" for s, e in endpoint_elements(ep))

@@ -10,7 +10,7 @@ import json
 import logging
 import subprocess
 
-from netpolicy.ruleset import (FAMILY, TABLE, EgressPolicy, Endpoint, add_endpoint, add_pools,
+from netpolicy.ruleset import (FAMILY, TABLE, EgressPolicy, Endpoint, add_endpoint, add_pools, endpoint_elements,
                                remove_endpoint, render_table, revision)
 from runtime.errors import KERNEL_FAILURE, SockgateError
 
@@ -56,10 +56,22 @@ def has_element(set_name: str, element: str) -> bool:
 
 
 def endpoint_present(ep: Endpoint) -> list[str]:
-    """Names of the endpoint's elements that are missing (empty: all there)."""
-    wanted = {"ifaces": f'"{ep.host_ifname}"', "saddr4": f'"{ep.host_ifname}" . {ep.ipv4}',
-              "saddr6": f'"{ep.host_ifname}" . {ep.ipv6}'}
-    return [name for name, element in wanted.items() if not has_element(name, element)]
+    """Names of the sets missing one of the endpoint's elements (empty: all there)."""
+    return [name for name, element in endpoint_elements(ep) if not has_element(name, element)]
+
+
+def counters(set_name: str) -> dict[str, tuple[int, int]]:
+    """Per-element (packets, bytes) of a counter set such as acct_tx, one nft call."""
+    proc = _quiet("-j", "list", "set", FAMILY, TABLE, set_name)
+    if proc.returncode != 0:
+        return {}
+    out = {}
+    for item in json.loads(proc.stdout).get("nftables", []):
+        for elem in item.get("set", {}).get("elem", []):
+            if isinstance(elem, dict) and "elem" in elem:
+                c = elem["elem"].get("counter", {})
+                out[str(elem["elem"]["val"])] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
+    return out
 
 
 def prefixes(set_name: str) -> list[str]:

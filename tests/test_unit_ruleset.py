@@ -25,7 +25,7 @@ def test_endpoint_elements_and_idempotent_removal():
     assert 'add element inet sockgate saddr4 { "sgabc" . 10.77.0.5 }' in add
     rm = remove_endpoint(ep)
     # add-then-delete in one transaction: succeeds whether or not the element exists.
-    assert rm.startswith(add) and rm.count("delete element") == 3
+    assert rm.startswith(add) and rm.count("delete element") == 5
 
 
 def test_revision_stamp_changes_with_the_rules():

@@ -240,8 +240,12 @@ class Bench:
                 if f"{FAMILY} {BASE_TABLE}" in _tables():
                     nft.run(f"delete table {FAMILY} {BASE_TABLE}\n")
                 desc = _load_full_policy(self)
+                # What an ADD adds besides the endpoint: the network's pools, where the
+                # policy has sets for them.
                 add_pools = getattr(ruleset, "add_pools", None)
-                pools = add_pools((str(self.conf.ipv4_pool), str(self.conf.ipv6_pool))) if add_pools else ""
+                pools = ""
+                if add_pools is not None and _nft_json("list", "set", FAMILY, TABLE, "pools4"):
+                    pools = add_pools((str(self.conf.ipv4_pool), str(self.conf.ipv6_pool)))
                 for chunk in _chunks(self.endpoints, ELEMENT_BATCH):
                     nft.run(pools + "".join(ruleset.add_endpoint(ep) for ep in chunk))
                 return desc, {s: _set_size(s) for s in PER_CONTAINER_SETS}, _tables(), _table_stats()
@@ -341,13 +345,22 @@ def _unit(test: Test) -> str:
 
 
 def summarize(tests: list[Test], runs: list[Run]) -> dict[str, Any]:
+    """The verdict is median(B) / median(A). Also, as a noise gauge, the ratios of
+    each round's adjacent B and A runs: when they spread wider than the margin to
+    the target, one run's verdict is not to be trusted."""
     out: dict[str, Any] = {"medians": {}, "ratios": {}}
     for t in tests:
-        med = {c: statistics.median(r.value for r in runs if r.config == c and r.test == t.key)
-               for c in (BASELINE, SOCKGATE)}
+        vals = {c: {r.round: r.value for r in runs if r.config == c and r.test == t.key}
+                for c in (BASELINE, SOCKGATE)}
+        med = {c: statistics.median(v.values()) for c, v in vals.items()}
         out["medians"][t.key] = med
         ratio = med[SOCKGATE] / med[BASELINE] if med[BASELINE] else float("nan")
-        out["ratios"][t.key] = {"metric": t.label, "ratio": ratio, "target": TARGET, "met": ratio >= TARGET}
+        paired = [vals[SOCKGATE][i] / vals[BASELINE][i] for i in sorted(vals[BASELINE])
+                  if vals[BASELINE][i] and i in vals[SOCKGATE]]
+        out["ratios"][t.key] = {
+            "metric": t.label, "ratio": ratio, "target": TARGET, "met": ratio >= TARGET,
+            "per_round": paired, "per_round_median": statistics.median(paired),
+            "noisy": max(paired) - min(paired) > 2 * (1 - TARGET)}
     return out
 
 
@@ -391,10 +404,17 @@ def print_report(rep: dict[str, Any], tests: list[Test], runs: list[Run]) -> Non
         print("  ".join(str(v).ljust(w) if i < 3 else str(v).rjust(w)
                         for i, (v, w) in enumerate(zip(row, widths))).rstrip())
     print()
-    print(f"ratio {SOCKGATE}/{BASELINE} (medians):")
+    print(f"ratio {SOCKGATE}/{BASELINE} = median B / median A    (per round: B/A of the same round)")
     for t in tests:
         r = rep["ratios"][t.key]
-        print(f"  {t.label:<24} {r['ratio']:.3f}   target >= {TARGET}: {'met' if r['met'] else 'not met'}")
+        rounds_txt = " ".join(f"{x:.3f}" for x in r["per_round"])
+        print(f"  {t.label:<24} {r['ratio']:.3f}   target >= {TARGET}: {'met' if r['met'] else 'not met':<8}"
+              f"  (per round: {rounds_txt}; median {r['per_round_median']:.3f})")
+    noisy = [rep["ratios"][t.key]["metric"] for t in tests if rep["ratios"][t.key]["noisy"]]
+    if noisy:
+        print(f"  note: per-round ratios of {', '.join(noisy)} spread wider than {2 * (1 - TARGET):.2f}: "
+              "this machine is noisy for that metric; more --rounds, a longer --duration or a quiet "
+              "machine make the verdict firmer")
     print(f"took {rep['seconds']:.0f} s (containers {c['seconds']:.0f} s, switching tables "
           f"{rep['timings'].get('switch_s', 0):.1f} s, lab teardown {rep['timings'].get('teardown_s', 0):.1f} s)")
 
@@ -468,16 +488,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bench-dataplane",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Measure what sockgate's nftables table costs a container's traffic: iperf3 TCP "
-                    "throughput and UDP packet rate (64-byte datagrams) from one container to the lab "
-                    "internet, with the sockgate table (full policy, --containers attached) against the "
-                    "same namespaces, veths, routes and NAT with no sockgate table, interleaved in one "
-                    "run. Prints each run, the medians and the ratios sockgate/baseline (target >= "
-                    f"{TARGET}). Everything runs in throwaway lab namespaces (nothing leaves the machine, "
-                    "the host's netns is never touched). Needs root.",
-        epilog="Exit status: 0 once measured, whatever the ratios (it is a benchmark); 1 when it could "
-               "not measure; 2 on bad usage.\n"
-               "Progress goes to stderr; the report (or --json) to stdout.")
+        description=f"""\
+Measure what sockgate's nftables table costs a container's traffic: iperf3 TCP
+throughput and UDP packet rate (64-byte datagrams) from one container to the lab
+internet, in two configurations of the same namespaces, veths, routes and NAT:
+
+  A baseline  no sockgate table; a one-rule table `inet {BASE_TABLE}` masquerades
+  B sockgate  the sockgate table with the full policy and --containers attached
+
+Rounds interleave A and B (order A B, B A, A B, ...). Prints every run, the medians
+and the ratios B/A (target >= {TARGET}). Everything runs in throwaway lab network
+namespaces: nothing leaves the machine, the host's netns is never touched, and the
+lab (iperf3 included) is torn down at the end, also on errors. Needs root.""",
+        epilog="""\
+Exit status: 0 once measured, whatever the ratios (it is a benchmark); 1 when it
+could not measure; 2 on bad usage. Progress goes to stderr, the report (or --json)
+to stdout. Takes about 3 minutes with the defaults on 2 CPUs.""")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each measures both configs (default %(default)s)")
     p.add_argument("--duration", type=int, default=5, help="seconds per iperf3 run (default %(default)s)")
     p.add_argument("--containers", type=int, default=1000,
