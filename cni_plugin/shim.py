@@ -1,21 +1,28 @@
 """The `sockgate` CNI executable: environment + stdin in, result or error JSON out.
 
-Stdlib only until the request is known to be valid: a malformed call is answered
-without importing pyroute2. Nothing but the result or error JSON is ever written to
-stdout; logs go to the configured logFile, else stderr.
+With a node agent listening on <runDir>/agent.sock the request is forwarded there
+(the agent has pyroute2 loaded, the policy compiled and the table checked); without
+one, the same handler runs in this process. Stdlib only on the forwarding path.
+Nothing but the result or error JSON is ever written to stdout; logs go to the
+configured logFile, else stderr.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import socket
 import sys
 from typing import Mapping
 
-from cni_plugin.request import CNIRequest, error_version, parse_request
-from runtime.errors import INTERNAL, SockgateError
+from cni_plugin.request import error_version, parse_request
+from runtime.errors import INTERNAL, TRY_AGAIN_LATER, SockgateError
 
 log = logging.getLogger("sockgate.cni")
+AGENT_SOCKET = "agent.sock"
+DEFAULT_RUN_DIR = "/run/sockgate"
+# Long enough for an ADD under load; a hung agent must not hang the runtime forever.
+AGENT_TIMEOUT_S = 120.0
 
 
 def _setup_logging(config: dict) -> None:
@@ -32,32 +39,77 @@ def _setup_logging(config: dict) -> None:
     root.setLevel(logging.INFO)
 
 
-def dispatch(req: CNIRequest) -> dict | None:
-    """Run the request in this process. (The agent's fast path plugs in here.)"""
-    from runtime.cni import handle  # deferred: pulls in pyroute2
-    return handle(req)
+def _error(config: object, err: SockgateError) -> tuple[int, str]:
+    return 1, json.dumps(err.to_cni(error_version(config)))
 
 
-def run(env: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
-    """Returns (exit code, stdout text)."""
+def execute(env: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
+    """Handle one CNI request in this process: (exit code, stdout text). The agent
+    serves forwarded requests with this same function."""
     config: object = None
     try:
         try:
             config = json.loads(stdin or b"{}")
         except ValueError:
             pass
-        _setup_logging(config if isinstance(config, dict) else {})
         req = parse_request(env, stdin)
-        log.debug("%s %s/%s netns=%s", req.command, req.container_id, req.ifname, req.netns)
-        out = dispatch(req)
+        from runtime.cni import handle  # deferred: pulls in pyroute2
+        out = handle(req)
         return 0, json.dumps(out) if out is not None else ""
     except SockgateError as exc:
         log.warning("%s failed: %s", env.get("CNI_COMMAND", "?"), exc)
-        return 1, json.dumps(exc.to_cni(error_version(config)))
+        return _error(config, exc)
     except Exception as exc:  # never a traceback on stdout
         log.exception("internal error")
-        err = SockgateError(INTERNAL, "internal error in sockgate", f"{type(exc).__name__}: {exc}")
-        return 1, json.dumps(err.to_cni(error_version(config)))
+        return _error(config, SockgateError(INTERNAL, "internal error in sockgate",
+                                            f"{type(exc).__name__}: {exc}"))
+
+
+def _agent_path(config: object) -> str:
+    run_dir = config.get("runDir") if isinstance(config, dict) else None
+    return os.path.join(run_dir if isinstance(run_dir, str) and run_dir else DEFAULT_RUN_DIR, AGENT_SOCKET)
+
+
+def forward(path: str, env: Mapping[str, str], stdin: bytes, config: object = None) -> tuple[int, str] | None:
+    """Ask the agent. None when no agent listens (then the caller runs in-process).
+    Once the request was sent, a broken reply is an error, never a silent retry: the
+    agent may have done half an ADD, and the runtime must retry (code 11)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(AGENT_TIMEOUT_S)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError, PermissionError):
+        sock.close()
+        return None
+    try:
+        request = {"env": {k: v for k, v in env.items() if k.startswith("CNI_")},
+                   "stdin": stdin.decode("utf-8", errors="surrogateescape")}
+        sock.sendall(json.dumps(request).encode())
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        reply = json.loads(b"".join(chunks))
+        return int(reply["rc"]), str(reply["stdout"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return _error(config, SockgateError(TRY_AGAIN_LATER, "the sockgate agent did not answer",
+                                          f"{type(exc).__name__}: {exc}"))
+    finally:
+        sock.close()
+
+
+def run(env: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
+    config: object = None
+    try:
+        config = json.loads(stdin or b"{}")
+    except ValueError:
+        pass
+    _setup_logging(config if isinstance(config, dict) else {})
+    if env.get("CNI_COMMAND") != "VERSION":
+        reply = forward(_agent_path(config), env, stdin, config)
+        if reply is not None:
+            return reply
+    return execute(env, stdin)
 
 
 def main() -> int:

@@ -19,6 +19,16 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def _agent(args: argparse.Namespace) -> int:
+    from runtime.agent import AgentConfig, run_agent, setup_logging
+    from runtime.policy_watch import PolicyKeeper
+    setup_logging()
+    cfg = AgentConfig(state_dir=args.state_dir, run_dir=args.run_dir, policy_file=args.policy,
+                      ready_file=args.ready_file)
+    cfg.components.append(("policy", lambda c: PolicyKeeper(c.policy_file, c.state_dir)))
+    return run_agent(cfg)
+
+
 def _lab_cleanup(args: argparse.Namespace) -> int:
     from runtime.lab import Lab
     removed = Lab.cleanup_stale()
@@ -39,6 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bin-dir", default="/opt/cni/bin",
                    help="CNI plugin directory (default: %(default)s)")
     p.set_defaults(func=_install_cni)
+
+    p = sub.add_parser("agent", help="run the node agent (foreground)",
+                       description="Serve CNI requests forwarded by the `sockgate` CNI executable on "
+                                   "RUN_DIR/agent.sock (root only), load and keep the egress policy "
+                                   "(re-applied when the policy file changes), keep exception hostnames "
+                                   "resolved. Logs JSON lines on stderr; signals readiness with sd_notify "
+                                   "and --ready-file; SIGTERM finishes requests in flight and exits 0. "
+                                   "Networks whose CNI config names another runDir are not served.")
+    p.add_argument("--state-dir", default="/var/lib/sockgate", help="state dir (default: %(default)s)")
+    p.add_argument("--run-dir", default="/run/sockgate",
+                   help="runtime dir; must match the CNI config's runDir (default: %(default)s)")
+    p.add_argument("--policy", default="/etc/sockgate/policy.json", help="policy file (default: %(default)s)")
+    p.add_argument("--ready-file", default="", help="write the agent's pid here once it serves requests")
+    p.set_defaults(func=_agent)
 
     p = sub.add_parser("demo", help="show the sandbox on a throwaway lab (needs root)",
                        description="Build the lab (node, internet and app network namespaces; "

@@ -71,3 +71,49 @@ def app(lab: Lab) -> Iterator[Callable[[], str]]:
     yield make
     for name in made:
         lab.remove_app(name)
+
+
+class AgentProcess:
+    """A `sockgate agent` running in the lab's node netns for a plugin's network."""
+
+    def __init__(self, lab: Lab, plugin: Plugin, tmp: Path) -> None:
+        self.lab, self.plugin = lab, plugin
+        self.log = tmp / "agent.log"
+        self.ready = tmp / "agent.ready"
+        self.proc = None
+
+    def start(self, timeout: float = 20.0) -> "AgentProcess":
+        import subprocess
+        import sys
+        import time
+        self.ready.unlink(missing_ok=True)
+        c = self.plugin.conf
+        self.proc = self.lab.popen(self.lab.node, [sys.executable, "-m", "runtime.cli", "agent",
+                                                   "--state-dir", c["stateDir"], "--run-dir", c["runDir"],
+                                                   "--policy", c["policyFile"], "--ready-file", str(self.ready)],
+                                   log=self.log)
+        deadline = time.monotonic() + timeout
+        while not self.ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"agent did not get ready: {self.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, sig: int = 15, timeout: float = 30.0) -> int:
+        import os
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        os.kill(self.proc.pid, sig)
+        return self.proc.wait(timeout)
+
+    def served(self) -> list[dict]:
+        import json
+        lines = [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+        return [e for e in lines if e.get("logger") == "sockgate.agent" and " rc=" in e.get("msg", "")]
+
+
+@pytest.fixture
+def agent(lab: Lab, plugin: Plugin, tmp_path: Path) -> Iterator[AgentProcess]:
+    proc = AgentProcess(lab, plugin, tmp_path).start()
+    yield proc
+    proc.stop()

@@ -1,0 +1,54 @@
+"""The agent's policy component: load the table at start, re-apply when the policy file
+changes (an invalid file is logged and the policy in force stays), and keep exception
+hostnames resolved."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from runtime import policy
+from runtime.errors import SockgateError
+from runtime.resolver import Refresher
+
+log = logging.getLogger(__name__)
+CHECK_EVERY_S = 2.0
+
+
+def _stamp(path: str) -> tuple[float, int] | None:
+    try:
+        st = os.stat(path)
+        return (st.st_mtime, st.st_size)
+    except FileNotFoundError:
+        return None
+
+
+class PolicyKeeper:
+    def __init__(self, policy_file: str, state_dir: str) -> None:
+        self.policy_file = policy_file
+        self.state_dir = state_dir
+        self.refresher: Refresher | None = None
+        self.applied: tuple[float, int] | None | bool = False  # False: never applied
+
+    def _apply(self) -> None:
+        stamp = _stamp(self.policy_file)
+        try:
+            compiled = policy.apply(self.policy_file, self.state_dir)
+        except SockgateError as exc:
+            log.error("policy not applied, the policy in force stays: %s", exc)
+        else:
+            self.refresher = Refresher(compiled.policy, policy.resolved_record(self.state_dir))
+            log.info("policy applied from %s", self.policy_file)
+        self.applied = stamp
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            if self.applied is False or _stamp(self.policy_file) != self.applied:
+                self._apply()
+            if self.refresher is not None:
+                self.refresher.refresh_due()
+                wait = min(CHECK_EVERY_S, max(0.2, self.refresher.next_due() - time.monotonic()))
+            else:
+                wait = CHECK_EVERY_S
+            stop.wait(wait)

@@ -1,0 +1,92 @@
+"""The node agent: the shim forwards to it, the in-process path remains, shutdown is clean."""
+from __future__ import annotations
+
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from runtime.lab import LAB
+
+pytestmark = pytest.mark.lab
+
+
+def test_shim_forwards_to_the_agent(plugin, agent, app, lab):
+    ns = app()
+    res = plugin.add("via-agent", ns)
+    assert plugin("CHECK", "via-agent", ns).rc == 0
+    assert lab.probe(ns, "tcp", LAB.public_v4, 9000).peer_seen == LAB.node_uplink_v4
+    plugin.delete("via-agent", ns)
+    served = [e["msg"].split()[0] for e in agent.served()]
+    assert served[:3] == ["ADD", "CHECK", "DEL"], served
+    assert res["ips"][0]["address"].startswith("10.77.")
+    # Errors come back through the agent with the spec's codes too.
+    bad = plugin("ADD", "x", "/run/netns/sockgate-no-such-netns")
+    assert bad.rc != 0 and bad.code == 3
+    assert agent.served()[-1]["msg"].startswith("ADD x/eth0 rc=1")
+
+
+def test_agent_serves_parallel_requests(plugin, agent, app):
+    namespaces = [app() for _ in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        adds = list(pool.map(lambda i: plugin("ADD", f"p{i}", namespaces[i]), range(12)))
+    assert all(r.rc == 0 for r in adds), [r.stdout for r in adds if r.rc]
+    assert len({r.json["ips"][0]["address"] for r in adds}) == 12
+    with ThreadPoolExecutor(12) as pool:
+        dels = list(pool.map(lambda i: plugin("DEL", f"p{i}", namespaces[i]), range(12)))
+    assert all(r.rc == 0 for r in dels)
+    assert plugin.leases() == [] and plugin.records() == []
+    assert len(agent.served()) == 24
+
+
+def test_sigterm_is_clean_and_the_shim_falls_back_in_process(plugin, agent, app):
+    sock = Path(plugin.conf["runDir"]) / "agent.sock"
+    assert sock.exists() and oct(sock.stat().st_mode & 0o777) == "0o600"
+    assert agent.stop(signal.SIGTERM) == 0
+    assert not sock.exists() and not agent.ready.exists()
+    assert '"stopped"' in agent.log.read_text()
+    ns = app()
+    plugin.add("fallback", ns)  # no agent: same handler, in the plugin's own process
+    plugin.delete("fallback", ns)
+
+
+def test_killed_agent_leaves_a_stale_socket_that_nobody_trips_over(plugin, agent, app):
+    assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+    sock = Path(plugin.conf["runDir"]) / "agent.sock"
+    assert sock.exists()  # kill -9: nobody cleaned up
+    ns = app()
+    plugin.add("stale", ns)  # connection refused -> in-process
+    agent.start()  # a new agent replaces the stale socket
+    plugin.delete("stale", ns)
+    assert agent.served()[-1]["msg"].startswith("DEL stale/eth0 rc=0")
+
+
+def test_agent_reapplies_a_changed_policy_and_keeps_the_old_one_on_error(plugin, agent, app, lab, tmp_path):
+    import json
+    ns = app()
+    plugin.add("pol", ns)
+    assert lab.probe(ns, "tcp", LAB.cloud_v4, 443).ok
+    policy_path = Path(plugin.conf["policyFile"])
+    original = policy_path.read_text()
+    try:
+        doc = json.loads(original)
+        policy_path.write_text(json.dumps(dict(doc, blockedRanges=[LAB.cloud_v4 + "/32"])))
+        deadline = time.monotonic() + 15
+        while lab.probe(ns, "tcp", LAB.cloud_v4, 443, timeout=1.0).ok:
+            assert time.monotonic() < deadline, "agent did not apply the changed policy"
+            time.sleep(0.3)
+        policy_path.write_text('{"blockedPorts": [{"protocol": "tcp", "port": 0}]}')
+        deadline = time.monotonic() + 15
+        while "policy not applied" not in agent.log.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert "blockedPorts[0].port" in agent.log.read_text()
+        assert not lab.probe(ns, "tcp", LAB.cloud_v4, 443, timeout=1.0).ok  # the policy in force stayed
+    finally:
+        policy_path.write_text(original)
+    deadline = time.monotonic() + 15
+    while not lab.probe(ns, "tcp", LAB.cloud_v4, 443, timeout=1.0).ok:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
