@@ -97,6 +97,12 @@ def _validate_ifname(name: str) -> None:
                             repr(name))
 
 
+def version_reply(req: CNIRequest) -> dict:
+    asked = req.config.get("cniVersion")
+    return {"cniVersion": asked if asked in SUPPORTED_VERSIONS else SPEC_VERSION,
+            "supportedVersions": list(SUPPORTED_VERSIONS)}
+
+
 def parse_request(env: Mapping[str, str], stdin: bytes) -> CNIRequest:
     command = env.get("CNI_COMMAND", "")
     if not command:

@@ -2,30 +2,39 @@
 
 With a node agent listening on <runDir>/agent.sock the request is forwarded there
 (the agent has pyroute2 loaded, the policy compiled and the table checked); without
-one, the same handler runs in this process. Stdlib only on the forwarding path.
-Nothing but the result or error JSON is ever written to stdout; logs go to the
-configured logFile, else stderr.
+one, the same handler runs in this process. The forwarding path imports only json,
+os and socket: the launcher starts Python with -S, and every millisecond of start-up
+is a millisecond of every container's start. Nothing but the result or error JSON is
+ever written to stdout; logs go to the configured logFile, else stderr.
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import sys
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-from cni_plugin.request import error_version, parse_request
-from runtime.errors import INTERNAL, TRY_AGAIN_LATER, SockgateError
+if TYPE_CHECKING:
+    from runtime.errors import SockgateError
 
-log = logging.getLogger("sockgate.cni")
 AGENT_SOCKET = "agent.sock"
 DEFAULT_RUN_DIR = "/run/sockgate"
 # Long enough for an ADD under load; a hung agent must not hang the runtime forever.
 AGENT_TIMEOUT_S = 120.0
 
 
+def _full_environment() -> None:
+    """The in-process path needs the installed packages (pyroute2, …): add the
+    site-packages that -S left out."""
+    if not sys.flags.no_site:
+        return
+    import site
+    site.main()
+
+
 def _setup_logging(config: dict) -> None:
+    import logging
     path = config.get("logFile") if isinstance(config.get("logFile"), str) else ""
     handler: logging.Handler
     try:
@@ -39,13 +48,18 @@ def _setup_logging(config: dict) -> None:
     root.setLevel(logging.INFO)
 
 
-def _error(config: object, err: SockgateError) -> tuple[int, str]:
+def _error(config: object, err: "SockgateError") -> tuple[int, str]:
+    from cni_plugin.request import error_version
     return 1, json.dumps(err.to_cni(error_version(config)))
 
 
 def execute(env: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
     """Handle one CNI request in this process: (exit code, stdout text). The agent
     serves forwarded requests with this same function."""
+    import logging
+    from cni_plugin.request import parse_request, version_reply
+    from runtime.errors import INTERNAL, SockgateError
+    log = logging.getLogger("sockgate.cni")
     config: object = None
     try:
         try:
@@ -53,6 +67,8 @@ def execute(env: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
         except ValueError:
             pass
         req = parse_request(env, stdin)
+        if req.command == "VERSION":  # podman asks at every start: answer it cheaply
+            return 0, json.dumps(version_reply(req))
         from runtime.cni import handle  # deferred: pulls in pyroute2
         out = handle(req)
         return 0, json.dumps(out) if out is not None else ""
@@ -92,6 +108,7 @@ def forward(path: str, env: Mapping[str, str], stdin: bytes, config: object = No
         reply = json.loads(b"".join(chunks))
         return int(reply["rc"]), str(reply["stdout"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
+        from runtime.errors import TRY_AGAIN_LATER, SockgateError
         return _error(config, SockgateError(TRY_AGAIN_LATER, "the sockgate agent did not answer",
                                           f"{type(exc).__name__}: {exc}"))
     finally:
@@ -104,11 +121,12 @@ def run(env: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
         config = json.loads(stdin or b"{}")
     except ValueError:
         pass
-    _setup_logging(config if isinstance(config, dict) else {})
     if env.get("CNI_COMMAND") != "VERSION":
         reply = forward(_agent_path(config), env, stdin, config)
         if reply is not None:
             return reply
+    _full_environment()
+    _setup_logging(config if isinstance(config, dict) else {})
     return execute(env, stdin)
 
 

@@ -121,14 +121,17 @@ def run_agent(cfg: AgentConfig) -> int:
         signal.signal(sig, lambda *_: stop.set())
     sock_path = Path(cfg.run_dir) / AGENT_SOCKET
     server = _bind(sock_path)
-    serving = threading.Thread(target=server.serve_forever, name="rpc", kwargs={"poll_interval": 0.2})
-    serving.start()
+    # Components stop only after the last request finished: a DEL in flight may still
+    # hand work to them (a link to reap, a final billing record).
+    background = threading.Event()
     workers = []
     for name, factory in cfg.components:
         component = factory(cfg)
-        thread = threading.Thread(target=_guarded, args=(name, component, stop), name=name)
+        thread = threading.Thread(target=_guarded, args=(name, component, background), name=name)
         thread.start()
         workers.append(thread)
+    serving = threading.Thread(target=server.serve_forever, name="rpc", kwargs={"poll_interval": 0.2})
+    serving.start()
     if cfg.ready_file:
         Path(cfg.ready_file).write_text(str(os.getpid()))
     _notify("READY=1")
@@ -140,6 +143,7 @@ def run_agent(cfg: AgentConfig) -> int:
     server.server_close()  # waits for the requests in flight
     serving.join()
     sock_path.unlink(missing_ok=True)
+    background.set()
     for thread in workers:
         thread.join()
     if cfg.ready_file:

@@ -81,11 +81,11 @@ def attach(req: AttachRequest) -> Attachment:
     try:
         policy.apply(req.conf.policy_file, req.conf.state_dir)
         netns.enable_forwarding()
-        att.host_mac, att.container_mac = netns.create_veth(att.host_ifname, req.netns, req.ifname, att.mtu)
+        att.host_mac = netns.create_veth(att.host_ifname, req.netns, req.ifname, att.mtu)
         # Elements before the links come up: there is no moment when the container
         # can send while the table doesn't know it.
         nft.add(_endpoint(att), pools=(str(req.conf.ipv4_pool), str(req.conf.ipv6_pool)))
-        netns.configure_container(req.netns, req.ifname, att.ipv4, att.ipv6, att.host_mac)
+        att.container_mac = netns.configure_container(req.netns, req.ifname, att.ipv4, att.ipv6, att.host_mac)
         netns.configure_host(att.host_ifname, att.ipv4, att.ipv6)
         att.state = READY
         net.attachments.save(att)
@@ -101,7 +101,7 @@ def attach(req: AttachRequest) -> Attachment:
 def _teardown(net: Network, att: Attachment) -> None:
     """Undo an attachment, each step idempotent. The record goes last, so a crash here
     leaves it for the next DEL or GC."""
-    netns.delete_link(att.host_ifname)
+    netns.retire_link(att.host_ifname)
     ep = _endpoint(att)
     if ep is not None:
         nft.remove(ep)

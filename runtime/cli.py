@@ -26,7 +26,15 @@ def _agent(args: argparse.Namespace) -> int:
     cfg = AgentConfig(state_dir=args.state_dir, run_dir=args.run_dir, policy_file=args.policy,
                       ready_file=args.ready_file)
     cfg.components.append(("policy", lambda c: PolicyKeeper(c.policy_file, c.state_dir)))
+    cfg.components.append(("reaper", lambda c: _reaper()))
     return run_agent(cfg)
+
+
+def _reaper():
+    from runtime import netns
+    reaper = netns.LinkReaper()
+    netns.use_reaper(reaper)
+    return reaper
 
 
 def _lab_cleanup(args: argparse.Namespace) -> int:

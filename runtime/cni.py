@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from cni_plugin.request import SPEC_VERSION, SUPPORTED_VERSIONS, CNIRequest
+from cni_plugin.request import CNIRequest
 from runtime import attach as core
 from runtime.cni_result import build_result
 from runtime.errors import INVALID_CONFIG, SockgateError
@@ -55,20 +55,12 @@ def cmd_gc(req: CNIRequest, conf: NetConf) -> None:
     core.gc(conf, _valid_attachments(req.config))
 
 
-def version_reply(req: CNIRequest) -> dict:
-    asked = req.config.get("cniVersion")
-    return {"cniVersion": asked if asked in SUPPORTED_VERSIONS else SPEC_VERSION,
-            "supportedVersions": list(SUPPORTED_VERSIONS)}
-
-
 HANDLERS: dict[str, Callable[[CNIRequest, NetConf], dict | None]] = {
     "ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc,
 }
 
 
 def handle(req: CNIRequest) -> dict | None:
-    if req.command == "VERSION":
-        return version_reply(req)
     config = {k: v for k, v in req.config.items() if not k.startswith("cni.dev/")}
     conf = parse_netconf(config)
     return HANDLERS[req.command](req, conf)

@@ -5,13 +5,19 @@ import os
 import sys
 from pathlib import Path
 
+import cni_plugin
+
 CNI_NAME = "sockgate"
 
 
 def cni_launcher(python: str = sys.executable) -> str:
-    # -I: no user site-packages or PYTHON* variables from the runtime's environment
-    # can change what the plugin imports.
-    return f"#!{python} -I\nfrom cni_plugin.shim import main\nraise SystemExit(main())\n"
+    """-IS (one shebang argument): -I, no user site-packages or PYTHON* variables of the runtime's environment
+    change what the plugin imports. -S: no site-packages scan at start-up (the shim
+    adds it only when it runs the request in-process), so the path to this
+    installation's sources is set here."""
+    root = Path(cni_plugin.__file__).resolve().parent.parent
+    return (f"#!{python} -IS\nimport sys\nsys.path.insert(0, {str(root)!r})\n"
+            "from cni_plugin.shim import main\nraise SystemExit(main())\n")
 
 
 def install_cni(bin_dir: str, name: str = CNI_NAME) -> Path:

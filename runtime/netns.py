@@ -102,13 +102,18 @@ def _mac(ipr: IPRoute, index: int) -> str:
     return ipr.get_links(index)[0].get("IFLA_ADDRESS")
 
 
-def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int) -> tuple[str, str]:
+def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int) -> str:
     """Create the pair with the peer born inside the container netns under its final
     name: no window where it sits in the node under a temporary name, and an ifname
     already taken in the container fails here, before anything else was done."""
     fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with IPRoute() as ipr:
+            # The name is ours and derived from this very attachment, which has no
+            # record yet: a link under it is a leftover (e.g. retired by an agent that
+            # was killed before its reaper got to it).
+            if _index(ipr, host_ifname) is not None:
+                delete_link(host_ifname)
             ipr.link("add", ifname=host_ifname, kind="veth", mtu=mtu,
                      peer={"ifname": ifname, "net_ns_fd": fd, "mtu": mtu})
             host_mac = _mac(ipr, _index(ipr, host_ifname))
@@ -119,17 +124,13 @@ def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int) -> tup
         raise _kernel("create veth pair", exc) from None
     finally:
         os.close(fd)
-    container_mac = in_netns(netns_path, lambda: _mac_of(ifname))
-    return host_mac, container_mac
+    return host_mac
 
 
-def _mac_of(ifname: str) -> str:
-    with IPRoute() as ipr:
-        return _mac(ipr, _index(ipr, ifname))
-
-
-def configure_container(netns_path: str, ifname: str, ipv4: str, ipv6: str, gateway_mac: str) -> None:
-    def body() -> None:
+def configure_container(netns_path: str, ifname: str, ipv4: str, ipv6: str, gateway_mac: str) -> str:
+    """Addresses, routes and gateway neighbours inside the container; returns the
+    container side's MAC."""
+    def body() -> str:
         # No SLAAC, no router advertisements: the container's only v6 address is ours.
         for key, value in (("accept_ra", "0"), ("autoconf", "0"), ("accept_dad", "0")):
             sysctl(f"net.ipv6.conf.{ifname}.{key}", value)
@@ -149,8 +150,9 @@ def configure_container(netns_path: str, ifname: str, ipv4: str, ipv6: str, gate
             ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY_V4, oif=idx, priority=idx)
             ipr.route("add", dst="::/0", gateway=GATEWAY_V6, oif=idx, priority=idx,
                       family=socket.AF_INET6)
+            return _mac(ipr, idx)
     try:
-        in_netns(netns_path, body)
+        return in_netns(netns_path, body)
     except (NetlinkError, OSError) as exc:
         raise _kernel(f"configure {ifname} in {netns_path}", exc) from None
 
@@ -188,6 +190,59 @@ def delete_link(ifname: str) -> bool:
             if exc.code != errno.ENODEV:  # raced with another deleter
                 raise _kernel(f"delete {ifname}", exc) from None
         return True
+
+
+class LinkReaper:
+    """Deletes retired links in the background. Deleting a veth waits for an RCU grace
+    period in the kernel (~40 ms here), which DEL need not wait for once the link is
+    down: a down link carries no packet, and its routes are gone with it."""
+
+    def __init__(self) -> None:
+        self._queue: list[str] = []
+        self._cond = threading.Condition()
+
+    def retire(self, ifname: str) -> bool:
+        with IPRoute() as ipr:
+            idx = _index(ipr, ifname)
+            if idx is None:
+                return False
+            ipr.link("set", index=idx, state="down")
+        with self._cond:
+            self._queue.append(ifname)
+            self._cond.notify()
+        return True
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def run(self, stop: threading.Event) -> None:
+        """Until stop is set and the queue is empty: nothing retired is left behind."""
+        while True:
+            with self._cond:
+                while not self._queue and not stop.is_set():
+                    self._cond.wait(0.5)
+                if not self._queue:
+                    return
+                ifname = self._queue.pop(0)
+            delete_link(ifname)
+
+
+_reaper: LinkReaper | None = None
+
+
+def use_reaper(reaper: LinkReaper | None) -> None:
+    """The agent installs a reaper; a plugin process deletes links synchronously."""
+    global _reaper
+    _reaper = reaper
+
+
+def retire_link(ifname: str) -> bool:
+    """Take a node-side link out of service: deleted now, or set down and deleted in
+    the background when a reaper runs. True if it existed."""
+    if _reaper is not None:
+        return _reaper.retire(ifname)
+    return delete_link(ifname)
 
 
 def link_exists(ifname: str) -> bool:

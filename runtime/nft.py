@@ -1,33 +1,57 @@
-"""Talks to nftables through the `nft` command: `nft -f -` is one atomic transaction.
+"""Talks to nftables: each script is one atomic transaction (`nft -f` semantics).
 
-Why the CLI and not a binding: libnftables' Python binding ships only as a Debian
-package for the system interpreter, and python-iptables drives legacy iptables only.
-The CLI is the stable interface, and one exec per transaction costs a few ms.
+Through libnftables (runtime/libnft.py) when it loads, else through the `nft`
+command. Not python-iptables: it drives the legacy iptables backend only.
 """
 from __future__ import annotations
 
 import json
 import logging
 import subprocess
+from dataclasses import dataclass
 
 from netpolicy.ruleset import (FAMILY, TABLE, EgressPolicy, Endpoint, add_endpoint, add_pools, endpoint_elements,
                                remove_endpoint, render_table, revision)
 from runtime.errors import KERNEL_FAILURE, SockgateError
+from runtime.libnft import Nft, Unavailable
 
 log = logging.getLogger(__name__)
 NFT = "nft"
 
 
+try:
+    _LIB: Nft | None = Nft()
+except Unavailable as exc:  # pragma: no cover - Debian's nftables package ships it
+    log.warning("libnftables unavailable (%s); using the nft command", exc)
+    _LIB = None
+
+
+def _nft(script: str, json_output: bool = False) -> tuple[int, str, str]:
+    if _LIB is not None:
+        return _LIB.cmd(script, json_output)
+    proc = subprocess.run([NFT, *(["-j"] if json_output else []), "-f", "-"], input=script,
+                          text=True, capture_output=True)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
 def run(script: str) -> None:
-    proc = subprocess.run([NFT, "-f", "-"], input=script, text=True, capture_output=True)
-    if proc.returncode != 0:
-        log.error("nft transaction failed: %s\n%s", proc.stderr.strip(), script)
+    rc, _, err = _nft(script)
+    if rc != 0:
+        log.error("nft transaction failed: %s\n%s", err.strip(), script)
         raise SockgateError(KERNEL_FAILURE, "nftables transaction failed",
-                            proc.stderr.strip().splitlines()[0] if proc.stderr.strip() else "")
+                            err.strip().splitlines()[0] if err.strip() else "")
 
 
-def _quiet(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([NFT, *args], text=True, capture_output=True)
+@dataclass(frozen=True)
+class _Result:
+    returncode: int
+    stdout: str
+
+
+def _quiet(*args: str) -> _Result:
+    json_output = args[0] == "-j"
+    rc, out, _ = _nft(" ".join(args[1:] if json_output else args), json_output)
+    return _Result(rc, out)
 
 
 def table_exists() -> bool:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from runtime.lab import LAB
+from runtime.store import host_ifname
+from tests.support.plugin import node_links
 
 pytestmark = pytest.mark.lab
 
@@ -39,6 +41,11 @@ def test_agent_serves_parallel_requests(plugin, agent, app):
     assert all(r.rc == 0 for r in dels)
     assert plugin.leases() == [] and plugin.records() == []
     assert len(agent.served()) == 24
+    # DEL set the links down at once; the agent's reaper deletes them in the background,
+    # and a SIGTERM waits until it has.
+    hosts = {host_ifname(plugin.conf["name"], f"p{i}", "eth0") for i in range(12)}
+    assert agent.stop(signal.SIGTERM) == 0
+    assert not hosts & node_links(plugin.node_netns)
 
 
 def test_sigterm_is_clean_and_the_shim_falls_back_in_process(plugin, agent, app):

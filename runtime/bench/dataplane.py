@@ -346,8 +346,8 @@ def _unit(test: Test) -> str:
 
 def summarize(tests: list[Test], runs: list[Run]) -> dict[str, Any]:
     """The verdict is median(B) / median(A). Also, as a noise gauge, the ratios of
-    each round's adjacent B and A runs: when they spread wider than the margin to
-    the target, one run's verdict is not to be trusted."""
+    each round's adjacent B and A runs: when some are above the target and some
+    below, this run's verdict is not firm."""
     out: dict[str, Any] = {"medians": {}, "ratios": {}}
     for t in tests:
         vals = {c: {r.round: r.value for r in runs if r.config == c and r.test == t.key}
@@ -360,7 +360,7 @@ def summarize(tests: list[Test], runs: list[Run]) -> dict[str, Any]:
         out["ratios"][t.key] = {
             "metric": t.label, "ratio": ratio, "target": TARGET, "met": ratio >= TARGET,
             "per_round": paired, "per_round_median": statistics.median(paired),
-            "noisy": max(paired) - min(paired) > 2 * (1 - TARGET)}
+            "uncertain": min(paired) < TARGET <= max(paired)}
     return out
 
 
@@ -410,11 +410,10 @@ def print_report(rep: dict[str, Any], tests: list[Test], runs: list[Run]) -> Non
         rounds_txt = " ".join(f"{x:.3f}" for x in r["per_round"])
         print(f"  {t.label:<24} {r['ratio']:.3f}   target >= {TARGET}: {'met' if r['met'] else 'not met':<8}"
               f"  (per round: {rounds_txt}; median {r['per_round_median']:.3f})")
-    noisy = [rep["ratios"][t.key]["metric"] for t in tests if rep["ratios"][t.key]["noisy"]]
-    if noisy:
-        print(f"  note: per-round ratios of {', '.join(noisy)} spread wider than {2 * (1 - TARGET):.2f}: "
-              "this machine is noisy for that metric; more --rounds, a longer --duration or a quiet "
-              "machine make the verdict firmer")
+    unsure = [rep["ratios"][t.key]["metric"] for t in tests if rep["ratios"][t.key]["uncertain"]]
+    if unsure:
+        print(f"  note: the per-round ratios of {', '.join(unsure)} lie on both sides of the target, so "
+              "that verdict is not firm: more --rounds, a longer --duration or a quieter machine")
     print(f"took {rep['seconds']:.0f} s (containers {c['seconds']:.0f} s, switching tables "
           f"{rep['timings'].get('switch_s', 0):.1f} s, lab teardown {rep['timings'].get('teardown_s', 0):.1f} s)")
 
