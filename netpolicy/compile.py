@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from netpolicy.policy import Allow, Policy
 from netpolicy.ranges import Block, IPNetwork, collapse
-from netpolicy.ruleset import EgressPolicy
+from netpolicy.ruleset import EgressPolicy, dropped
 
 ALLOW = "accept"
 REFUSE = "refuse"
@@ -59,7 +59,7 @@ RULES: tuple[Rule, ...] = (
     Rule("icmp-errors", "ICMP errors about the container's own flows",
          "meta l4proto { icmp, ipv6-icmp } ct state related accept", ALLOW),
     Rule("tcp-udp-only", "only TCP and UDP leave a container (C3)",
-         "meta l4proto != { tcp, udp } jump refuse", REFUSE),
+         dropped("meta l4proto != { tcp, udp }", "protocol"), REFUSE),
     Rule("exception", "exception on its protocols and ports (C8)",
          "ip daddr . meta l4proto . th dport @allow4 accept", ALLOW),
     Rule("exception", "exception on its protocols and ports (C8)",
@@ -69,11 +69,11 @@ RULES: tuple[Rule, ...] = (
     Rule("exception-host", "exception by hostname, resolved by the node (C8)",
          "ip6 daddr . meta l4proto . th dport @allow6_dns accept", ALLOW),
     Rule("blocked-port", "blocked port (C4, C6)",
-         "meta l4proto . th dport @blocked_ports jump refuse", REFUSE),
-    Rule("blocked-range", "blocked destination range (C7)", "ip daddr @blocked4 jump refuse", REFUSE),
-    Rule("blocked-range", "blocked destination range (C7)", "ip6 daddr @blocked6 jump refuse", REFUSE),
-    Rule("container-pool", "container address pool", "ip daddr @pools4 jump refuse", REFUSE),
-    Rule("container-pool", "container address pool", "ip6 daddr @pools6 jump refuse", REFUSE),
+         dropped("meta l4proto . th dport @blocked_ports", "blocked-port"), REFUSE),
+    Rule("blocked-range", "blocked destination range (C7)", dropped("ip daddr @blocked4", "blocked-range"), REFUSE),
+    Rule("blocked-range", "blocked destination range (C7)", dropped("ip6 daddr @blocked6", "blocked-range"), REFUSE),
+    Rule("container-pool", "container address pool", dropped("ip daddr @pools4", "container-pool"), REFUSE),
+    Rule("container-pool", "container address pool", dropped("ip6 daddr @pools6", "container-pool"), REFUSE),
 )
 INGRESS_RULES = ("ip saddr . meta l4proto . th dport @ingress4 accept",
                  "ip6 saddr . meta l4proto . th dport @ingress6 accept")

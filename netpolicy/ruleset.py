@@ -33,6 +33,12 @@ SETS = {
 # which also proves the packet didn't cross a router.
 _ND = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept"
 
+def dropped(match: str, reason: str, verdict: str = "jump refuse") -> str:
+    """A rule that refuses or drops, counted by reason: the agent's metrics read the
+    counters of every rule whose comment starts with "drop:"."""
+    return f'{match} counter {verdict} comment "drop:{reason}"'
+
+
 # Blocked attempts must fail at once (a reset or an ICMP error), not after a timeout.
 _REJECT = ["meta l4proto tcp reject with tcp reset", "reject with icmpx admin-prohibited"]
 
@@ -75,16 +81,16 @@ def _from_container(idle_timeout: int) -> list[str]:
     tcp_obj, udp_obj = idle_timeouts(idle_timeout)
     return [
         # A container sends only from its own addresses.
-        "meta nfproto ipv4 iifname . ip saddr != @saddr4 drop",
-        "meta nfproto ipv6 iifname . ip6 saddr != @saddr6 drop",
+        dropped("meta nfproto ipv4 iifname . ip saddr != @saddr4", "spoofed-source", "drop"),
+        dropped("meta nfproto ipv6 iifname . ip6 saddr != @saddr6", "spoofed-source", "drop"),
         # Invalid packets are not NATed and would leak container addresses upstream.
-        "ct state invalid drop",
+        dropped("ct state invalid", "invalid", "drop"),
         # With nf_conntrack_tcp_loose=1 a mid-stream packet re-creates a reclaimed
         # flow's conntrack entry (and masquerade picks the same port again): a TCP
         # flow may only start with a SYN.
-        "meta l4proto tcp ct state new tcp flags & (fin | syn | rst | ack) != syn jump refuse",
+        dropped("meta l4proto tcp ct state new tcp flags & (fin | syn | rst | ack) != syn", "tcp-without-flow"),
         # No container reaches another (C1).
-        "oifname @ifaces jump refuse",
+        dropped("oifname @ifaces", "container-to-container"),
         f'meta l4proto tcp ct state new ct timeout set "{tcp_obj}"',
         f'meta l4proto udp ct state new ct timeout set "{udp_obj}"',
         "jump egress_policy",
@@ -93,11 +99,11 @@ def _from_container(idle_timeout: int) -> list[str]:
 
 REGULAR_CHAINS: dict[str, list[str]] = {
     # Only replies to the container's own flows, and ICMP errors about them, get in (C2).
-    "to_container": ["ct state established,related accept", "drop"],
+    "to_container": ["ct state established,related accept", dropped("", "inbound", "drop").lstrip()],
     # The node is not a service for containers: nothing but neighbour discovery.
-    "container_to_node": [_ND, "jump refuse"],
+    "container_to_node": [_ND, dropped("", "container-to-node").lstrip()],
     "refuse": _REJECT,
-    "node_to_container": [_ND, "ct state established,related accept", "drop"],
+    "node_to_container": [_ND, "ct state established,related accept", dropped("", "node-to-container", "drop").lstrip()],
 }
 
 

@@ -38,6 +38,7 @@ class AgentConfig:
     run_dir: str = "/run/sockgate"
     policy_file: str = "/etc/sockgate/policy.json"
     ready_file: str = ""
+    metrics_address: str = "127.0.0.1:9464"
     components: list[tuple[str, Callable[["AgentConfig"], Component]]] = field(default_factory=list)
 
 
@@ -58,6 +59,8 @@ def setup_logging() -> None:
 
 
 class _Handler(socketserver.StreamRequestHandler):
+    observe: Callable[[str, int, float], None] = staticmethod(lambda command, rc, seconds: None)
+
     def handle(self) -> None:
         started = time.monotonic()
         raw = self.rfile.read(MAX_REQUEST_BYTES)
@@ -72,6 +75,7 @@ class _Handler(socketserver.StreamRequestHandler):
             return
         rc, out = execute(env, stdin)
         self.wfile.write(json.dumps({"rc": rc, "stdout": out}).encode())
+        self.observe(env.get("CNI_COMMAND", "?"), rc, time.monotonic() - started)
         log.info("%s %s/%s rc=%d in %.1f ms", env.get("CNI_COMMAND"), env.get("CNI_CONTAINERID", ""),
                  env.get("CNI_IFNAME", ""), rc, (time.monotonic() - started) * 1000)
 
@@ -115,7 +119,27 @@ def _bind(path: Path) -> _Server:
         os.umask(old)
 
 
-def run_agent(cfg: AgentConfig) -> int:
+def _start_metrics(cfg: AgentConfig, reclaims: Callable[[], dict] | None) -> None:
+    if not cfg.metrics_address:
+        return
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from runtime.metrics import SockgateCollector, serve
+    registry = CollectorRegistry()
+    requests = Counter("sockgate_cni_requests", "CNI requests served by the agent", ["command", "result"],
+                       registry=registry)
+    latency = Histogram("sockgate_cni_request_seconds", "Time to serve a CNI request", ["command"],
+                        registry=registry, buckets=(.005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
+
+    def observe(command: str, rc: int, seconds: float) -> None:
+        requests.labels(command, "ok" if rc == 0 else "error").inc()
+        latency.labels(command).observe(seconds)
+
+    _Handler.observe = staticmethod(observe)
+    serve(cfg.metrics_address, SockgateCollector(cfg.state_dir, reclaims), registry)
+
+
+def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -130,6 +154,7 @@ def run_agent(cfg: AgentConfig) -> int:
         thread = threading.Thread(target=_guarded, args=(name, component, background), name=name)
         thread.start()
         workers.append(thread)
+    _start_metrics(cfg, reclaims)
     serving = threading.Thread(target=server.serve_forever, name="rpc", kwargs={"poll_interval": 0.2})
     serving.start()
     if cfg.ready_file:

@@ -48,6 +48,14 @@ class Network:
         return locked(self.root / "lock")
 
 
+def all_attachments(state_dir: str) -> list[Attachment]:
+    """Every attachment of every network under a state dir."""
+    root = Path(state_dir) / "networks"
+    if not root.is_dir():
+        return []
+    return [att for net in sorted(root.iterdir()) for att in AttachmentStore(net / "attachments").all()]
+
+
 def _endpoint(att: Attachment) -> Endpoint | None:
     return Endpoint(att.host_ifname, att.ipv4, att.ipv6) if att.ipv4 and att.ipv6 else None
 

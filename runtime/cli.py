@@ -24,7 +24,7 @@ def _agent(args: argparse.Namespace) -> int:
     from runtime.policy_watch import PolicyKeeper
     setup_logging()
     cfg = AgentConfig(state_dir=args.state_dir, run_dir=args.run_dir, policy_file=args.policy,
-                      ready_file=args.ready_file)
+                      ready_file=args.ready_file, metrics_address=args.metrics_address)
     cfg.components.append(("policy", lambda c: PolicyKeeper(c.policy_file, c.state_dir)))
     cfg.components.append(("reaper", lambda c: _reaper()))
     return run_agent(cfg)
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime dir; must match the CNI config's runDir (default: %(default)s)")
     p.add_argument("--policy", default="/etc/sockgate/policy.json", help="policy file (default: %(default)s)")
     p.add_argument("--ready-file", default="", help="write the agent's pid here once it serves requests")
+    p.add_argument("--metrics-address", default="127.0.0.1:9464",
+                   help="Prometheus endpoint host:port, loopback by default; empty to disable "
+                        "(default: %(default)s)")
     p.set_defaults(func=_agent)
 
     p = sub.add_parser("demo", help="show the sandbox on a throwaway lab (needs root)",

@@ -98,6 +98,25 @@ def counters(set_name: str) -> dict[str, tuple[int, int]]:
     return out
 
 
+def drop_counters() -> dict[str, tuple[int, int]]:
+    """(packets, bytes) refused or dropped per reason, summed over the rules whose
+    comment is "drop:<reason>"."""
+    proc = _quiet("-j", "list", "table", FAMILY, TABLE)
+    out: dict[str, tuple[int, int]] = {}
+    if proc.returncode != 0:
+        return out
+    for item in json.loads(proc.stdout).get("nftables", []):
+        rule = item.get("rule")
+        if not rule or not str(rule.get("comment", "")).startswith("drop:"):
+            continue
+        reason = rule["comment"][5:]
+        for expr in rule.get("expr", []):
+            if isinstance(expr, dict) and isinstance(expr.get("counter"), dict):
+                p, b = out.get(reason, (0, 0))
+                out[reason] = (p + expr["counter"]["packets"], b + expr["counter"]["bytes"])
+    return out
+
+
 def prefixes(set_name: str) -> list[str]:
     """The CIDRs in an interval set of single-type elements (e.g. pools4), as text."""
     proc = _quiet("-j", "list", "set", FAMILY, TABLE, set_name)

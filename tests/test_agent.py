@@ -97,3 +97,25 @@ def test_agent_reapplies_a_changed_policy_and_keeps_the_old_one_on_error(plugin,
     while not lab.probe(ns, "tcp", LAB.cloud_v4, 443, timeout=1.0).ok:
         assert time.monotonic() < deadline
         time.sleep(0.3)
+
+
+def test_metrics_on_loopback(plugin, agent, app, lab):
+    import sys
+    ns = app()
+    plugin.add("metered", ns, cni_args="IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0")
+    assert lab.probe(ns, "tcp", LAB.public_v4, 9000, payload=b"x" * 1000).ok
+    assert not lab.probe(ns, "tcp", LAB.google_v4, 443, timeout=1.0).ok
+    scrape = lab.run(lab.node, [sys.executable, "-c", "import urllib.request; print(urllib.request.urlopen("
+                                "'http://127.0.0.1:9464/metrics', timeout=5).read().decode())"]).stdout
+    tx = [line for line in scrape.splitlines() if line.startswith("sockgate_tx_bytes_total{")
+          and 'container_id="metered"' in line]
+    assert tx and 'pod_name="web-0"' in tx[0] and float(tx[0].split()[-1]) > 1000
+    drops = {line.split('"')[1]: float(line.split()[-1]) for line in scrape.splitlines()
+             if line.startswith("sockgate_policy_drops_total{")}
+    assert drops.get("blocked-range", 0) >= 1
+    assert "sockgate_attachments 1.0" in scrape and "sockgate_agent_up 1.0" in scrape
+    assert 'sockgate_cni_requests_total{command="ADD",result="ok"} 1.0' in scrape
+    # Loopback only: the node's uplink address does not answer.
+    outside = lab.run(lab.internet, [sys.executable, "-c", "import urllib.request; urllib.request.urlopen("
+                                     f"'http://{LAB.node_uplink_v4}:9464/metrics', timeout=2)"], check=False)
+    assert outside.returncode != 0

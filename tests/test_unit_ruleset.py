@@ -9,7 +9,7 @@ def test_render_is_deterministic_and_idempotent_in_form():
     for chain in ("forward", "input", "output", "postrouting", "from_container", "egress_policy"):
         assert f"flush chain inet sockgate {chain}\n" in text
     assert "masquerade fully-random" in text
-    assert "ct state invalid drop" in text
+    assert "ct state invalid counter drop" in text
 
 
 def test_policy_plugs_into_egress_chain():

@@ -1,0 +1,657 @@
+"""Billing: the nft accounting counters of every attachment, turned into an append-only
+JSON Lines ledger (schema in README, "Billing").
+
+Exactness rests on one idea: the ledger itself is the checkpoint. Every record carries
+the cumulative kernel counters it was computed from, so "what was already billed" for
+an attachment is its last record in the files, nothing else. A record that reached
+the disk (complete line, fsynced) advanced the checkpoint; a record that didn't (crash
+before or during the write) didn't, and the same bytes are billed by the next record.
+Nothing is lost and nothing is billed twice, whenever a process dies.
+
+- One writer at a time: every append holds an flock on `billing.lock`, and the kernel
+  counters are read *under* that lock, so two processes (the agent's periodic flush
+  and a plugin running DEL) can't interleave a read with the other's append.
+- A torn last line (kill -9 or ENOSPC during the write) is cut off before the next
+  append; it was never billed, so its bytes are billed again by the next record.
+- `checkpoint.json` caches the last record of each attachment and names the byte
+  offset of the ledger it reflects (file inode, offset, a hash of the bytes before
+  it). It is only a cache: a reader catches up from that offset, and rebuilds from
+  all files when the cache is missing or doesn't match them.
+- Files: `billing.jsonl` is appended to; when it would pass the size limit, or the
+  UTC day changed since its first record, it is renamed to
+  `billing-<first record's end, YYYYMMDDTHHMMSSZ>.jsonl` and never written again.
+
+Stdlib only (plus runtime.nft, which runs the `nft` command): the CNI plugin runs a
+final record in-process at DEL.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from netpolicy.ruleset import FAMILY, TABLE
+from runtime.errors import IO_FAILURE, KERNEL_FAILURE, SockgateError
+from runtime.fsutil import atomic_write_json, fsync_dir, locked, read_json
+from runtime.store import READY, Attachment, AttachmentStore
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+CURRENT = "billing.jsonl"
+ROTATED_PREFIX = "billing-"
+CHECKPOINT = "checkpoint.json"
+LOCK = "billing.lock"
+DEFAULT_MAX_BYTES = 64 << 20
+DEFAULT_INTERVAL = 60.0
+# Labels copied from the attachment into every record, when known.
+LABELS = ("pod_namespace", "pod_name", "pod_uid", "container_name")
+_TAIL = 64  # bytes hashed in the cache to recognise the ledger offset it reflects
+
+
+# --- time --------------------------------------------------------------------------
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def fmt_time(t: dt.datetime) -> str:
+    """UTC, ISO 8601, milliseconds, "Z": 2024-05-01T12:00:00.123Z."""
+    t = t.astimezone(dt.timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+def parse_time(text: str) -> dt.datetime:
+    """ISO 8601; a time without a zone is UTC."""
+    t = dt.datetime.fromisoformat(text.strip().replace("z", "Z"))
+    return t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t.astimezone(dt.timezone.utc)
+
+
+# --- counters ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Counters:
+    """Cumulative counters of one attachment's set elements (acct_tx, acct_rx)."""
+
+    tx_bytes: int = 0
+    tx_packets: int = 0
+    rx_bytes: int = 0
+    rx_packets: int = 0
+
+    @classmethod
+    def of_record(cls, rec: Mapping[str, Any]) -> Counters:
+        return cls(*(int(rec[f"counter_{f}"]) for f in FIELDS))
+
+    def __bool__(self) -> bool:
+        return any(dataclasses.astuple(self))
+
+
+FIELDS = ("tx_bytes", "tx_packets", "rx_bytes", "rx_packets")
+ZERO = Counters()
+
+
+def _list_counter_set(name: str) -> dict[str, tuple[int, int]] | None:
+    proc = subprocess.run(["nft", "-j", "list", "set", FAMILY, TABLE, name], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    out = {}
+    for item in json.loads(proc.stdout).get("nftables", []):
+        for elem in item.get("set", {}).get("elem", []):
+            if isinstance(elem, dict) and "elem" in elem:
+                c = elem["elem"].get("counter", {})
+                out[str(elem["elem"]["val"])] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
+    return out
+
+
+def kernel_counters() -> dict[str, Counters]:
+    """{host veth: Counters} for every element present in both acct_tx and acct_rx,
+    read in this process' netns (the node's). No table: {}. A table whose sets can't
+    be read is an error: "no counters" must never be mistaken for "nothing sent"."""
+    tx, rx = _list_counter_set("acct_tx"), _list_counter_set("acct_rx")
+    if tx is None or rx is None:
+        probe = subprocess.run(["nft", "list", "table", FAMILY, TABLE], capture_output=True, text=True)
+        if probe.returncode != 0 and "No such file" in probe.stderr:
+            return {}
+        raise SockgateError(KERNEL_FAILURE, "cannot read the accounting counters",
+                            (probe.stderr or "nft list set acct_tx/acct_rx failed").strip().splitlines()[0])
+    return {name: Counters(tb, tp, rx[name][1], rx[name][0])
+            for name, (tp, tb) in tx.items() if name in rx}
+
+
+# --- records -----------------------------------------------------------------------
+
+def attachment_key(att: Attachment) -> str:
+    """Identifies one attachment's life: a re-created attachment with the same ids has
+    another `created`, hence another key and counters of its own."""
+    return f"{att.network}/{att.container_id}/{att.ifname}/{att.created}"
+
+
+def _valid(rec: Any) -> bool:
+    return (isinstance(rec, dict) and isinstance(rec.get("attachment"), str) and isinstance(rec.get("seq"), int)
+            and all(isinstance(rec.get(f"counter_{f}"), int) for f in FIELDS))
+
+
+def _parse_line(line: bytes) -> dict | None:
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if _valid(rec) else None
+
+
+def _encode(rec: dict) -> bytes:
+    return (json.dumps(rec, separators=(",", ":"), ensure_ascii=True) + "\n").encode()
+
+
+def _delta(cur: int, base: int) -> tuple[int, bool]:
+    """(delta, reset): a counter below its checkpoint was re-created and counts from 0."""
+    return (cur, True) if cur < base else (cur - base, False)
+
+
+# --- the ledger --------------------------------------------------------------------
+
+class Session:
+    """One locked read-modify-append of the ledger (see Ledger.session). `marks` holds
+    the last record of each attachment key: the billing checkpoint."""
+
+    def __init__(self, ledger: Ledger, marks: dict[str, dict], now: dt.datetime) -> None:
+        self.ledger = ledger
+        self.marks = marks
+        self.now = now
+        self.pending: list[dict] = []
+        self.dirty = False  # marks differ from the cache on disk
+
+    def bill(self, att: Attachment, cur: Counters | None, *, final: bool = False) -> dict | None:
+        """Queue the record of `att` for the interval since its last record. Periodic
+        (final=False): only when something moved. Final: always, once the attachment
+        carried traffic or was billed before. cur None: the elements are gone."""
+        key = attachment_key(att)
+        mark = self.marks.get(key)
+        notes: dict[str, bool] = {}
+        base = Counters.of_record(mark) if mark else ZERO
+        if cur is None:
+            # No elements: nothing to read. A final record still closes a billed key.
+            if not final or mark is None or mark.get("final"):
+                return None
+            cur, notes["counters_missing"] = base, True
+        if mark and mark.get("final"):
+            if cur == base:
+                return None  # the deleted link's frozen counters (a repeated DEL): billed already
+            # Counters moved after a final record: the same key (same ids, `created`
+            # in the same second) got a new element, which counts from zero.
+            base, notes["counter_reset"] = ZERO, True
+        deltas = {}
+        for f in FIELDS:
+            deltas[f], reset = _delta(getattr(cur, f), getattr(base, f))
+            if reset:
+                notes["counter_reset"] = True
+        if not any(deltas.values()) and not (final and (mark is not None or cur)):
+            return None
+        start = mark["end"] if mark else (fmt_time(parse_time(att.created)) if att.created else fmt_time(self.now))
+        end = fmt_time(max(self.now, parse_time(start)))  # a clock step back never makes end < start
+        rec: dict[str, Any] = {"v": SCHEMA_VERSION, "attachment": key, "seq": (mark["seq"] + 1) if mark else 1,
+                               "start": start, "end": end, "node": self.ledger.node,
+                               "network": att.network, "container_id": att.container_id, "ifname": att.ifname,
+                               "netns": att.netns, "host_ifname": att.host_ifname, "attachment_created": att.created}
+        rec.update({k: att.labels[k] for k in LABELS if att.labels.get(k)})
+        rec.update(deltas)
+        rec.update({f"counter_{f}": getattr(cur, f) for f in FIELDS})
+        rec["final"] = final
+        rec.update(notes)
+        self._queue(rec)
+        return rec
+
+    def close(self, key: str) -> dict | None:
+        """Final record for a key whose attachment is gone without one (its DEL ran with
+        billing off, or its record vanished): zero delta, the last counters again."""
+        mark = self.marks.get(key)
+        if mark is None or mark.get("final"):
+            return None
+        rec = dict(mark, seq=mark["seq"] + 1, start=mark["end"], node=self.ledger.node, final=True,
+                   counters_missing=True, **{f: 0 for f in FIELDS})
+        rec.pop("counter_reset", None)
+        rec["end"] = fmt_time(max(self.now, parse_time(rec["start"])))
+        self._queue(rec)
+        return rec
+
+    def forget(self, key: str) -> None:
+        """Drop a finished key from the checkpoint cache (the files keep its records)."""
+        if self.marks.pop(key, None) is not None:
+            self.dirty = True
+
+    def _queue(self, rec: dict) -> None:
+        self.pending.append(rec)
+        self.marks[rec["attachment"]] = rec
+
+
+@dataclass
+class _Snapshot:
+    name: str
+    fd: int
+    size: int
+
+
+class Ledger:
+    """The billing files in one directory. See the module docstring."""
+
+    def __init__(self, directory: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                 clock: Callable[[], dt.datetime] = utcnow, node: str | None = None) -> None:
+        self.dir = Path(directory)
+        self.max_bytes = max_bytes
+        self.clock = clock
+        self.node = node or socket.gethostname()
+        self.current = self.dir / CURRENT
+        self.cache_path = self.dir / CHECKPOINT
+
+    # --- files ---
+    def rotated(self) -> list[Path]:
+        return sorted(p for p in self.dir.glob(f"{ROTATED_PREFIX}*.jsonl") if p.is_file())
+
+    def files(self) -> list[Path]:
+        """Every ledger file, rotated ones first (oldest name first), then the current."""
+        return self.rotated() + ([self.current] if self.current.exists() else [])
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """Lock, load the checkpoint (repairing a torn tail, catching up or rebuilding
+        the cache), yield; on a clean exit append the queued records in one write,
+        fsync, then refresh the cache. On an exception nothing is appended."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with locked(self.dir / LOCK):
+            marks, dirty = self._load()
+            s = Session(self, marks, self.clock())
+            s.dirty = dirty
+            yield s
+            if s.pending:
+                self._append(s.pending, s.marks)
+            elif s.dirty:
+                self._save_cache(s.marks)
+
+    # --- reading ---
+    @staticmethod
+    def _read_lines(path: Path, offset: int = 0, size: int | None = None, fd: int | None = None) -> Iterator[dict]:
+        """Complete, valid records of a file from `offset`; an unterminated last line
+        (an append in progress, or torn) is not a record."""
+        own = fd is None
+        if own:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                return
+        try:
+            end = os.fstat(fd).st_size if size is None else size
+            pos, rest = offset, b""
+            while pos < end:
+                chunk = os.pread(fd, min(1 << 20, end - pos), pos)
+                if not chunk:
+                    break
+                pos += len(chunk)
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                for line in lines:
+                    rec = _parse_line(line)
+                    if rec is not None:
+                        yield rec
+                    elif line.strip():
+                        log.warning("billing: skipping an unreadable line in %s", path)
+        finally:
+            if own:
+                os.close(fd)
+
+    def records(self) -> Iterator[dict]:
+        """Every record of every file, as of one consistent moment: the files are
+        opened under the lock (a rotation can't slip between listing and reading),
+        then read without it."""
+        snaps: list[_Snapshot] = []
+        if not self.dir.is_dir():
+            return
+        try:
+            with locked(self.dir / LOCK):
+                for path in self.files():
+                    fd = os.open(path, os.O_RDONLY)
+                    snaps.append(_Snapshot(str(path), fd, os.fstat(fd).st_size))
+            for snap in snaps:
+                yield from self._read_lines(Path(snap.name), 0, snap.size, snap.fd)
+        finally:
+            for snap in snaps:
+                os.close(snap.fd)
+
+    # --- checkpoint ---
+    @staticmethod
+    def _apply(marks: dict[str, dict], rec: dict) -> None:
+        old = marks.get(rec["attachment"])
+        if old is None or rec["seq"] > old["seq"]:
+            marks[rec["attachment"]] = rec
+
+    def _tail_hash(self, fd: int, offset: int) -> str:
+        start = max(0, offset - _TAIL)
+        return hashlib.sha256(os.pread(fd, offset - start, start)).hexdigest()
+
+    def _load(self) -> tuple[dict[str, dict], bool]:
+        """(marks, dirty). Caller holds the lock."""
+        self._repair_tail()
+        cache = read_json(self.cache_path) if self.cache_path.exists() else None
+        caught = self._catch_up(cache) if isinstance(cache, dict) and cache.get("version") == SCHEMA_VERSION else None
+        if caught is not None:
+            return caught
+        if cache is not None or self.files():
+            log.warning("billing: checkpoint cache in %s missing or stale; rebuilding it from the files", self.dir)
+        marks = {}
+        for path in self.files():
+            for rec in self._read_lines(path):
+                self._apply(marks, rec)
+        return marks, True
+
+    def _catch_up(self, cache: dict) -> tuple[dict[str, dict], bool] | None:
+        """The cached marks plus every record appended after the cached offset, or
+        None when the cache doesn't describe these files."""
+        try:
+            marks = {k: v for k, v in cache["marks"].items() if _valid(v)}
+            ino, offset, tail = int(cache["file"]["ino"]), int(cache["file"]["offset"]), cache["file"]["tail"]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+        chain: list[Path] = []
+        if self.current.exists() and self.current.stat().st_ino == ino:
+            chain = [self.current]
+        else:
+            # Rotated after the cache was written (crash before the refresh).
+            owner = next((p for p in self.rotated() if p.stat().st_ino == ino), None)
+            if owner is None:
+                return None
+            chain = [owner] + ([self.current] if self.current.exists() else [])
+        with open(chain[0], "rb") as fh:
+            if os.fstat(fh.fileno()).st_size < offset or self._tail_hash(fh.fileno(), offset) != tail:
+                return None
+        dirty = False
+        for i, path in enumerate(chain):
+            for rec in self._read_lines(path, offset if i == 0 else 0):
+                self._apply(marks, rec)
+                dirty = True
+        return marks, dirty
+
+    def _save_cache(self, marks: dict[str, dict]) -> None:
+        try:
+            fd = os.open(self.current, os.O_RDONLY | os.O_CREAT, 0o600)
+            try:
+                st = os.fstat(fd)
+                where = {"name": CURRENT, "ino": st.st_ino, "offset": st.st_size,
+                         "tail": self._tail_hash(fd, st.st_size)}
+            finally:
+                os.close(fd)
+            atomic_write_json(self.cache_path, {"version": SCHEMA_VERSION, "file": where, "marks": marks})
+        except OSError:
+            # Only a cache: the next session catches up from the older one, or rebuilds.
+            log.exception("billing: cannot write the checkpoint cache %s", self.cache_path)
+
+    # --- writing ---
+    def _repair_tail(self) -> None:
+        """Cut an unterminated or unreadable last line of the current file: the write
+        that made it died (kill -9, ENOSPC, power loss), so it was never billed."""
+        try:
+            fd = os.open(self.current, os.O_RDWR)
+        except FileNotFoundError:
+            return
+        try:
+            size = os.fstat(fd).st_size
+            end = size
+            while end > 0:
+                start = _line_start(fd, end)
+                line = os.pread(fd, end - start, start)
+                if line.endswith(b"\n") and _parse_line(line) is not None:
+                    break
+                end = start
+            if end < size:
+                log.warning("billing: cutting a torn tail of %d bytes from %s (not billed; billed again next)",
+                            size - end, self.current)
+                os.ftruncate(fd, end)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _first_record(self) -> dict | None:
+        try:
+            with open(self.current, "rb") as fh:
+                return _parse_line(fh.readline())
+        except FileNotFoundError:
+            return None
+
+    def _maybe_rotate(self, incoming: int, now: dt.datetime) -> None:
+        try:
+            size = self.current.stat().st_size
+        except FileNotFoundError:
+            return
+        if size == 0:
+            return
+        first = self._first_record()
+        first_end = parse_time(first["end"]) if first and isinstance(first.get("end"), str) else now
+        if size + incoming <= self.max_bytes and first_end.date() == now.date():
+            return
+        stem = ROTATED_PREFIX + first_end.strftime("%Y%m%dT%H%M%SZ")
+        target, n = self.dir / f"{stem}.jsonl", 0
+        while target.exists():  # never overwrite a rotated file
+            n += 1
+            target = self.dir / f"{stem}-{n}.jsonl"
+        os.rename(self.current, target)
+        fsync_dir(self.dir)
+        log.info("billing: rotated %s to %s", self.current, target.name)
+
+    def _append(self, recs: list[dict], marks: dict[str, dict]) -> None:
+        data = b"".join(_encode(r) for r in recs)
+        now = self.clock()
+        self._maybe_rotate(len(data), now)
+        created = not self.current.exists()
+        fd = os.open(self.current, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            view = memoryview(data)
+            while view:  # one write() in practice; a short one is torn until finished
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            fsync_dir(self.dir)
+        self._save_cache(marks)
+
+
+def _line_start(fd: int, end: int) -> int:
+    """Offset of the first byte of the line ending at `end` (exclusive; the byte at
+    end-1 may be that line's own newline)."""
+    pos = end - 1
+    while pos > 0:
+        lo = max(0, pos - 65536)
+        chunk = os.pread(fd, pos - lo, lo)
+        i = chunk.rfind(b"\n")
+        if i >= 0:
+            return lo + i + 1
+        pos = lo
+    return 0
+
+
+# --- what the node runs ----------------------------------------------------------
+
+def default_billing_dir(state_dir: str | os.PathLike) -> str:
+    return os.path.join(str(state_dir), "billing")
+
+
+def billing_dir_of(conf: Any) -> str:
+    """A network config's billing dir: billingDir, else <stateDir>/billing; "" = off."""
+    return conf.billing_dir if conf.billing_dir is not None else default_billing_dir(conf.state_dir)
+
+
+def _attachments(state_dir: str | os.PathLike) -> tuple[set[str], list[Attachment]]:
+    """(networks whose attachment records were all readable, every readable record)."""
+    complete, out = set(), []
+    root = Path(state_dir) / "networks"
+    for net_dir in sorted(root.iterdir()) if root.is_dir() else []:
+        ok = True
+        for path in sorted((net_dir / "attachments").glob("*.json")):
+            try:
+                data = read_json(path)
+                if data:
+                    out.append(Attachment(**data))
+            except (OSError, ValueError, TypeError):
+                log.warning("billing: unreadable attachment record %s", path)
+                ok = False
+        if ok:
+            complete.add(net_dir.name)
+    return complete, out
+
+
+def flush(state_dir: str | os.PathLike, billing_dir: str | os.PathLike | None = None, *,
+          ledger: Ledger | None = None,
+          read_counters: Callable[[], Mapping[str, Counters]] = kernel_counters) -> list[dict]:
+    """One record per attachment under state_dir whose counters moved since its last
+    record; also closes keys whose attachment vanished without a final record, and
+    drops finished keys from the checkpoint cache. Returns the records written."""
+    ledger = ledger or Ledger(billing_dir or default_billing_dir(state_dir))
+    with ledger.session() as s:
+        networks, atts = _attachments(state_dir)
+        counters = read_counters()
+        live = set()
+        for att in atts:
+            if att.created:  # no `created`, no key (never written by this version)
+                live.add(attachment_key(att))
+                s.bill(att, counters.get(att.host_ifname))
+        for key, mark in list(s.marks.items()):
+            if key in live or mark.get("network") not in networks:
+                continue
+            # Its record is gone, so its DEL finished: nothing can count for it again.
+            if mark.get("final"):
+                s.forget(key)
+            else:
+                log.warning("billing: %s ended without a final record; closing it", key)
+                s.close(key)
+    return s.pending
+
+
+def final_record(conf: Any, att: Attachment, *,
+                 read_counters: Callable[[], Mapping[str, Counters]] = kernel_counters) -> dict | None:
+    """The last record of an attachment, at DEL, after its link is gone (no more
+    packets) and before its elements (and their counters) are. Raises when it can't
+    be written, so DEL fails and the runtime's retry bills it; only a failed ADD's
+    rollback (state not ready) goes on without it."""
+    directory = billing_dir_of(conf)
+    if not directory:
+        return None
+    if not att.created:
+        return None  # rebuilt without its record (see attach._orphan): nothing to key it by
+    try:
+        with Ledger(directory).session() as s:
+            return s.bill(att, read_counters().get(att.host_ifname), final=True)
+    except (OSError, ValueError, SockgateError) as exc:
+        if att.state != READY:
+            log.warning("billing: no final record for %s (rollback): %s", attachment_key(att), exc)
+            return None
+        if isinstance(exc, SockgateError):
+            raise
+        raise SockgateError(IO_FAILURE, "cannot write the final billing record",
+                            f"{directory}: {exc}") from exc
+
+
+class BillingFlusher:
+    """Flushes every `interval` seconds (on wall-clock multiples of it, so records of
+    all attachments share their boundaries) and once more when `stop` is set. The
+    node agent runs it in a thread; each flush is one locked session, so a kill -9
+    at any moment loses nothing (see the module docstring)."""
+
+    def __init__(self, state_dir: str | os.PathLike, billing_dir: str | os.PathLike | None = None,
+                 interval: float = DEFAULT_INTERVAL, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                 clock: Callable[[], dt.datetime] = utcnow,
+                 read_counters: Callable[[], Mapping[str, Counters]] = kernel_counters) -> None:
+        if interval <= 0:
+            raise ValueError(f"billing interval must be positive, got {interval}")
+        self.state_dir = str(state_dir)
+        self.ledger = Ledger(billing_dir or default_billing_dir(state_dir), max_bytes=max_bytes, clock=clock)
+        self.interval = interval
+        self.read_counters = read_counters
+        self.errors = 0
+
+    def flush(self) -> list[dict]:
+        return flush(self.state_dir, ledger=self.ledger, read_counters=self.read_counters)
+
+    def _flush_logged(self) -> None:
+        try:
+            written = self.flush()
+            log.debug("billing: %d record(s) written", len(written))
+        except Exception:  # retried next interval: nothing is lost meanwhile
+            self.errors += 1
+            log.exception("billing: flush failed; retrying next interval")
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval - (time.time() % self.interval)):
+            self._flush_logged()
+        self._flush_logged()  # at shutdown
+
+
+# --- reading it back -------------------------------------------------------------
+
+GROUPINGS = ("pod", "container", "attachment")
+
+
+def group_of(rec: Mapping[str, Any], by: str) -> str:
+    if by == "attachment":
+        return rec["attachment"]
+    if by == "pod" and rec.get("pod_name"):
+        return f"{rec.get('pod_namespace', '')}/{rec['pod_name']}"
+    if by == "pod" and rec.get("container_name"):
+        return rec["container_name"]
+    return str(rec.get("container_id", ""))
+
+
+@dataclass
+class ReportRow:
+    group: str
+    tx_bytes: int = 0
+    tx_packets: int = 0
+    rx_bytes: int = 0
+    rx_packets: int = 0
+    records: int = 0
+
+
+def report(records: Iterable[Mapping[str, Any]], *, by: str = "pod", since: dt.datetime | None = None,
+           until: dt.datetime | None = None) -> tuple[list[ReportRow], int]:
+    """Sums per group of the records whose interval ends in (since, until]. Returns
+    the rows (sorted by group) and how many duplicate (attachment, seq) records were
+    ignored (always 0 for a ledger written by this module)."""
+    if by not in GROUPINGS:
+        raise ValueError(f"unknown grouping {by!r}")
+    rows: dict[str, ReportRow] = {}
+    seen: set[tuple[str, int]] = set()
+    dups = 0
+    for rec in records:
+        ident = (rec["attachment"], rec["seq"])
+        if ident in seen:
+            dups += 1
+            continue
+        seen.add(ident)
+        end = parse_time(rec["end"])
+        if (since is not None and end <= since) or (until is not None and end > until):
+            continue
+        row = rows.setdefault(group_of(rec, by), ReportRow(group_of(rec, by)))
+        for f in FIELDS:
+            setattr(row, f, getattr(row, f) + int(rec.get(f, 0)))
+        row.records += 1
+    return [rows[g] for g in sorted(rows)], dups
+
+
+def format_report(rows: list[ReportRow], by: str) -> str:
+    total = ReportRow("total")
+    for row in rows:
+        for f in (*FIELDS, "records"):
+            setattr(total, f, getattr(total, f) + getattr(row, f))
+    head = (by, *FIELDS, "records")
+    table = [head] + [(r.group, *(str(getattr(r, f)) for f in (*FIELDS, "records"))) for r in [*rows, total]]
+    widths = [max(len(line[i]) for line in table) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in table)

@@ -1,0 +1,63 @@
+"""Prometheus metrics of the agent, read from the kernel at scrape time: per-attachment
+bytes and packets (the same counters billing reads), policy drops by reason, idle
+reclaims, attachments. Served on loopback by default."""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from runtime import nft
+from runtime.attach import all_attachments
+
+log = logging.getLogger(__name__)
+_ATT_LABELS = ["network", "container_id", "ifname", "pod_namespace", "pod_name", "container_name"]
+
+
+class SockgateCollector:
+    def __init__(self, state_dir: str, reclaims: Callable[[], dict[tuple[str, str, str], int]] | None = None):
+        self.state_dir = state_dir
+        self.reclaims = reclaims
+
+    def collect(self) -> Iterator[Metric]:
+        atts = all_attachments(self.state_dir)
+        yield GaugeMetricFamily("sockgate_attachments", "Containers attached on this node", value=len(atts))
+        tx, rx = nft.counters("acct_tx"), nft.counters("acct_rx")
+        families = {
+            name: CounterMetricFamily(f"sockgate_{name}", help_text, labels=_ATT_LABELS)
+            for name, help_text in (
+                ("tx_bytes", "IP bytes a container sent out of the node (billed as outgoing bandwidth)"),
+                ("tx_packets", "IP packets a container sent out of the node"),
+                ("rx_bytes", "IP bytes delivered to a container"),
+                ("rx_packets", "IP packets delivered to a container"))}
+        for att in atts:
+            labels = [att.network, att.container_id, att.ifname, att.labels.get("pod_namespace", ""),
+                      att.labels.get("pod_name", ""), att.labels.get("container_name", "")]
+            tp, tb = tx.get(att.host_ifname, (0, 0))
+            rp, rb = rx.get(att.host_ifname, (0, 0))
+            for name, value in (("tx_bytes", tb), ("tx_packets", tp), ("rx_bytes", rb), ("rx_packets", rp)):
+                families[name].add_metric(labels, value)
+        yield from families.values()
+        drops = CounterMetricFamily("sockgate_policy_drops", "Packets refused or dropped, by reason",
+                                    labels=["reason"])
+        for reason, (packets, _) in sorted(nft.drop_counters().items()):
+            drops.add_metric([reason], packets)
+        yield drops
+        reclaims = CounterMetricFamily("sockgate_reclaims", "Idle flows reclaimed",
+                                       labels=["network", "container_id", "ifname"])
+        for key, count in sorted((self.reclaims() if self.reclaims else {}).items()):
+            reclaims.add_metric(list(key), count)
+        yield reclaims
+        yield GaugeMetricFamily("sockgate_agent_up", "1 while the agent serves", value=1)
+
+
+def serve(address: str, collector: SockgateCollector, registry: CollectorRegistry | None = None):
+    """address is "host:port"; loopback unless the operator says otherwise."""
+    host, _, port = address.rpartition(":")
+    registry = registry or CollectorRegistry()
+    registry.register(collector)
+    server, thread = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
+    log.info("metrics on http://%s/metrics", address)
+    return registry, server
