@@ -85,6 +85,10 @@ def _from_container(idle_timeout: int) -> list[str]:
         dropped("meta nfproto ipv6 iifname . ip6 saddr != @saddr6", "spoofed-source", "drop"),
         # Invalid packets are not NATed and would leak container addresses upstream.
         dropped("ct state invalid", "invalid", "drop"),
+        # The policy decides a flow's first packet; the rest of an accepted flow only
+        # needs anti-spoofing (above). This keeps the per-packet cost to two lookups.
+        # (A policy change applies to new flows; established ones keep going.)
+        "ct state established accept",
         # With nf_conntrack_tcp_loose=1 a mid-stream packet re-creates a reclaimed
         # flow's conntrack entry (and masquerade picks the same port again): a TCP
         # flow may only start with a SYN.

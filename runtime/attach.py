@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from netpolicy.ruleset import Endpoint
-from runtime import netns, nft, policy
+from runtime import billing, netns, nft, policy
 from runtime.errors import (ALREADY_ATTACHED, CHECK_FAILED, NOT_AVAILABLE, SockgateError)
 from runtime.fsutil import locked
 from runtime.ipam import LeaseStore, Owner

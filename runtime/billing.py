@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from netpolicy.ruleset import FAMILY, TABLE
 from runtime.errors import IO_FAILURE, KERNEL_FAILURE, SockgateError
 from runtime.fsutil import atomic_write_json, fsync_dir, locked, read_json
-from runtime.store import READY, Attachment, AttachmentStore
+from runtime.store import READY, Attachment
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +154,6 @@ def _encode(rec: dict) -> bytes:
     return (json.dumps(rec, separators=(",", ":"), ensure_ascii=True) + "\n").encode()
 
 
-def _delta(cur: int, base: int) -> tuple[int, bool]:
-    """(delta, reset): a counter below its checkpoint was re-created and counts from 0."""
-    return (cur, True) if cur < base else (cur - base, False)
-
-
 # --- the ledger --------------------------------------------------------------------
 
 class Session:
@@ -192,10 +187,13 @@ class Session:
             # in the same second) got a new element, which counts from zero.
             base, notes["counter_reset"] = ZERO, True
         deltas = {}
-        for f in FIELDS:
-            deltas[f], reset = _delta(getattr(cur, f), getattr(base, f))
-            if reset:
-                notes["counter_reset"] = True
+        for d in ("tx", "rx"):
+            # bytes and packets are one counter: either going down means it was re-created
+            b, p = f"{d}_bytes", f"{d}_packets"
+            if getattr(cur, b) < getattr(base, b) or getattr(cur, p) < getattr(base, p):
+                deltas[b], deltas[p], notes["counter_reset"] = getattr(cur, b), getattr(cur, p), True
+            else:
+                deltas[b], deltas[p] = getattr(cur, b) - getattr(base, b), getattr(cur, p) - getattr(base, p)
         if not any(deltas.values()) and not (final and (mark is not None or cur)):
             return None
         start = mark["end"] if mark else (fmt_time(parse_time(att.created)) if att.created else fmt_time(self.now))
@@ -345,10 +343,12 @@ class Ledger:
         caught = self._catch_up(cache) if isinstance(cache, dict) and cache.get("version") == SCHEMA_VERSION else None
         if caught is not None:
             return caught
-        if cache is not None or self.files():
-            log.warning("billing: checkpoint cache in %s missing or stale; rebuilding it from the files", self.dir)
-        marks = {}
-        for path in self.files():
+        files = self.files()
+        if cache is None and not files:
+            return {}, False  # a new ledger
+        log.warning("billing: checkpoint cache in %s missing or stale; rebuilding it from the files", self.dir)
+        marks: dict[str, dict] = {}
+        for path in files:
             for rec in self._read_lines(path):
                 self._apply(marks, rec)
         return marks, True

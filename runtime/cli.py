@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from runtime.cli_billing import add_billing_commands
 from runtime.cli_policy import add_commands, run_guarded
 from runtime.install import install_cni
 
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Touches only namespaces carrying the lab's name prefix.")
     p.set_defaults(func=_lab_cleanup)
     add_commands(sub)
+    add_billing_commands(sub)
     return parser
 
 

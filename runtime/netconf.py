@@ -3,6 +3,7 @@ options), validated into a record. Errors name the field at fault."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,8 @@ DEFAULT_POLICY_FILE = "/etc/sockgate/policy.json"
 # Keys the CNI spec or runtimes put into a plugin's config; we accept them silently.
 _STANDARD_KEYS = {"cniVersion", "name", "type", "args", "prevResult", "runtimeConfig",
                   "capabilities", "cniVersions", "disableCheck", "disableGC"}
-_OWN_KEYS = {"ipv4Pool", "ipv6Pool", "dns", "mtu", "stateDir", "runDir", "logFile", "policyFile"}
+_OWN_KEYS = {"ipv4Pool", "ipv6Pool", "dns", "mtu", "stateDir", "runDir", "logFile", "policyFile",
+             "billingDir"}
 _NETWORK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
 
 
@@ -54,6 +56,9 @@ class NetConf:
     run_dir: str = DEFAULT_RUN_DIR
     log_file: str = ""
     policy_file: str = DEFAULT_POLICY_FILE
+    # Billing ledger; None: <state_dir>/billing (so a custom stateDir keeps billing
+    # with it), "": no billing records at DEL.
+    billing_dir: str | None = None
     prev_result: dict | None = None
     runtime_config: dict = field(default_factory=dict)
 
@@ -125,6 +130,7 @@ def parse_netconf(conf: dict) -> NetConf:
     prev = conf.get("prevResult")
     if prev is not None and not isinstance(prev, dict):
         raise _bad("prevResult", "must be an object")
+    state_dir = _typed(conf, "stateDir", str, DEFAULT_STATE_DIR)
     return NetConf(
         name=name,
         cni_version=_typed(conf, "cniVersion", str, "1.1.0"),
@@ -132,10 +138,11 @@ def parse_netconf(conf: dict) -> NetConf:
         ipv6_pool=_pool(conf, "ipv6Pool", DEFAULT_IPV6_POOL, 6),
         dns=_dns(conf),
         mtu=mtu,
-        state_dir=_typed(conf, "stateDir", str, DEFAULT_STATE_DIR),
+        state_dir=state_dir,
         run_dir=_typed(conf, "runDir", str, DEFAULT_RUN_DIR),
         log_file=_typed(conf, "logFile", str, ""),
         policy_file=_typed(conf, "policyFile", str, DEFAULT_POLICY_FILE),
+        billing_dir=_typed(conf, "billingDir", str, os.path.join(state_dir, "billing")),
         prev_result=prev,
         runtime_config=_typed(conf, "runtimeConfig", dict, {}),
     )

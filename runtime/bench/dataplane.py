@@ -42,10 +42,11 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 from netpolicy import ruleset
 from netpolicy.ruleset import FAMILY, TABLE, Endpoint
 from runtime import netns, nft
+from runtime import policy as runtime_policy
 from runtime.attach import AttachRequest, attach
 from runtime.lab import LAB, Lab
 from runtime.lab.builder import PROJECT_ROOT
-from runtime.netconf import NetConf, parse_netconf
+from runtime.netconf import parse_netconf
 from runtime.store import host_ifname
 
 T = TypeVar("T")
@@ -140,15 +141,9 @@ def _load_full_policy(bench: Bench) -> str:
     returns a one-line description for the report. The per-container elements are
     added afterwards by the caller.
 
-    With the egress policy compiler present (runtime.policy), this is the default
-    contract compiled exactly as an ADD does it, with Google's ranges from the
-    snapshot (--google-ranges); without it, whatever runtime.nft.ensure_table() loads.
+    Now: the default contract, compiled and loaded exactly as an ADD does it
+    (runtime.policy.apply), with Google's ranges from the snapshot (--google-ranges).
     """
-    try:
-        from runtime import policy as runtime_policy
-    except ImportError:
-        nft.ensure_table()
-        return "runtime.nft.ensure_table() (no egress policy compiler in this tree: empty egress_policy)"
     runtime_policy.apply(bench.policy_file, bench.state_dir)
     return (f"runtime.policy.apply(): default contract, Google ranges = goog minus cloud "
             f"from {bench.ranges_dir}")
@@ -175,11 +170,9 @@ class Bench:
         self.policy_file = str(tmp / "policy.json")
         Path(self.policy_file).write_text(json.dumps({"googleRanges": {
             "goog": str(self.ranges_dir / "goog.json"), "cloud": str(self.ranges_dir / "cloud.json")}}))
-        raw = {"cniVersion": "1.1.0", "name": NETWORK, "type": "sockgate",
-               "stateDir": self.state_dir, "runDir": str(tmp / "run"), "logFile": str(tmp / "sockgate.log")}
-        if "policy_file" in {f.name for f in dataclasses.fields(NetConf)}:
-            raw["policyFile"] = self.policy_file  # else: a tree from before the policy file
-        self.conf = parse_netconf(raw)
+        self.conf = parse_netconf({
+            "cniVersion": "1.1.0", "name": NETWORK, "type": "sockgate", "stateDir": self.state_dir,
+            "runDir": str(tmp / "run"), "logFile": str(tmp / "sockgate.log"), "policyFile": self.policy_file})
         self.measured_ns = ""
         self.endpoints: list[Endpoint] = []
         self.current: str | None = None
@@ -253,10 +246,9 @@ class Bench:
                 desc = _load_full_policy(self)
                 # What an ADD adds besides the endpoint: the network's pools, where the
                 # policy has sets for them.
-                add_pools = getattr(ruleset, "add_pools", None)
                 pools = ""
-                if add_pools is not None and _nft_json("list", "set", FAMILY, TABLE, "pools4"):
-                    pools = add_pools((str(self.conf.ipv4_pool), str(self.conf.ipv6_pool)))
+                if _nft_json("list", "set", FAMILY, TABLE, "pools4"):
+                    pools = ruleset.add_pools((str(self.conf.ipv4_pool), str(self.conf.ipv6_pool)))
                 for chunk in _chunks(self.endpoints, ELEMENT_BATCH):
                     nft.run(pools + "".join(ruleset.add_endpoint(ep) for ep in chunk))
                 return desc, {s: _set_size(s) for s in PER_CONTAINER_SETS}, _tables(), _table_stats()
