@@ -47,14 +47,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from runtime.install import install_cni
 from runtime.lab import Lab
+from runtime.lab.builder import RUN_DIR
 from runtime.lab.policy import write_lab_policy
+from runtime.store import host_ifname
 from tests.support.cnitool import CNI, CNIError
 
 TARGET = 0.5
@@ -127,7 +130,7 @@ class Agent:
         self.ready = tmp / f"agent-{tag}.ready"
         self.proc: subprocess.Popen[Any] | None = None
 
-    def start(self, timeout: float = 30.0) -> "Agent":
+    def start(self, timeout: float = 30.0) -> Agent:
         self.ready.unlink(missing_ok=True)
         c = self.conf
         self.proc = self.lab.popen(self.lab.node, [sys.executable, "-m", "runtime.cli", "agent",
@@ -231,9 +234,9 @@ class Bench:
             if CNI_VERSION not in out.get("supportedVersions", []):
                 raise BenchError(f"{plugin_type} does not support cniVersion {CNI_VERSION}: {out}")
             versions[plugin_type] = out["supportedVersions"]
-        ipt = subprocess.run(["iptables", "--version"], capture_output=True, text=True)
+        ipt = subprocess.run(["iptables", "--version"], check=False, capture_output=True, text=True)
         pkg = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "containernetworking-plugins"],
-                             capture_output=True, text=True)
+                             check=False, capture_output=True, text=True)
         return {"iptables": ipt.stdout.strip() or ipt.stderr.strip(),
                 "containernetworking-plugins": pkg.stdout.strip() or "?", "supportedVersions": versions}
 
@@ -248,12 +251,14 @@ class Bench:
     def _node_links(self) -> list[dict[str, Any]]:
         return json.loads(self.lab.run(self.lab.node, ["ip", "-j", "link", "show"]).stdout)
 
-    def attached(self, plugin: str) -> int:
-        """Node-side veths of the plugin's containers."""
+    def attached(self, plugin: str, ids: Sequence[str] | None = None) -> int:
+        """Node-side veths: of the containers `ids`, or all of the plugin's."""
         links = self._node_links()
         if plugin == REFERENCE:
             return sum(1 for link in links if link.get("master") == self.bridge)
-        return sum(1 for link in links if link["ifname"].startswith("sg"))
+        names = {host_ifname(SG_NETWORK, cid, "eth0") for cid in ids} if ids is not None else None
+        return sum(1 for link in links if link["ifname"].startswith("sg")
+                   and (names is None or link["ifname"] in names))
 
     def leases(self, plugin: str) -> list[str]:
         if plugin == REFERENCE:
@@ -315,26 +320,30 @@ class Bench:
                     results = [self._timed(fn, cni, cid, ns) for cid, ns in jobs]
                 else:
                     with ThreadPoolExecutor(self.args.parallel, thread_name_prefix="cni") as pool:
-                        results = list(pool.map(lambda job: self._timed(fn, cni, *job), jobs))
+                        results = list(pool.map(lambda job, fn=fn: self._timed(fn, cni, *job), jobs))
                 sc.phase_seconds[op] = time.perf_counter() - t0
                 errors = [err for _, err in results if err is not None]
                 if errors:
                     raise BenchError(f"{LABELS[plugin]} {mode}: {len(errors)} of {len(jobs)} {op}s failed; "
                                      f"first: {errors[0]}")
                 sc.seconds[op] = [s for s, _ in results]
-                if op == "ADD" and (n := self.attached(plugin)) != len(ids):
+                if op == "ADD" and (n := self.attached(plugin, ids)) != len(ids):
                     raise BenchError(f"{LABELS[plugin]} {mode}: {n} node-side links after {len(ids)} ADDs")
             for call in cni.calls[first_call:]:
                 sc.per_plugin.setdefault(call.command, {}).setdefault(call.plugin, []).append(call.seconds)
-        finally:
-            if self.agent is not None:
-                agent, self.agent = self.agent, None
-                try:
-                    sc.agent_stop_s = agent.stop()
-                finally:
-                    agent.kill()
-                handled = agent.handled_ms()
-                sc.agent_side_ms = {op: [handled[op][cid] for cid in ids if cid in handled[op]] for op in OPS}
+        except BaseException:
+            if self.agent is not None:  # the lab's teardown takes care of what it left
+                self.agent.kill()
+                self.agent = None
+            raise
+        if self.agent is not None:
+            agent, self.agent = self.agent, None
+            try:
+                sc.agent_stop_s = agent.stop()
+            finally:
+                agent.kill()
+            handled = agent.handled_ms()
+            sc.agent_side_ms = {op: [handled[op][cid] for cid in ids if cid in handled[op]] for op in OPS}
         self.check_clean(plugin, f"after {LABELS[plugin]} {mode}")
         return sc
 
@@ -403,8 +412,14 @@ def summarize(scenarios: list[Scenario]) -> dict[str, Any]:
                                                              "met_all": all(target.values())}}
 
 
+def other_labs(mine: str) -> list[str]:
+    """Prefixes of other lab runs on this machine (they compete for the CPUs)."""
+    return sorted(p.stem for p in RUN_DIR.glob("*.pid") if p.stem != mine) if RUN_DIR.is_dir() else []
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.monotonic()
+    load_start = os.getloadavg()
     scenarios: list[Scenario] = []
     order = scenario_order(args.rounds)
     with tempfile.TemporaryDirectory(prefix="sockgate-bench-cni-") as tmp_name:
@@ -414,6 +429,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # lookups time out and retry in the background).
         with Lab() as lab:
             _progress(f"lab {lab.prefix} up")
+            others = other_labs(lab.prefix)
+            if others:
+                _progress(f"note: other lab runs on this machine compete for the CPUs: {others}")
             bench = Bench(lab, tmp, args)
             info = bench.preflight()
             bench.make_apps()
@@ -439,7 +457,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "lab": lab.prefix,
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
+        "loadavg_start": load_start,
         "loadavg_end": os.getloadavg(),
+        "other_labs": others,
         "args": {"containers": args.containers, "parallel": args.parallel, "rounds": args.rounds},
         "tools": info,
         "cni_version": CNI_VERSION,
@@ -508,8 +528,11 @@ def print_report(rep: dict[str, Any]) -> None:
     tm = rep["timings"]
     print(f"took {rep['seconds']:.0f} s (app netns {tm.get('apps_s', 0):.1f} s, scenarios "
           f"{tm.get('scenarios_s', 0):.0f} s, lab teardown {tm.get('teardown_s', 0):.1f} s; agent SIGTERM "
-          f"incl. reaper drain {', '.join(f'{s:.1f}' for s in stops)} s); load average at the end "
+          f"incl. reaper drain {', '.join(f'{s:.1f}' for s in stops)} s); load average at start "
+          f"{' '.join(f'{x:.2f}' for x in rep['loadavg_start'])}, at the end "
           f"{' '.join(f'{x:.2f}' for x in rep['loadavg_end'])}")
+    if rep["other_labs"]:
+        print(f"note: other lab runs were on the machine (competing for the CPUs): {', '.join(rep['other_labs'])}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -557,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench-cni: interrupted; lab torn down", file=sys.stderr)
         return 130
-    except Exception as exc:  # a benchmark that could not measure
+    except Exception as exc:  # noqa: BLE001 -- a benchmark that could not measure
         print(f"bench-cni: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if args.json:
