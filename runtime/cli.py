@@ -6,6 +6,7 @@ import sys
 
 from runtime.cli_billing import add_billing_commands
 from runtime.cli_policy import add_commands, run_guarded
+from runtime.cli_seccomp import add_seccomp_commands
 from runtime.install import install_cni
 
 
@@ -25,7 +26,8 @@ def _agent(args: argparse.Namespace) -> int:
     from runtime.policy_watch import PolicyKeeper
     setup_logging()
     cfg = AgentConfig(state_dir=args.state_dir, run_dir=args.run_dir, policy_file=args.policy,
-                      ready_file=args.ready_file, metrics_address=args.metrics_address)
+                      ready_file=args.ready_file, metrics_address=args.metrics_address,
+                      docker_socket=args.docker_socket, docker_host=args.docker_host)
     cfg.components.append(("policy", lambda c: PolicyKeeper(c.policy_file, c.state_dir)))
     cfg.components.append(("reaper", lambda c: _reaper()))
     return run_agent(cfg)
@@ -74,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-address", default="127.0.0.1:9464",
                    help="Prometheus endpoint host:port, loopback by default; empty to disable "
                         "(default: %(default)s)")
+    p.add_argument("--docker-socket", default="", metavar="PATH",
+                   help="also serve Docker's remote network driver protocol on PATH (driver name: the "
+                        "file name without .sock); production: /run/docker/plugins/sockgate.sock "
+                        "(default: off)")
+    p.add_argument("--docker-host", default="unix:///var/run/docker.sock", metavar="URL",
+                   help="dockerd's API, asked in the background which container owns an endpoint "
+                        "(default: %(default)s)")
     p.set_defaults(func=_agent)
 
     p = sub.add_parser("demo", help="show the sandbox on a throwaway lab (needs root)",
@@ -88,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Touches only namespaces carrying the lab's name prefix.")
     p.set_defaults(func=_lab_cleanup)
     add_commands(sub)
+    add_seccomp_commands(sub)
     add_billing_commands(sub)
     return parser
 
