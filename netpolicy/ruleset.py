@@ -63,7 +63,9 @@ BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
     # (ours and any other table's) accepted it, and it still carries its input veth.
     # The lookup itself bumps the element's counter: O(1), no rule per container.
     "accounting": ("type filter hook postrouting priority filter; policy accept;", [
-        "iifname @acct_tx",
+        # oifname != @ifaces: the node's own IPv6 neighbour solicitations to a container
+        # show up here with iifname = that container's veth; they are not its traffic.
+        "oifname != @ifaces iifname @acct_tx",
         "oifname @acct_rx",
     ]),
 }

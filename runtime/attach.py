@@ -110,6 +110,8 @@ def _teardown(net: Network, att: Attachment) -> None:
     """Undo an attachment, each step idempotent. The record goes last, so a crash here
     leaves it for the next DEL or GC."""
     netns.retire_link(att.host_ifname)
+    # The link is down (no more packets) and the counters still exist: bill the rest.
+    billing.final_record(net.conf, att)
     ep = _endpoint(att)
     if ep is not None:
         nft.remove(ep)
@@ -209,3 +211,45 @@ def status(conf: NetConf) -> None:
         policy.apply(conf.policy_file, conf.state_dir)
     except (OSError, SockgateError) as exc:
         raise SockgateError(NOT_AVAILABLE, "sockgate cannot serve ADD requests", str(exc)) from None
+
+
+# --- Runtimes that move the container's interface themselves (the Docker door) ---------
+# Docker's remote driver is asked before the container's netns exists (runc creates
+# it; Docker's prestart hook then moves the driver's interface in and sets the
+# addresses and routes the driver named, before the container's process starts).
+# The attachment is therefore made with the container end left, down, in the node
+# netns under the attachment's ifname; the node answers ARP for the gateway
+# (169.254.1.1) by proxy ARP instead of the permanent neighbour entry that
+# configure_container would have set. Leases, record, elements, billing and teardown
+# are the same as attach()'s.
+
+def attach_unplaced(req: AttachRequest) -> Attachment:
+    net = Network(req.conf)
+    att = _reserve(net, req)
+    try:
+        policy.apply(req.conf.policy_file, req.conf.state_dir)
+        netns.enable_forwarding()
+        att.host_mac = netns.create_veth(att.host_ifname, "/proc/self/ns/net", req.ifname, att.mtu)
+        nft.add(_endpoint(att), pools=(str(req.conf.ipv4_pool), str(req.conf.ipv6_pool)))
+        netns.configure_host(att.host_ifname, att.ipv4, att.ipv6)
+        netns.sysctl(f"net.ipv4.conf.{att.host_ifname}.proxy_arp", "1")
+        att.state = READY
+        net.attachments.save(att)
+    except BaseException:
+        log.exception("attach of %s/%s failed; rolling back", req.container_id, req.ifname)
+        _teardown(net, att)
+        raise
+    log.info("attached %s/%s on %s: %s %s via %s (to be moved by the runtime)", att.container_id,
+             att.ifname, att.network, att.ipv4, att.ipv6, att.host_ifname)
+    return att
+
+
+def set_netns(conf: NetConf, container_id: str, ifname: str, netns_path: str) -> Attachment | None:
+    """Record where the runtime put the container end (reclaim enters that netns)."""
+    net = Network(conf)
+    with net.lock():
+        att = net.attachments.load(container_id, ifname)
+        if att is not None and att.netns != netns_path:
+            att.netns = netns_path
+            net.attachments.save(att)
+    return att

@@ -16,13 +16,14 @@ Nothing is lost and nothing is billed twice, whenever a process dies.
 - `checkpoint.json` caches the last record of each attachment and names the byte
   offset of the ledger it reflects (file inode, offset, a hash of the bytes before
   it). It is only a cache: a reader catches up from that offset, and rebuilds from
-  all files when the cache is missing or doesn't match them.
+  all files when the cache is missing or doesn't match them. The periodic flush
+  rewrites it; a DEL leaves it behind (up to DEL_CACHE_LAG) to stay cheap.
 - Files: `billing.jsonl` is appended to; when it would pass the size limit, or the
   UTC day changed since its first record, it is renamed to
   `billing-<first record's end, YYYYMMDDTHHMMSSZ>.jsonl` and never written again.
 
-Stdlib only (plus runtime.nft, which runs the `nft` command): the CNI plugin runs a
-final record in-process at DEL.
+Stdlib only, plus runtime.nft's transport (libnftables or the `nft` command): DEL
+writes its final record in whatever process serves it (the agent, or the plugin).
 """
 from __future__ import annotations
 
@@ -32,18 +33,18 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from netpolicy.ruleset import FAMILY, TABLE
+from runtime import nft
 from runtime.errors import IO_FAILURE, KERNEL_FAILURE, SockgateError
-from runtime.fsutil import atomic_write_json, fsync_dir, locked, read_json
+from runtime.fsutil import fsync_dir, locked, read_json
 from runtime.store import READY, Attachment
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ CHECKPOINT = "checkpoint.json"
 LOCK = "billing.lock"
 DEFAULT_MAX_BYTES = 64 << 20
 DEFAULT_INTERVAL = 60.0
+DEL_CACHE_LAG = 1 << 20  # DEL leaves the cache up to this far behind (see Ledger.session)
 # Labels copied from the attachment into every record, when known.
 LABELS = ("pod_namespace", "pod_name", "pod_uid", "container_name")
 _TAIL = 64  # bytes hashed in the cache to recognise the ledger offset it reflects
@@ -101,30 +103,16 @@ FIELDS = ("tx_bytes", "tx_packets", "rx_bytes", "rx_packets")
 ZERO = Counters()
 
 
-def _list_counter_set(name: str) -> dict[str, tuple[int, int]] | None:
-    proc = subprocess.run(["nft", "-j", "list", "set", FAMILY, TABLE, name], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return None
-    out = {}
-    for item in json.loads(proc.stdout).get("nftables", []):
-        for elem in item.get("set", {}).get("elem", []):
-            if isinstance(elem, dict) and "elem" in elem:
-                c = elem["elem"].get("counter", {})
-                out[str(elem["elem"]["val"])] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
-    return out
-
-
 def kernel_counters() -> dict[str, Counters]:
     """{host veth: Counters} for every element present in both acct_tx and acct_rx,
-    read in this process' netns (the node's). No table: {}. A table whose sets can't
+    read in this thread's netns (the node's). No table: {}. A table whose sets can't
     be read is an error: "no counters" must never be mistaken for "nothing sent"."""
-    tx, rx = _list_counter_set("acct_tx"), _list_counter_set("acct_rx")
+    tx, rx = nft.counters("acct_tx"), nft.counters("acct_rx")
     if tx is None or rx is None:
-        probe = subprocess.run(["nft", "list", "table", FAMILY, TABLE], capture_output=True, text=True)
-        if probe.returncode != 0 and "No such file" in probe.stderr:
+        if not nft.table_exists():
             return {}
         raise SockgateError(KERNEL_FAILURE, "cannot read the accounting counters",
-                            (probe.stderr or "nft list set acct_tx/acct_rx failed").strip().splitlines()[0])
+                            "nft list set inet sockgate acct_tx/acct_rx failed")
     return {name: Counters(tb, tp, rx[name][1], rx[name][0])
             for name, (tp, tb) in tx.items() if name in rx}
 
@@ -135,6 +123,9 @@ def attachment_key(att: Attachment) -> str:
     """Identifies one attachment's life: a re-created attachment with the same ids has
     another `created`, hence another key and counters of its own."""
     return f"{att.network}/{att.container_id}/{att.ifname}/{att.created}"
+
+
+_MARK_KEYS = frozenset({"attachment", "seq", "end", "network", *(f"counter_{f}" for f in FIELDS)})
 
 
 def _valid(rec: Any) -> bool:
@@ -148,6 +139,14 @@ def _parse_line(line: bytes) -> dict | None:
     except ValueError:
         return None
     return rec if _valid(rec) else None
+
+
+def _created(text: str) -> str | None:
+    """An attachment's `created` as a record time, or None when it doesn't parse."""
+    try:
+        return fmt_time(parse_time(text)) if text else None
+    except ValueError:
+        return None
 
 
 def _encode(rec: dict) -> bytes:
@@ -196,7 +195,7 @@ class Session:
                 deltas[b], deltas[p] = getattr(cur, b) - getattr(base, b), getattr(cur, p) - getattr(base, p)
         if not any(deltas.values()) and not (final and (mark is not None or cur)):
             return None
-        start = mark["end"] if mark else (fmt_time(parse_time(att.created)) if att.created else fmt_time(self.now))
+        start = mark["end"] if mark else _created(att.created) or fmt_time(self.now)
         end = fmt_time(max(self.now, parse_time(start)))  # a clock step back never makes end < start
         rec: dict[str, Any] = {"v": SCHEMA_VERSION, "attachment": key, "seq": (mark["seq"] + 1) if mark else 1,
                                "start": start, "end": end, "node": self.ledger.node,
@@ -261,19 +260,20 @@ class Ledger:
         return self.rotated() + ([self.current] if self.current.exists() else [])
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self, cache_lag: int = 0) -> Iterator[Session]:
         """Lock, load the checkpoint (repairing a torn tail, catching up or rebuilding
         the cache), yield; on a clean exit append the queued records in one write,
-        fsync, then refresh the cache. On an exception nothing is appended."""
+        fsync, then refresh the cache if it is more than `cache_lag` bytes of ledger
+        behind (DEL passes 1 MiB: the next session catches up from the cached offset,
+        and the periodic flush refreshes it). On an exception nothing is appended."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with locked(self.dir / LOCK):
-            marks, dirty = self._load()
+            marks, behind = self._load()
             s = Session(self, marks, self.clock())
-            s.dirty = dirty
             yield s
             if s.pending:
-                self._append(s.pending, s.marks)
-            elif s.dirty:
+                behind += self._append(s.pending)
+            if s.dirty or behind > cache_lag:
                 self._save_cache(s.marks)
 
     # --- reading ---
@@ -315,10 +315,18 @@ class Ledger:
         if not self.dir.is_dir():
             return
         try:
-            with locked(self.dir / LOCK):
+            try:
+                lock = locked(self.dir / LOCK)
+                lock.__enter__()
+            except OSError:  # a read-only copy of a billing dir: nobody appends there
+                lock = None
+            try:
                 for path in self.files():
                     fd = os.open(path, os.O_RDONLY)
                     snaps.append(_Snapshot(str(path), fd, os.fstat(fd).st_size))
+            finally:
+                if lock is not None:
+                    lock.__exit__(None, None, None)
             for snap in snaps:
                 yield from self._read_lines(Path(snap.name), 0, snap.size, snap.fd)
         finally:
@@ -336,28 +344,34 @@ class Ledger:
         start = max(0, offset - _TAIL)
         return hashlib.sha256(os.pread(fd, offset - start, start)).hexdigest()
 
-    def _load(self) -> tuple[dict[str, dict], bool]:
-        """(marks, dirty). Caller holds the lock."""
+    def _load(self) -> tuple[dict[str, dict], float]:
+        """(marks, how far the cache on disk is behind them: bytes of ledger, inf when
+        it must be rewritten). Caller holds the lock."""
         self._repair_tail()
-        cache = read_json(self.cache_path) if self.cache_path.exists() else None
+        try:
+            cache = read_json(self.cache_path)
+        except (OSError, ValueError):
+            cache = False  # unreadable: rebuilt below
         caught = self._catch_up(cache) if isinstance(cache, dict) and cache.get("version") == SCHEMA_VERSION else None
         if caught is not None:
             return caught
         files = self.files()
         if cache is None and not files:
-            return {}, False  # a new ledger
+            return {}, 0  # a new ledger
         log.warning("billing: checkpoint cache in %s missing or stale; rebuilding it from the files", self.dir)
         marks: dict[str, dict] = {}
         for path in files:
             for rec in self._read_lines(path):
                 self._apply(marks, rec)
-        return marks, True
+        return marks, math.inf
 
-    def _catch_up(self, cache: dict) -> tuple[dict[str, dict], bool] | None:
+    def _catch_up(self, cache: dict) -> tuple[dict[str, dict], float] | None:
         """The cached marks plus every record appended after the cached offset, or
         None when the cache doesn't describe these files."""
         try:
-            marks = {k: v for k, v in cache["marks"].items() if _valid(v)}
+            marks = cache["marks"]
+            if not all(isinstance(v, dict) and _MARK_KEYS <= v.keys() for v in marks.values()):
+                return None
             ino, offset, tail = int(cache["file"]["ino"]), int(cache["file"]["offset"]), cache["file"]["tail"]
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
@@ -373,12 +387,13 @@ class Ledger:
         with open(chain[0], "rb") as fh:
             if os.fstat(fh.fileno()).st_size < offset or self._tail_hash(fh.fileno(), offset) != tail:
                 return None
-        dirty = False
+        # Caught up within the current file: that many bytes behind. Across a rotation:
+        # rewrite the cache, so it names the current file again.
+        behind: float = math.inf if chain[0] != self.current else self.current.stat().st_size - offset
         for i, path in enumerate(chain):
             for rec in self._read_lines(path, offset if i == 0 else 0):
                 self._apply(marks, rec)
-                dirty = True
-        return marks, dirty
+        return marks, behind
 
     def _save_cache(self, marks: dict[str, dict]) -> None:
         try:
@@ -389,7 +404,8 @@ class Ledger:
                          "tail": self._tail_hash(fd, st.st_size)}
             finally:
                 os.close(fd)
-            atomic_write_json(self.cache_path, {"version": SCHEMA_VERSION, "file": where, "marks": marks})
+            write_cache(self.cache_path, json.dumps({"version": SCHEMA_VERSION, "file": where, "marks": marks},
+                                                    separators=(",", ":")).encode())
         except OSError:
             # Only a cache: the next session catches up from the older one, or rebuilds.
             log.exception("billing: cannot write the checkpoint cache %s", self.cache_path)
@@ -426,17 +442,17 @@ class Ledger:
         except FileNotFoundError:
             return None
 
-    def _maybe_rotate(self, incoming: int, now: dt.datetime) -> None:
+    def _maybe_rotate(self, incoming: int, now: dt.datetime) -> bool:
         try:
             size = self.current.stat().st_size
         except FileNotFoundError:
-            return
+            return False
         if size == 0:
-            return
+            return False
         first = self._first_record()
         first_end = parse_time(first["end"]) if first and isinstance(first.get("end"), str) else now
         if size + incoming <= self.max_bytes and first_end.date() == now.date():
-            return
+            return False
         stem = ROTATED_PREFIX + first_end.strftime("%Y%m%dT%H%M%SZ")
         target, n = self.dir / f"{stem}.jsonl", 0
         while target.exists():  # never overwrite a rotated file
@@ -445,11 +461,13 @@ class Ledger:
         os.rename(self.current, target)
         fsync_dir(self.dir)
         log.info("billing: rotated %s to %s", self.current, target.name)
+        return True
 
-    def _append(self, recs: list[dict], marks: dict[str, dict]) -> None:
+    def _append(self, recs: list[dict]) -> float:
+        """Bytes appended (inf after a rotation: the cache must be re-anchored)."""
         data = b"".join(_encode(r) for r in recs)
         now = self.clock()
-        self._maybe_rotate(len(data), now)
+        rotated = self._maybe_rotate(len(data), now)
         created = not self.current.exists()
         fd = os.open(self.current, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
@@ -461,7 +479,24 @@ class Ledger:
             os.close(fd)
         if created:
             fsync_dir(self.dir)
-        self._save_cache(marks)
+        return math.inf if rotated else len(data)
+
+
+def write_cache(path: Path, data: bytes) -> None:
+    """fsutil.atomic_write_json's protocol (temp, fsync, rename, fsync the dir) for
+    bytes encoded with json.dumps: json.dump to a file takes the pure-Python encoder,
+    ten times slower on a cache of a thousand attachments."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def _line_start(fd: int, end: int) -> int:
@@ -536,7 +571,8 @@ def flush(state_dir: str | os.PathLike, billing_dir: str | os.PathLike | None = 
 
 
 def final_record(conf: Any, att: Attachment, *,
-                 read_counters: Callable[[], Mapping[str, Counters]] = kernel_counters) -> dict | None:
+                 read_counters: Callable[[], Mapping[str, Counters]] = kernel_counters,
+                 clock: Callable[[], dt.datetime] = utcnow) -> dict | None:
     """The last record of an attachment, at DEL, after its link is gone (no more
     packets) and before its elements (and their counters) are. Raises when it can't
     be written, so DEL fails and the runtime's retry bills it; only a failed ADD's
@@ -547,7 +583,7 @@ def final_record(conf: Any, att: Attachment, *,
     if not att.created:
         return None  # rebuilt without its record (see attach._orphan): nothing to key it by
     try:
-        with Ledger(directory).session() as s:
+        with Ledger(directory, clock=clock).session(cache_lag=DEL_CACHE_LAG) as s:
             return s.bill(att, read_counters().get(att.host_ifname), final=True)
     except (OSError, ValueError, SockgateError) as exc:
         if att.state != READY:

@@ -23,6 +23,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _agent(args: argparse.Namespace) -> int:
     from runtime.agent import AgentConfig, run_agent, setup_logging
+    from runtime.billing import BillingFlusher
     from runtime.policy_watch import PolicyKeeper
     setup_logging()
     cfg = AgentConfig(state_dir=args.state_dir, run_dir=args.run_dir, policy_file=args.policy,
@@ -30,6 +31,7 @@ def _agent(args: argparse.Namespace) -> int:
                       docker_socket=args.docker_socket, docker_host=args.docker_host)
     cfg.components.append(("policy", lambda c: PolicyKeeper(c.policy_file, c.state_dir)))
     cfg.components.append(("reaper", lambda c: _reaper()))
+    cfg.components.append(("billing", lambda c: BillingFlusher(c.state_dir, interval=args.billing_interval)))
     return run_agent(cfg)
 
 
@@ -73,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime dir; must match the CNI config's runDir (default: %(default)s)")
     p.add_argument("--policy", default="/etc/sockgate/policy.json", help="policy file (default: %(default)s)")
     p.add_argument("--ready-file", default="", help="write the agent's pid here once it serves requests")
+    p.add_argument("--billing-interval", type=float, default=60.0,
+                   help="seconds between billing records; one more at shutdown (default: %(default)s)")
     p.add_argument("--metrics-address", default="127.0.0.1:9464",
                    help="Prometheus endpoint host:port, loopback by default; empty to disable "
                         "(default: %(default)s)")

@@ -24,7 +24,7 @@ class SockgateCollector:
     def collect(self) -> Iterator[Metric]:
         atts = all_attachments(self.state_dir)
         yield GaugeMetricFamily("sockgate_attachments", "Containers attached on this node", value=len(atts))
-        tx, rx = nft.counters("acct_tx"), nft.counters("acct_rx")
+        tx, rx = nft.counters("acct_tx") or {}, nft.counters("acct_rx") or {}
         families = {
             name: CounterMetricFamily(f"sockgate_{name}", help_text, labels=_ATT_LABELS)
             for name, help_text in (

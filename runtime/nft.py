@@ -84,11 +84,12 @@ def endpoint_present(ep: Endpoint) -> list[str]:
     return [name for name, element in endpoint_elements(ep) if not has_element(name, element)]
 
 
-def counters(set_name: str) -> dict[str, tuple[int, int]]:
-    """Per-element (packets, bytes) of a counter set such as acct_tx, one nft call."""
+def counters(set_name: str) -> dict[str, tuple[int, int]] | None:
+    """Per-element (packets, bytes) of a counter set such as acct_tx, one nft call;
+    None when the set can't be read (billing must not mistake that for zero)."""
     proc = _quiet("-j", "list", "set", FAMILY, TABLE, set_name)
     if proc.returncode != 0:
-        return {}
+        return None
     out = {}
     for item in json.loads(proc.stdout).get("nftables", []):
         for elem in item.get("set", {}).get("elem", []):

@@ -82,6 +82,7 @@ def env(tmp_path):
     e.clock, e.kernel, e.state, e.dir, e.ledger, e.flush = clock, kernel, state, bdir, ledger, do_flush
     e.conf = parse_netconf({"cniVersion": "1.1.0", "name": "net", "type": "sockgate",
                             "stateDir": str(state), "billingDir": str(bdir)})
+    e.final = lambda att: final_record(e.conf, att, read_counters=kernel, clock=clock)
     return e
 
 
@@ -163,10 +164,10 @@ def test_final_record_once_then_nothing(env):
     env.flush()
     env.kernel.send(att, tx=23)
     env.clock.tick(5)
-    rec = final_record(env.conf, att, read_counters=env.kernel)
+    rec = env.final(att)
     assert rec["final"] is True and rec["tx_bytes"] == 23 and rec["seq"] == 2
     # DEL retried after a crash before the elements went: frozen counters, no new record.
-    assert final_record(env.conf, att, read_counters=env.kernel) is None
+    assert env.final(att) is None
     # The periodic flush doesn't bill a finished attachment either.
     assert env.flush() == []
     check_ledger(env.dir, env.kernel.c)
@@ -178,13 +179,13 @@ def test_final_record_for_idle_billed_and_never_billed(env):
     env.flush()
     env.kernel.c[never.host_ifname] = Counters()
     # Billed before, idle since: a zero final record closes it.
-    rec = final_record(env.conf, idle, read_counters=env.kernel)
+    rec = env.final(idle)
     assert rec["final"] and rec["tx_bytes"] == 0 and rec["counter_tx_bytes"] == 9
     # Never sent a byte and never billed: nothing to say.
-    assert final_record(env.conf, never, read_counters=env.kernel) is None
+    assert env.final(never) is None
     # Its elements gone (an ADD rolled back before nft.add): nothing either.
     del env.kernel.c[never.host_ifname]
-    assert final_record(env.conf, never, read_counters=env.kernel) is None
+    assert env.final(never) is None
 
 
 def test_final_record_disabled_and_orphan(env, tmp_path):
@@ -194,7 +195,7 @@ def test_final_record_disabled_and_orphan(env, tmp_path):
                          "stateDir": str(env.state), "billingDir": ""})
     assert final_record(off, att, read_counters=env.kernel) is None and not env.dir.exists()
     orphan = Attachment(network="net", container_id="c1", ifname="eth0", netns="", host_ifname=att.host_ifname)
-    assert final_record(env.conf, orphan, read_counters=env.kernel) is None and not env.dir.exists()
+    assert env.final(orphan) is None and not env.dir.exists()
 
 
 def test_final_record_failure_fails_del_but_not_a_rollback(env):
@@ -203,10 +204,10 @@ def test_final_record_failure_fails_del_but_not_a_rollback(env):
     env.dir.parent.mkdir(exist_ok=True)
     env.dir.write_text("not a directory")
     with pytest.raises(SockgateError) as info:
-        final_record(env.conf, att, read_counters=env.kernel)
+        env.final(att)
     assert info.value.code == 5 and str(env.dir) in info.value.details
     att.state = "adding"
-    assert final_record(env.conf, att, read_counters=env.kernel) is None
+    assert env.final(att) is None
 
 
 def test_counters_gone_at_final_close_the_key(env):
@@ -214,7 +215,7 @@ def test_counters_gone_at_final_close_the_key(env):
     env.kernel.send(att, tx=40)
     env.flush()
     del env.kernel.c[att.host_ifname]  # the table was deleted under us
-    rec = final_record(env.conf, att, read_counters=env.kernel)
+    rec = env.final(att)
     assert rec["final"] and rec["counters_missing"] and rec["tx_bytes"] == 0 and rec["counter_tx_bytes"] == 40
 
 
@@ -239,7 +240,7 @@ def test_same_key_after_final_counts_a_new_element_from_zero(env):
     new element's counters must not be offset by the old one's."""
     att = make_att(env.state, "c1")
     env.kernel.send(att, tx=500)
-    assert final_record(env.conf, att, read_counters=env.kernel)["tx_bytes"] == 500
+    assert env.final(att)["tx_bytes"] == 500
     env.kernel.c[att.host_ifname] = Counters(700, 5, 0, 0)  # new element, already past 500
     [rec] = env.flush()
     assert rec["tx_bytes"] == 700 and rec["counter_reset"] and not rec["final"] and rec["seq"] == 2
@@ -325,11 +326,13 @@ def test_checkpoint_cache_catches_up_or_rebuilds(env, caplog):
     assert env.flush() == []
     assert "rebuilding" not in caplog.text
     # Missing, corrupt, or describing other bytes: rebuilt from the files.
-    for damage in ("missing", "corrupt", "tail"):
+    for damage in ("missing", "corrupt", "not json", "tail"):
         if damage == "missing":
             (env.dir / "checkpoint.json").unlink()
         elif damage == "corrupt":
             (env.dir / "checkpoint.json").write_text('{"version": 1, "file": 3}')
+        elif damage == "not json":
+            (env.dir / "checkpoint.json").write_bytes(b"\0" * 50)
         else:
             c = json.loads(old_cache)
             c["file"]["tail"] = hashlib.sha256(b"other").hexdigest()
@@ -338,6 +341,29 @@ def test_checkpoint_cache_catches_up_or_rebuilds(env, caplog):
         caplog.clear()
         assert env.flush() == [], damage
         assert "rebuilding" in caplog.text
+    check_ledger(env.dir, env.kernel.c)
+
+
+def test_del_leaves_the_cache_behind_and_the_next_session_catches_up(env, caplog):
+    """DEL's final record skips the cache refresh (up to DEL_CACHE_LAG of ledger); the
+    next session reads the records after the cached offset, the flush refreshes it."""
+    atts = [make_att(env.state, f"c{i}") for i in range(4)]
+    for a in atts:
+        env.kernel.send(a, tx=10)
+    env.flush()
+    cached = json.loads((env.dir / "checkpoint.json").read_text())["file"]["offset"]
+    for a in atts[:3]:
+        env.kernel.send(a, tx=1)
+        assert env.final(a)["final"]
+        assert env.final(a) is None  # caught up: billed already
+    assert json.loads((env.dir / "checkpoint.json").read_text())["file"]["offset"] == cached
+    assert (env.dir / "billing.jsonl").stat().st_size > cached
+    env.kernel.send(atts[3], tx=1)
+    caplog.clear()
+    [rec] = env.flush()
+    assert rec["container_id"] == "c3" and "rebuilding" not in caplog.text
+    assert json.loads((env.dir / "checkpoint.json").read_text())["file"]["offset"] == (
+        env.dir / "billing.jsonl").stat().st_size
     check_ledger(env.dir, env.kernel.c)
 
 
@@ -390,7 +416,7 @@ state, bdir, counters_file, point, max_bytes = sys.argv[2:7]
 # "-": the real nft counters of this netns (the lab's node, in tests/test_billing.py)
 counters = None if counters_file == "-" else {
     k: billing.Counters(*v) for k, v in json.load(open(counters_file)).items()}
-real_write, real_fsync, real_atomic, real_fsync_dir = os.write, os.fsync, billing.atomic_write_json, billing.fsync_dir
+real_write, real_fsync, real_fsync_dir = os.write, os.fsync, billing.fsync_dir
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
@@ -405,19 +431,28 @@ if point == "counters":
         die()
 elif point == "before_write":
     proxy.write = lambda fd, data: die()
-elif point == "mid_write":
+elif point in ("mid_write", "torn_first"):
     def write(fd, data):
-        real_write(fd, bytes(data)[: len(data) // 2 + 1]); real_fsync(fd); die()
+        # the batch's first line, or its last one, cut in the middle
+        data = bytes(data)
+        last = data.rfind(b"\n", 0, len(data) - 1) + 1
+        cut = data.index(b"\n") // 2 if point == "torn_first" else last + (len(data) - last) // 2
+        real_write(fd, data[:cut]); real_fsync(fd); die()
     proxy.write = write
 elif point == "before_fsync":
-    proxy.fsync = lambda fd: die()
+    import fcntl
+    def fsync(fd):  # the append's fsync, not the torn-tail repair's
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
+            die()
+        real_fsync(fd)
+    proxy.fsync = fsync
 elif point == "before_cache":
-    billing.atomic_write_json = lambda path, data: die()
+    billing.write_cache = lambda path, data: die()
 elif point == "mid_cache":
-    def atomic(path, data):
+    def write_cache(path, data):
         tmp = path.with_name("." + path.name + ".%d.tmp" % os.getpid())
-        tmp.write_text(json.dumps(data)[:100]); die()
-    billing.atomic_write_json = atomic
+        tmp.write_bytes(data[:100]); die()
+    billing.write_cache = write_cache
 elif point == "after_rotate":
     def fsync_dir(d):
         real_fsync_dir(d)
@@ -431,7 +466,8 @@ read = read if point == "counters" else billing.kernel_counters if counters is N
 billing.flush(state, ledger=billing.Ledger(bdir, max_bytes=int(max_bytes)), read_counters=read)
 """
 
-POINTS = ["counters", "before_write", "mid_write", "before_fsync", "before_cache", "mid_cache", "after_rotate"]
+POINTS = ["counters", "before_write", "torn_first", "mid_write", "before_fsync", "before_cache", "mid_cache",
+          "after_rotate"]
 
 
 def run_child(env, point: str, max_bytes: int = 1 << 20) -> subprocess.CompletedProcess:
@@ -457,7 +493,7 @@ def test_kill_9_at_any_point_of_a_flush(env, point):
     current = env.dir / "billing.jsonl"
     cache = json.loads((env.dir / "checkpoint.json").read_text())
     # The crash left what it should have: proof the point was reached.
-    if point == "mid_write":
+    if point in ("mid_write", "torn_first"):
         assert not current.read_bytes().endswith(b"\n")
     if point in ("before_fsync", "before_cache", "mid_cache"):
         assert cache["file"]["offset"] < current.stat().st_size  # the cache is older than the file
@@ -508,6 +544,25 @@ def test_rotation_by_size_keeps_old_files_intact(env):
             stamp = billing.parse_time(first["end"]).strftime("%Y%m%dT%H%M%SZ")
             assert p.name.startswith(f"billing-{stamp}"), (p.name, first["end"])
     assert len({p.name for p in rotated}) == len(rotated)
+    check_ledger(env.dir, env.kernel.c)
+
+
+def test_rotations_within_one_second_and_a_rebuild(env):
+    """Rotated names collide within a second ("-1", "-2" sort before the plain name),
+    so file order isn't record order: the checkpoint takes the highest seq."""
+    att, other = make_att(env.state, "c1"), make_att(env.state, "c2")
+    for _ in range(6):
+        env.kernel.send(att, tx=10)
+        env.flush(max_bytes=10)  # the clock stands still: every file has the same first end
+    env.kernel.send(other, tx=10)
+    env.flush(max_bytes=10)  # c1's last record now sits in a rotated file, not the current one
+    names = [p.name for p in Ledger(env.dir).rotated()]
+    assert len(names) == 6 and "billing-20240501T120000Z.jsonl" in names and "billing-20240501T120000Z-5.jsonl" in names
+    (env.dir / "checkpoint.json").unlink()
+    assert env.flush() == []  # rebuilt: nothing billed twice
+    env.kernel.send(att, tx=1)
+    [rec] = env.flush()
+    assert rec["seq"] == 7 and rec["tx_bytes"] == 1
     check_ledger(env.dir, env.kernel.c)
 
 
@@ -576,6 +631,34 @@ def test_report_ignores_duplicates_and_a_torn_tail(env):
         fh.write(json.dumps(dict(rec, seq=2))[:40])  # an append in progress
     rows, dups = billing.report(Ledger(env.dir).records(), by="attachment")
     assert dups == 1 and [(r.tx_bytes, r.records) for r in rows] == [(100, 1)]
+
+
+def test_report_reads_a_read_only_copy(env, tmp_path):
+    att = make_att(env.state, "c1")
+    env.kernel.send(att, tx=100)
+    env.flush()
+    copy = tmp_path / "archive"
+    copy.mkdir()
+    for p in Ledger(env.dir).files():
+        (copy / p.name).write_bytes(p.read_bytes())
+    if os.geteuid() == 0:
+        (copy / "billing.lock").mkdir()  # root ignores the mode: make the lock impossible instead
+    copy.chmod(0o555)
+    try:
+        rows, _ = billing.report(Ledger(copy).records(), by="container")
+        assert [(r.group, r.tx_bytes) for r in rows] == [("c1", 100)]
+    finally:
+        copy.chmod(0o755)
+
+
+def test_unparseable_created_does_not_stop_billing(env):
+    bad = make_att(env.state, "bad", created="yesterday-ish")
+    good = make_att(env.state, "good")
+    env.kernel.send(bad, tx=5)
+    env.kernel.send(good, tx=5)
+    recs = {r["container_id"]: r for r in env.flush()}
+    assert recs["bad"]["start"] == recs["bad"]["end"] == "2024-05-01T12:00:00.000Z"
+    assert recs["good"]["tx_bytes"] == 5
 
 
 # --- configuration and the flusher ----------------------------------------------------
