@@ -24,6 +24,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _agent(args: argparse.Namespace) -> int:
     from runtime.agent import AgentConfig, run_agent, setup_logging
     from runtime.billing import BillingFlusher
+    from runtime.reclaim import Reclaimer
     from runtime.policy_watch import PolicyKeeper
     setup_logging()
     cfg = AgentConfig(state_dir=args.state_dir, run_dir=args.run_dir, policy_file=args.policy,
@@ -32,7 +33,9 @@ def _agent(args: argparse.Namespace) -> int:
     cfg.components.append(("policy", lambda c: PolicyKeeper(c.policy_file, c.state_dir)))
     cfg.components.append(("reaper", lambda c: _reaper()))
     cfg.components.append(("billing", lambda c: BillingFlusher(c.state_dir, interval=args.billing_interval)))
-    return run_agent(cfg)
+    reclaimer = Reclaimer(args.state_dir, nudge_interval=args.reclaim_nudge)
+    cfg.components.append(("reclaim", lambda c: reclaimer))
+    return run_agent(cfg, reclaims=reclaimer.counts)
 
 
 def _reaper():
@@ -77,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-file", default="", help="write the agent's pid here once it serves requests")
     p.add_argument("--billing-interval", type=float, default=60.0,
                    help="seconds between billing records; one more at shutdown (default: %(default)s)")
+    p.add_argument("--reclaim-nudge", type=float, default=0.0,
+                   help="seconds between conntrack walks that make the kernel evict expired flows "
+                        "promptly; 0 leaves it to the kernel's GC, which may take up to 60 s longer "
+                        "(default: %(default)s)")
     p.add_argument("--metrics-address", default="127.0.0.1:9464",
                    help="Prometheus endpoint host:port, loopback by default; empty to disable "
                         "(default: %(default)s)")
