@@ -76,8 +76,9 @@ def app(lab: Lab) -> Iterator[Callable[[], str]]:
 class AgentProcess:
     """A `sockgate agent` running in the lab's node netns for a plugin's network."""
 
-    def __init__(self, lab: Lab, plugin: Plugin, tmp: Path) -> None:
+    def __init__(self, lab: Lab, plugin: Plugin, tmp: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.lab, self.plugin = lab, plugin
+        self.extra_args = extra_args
         self.log = tmp / "agent.log"
         self.ready = tmp / "agent.ready"
         self.proc = None
@@ -90,7 +91,8 @@ class AgentProcess:
         c = self.plugin.conf
         self.proc = self.lab.popen(self.lab.node, [sys.executable, "-m", "runtime.cli", "agent",
                                                    "--state-dir", c["stateDir"], "--run-dir", c["runDir"],
-                                                   "--policy", c["policyFile"], "--ready-file", str(self.ready)],
+                                                   "--policy", c["policyFile"], "--ready-file", str(self.ready),
+                                                   *self.extra_args],
                                    log=self.log)
         deadline = time.monotonic() + timeout
         while not self.ready.exists():
