@@ -160,8 +160,11 @@ def configure_container(netns_path: str, ifname: str, ipv4: str, ipv6: str, gate
 def enable_forwarding() -> None:
     """The node must route between veths and its uplink (what ptp does too). Note: with
     IPv6 forwarding on, the node ignores router advertisements unless accept_ra=2."""
-    sysctl("net.ipv4.ip_forward", "1")
-    sysctl("net.ipv6.conf.all.forwarding", "1")
+    try:
+        sysctl("net.ipv4.ip_forward", "1")
+        sysctl("net.ipv6.conf.all.forwarding", "1")
+    except OSError as exc:  # e.g. /proc/sys mounted read-only in an unprivileged container
+        raise _kernel("enable IP forwarding", exc) from None
 
 
 def configure_host(host_ifname: str, ipv4: str, ipv6: str) -> None:
