@@ -8,10 +8,12 @@ pytestmark = pytest.mark.lab
 
 
 def test_demo_runs_and_leaves_nothing():
-    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     proc = subprocess.run([sys.executable, "-m", "runtime.cli", "demo"], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all checks as expected" in proc.stdout
     assert proc.stdout.count(" ok") >= 12 and "MISMATCH" not in proc.stdout
-    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before
+    prefix = proc.stdout.split()[1].rstrip(":")  # "lab sgl-xxxxxx: ..."
+    assert prefix.startswith("sgl-")
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert prefix not in left

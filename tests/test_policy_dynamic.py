@@ -138,12 +138,13 @@ def test_policy_change_is_atomic_and_keeps_allowed_flows(lab, plugin, attached, 
 ])
 def test_invalid_policy_is_rejected_and_the_policy_in_force_stays(lab, plugin, app, attached, tmp_path,
                                                                   bad, field):
-    before = lab.run(lab.node, ["nft", "list", "table", "inet", "sockgate"]).stdout
+    # -s (stateless): counters move with unrelated traffic; the rules and sets must not.
+    before = lab.run(lab.node, ["nft", "-s", "list", "table", "inet", "sockgate"]).stdout
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(bad))
     r = _cli(lab, "policy", "apply", "--policy", str(path), "--state-dir", str(plugin.state_dir))
     assert r.returncode != 0 and field in r.stderr, r.stderr
-    after = lab.run(lab.node, ["nft", "list", "table", "inet", "sockgate"]).stdout
+    after = lab.run(lab.node, ["nft", "-s", "list", "table", "inet", "sockgate"]).stdout
     strip = lambda text: "\n".join(line for line in text.splitlines() if "expires" not in line)  # noqa: E731
     assert strip(after) == strip(before)
     # An ADD under a broken policy file is refused, naming the field, and leaves nothing.
