@@ -39,6 +39,11 @@ class AgentConfig:
     policy_file: str = "/etc/sockgate/policy.json"
     ready_file: str = ""
     metrics_address: str = "127.0.0.1:9464"
+    # The Docker door (runtime/docker_driver.py): Docker's remote network driver
+    # protocol on this socket ("" = off; production: /run/docker/plugins/sockgate.sock),
+    # and dockerd's API, asked in the background who owns an endpoint.
+    docker_socket: str = ""
+    docker_host: str = "unix:///var/run/docker.sock"
     components: list[tuple[str, Callable[["AgentConfig"], Component]]] = field(default_factory=list)
 
 
@@ -149,7 +154,11 @@ def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None) -> i
     # hand work to them (a link to reap, a final billing record).
     background = threading.Event()
     workers = []
-    for name, factory in cfg.components:
+    components = list(cfg.components)
+    if cfg.docker_socket:
+        from runtime.docker_driver import docker_component
+        components.append(("docker", docker_component))
+    for name, factory in components:
         component = factory(cfg)
         thread = threading.Thread(target=_guarded, args=(name, component, background), name=name)
         thread.start()

@@ -1,0 +1,891 @@
+"""The Docker door: Docker's remote network driver protocol (libnetwork's "remote"
+driver, plugin API v1) served by the node agent on a unix socket, by default
+/run/docker/plugins/sockgate.sock (Docker names the driver after the file: `sockgate`).
+
+    docker network create -d sockgate --ipam-driver null [-o ipv4Pool=… -o ipv6Pool=…] NET
+    docker run --network NET …
+
+The same core as CNI ADD/DEL makes and removes the attachment (leases, record, veth,
+set elements, billing), keyed by the Docker endpoint id. What differs is who puts the
+container end into the container, because Docker asks the driver *before* the
+container's netns exists: runc creates it, and Docker's prestart hook
+(libnetwork-setkey) then moves the driver's interface in and configures it, before
+the container's process starts. So:
+
+- CreateEndpoint: runtime.attach.attach_unplaced leases the addresses and creates the
+  veth pair with the container end left, down, in the node netns (named
+  peer_ifname(endpoint)); the answer names the addresses (v4 /32, v6 /128), which
+  Docker sets on the interface. Docker's own IPAM must stay out of the way
+  (`--ipam-driver null`; with any other IPAM, Docker would set its address and
+  refuse ours), so CreateNetwork refuses other IPAM drivers with that advice.
+- Join: the answer names the interface (SrcName, DstPrefix "eth": it becomes ethN),
+  the gateways every sockgate container has (169.254.1.1 through a connected /32
+  route, answered by proxy ARP on the node's end; fe80::1, an address of the node's
+  end) and DisableGatewayService (otherwise libnetwork would also connect the
+  container to the docker_gwbridge bridge network: a way out around the sandbox).
+  The SandboxKey is recorded as the attachment's netns (idle reclaim enters it).
+- Leave: Docker moves the interface back to the node netns; DeleteEndpoint removes
+  the attachment (runtime.attach.detach: the final billing record, elements, leases).
+
+Facts this module relies on (checked against dockerd 20.10):
+- requests are POSTs with a JSON body and no Content-Type; driver errors are
+  `{"Err": "…"}` (Docker shows them as "remote: …");
+- the network's name and labels are not sent: CreateNetwork carries the id, the `-o`
+  options (under "com.docker.network.generic") and the IPAM data;
+- Docker sets no timeout on these calls and a hung handler hangs dockerd, so every
+  operation here is bounded (OP_TIMEOUT_S); calls for different containers arrive
+  concurrently (one lock per endpoint here; the core locks per network);
+- Docker does not replay CreateNetwork/CreateEndpoint after a plugin restart:
+  networks and endpoints are persisted under STATE_DIR/docker/;
+- calling Docker's API from a handler can deadlock while dockerd starts: which
+  container owns an endpoint (id and name, for billing) is asked by a background
+  thread after Join and written into the attachment's labels.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import ipaddress
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import socket
+import socketserver
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from runtime import attach, netns
+from runtime.errors import SockgateError
+from runtime.fsutil import atomic_write_json, read_json, remove
+from runtime.netconf import DEFAULT_IPV4_POOL, DEFAULT_IPV6_POOL, NetConf, parse_netconf
+from runtime.store import READY
+
+log = logging.getLogger("sockgate.docker")
+
+DEFAULT_PLUGIN_SOCKET = "/run/docker/plugins/sockgate.sock"
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
+MAX_BODY = 1 << 20
+OP_TIMEOUT_S = 60.0        # longest a handler makes Docker wait
+READ_TIMEOUT_S = 30.0      # a client that doesn't send its request in time is dropped
+SWEEP_EVERY_S = 5.0
+FIREWALL_EVERY_S = 5.0
+IDENTITY_GIVE_UP_S = 600.0
+GENERIC = "com.docker.network.generic"
+PORTMAP = "com.docker.network.portmap"
+INTERNAL = "com.docker.network.internal"
+DOCKER_MTU = "com.docker.network.driver.mtu"
+_DOCKER_ID = re.compile(r"^[0-9a-f]{64}$")
+
+# Network options (`docker network create -o KEY=VALUE`), all strings on the wire.
+OPTIONS = {
+    "ipv4Pool": "container IPv4 addresses (CIDR), default " + DEFAULT_IPV4_POOL,
+    "ipv6Pool": "container IPv6 addresses (CIDR), default " + DEFAULT_IPV6_POOL,
+    "mtu": "MTU of both veth ends, 1280-65535 (also com.docker.network.driver.mtu)",
+}
+
+
+class DriverError(Exception):
+    """Refused with a message for Docker."""
+
+
+# --- state on disk -------------------------------------------------------------------
+
+@dataclass
+class NetworkRecord:
+    id: str
+    options: dict[str, str]            # the validated -o options
+    sockgate_network: str              # the core network (lease and attachment space)
+    name: str = ""                     # Docker's name, learnt in the background
+    created: float = 0.0
+
+
+@dataclass
+class EndpointRecord:
+    network_id: str
+    id: str
+    state: str = "created"             # created (CreateEndpoint) -> joined (Join) -> created (Leave)
+    ifname: str = ""
+    sandbox: str = ""
+    container_id: str = ""             # Docker's, learnt in the background
+    container_name: str = ""
+    created: float = 0.0
+
+
+class DockerStore:
+    """STATE_DIR/docker/{networks,endpoints}/<id>.json, each written atomically."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.root = Path(state_dir) / "docker"
+        self.networks_dir = self.root / "networks"
+        self.endpoints_dir = self.root / "endpoints"
+        # atomic_write_json's temp file is named after the pid: one writer at a time.
+        self._write = threading.Lock()
+
+    @staticmethod
+    def _check_id(value: Any, what: str) -> str:
+        if not isinstance(value, str) or not _DOCKER_ID.match(value):
+            raise DriverError(f"malformed {what}: {value!r}")
+        return value
+
+    def _save(self, directory: Path, key: str, data: dict) -> None:
+        with self._write:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            atomic_write_json(directory / f"{key}.json", data)
+
+    def network(self, nid: str) -> NetworkRecord | None:
+        data = read_json(self.networks_dir / f"{nid}.json")
+        return NetworkRecord(**data) if data else None
+
+    def networks(self) -> list[NetworkRecord]:
+        return [NetworkRecord(**d) for p in sorted(self.networks_dir.glob("*.json")) if (d := read_json(p))]
+
+    def save_network(self, rec: NetworkRecord) -> None:
+        self._save(self.networks_dir, rec.id, asdict(rec))
+
+    def delete_network(self, nid: str) -> None:
+        remove(self.networks_dir / f"{nid}.json")
+
+    def endpoint(self, eid: str) -> EndpointRecord | None:
+        data = read_json(self.endpoints_dir / f"{eid}.json")
+        return EndpointRecord(**data) if data else None
+
+    def endpoints(self) -> list[EndpointRecord]:
+        return [EndpointRecord(**d) for p in sorted(self.endpoints_dir.glob("*.json")) if (d := read_json(p))]
+
+    def save_endpoint(self, rec: EndpointRecord) -> None:
+        self._save(self.endpoints_dir, rec.id, asdict(rec))
+
+    def delete_endpoint(self, eid: str) -> None:
+        remove(self.endpoints_dir / f"{eid}.json")
+
+
+# --- options -> the core's network config -------------------------------------------
+
+def parse_options(request_options: Any) -> dict[str, str]:
+    """The `-o` options of CreateNetwork, validated. Unknown keys are refused (a typo
+    must not silently give the defaults); Docker's own com.docker.* keys are ignored
+    except the standard MTU one."""
+    if not isinstance(request_options, dict):
+        request_options = {}
+    if request_options.get(INTERNAL) is True:
+        raise DriverError("sockgate networks exist for outbound traffic: --internal is not supported")
+    generic = request_options.get(GENERIC) or {}
+    if not isinstance(generic, dict):
+        raise DriverError(f"malformed {GENERIC}: {generic!r}")
+    out: dict[str, str] = {}
+    for key, value in generic.items():
+        value = str(value)
+        if key == DOCKER_MTU:
+            key = "mtu"
+        elif key.startswith("com.docker."):
+            continue
+        elif key not in OPTIONS:
+            raise DriverError(f"unknown sockgate network option {key!r}; known: {', '.join(sorted(OPTIONS))}")
+        out[key] = value
+    return out
+
+
+def sockgate_network_name(options: dict[str, str]) -> str:
+    """Docker networks share the core network of their pools: two networks created with
+    the default pools must lease from one lease space, or both would hand out the same
+    first address. Each pool pair gets one core network."""
+    v4 = str(ipaddress.ip_network(options.get("ipv4Pool", DEFAULT_IPV4_POOL), strict=False))
+    v6 = str(ipaddress.ip_network(options.get("ipv6Pool", DEFAULT_IPV6_POOL), strict=False))
+    if (v4, v6) == (DEFAULT_IPV4_POOL, DEFAULT_IPV6_POOL):
+        return "docker"
+    return "docker-" + hashlib.sha256(f"{v4}|{v6}".encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class DriverConfig:
+    state_dir: str
+    run_dir: str
+    policy_file: str
+    socket_path: str = DEFAULT_PLUGIN_SOCKET
+    docker_host: str = DEFAULT_DOCKER_HOST
+    op_timeout: float = OP_TIMEOUT_S
+
+
+def network_conf(cfg: DriverConfig, rec_options: dict[str, str], name: str) -> NetConf:
+    conf: dict[str, Any] = {"cniVersion": "1.1.0", "name": name, "type": "sockgate",
+                            "stateDir": cfg.state_dir, "runDir": cfg.run_dir, "policyFile": cfg.policy_file}
+    for key in ("ipv4Pool", "ipv6Pool"):
+        if key in rec_options:
+            conf[key] = rec_options[key]
+    if "mtu" in rec_options:
+        try:
+            conf["mtu"] = int(rec_options["mtu"])
+        except ValueError:
+            raise DriverError(f"option 'mtu' must be an integer, got {rec_options['mtu']!r}") from None
+    try:
+        return parse_netconf(conf)
+    except SockgateError as exc:
+        raise DriverError(str(exc)) from None
+
+
+def peer_ifname(eid: str) -> str:
+    """The container end's name in the node netns until Docker moves it into the
+    sandbox (there Docker names it ethN). Also the attachment's ifname in the core: a
+    function of the endpoint id, so DeleteEndpoint finds it without any record."""
+    return "dk" + hashlib.sha256(eid.encode()).hexdigest()[:12]
+
+
+def _node_links() -> set[str]:
+    """Names of every link in this (the node's) netns: one netlink dump."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        return {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+
+
+def _null_ipam(data: Any, family: int) -> bool:
+    """Docker's null IPAM driver hands out the whole space and no address."""
+    if not data:
+        return True
+    pools = {str(d.get("Pool", "")) for d in data if isinstance(d, dict)}
+    return pools <= {"0.0.0.0/0" if family == 4 else "::/0"}
+
+
+# --- Docker's firewall ---------------------------------------------------------------
+
+_RULE_COMMENT = "sockgate: veths policed by table inet sockgate"
+_RULES = (("-i", "sg+"), ("-o", "sg+"))
+
+
+class ForwardAccept:
+    """Lets sockgate's veths through iptables' FORWARD where Docker's firewall would
+    drop them (Docker sets the FORWARD policy to DROP when it turns on forwarding).
+
+    Both iptables backends are looked at, each with its own tool, since which one
+    Docker uses depends on the `iptables` on *its* PATH: the nft backend with
+    iptables-nft (whose tables are nft tables: `ip filter`, `ip6 filter`), the legacy
+    backend with iptables-legacy, only when the legacy filter table already exists in
+    this netns (/proc/net/ip{,6}_tables_names), so that looking never creates one.
+    python-iptables (libiptc) is not used: it drives only the legacy backend (on an
+    nft host it sees empty chains) and doesn't take the xtables lock, so a commit
+    racing dockerd's own iptables calls could lose either side's rules.
+
+    Where the rules go, per backend and family: the DOCKER-USER chain when it exists
+    (Docker jumps there first and never flushes it); else, when the FORWARD policy is
+    DROP (dockerd 20.10 creates no DOCKER-USER for IPv6), the top of FORWARD. They
+    accept packets from and to `sg+` interfaces; the `inet sockgate` table still sees
+    every such packet on its own forward hook, and its drop is final whatever
+    iptables accepted. Rules stay when the agent stops (running containers keep
+    working); `ensure()` runs every few seconds and before each Join."""
+
+    TOOLS = (("nft", 4, "iptables-nft"), ("nft", 6, "ip6tables-nft"),
+             ("legacy", 4, "iptables-legacy"), ("legacy", 6, "ip6tables-legacy"))
+
+    def __init__(self, run: Callable[[list[str]], subprocess.CompletedProcess] | None = None) -> None:
+        self._run = run or (lambda argv: subprocess.run(argv, capture_output=True, text=True, timeout=20))
+        self._lock = threading.Lock()
+        self._checked = 0.0
+        self.placed: dict[str, str] = {}   # "nft/4" -> chain holding our rules
+
+    @staticmethod
+    def _legacy_table_exists(family: int) -> bool:
+        path = "/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names"
+        try:
+            with open(path) as fh:
+                return "filter" in fh.read().split()
+        except OSError:
+            return False
+
+    def _chain(self, tool: str) -> str | None:
+        if self._run([tool, "-w", "5", "-S", "DOCKER-USER"]).returncode == 0:
+            return "DOCKER-USER"
+        head = self._run([tool, "-w", "5", "-S", "FORWARD"])
+        if head.returncode == 0 and "-P FORWARD DROP" in head.stdout.splitlines()[:1]:
+            return "FORWARD"
+        return None
+
+    def ensure(self, max_age: float = 0.0) -> dict[str, str]:
+        with self._lock:
+            if max_age and time.monotonic() - self._checked < max_age:
+                return dict(self.placed)
+            placed = {}
+            for backend, family, name in self.TOOLS:
+                if backend == "legacy" and not self._legacy_table_exists(family):
+                    continue
+                tool = shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+                if tool is None:
+                    continue
+                chain = self._chain(tool)
+                if chain is None:
+                    continue
+                for match in reversed(_RULES):
+                    spec = [*match, "-m", "comment", "--comment", _RULE_COMMENT, "-j", "ACCEPT"]
+                    if self._run([tool, "-w", "5", "-C", chain, *spec]).returncode != 0:
+                        done = self._run([tool, "-w", "5", "-I", chain, "1", *spec])
+                        if done.returncode != 0:
+                            log.error("cannot add %s rule to %s: %s", name, chain, done.stderr.strip())
+                            continue
+                        log.info("added %s %s rule %s to %s", name, " ".join(match), "ACCEPT", chain)
+                placed[f"{backend}/{family}"] = chain
+            self.placed = placed
+            self._checked = time.monotonic()
+            return dict(placed)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.ensure()
+            except Exception:
+                log.exception("checking Docker's firewall failed")
+            stop.wait(FIREWALL_EVERY_S)
+
+
+# --- who owns an endpoint (background) ------------------------------------------------
+
+class IdentityResolver:
+    """Asks dockerd which container owns an endpoint, and writes container id and name
+    into the attachment's labels (billing reads them from there). Runs in its own
+    thread with its own timeouts: never from a handler."""
+
+    def __init__(self, driver: "DockerDriver") -> None:
+        self.driver = driver
+        self.pending: "queue.Queue[str]" = queue.Queue()
+        self._client: Any = None
+
+    def enqueue(self, eid: str) -> None:
+        self.pending.put(eid)
+
+    def _docker(self) -> Any:
+        if self._client is None:
+            import docker  # deferred: only the Docker door needs it
+            self._client = docker.APIClient(base_url=self.driver.cfg.docker_host, version="auto", timeout=10)
+        return self._client
+
+    def lookup(self, ep: EndpointRecord) -> tuple[str, str, str] | None:
+        """(container id, container name, network name), or None if not (yet) known."""
+        api = self._docker()
+        net_name = api.inspect_network(ep.network_id).get("Name", "")
+        for c in api.containers(all=True, filters={"network": ep.network_id}):
+            for settings in ((c.get("NetworkSettings") or {}).get("Networks") or {}).values():
+                if settings.get("EndpointID") == ep.id:
+                    names = c.get("Names") or [""]
+                    return c["Id"], names[0].lstrip("/"), net_name
+        return None
+
+    def run(self, stop: threading.Event) -> None:
+        waiting: dict[str, list[float]] = {}  # eid -> [next try, first seen, tries]
+        while not stop.is_set():
+            now = time.monotonic()
+            for eid, entry in list(waiting.items()):
+                due, since, tries = entry
+                if due > now:
+                    continue
+                ep = self.driver.store.endpoint(eid)
+                if ep is None or ep.state != "joined" or ep.container_id:
+                    del waiting[eid]
+                    continue
+                try:
+                    found = self.lookup(ep)
+                except Exception as exc:
+                    log.info("asking dockerd about endpoint %s: %s", eid[:12], exc)
+                    self._client = None
+                    found = None
+                if found:
+                    try:
+                        self.driver.set_identity(eid, *found)
+                    except Exception:
+                        log.exception("recording the container of endpoint %s failed", eid[:12])
+                    del waiting[eid]
+                elif now - since > IDENTITY_GIVE_UP_S:
+                    log.warning("no container found for endpoint %s; billing goes without its name", eid[:12])
+                    del waiting[eid]
+                else:
+                    # Docker records the endpoint in the container's settings once the
+                    # container started: retry quickly for a while, then back off.
+                    entry[:] = [now + (0.2 if tries < 50 else min(10.0, 0.2 * 2 ** (tries - 50))), since, tries + 1]
+            wait = min((e[0] for e in waiting.values()), default=now + 1.0) - time.monotonic()
+            try:
+                eid = self.pending.get(timeout=max(0.02, min(1.0, wait)))
+                waiting.setdefault(eid, [0.0, time.monotonic(), 0])
+            except queue.Empty:
+                pass
+
+
+# --- the driver ------------------------------------------------------------------------
+
+class _Op:
+    """One bounded operation: the handler waits at most `timeout`; the work goes on in
+    its own thread, and `abandoned` tells it nobody waits for its answer any more."""
+
+    def __init__(self, fn: Callable[["_Op"], dict], name: str) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.abandoned = False
+        self.result: dict | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._body, name=f"docker-{name}", daemon=True)
+
+    def _body(self) -> None:
+        try:
+            self.result = self.fn(self)
+        except BaseException as exc:  # handed to the waiting handler
+            self.error = exc
+        finally:
+            self.done.set()
+
+
+class DockerDriver:
+    def __init__(self, cfg: DriverConfig, firewall: ForwardAccept | None = None) -> None:
+        self.cfg = cfg
+        self.store = DockerStore(cfg.state_dir)
+        self.firewall = firewall
+        self.identity = IdentityResolver(self)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._ops: set[_Op] = set()
+        self._ops_guard = threading.Lock()
+        self.routes: dict[str, Callable[[dict, _Op], dict]] = {
+            "/Plugin.Activate": lambda r, op: {"Implements": ["NetworkDriver"]},
+            "/NetworkDriver.GetCapabilities": lambda r, op: {"Scope": "local", "ConnectivityScope": "local"},
+            "/NetworkDriver.CreateNetwork": self.create_network,
+            "/NetworkDriver.DeleteNetwork": self.delete_network,
+            "/NetworkDriver.CreateEndpoint": self.create_endpoint,
+            "/NetworkDriver.EndpointOperInfo": self.endpoint_info,
+            "/NetworkDriver.DeleteEndpoint": self.delete_endpoint,
+            "/NetworkDriver.Join": self.join,
+            "/NetworkDriver.Leave": self.leave,
+            "/NetworkDriver.DiscoverNew": lambda r, op: {},
+            "/NetworkDriver.DiscoverDelete": lambda r, op: {},
+            "/NetworkDriver.ProgramExternalConnectivity": lambda r, op: {},
+            "/NetworkDriver.RevokeExternalConnectivity": lambda r, op: {},
+            "/NetworkDriver.AllocateNetwork": self.allocate_network,
+            "/NetworkDriver.FreeNetwork": lambda r, op: {},
+        }
+        # Teardown answers Docker once its wait is over even if the work isn't: the
+        # work goes on and Docker's next step (removing the sandbox) is harmless to it.
+        self.lenient = {"/NetworkDriver.Leave", "/NetworkDriver.DeleteEndpoint", "/NetworkDriver.DeleteNetwork"}
+
+    # ---- plumbing ----
+    def _lock(self, eid: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(eid, threading.Lock())
+
+    def _forget_lock(self, eid: str) -> None:
+        with self._locks_guard:
+            self._locks.pop(eid, None)
+
+    def dispatch(self, path: str, body: dict) -> tuple[int, dict]:
+        handler = self.routes.get(path)
+        if handler is None:
+            return 404, {"Err": f"sockgate does not implement {path}"}
+        op = _Op(lambda o: handler(body, o), path.rsplit(".", 1)[-1])
+        with self._ops_guard:
+            self._ops.add(op)
+        op.thread.start()
+        finished = op.done.wait(self.cfg.op_timeout)
+        with self._ops_guard:
+            if finished:
+                self._ops.discard(op)
+            else:
+                op.abandoned = True
+        if not finished:
+            threading.Thread(target=self._reap, args=(op,), daemon=True).start()
+            if path in self.lenient:
+                log.warning("%s still running after %.0f s; answering Docker, it goes on", path, self.cfg.op_timeout)
+                return 200, {}
+            return 200, {"Err": f"sockgate: {path.rsplit('.', 1)[-1]} did not finish within "
+                                f"{self.cfg.op_timeout:.0f} s"}
+        if op.error is not None:
+            if isinstance(op.error, (DriverError, SockgateError)):
+                return 200, {"Err": str(op.error)}
+            log.error("%s failed", path, exc_info=op.error)
+            return 200, {"Err": f"sockgate internal error: {op.error}"}
+        return 200, op.result or {}
+
+    def _reap(self, op: _Op) -> None:
+        op.done.wait()
+        with self._ops_guard:
+            self._ops.discard(op)
+
+    def wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._ops_guard:
+                ops = list(self._ops)
+            if not ops:
+                return
+            ops[0].done.wait(max(0.0, deadline - time.monotonic()))
+
+    def _network(self, nid: Any) -> tuple[NetworkRecord, NetConf]:
+        nid = DockerStore._check_id(nid, "NetworkID")
+        rec = self.store.network(nid)
+        if rec is None:
+            raise DriverError(f"network {nid[:12]} is not known to sockgate (created while its state "
+                              f"dir was elsewhere?); remove and re-create it")
+        return rec, network_conf(self.cfg, rec.options, rec.sockgate_network)
+
+    # ---- networks ----
+    def create_network(self, req: dict, op: _Op) -> dict:
+        nid = DockerStore._check_id(req.get("NetworkID"), "NetworkID")
+        if not (_null_ipam(req.get("IPv4Data"), 4) and _null_ipam(req.get("IPv6Data"), 6)):
+            raise DriverError("sockgate leases container addresses itself: create the network with "
+                              "--ipam-driver null (compose: ipam: {driver: \"null\"})")
+        options = parse_options(req.get("Options"))
+        name = sockgate_network_name(options)
+        conf = network_conf(self.cfg, options, name)
+        for other in self.store.networks():
+            if other.id == nid or other.sockgate_network == name:
+                continue
+            oconf = network_conf(self.cfg, other.options, other.sockgate_network)
+            for mine, theirs in ((conf.ipv4_pool, oconf.ipv4_pool), (conf.ipv6_pool, oconf.ipv6_pool)):
+                if mine.overlaps(theirs):
+                    raise DriverError(f"pool {mine} overlaps {theirs} of network {other.name or other.id[:12]}; "
+                                      f"use the same pools (they share addresses) or disjoint ones")
+        self.store.save_network(NetworkRecord(id=nid, options=options, sockgate_network=name, created=time.time()))
+        log.info("network %s created: core network %s, pools %s %s", nid[:12], name, conf.ipv4_pool, conf.ipv6_pool)
+        return {}
+
+    def delete_network(self, req: dict, op: _Op) -> dict:
+        nid = DockerStore._check_id(req.get("NetworkID"), "NetworkID")
+        for ep in self.store.endpoints():
+            if ep.network_id == nid:
+                self._drop_endpoint(ep.id, nid)
+        self.store.delete_network(nid)
+        log.info("network %s deleted", nid[:12])
+        return {}
+
+    def allocate_network(self, req: dict, op: _Op) -> dict:
+        raise DriverError("sockgate is a local-scope driver: swarm networks are not supported")
+
+    # ---- endpoints: the attachment lives from CreateEndpoint to DeleteEndpoint ----
+    @staticmethod
+    def _interface(att: Any) -> dict:
+        return {"Interface": {"Address": f"{att.ipv4}/32", "AddressIPv6": f"{att.ipv6}/128"}}
+
+    def _intact(self, conf: NetConf, eid: str, links: set[str] | None = None) -> Any:
+        att = attach.Network(conf).attachments.load(eid, peer_ifname(eid))
+        if att is None or att.state != READY:
+            return None
+        present = att.host_ifname in links if links is not None else netns.link_exists(att.host_ifname)
+        return att if present else None
+
+    def create_endpoint(self, req: dict, op: _Op) -> dict:
+        rec, conf = self._network(req.get("NetworkID"))
+        eid = DockerStore._check_id(req.get("EndpointID"), "EndpointID")
+        options = req.get("Options") or {}
+        if options.get(PORTMAP):
+            raise DriverError("sockgate sandboxes are outbound-only: published ports (-p) are not supported")
+        iface = req.get("Interface") or {}
+        if iface.get("Address") or iface.get("AddressIPv6"):
+            raise DriverError("Docker's IPAM assigned an address; sockgate networks need --ipam-driver null")
+        with self._lock(eid):
+            ep = self.store.endpoint(eid)
+            att = self._intact(conf, eid) if ep is not None else None
+            if att is not None:  # a repeated CreateEndpoint: same answer
+                return self._interface(att)
+            if ep is not None:
+                attach.detach(conf, eid, peer_ifname(eid))
+            labels = {"docker_network_id": rec.id, "docker_endpoint_id": eid}
+            if rec.name:
+                labels["docker_network"] = rec.name
+            att = attach.attach_unplaced(attach.AttachRequest(conf=conf, container_id=eid, ifname=peer_ifname(eid),
+                                                              netns="", labels=labels))
+            if op.abandoned:
+                # Docker got a timeout error for this call and will never delete it.
+                log.warning("endpoint %s finished after Docker gave up; undoing it", eid[:12])
+                attach.detach(conf, eid, peer_ifname(eid))
+                return {}
+            self.store.save_endpoint(EndpointRecord(network_id=rec.id, id=eid, ifname=att.ifname,
+                                                    created=time.time()))
+        return self._interface(att)
+
+    def endpoint_info(self, req: dict, op: _Op) -> dict:
+        eid = DockerStore._check_id(req.get("EndpointID"), "EndpointID")
+        ep = self.store.endpoint(eid)
+        value: dict[str, str] = {}
+        if ep is not None:
+            try:
+                _, conf = self._network(ep.network_id)
+                att = attach.Network(conf).attachments.load(eid, peer_ifname(eid))
+            except DriverError:
+                att = None
+            if att is not None:
+                value = {"sockgate.ipv4": att.ipv4, "sockgate.ipv6": att.ipv6, "sockgate.host_ifname": att.host_ifname}
+        return {"Value": value}
+
+    def delete_endpoint(self, req: dict, op: _Op) -> dict:
+        eid = DockerStore._check_id(req.get("EndpointID"), "EndpointID")
+        self._drop_endpoint(eid, req.get("NetworkID"))
+        return {}
+
+    def _drop_endpoint(self, eid: str, nid: Any) -> None:
+        with self._lock(eid):
+            self._detach(eid, nid)
+            self.store.delete_endpoint(eid)
+        self._forget_lock(eid)
+
+    # ---- join / leave: Docker moves the interface in and out ----
+    def join(self, req: dict, op: _Op) -> dict:
+        rec, conf = self._network(req.get("NetworkID"))
+        eid = DockerStore._check_id(req.get("EndpointID"), "EndpointID")
+        sandbox = req.get("SandboxKey")
+        if not isinstance(sandbox, str) or not sandbox.startswith("/"):
+            raise DriverError(f"malformed SandboxKey: {sandbox!r}")
+        with self._lock(eid):
+            ep = self.store.endpoint(eid)
+            att = self._intact(conf, eid) if ep is not None else None
+            if att is None:
+                raise DriverError(f"endpoint {eid[:12]} has no sockgate interface (lost while the agent was "
+                                  f"down?); restart the container")
+            if not netns.link_exists(att.ifname):
+                # Docker moves it back at Leave; not here means another sandbox has it.
+                raise DriverError(f"interface {att.ifname} of endpoint {eid[:12]} is not on the node")
+            if self.firewall is not None:
+                try:
+                    self.firewall.ensure(max_age=2.0)
+                except Exception:
+                    log.exception("checking Docker's firewall failed")
+            attach.set_netns(conf, eid, att.ifname, sandbox)
+            ep.state, ep.sandbox = "joined", sandbox
+            self.store.save_endpoint(ep)
+        self.identity.enqueue(eid)
+        return {
+            "InterfaceName": {"SrcName": att.ifname, "DstPrefix": "eth"},
+            # The same gateways as every sockgate container: 169.254.1.1 on a
+            # connected /32 route (answered by the node's proxy ARP), fe80::1 on the
+            # link (an address of the node's veth end).
+            "Gateway": netns.GATEWAY_V4,
+            "GatewayIPv6": netns.GATEWAY_V6,
+            "StaticRoutes": [{"Destination": f"{netns.GATEWAY_V4}/32", "RouteType": 1}],
+            "DisableGatewayService": True,
+        }
+
+    def leave(self, req: dict, op: _Op) -> dict:
+        eid = DockerStore._check_id(req.get("EndpointID"), "EndpointID")
+        with self._lock(eid):
+            ep = self.store.endpoint(eid)
+            if ep is not None and ep.state == "joined":
+                try:
+                    _, conf = self._network(ep.network_id)
+                    attach.set_netns(conf, eid, peer_ifname(eid), "")
+                except DriverError:
+                    pass
+                ep.state, ep.sandbox = "created", ""
+                self.store.save_endpoint(ep)
+        return {}
+
+    def _detach(self, eid: str, nid: Any) -> None:
+        """Caller holds the endpoint's lock. Idempotent; needs no record: the ifname is
+        a function of the endpoint id, and without a network record every core network
+        of this door is tried."""
+        ep = self.store.endpoint(eid)
+        nid = ep.network_id if ep is not None else nid
+        rec = self.store.network(nid) if isinstance(nid, str) and _DOCKER_ID.match(nid) else None
+        if rec is not None:
+            confs = [network_conf(self.cfg, rec.options, rec.sockgate_network)]
+        else:
+            confs = [self._conf_of(name) for name in sorted({n.sockgate_network for n in self.store.networks()})]
+        for conf in confs:
+            attach.detach(conf, eid, peer_ifname(eid))
+
+    def _conf_of(self, core_name: str) -> NetConf:
+        for n in self.store.networks():
+            if n.sockgate_network == core_name:
+                return network_conf(self.cfg, n.options, core_name)
+        return network_conf(self.cfg, {}, core_name)
+
+    # ---- background ----
+    def set_identity(self, eid: str, container_id: str, container_name: str, network_name: str) -> None:
+        with self._lock(eid):
+            ep = self.store.endpoint(eid)
+            if ep is None or ep.state != "joined":
+                return
+            rec, conf = self._network(ep.network_id)
+            if network_name and rec.name != network_name:
+                rec.name = network_name
+                self.store.save_network(rec)
+            ep.container_id, ep.container_name = container_id, container_name
+            self.store.save_endpoint(ep)
+            net = attach.Network(conf)
+            with net.lock():
+                att = net.attachments.load(eid, peer_ifname(eid))
+                if att is None:
+                    return
+                att.labels.update({"docker_container_id": container_id, "container_name": container_name,
+                                   **({"docker_network": network_name} if network_name else {})})
+                net.attachments.save(att)
+        log.info("endpoint %s belongs to container %s (%s)", eid[:12], container_name, container_id[:12])
+
+    def sweep(self) -> list[str]:
+        """Endpoints whose interface is gone: the container's netns died with it in
+        while Docker's DeleteEndpoint never reached us (agent down, dockerd killed).
+        Free their leases, records and set elements. Also attachments of this door
+        whose endpoint record never got written (the agent died in CreateEndpoint)."""
+        undone = []
+        known = {ep.id: ep for ep in self.store.endpoints()}
+        if not known and not self.store.networks():
+            return undone
+        links = _node_links()
+        cores = {n.sockgate_network for n in self.store.networks()}
+        orphans = {a.container_id for name in cores for a in attach.Network(self._conf_of(name)).attachments.all()
+                   if a.container_id not in known and _DOCKER_ID.match(a.container_id)}
+        for eid in sorted(set(known) | orphans):
+            with self._lock(eid):
+                ep = self.store.endpoint(eid)
+                if ep is None:
+                    if eid in orphans:
+                        self._detach(eid, None)
+                        undone.append(eid)
+                        log.info("attachment of endpoint %s had no endpoint record; removed", eid[:12])
+                    continue
+                try:
+                    _, conf = self._network(ep.network_id)
+                except DriverError:
+                    continue
+                if self._intact(conf, eid, links) is not None or self._intact(conf, eid) is not None:
+                    continue  # (the second look: the link dump may predate a CreateEndpoint)
+                self._detach(eid, ep.network_id)
+                self.store.delete_endpoint(eid)
+                undone.append(eid)
+                log.info("endpoint %s: its interface is gone (container netns deleted); attachment removed", eid[:12])
+        return undone
+
+    def pending_identities(self) -> None:
+        for ep in self.store.endpoints():
+            if ep.state == "joined" and not ep.container_id:
+                self.identity.enqueue(ep.id)
+
+
+# --- HTTP over a unix socket -----------------------------------------------------------
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: "_Server"
+    protocol_version = "HTTP/1.1"
+    timeout = READ_TIMEOUT_S
+
+    def address_string(self) -> str:  # AF_UNIX peers have no address
+        return "docker"
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.debug("http: " + fmt, *args)
+
+    def _reply(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:
+        started = time.monotonic()
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            self.close_connection = True
+            return self._reply(400, {"Err": "bad Content-Length"})
+        raw = self.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:  # no Content-Type is sent: the body is JSON by contract
+            return self._reply(400, {"Err": f"request body is not a JSON object: {exc}"})
+        status, answer = self.server.driver.dispatch(self.path, body)
+        self._reply(status, answer)
+        what = self.path.rsplit(".", 1)[-1]
+        eid = str(body.get("EndpointID") or body.get("NetworkID") or "")[:12]
+        level = logging.INFO if what not in ("EndpointOperInfo", "GetCapabilities", "Activate") else logging.DEBUG
+        log.log(level, "docker %s %s %s in %.1f ms", what, eid, "error: " + answer["Err"] if "Err" in answer else "ok",
+                (time.monotonic() - started) * 1000)
+
+    def do_GET(self) -> None:
+        self._reply(404, {"Err": "POST only"})
+
+
+class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    address_family = socket.AF_UNIX
+    daemon_threads = True
+    block_on_close = False
+    driver: DockerDriver
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)  # HTTPServer's would want (host, port)
+        self.server_name, self.server_port = "sockgate", 0
+
+
+def bind_socket(path: str, driver: DockerDriver) -> _Server:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.exists() or p.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            raise SystemExit(f"another process serves the Docker plugin socket {path}")
+        except (ConnectionRefusedError, FileNotFoundError):
+            p.unlink(missing_ok=True)
+        finally:
+            probe.close()
+    old = os.umask(0o177)  # root-only: dockerd runs as root
+    try:
+        server = _Server(path, _Handler)
+    finally:
+        os.umask(old)
+    server.driver = driver
+    return server
+
+
+class DockerDoor:
+    """The agent component: the plugin socket, Docker's firewall, the identity
+    resolver and the periodic sweep. Binds and reconciles in the constructor, so the
+    agent reports ready only once Docker can reach the driver."""
+
+    def __init__(self, cfg: DriverConfig) -> None:
+        self.cfg = cfg
+        self.firewall = ForwardAccept()
+        self.driver = DockerDriver(cfg, self.firewall)
+        try:
+            self.firewall.ensure()
+        except Exception:
+            log.exception("checking Docker's firewall failed")
+        undone = self.driver.sweep()
+        if undone:
+            log.info("startup: %d stale Docker endpoint(s) cleaned up", len(undone))
+        self.driver.pending_identities()
+        self.server = bind_socket(cfg.socket_path, self.driver)
+        log.info("serving Docker's network driver protocol on %s (driver name %r)", cfg.socket_path,
+                 Path(cfg.socket_path).stem)
+
+    def run(self, stop: threading.Event) -> None:
+        threads = [threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
+                                    name="docker-http"),
+                   threading.Thread(target=self.firewall.run, args=(stop,), name="docker-firewall"),
+                   threading.Thread(target=self.driver.identity.run, args=(stop,), name="docker-identity")]
+        for t in threads:
+            t.start()
+        try:
+            while not stop.wait(SWEEP_EVERY_S):
+                try:
+                    self.driver.sweep()
+                except Exception:
+                    log.exception("sweep of Docker endpoints failed")
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+            self.driver.wait_idle(self.cfg.op_timeout)
+            try:
+                os.unlink(self.cfg.socket_path)
+            except FileNotFoundError:
+                pass
+            for t in threads:
+                t.join()
+
+
+def docker_component(cfg: Any) -> DockerDoor:
+    """Factory for runtime.agent: an AgentConfig with docker_socket set."""
+    return DockerDoor(DriverConfig(state_dir=cfg.state_dir, run_dir=cfg.run_dir, policy_file=cfg.policy_file,
+                                   socket_path=cfg.docker_socket, docker_host=cfg.docker_host))
