@@ -58,7 +58,7 @@ DEFAULT_MAX_BYTES = 64 << 20
 DEFAULT_INTERVAL = 60.0
 DEL_CACHE_LAG = 1 << 20  # DEL leaves the cache up to this far behind (see Ledger.session)
 # Labels copied from the attachment into every record, when known.
-LABELS = ("pod_namespace", "pod_name", "pod_uid", "container_name")
+LABELS = ("pod_namespace", "pod_name", "pod_uid", "container_name", "docker_container_id", "docker_network")
 _TAIL = 64  # bytes hashed in the cache to recognise the ledger offset it reflects
 
 
