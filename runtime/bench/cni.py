@@ -34,6 +34,10 @@ background; the agent is started before and stopped (SIGTERM, which waits for th
 reaper to drain) after each of its scenarios, so no scenario inherits another's
 work. After each ADD phase and each scenario the benchmark checks, untimed, that all
 containers were attached and that nothing (link, lease, container interface) is left.
+
+Latencies on a 2-CPU machine move a lot with anything else running: for each scenario
+the report gives the share of the CPUs used by processes other than this benchmark's
+(/proc/stat minus our own and our children's CPU time) and flags those above 10%.
 """
 from __future__ import annotations
 
@@ -77,6 +81,7 @@ REF_SUBNET = "10.88.0.0/16"
 CNI_ARGS = {"IgnoreUnknown": "1"}
 CAPABILITY_ARGS: dict[str, Any] = {"portMappings": []}  # what runtimes send for a container without ports
 STOP_TIMEOUT = 60.0
+BUSY_WARN = 0.10  # other processes using more than this share of the machine disturb the numbers
 
 
 class BenchError(Exception):
@@ -108,6 +113,37 @@ def stats(values: Sequence[float]) -> dict[str, float]:
             "min": min(ms) if ms else float("nan"), "max": max(ms) if ms else float("nan")}
 
 
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine spent busy so far (/proc/stat: all but idle and
+    iowait; guest time is already inside user)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process and of its children that were waited for (plugins,
+    nsenter, the agent once stopped)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class CpuMeter:
+    """How much of the machine something else used meanwhile: a noise gauge. Kernel
+    work done outside our processes (softirqs, kworkers) counts as "other" too."""
+
+    def __init__(self) -> None:
+        self.t0, self.busy0, self.own0 = time.monotonic(), _busy_cpu_s(), _own_cpu_s()
+
+    def read(self) -> dict[str, float]:
+        wall = time.monotonic() - self.t0
+        busy, own = _busy_cpu_s() - self.busy0, _own_cpu_s() - self.own0
+        other = max(0.0, busy - own)
+        cpus = os.cpu_count() or 1
+        return {"wall_s": wall, "busy_cpu_s": busy, "own_cpu_s": own, "other_cpu_s": other,
+                "other_share": other / (wall * cpus) if wall > 0 else 0.0}
+
+
 @dataclass
 class Scenario:
     round: int
@@ -119,6 +155,7 @@ class Scenario:
     agent_side_ms: dict[str, list[float]] = field(default_factory=dict)  # op -> handler time in the agent
     agent_stop_s: float | None = None
     warmup_s: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)  # CpuMeter over the whole scenario
 
 
 class Agent:
@@ -431,25 +468,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _progress(f"lab {lab.prefix} up")
             others = other_labs(lab.prefix)
             if others:
-                _progress(f"note: other lab runs on this machine compete for the CPUs: {others}")
+                _progress(f"note: other lab runs exist on this machine (they may compete for the CPUs; see the CPU gauge): {others}")
             bench = Bench(lab, tmp, args)
             info = bench.preflight()
             bench.make_apps()
             try:
                 for i, (rnd, plugin, mode) in enumerate(order, 1):
                     t0 = time.monotonic()
+                    meter = CpuMeter()
                     sc = bench.run_scenario(rnd, plugin, mode)
+                    sc.cpu = meter.read()
                     scenarios.append(sc)
                     s_add, s_del = stats(sc.seconds["ADD"]), stats(sc.seconds["DEL"])
                     _progress(f"[{i}/{len(order)}] round {rnd + 1} {LABELS[plugin]:<34} {mode:<10} "
                               f"ADD p50 {s_add['p50']:6.1f} ms  DEL p50 {s_del['p50']:6.1f} ms  "
                               f"({time.monotonic() - t0:.1f} s"
                               + (f", agent stop {sc.agent_stop_s:.1f} s" if sc.agent_stop_s is not None else "")
-                              + ")")
+                              + f", other processes {sc.cpu['other_share']:.0%} of the CPUs)")
             finally:
                 if bench.agent is not None:
                     bench.agent.kill()
             bench.timings["scenarios_s"] = time.monotonic() - t_start - bench.timings["apps_s"]
+            others = sorted(set(others) | set(other_labs(lab.prefix)))
             t_down = time.monotonic()
         bench.timings["teardown_s"] = time.monotonic() - t_down
     rep: dict[str, Any] = {
@@ -467,7 +507,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cni_args": CNI_ARGS, "capability_args": CAPABILITY_ARGS,
         "order": [f"r{rnd + 1}:{SHORT[p]}:{m}" for rnd, p, m in order],
         "scenarios": [{"round": s.round, "plugin": s.plugin, "mode": s.mode, "seconds": s.seconds,
-                       "phase_seconds": s.phase_seconds, "warmup_s": s.warmup_s, "agent_stop_s": s.agent_stop_s}
+                       "phase_seconds": s.phase_seconds, "warmup_s": s.warmup_s, "agent_stop_s": s.agent_stop_s,
+                       "cpu": s.cpu}
                       for s in scenarios],
         "timings": bench.timings,
     }
@@ -531,8 +572,15 @@ def print_report(rep: dict[str, Any]) -> None:
           f"incl. reaper drain {', '.join(f'{s:.1f}' for s in stops)} s); load average at start "
           f"{' '.join(f'{x:.2f}' for x in rep['loadavg_start'])}, at the end "
           f"{' '.join(f'{x:.2f}' for x in rep['loadavg_end'])}")
+    shares = [(f"r{s['round'] + 1}:{SHORT[s['plugin']]}:{s['mode']}", s["cpu"].get("other_share", 0.0))
+              for s in rep["scenarios"]]
+    print("CPU used by other processes during each scenario (share of all CPUs; noise gauge): "
+          + " ".join(f"{k} {v:.0%}" for k, v in shares))
     if rep["other_labs"]:
-        print(f"note: other lab runs were on the machine (competing for the CPUs): {', '.join(rep['other_labs'])}")
+        print(f"note: other lab runs were on the machine (see the CPU gauge above): {', '.join(rep['other_labs'])}")
+    if any(v > BUSY_WARN for _, v in shares):
+        print(f"note: other processes used more than {BUSY_WARN:.0%} of the CPUs during some scenarios: "
+              "those numbers are disturbed; rerun on a quiet machine")
 
 
 def build_parser() -> argparse.ArgumentParser:
