@@ -2,21 +2,21 @@
 
 With a node agent listening on <runDir>/agent.sock the request is forwarded there
 (the agent has pyroute2 loaded, the policy compiled and the table checked); without
-one, the same handler runs in this process. The forwarding path imports only json,
-os and socket: the launcher starts Python with -S, and every millisecond of start-up
-is a millisecond of every container's start. Nothing but the result or error JSON is
+one, the same handler runs in this process. The forwarding path imports only os,
+socket and sys (not even typing, nor json, which pulls in re): the launcher starts
+Python with -S, and every millisecond of start-up is a millisecond of every
+container's start. Nothing but the result or error JSON is
 ever written to stdout; logs go to the configured logFile, else stderr.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
-from typing import TYPE_CHECKING, Mapping
 
-if TYPE_CHECKING:
-    from runtime.errors import SockgateError
+from cni_plugin import wire
+
+# Annotations are strings (from __future__): Mapping and SockgateError need no import.
 
 AGENT_SOCKET = "agent.sock"
 DEFAULT_RUN_DIR = "/run/sockgate"
@@ -49,6 +49,8 @@ def _setup_logging(config: dict) -> None:
 
 
 def _error(config: object, err: "SockgateError") -> tuple[int, str]:
+    import json
+
     from cni_plugin.request import error_version
     return 1, json.dumps(err.to_cni(error_version(config)))
 
@@ -56,7 +58,9 @@ def _error(config: object, err: "SockgateError") -> tuple[int, str]:
 def execute(env: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
     """Handle one CNI request in this process: (exit code, stdout text). The agent
     serves forwarded requests with this same function."""
+    import json
     import logging
+
     from cni_plugin.request import parse_request, version_reply
     from runtime.errors import INTERNAL, SockgateError
     log = logging.getLogger("sockgate.cni")
@@ -81,12 +85,25 @@ def execute(env: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
                                             f"{type(exc).__name__}: {exc}"))
 
 
-def _agent_path(config: object) -> str:
-    run_dir = config.get("runDir") if isinstance(config, dict) else None
+def _config(stdin: bytes) -> object:
+    import json
+    try:
+        return json.loads(stdin or b"{}")
+    except ValueError:
+        return None
+
+
+def _agent_path(stdin: bytes) -> str:
+    """The socket of the agent serving runDir. Any agent gives the same answer (it
+    runs the request's own config), so a wrong guess costs speed, never correctness."""
+    run_dir = wire.top_level_string(stdin, "runDir")
+    if run_dir is None and b'"runDir"' in stdin:
+        config = _config(stdin)
+        run_dir = config.get("runDir") if isinstance(config, dict) else None
     return os.path.join(run_dir if isinstance(run_dir, str) and run_dir else DEFAULT_RUN_DIR, AGENT_SOCKET)
 
 
-def forward(path: str, env: Mapping[str, str], stdin: bytes, config: object = None) -> tuple[int, str] | None:
+def forward(path: str, env: Mapping[str, str], stdin: bytes) -> tuple[int, str] | None:
     """Ask the agent. None when no agent listens (then the caller runs in-process).
     Once the request was sent, a broken reply is an error, never a silent retry: the
     agent may have done half an ADD, and the runtime must retry (code 11)."""
@@ -98,33 +115,26 @@ def forward(path: str, env: Mapping[str, str], stdin: bytes, config: object = No
         sock.close()
         return None
     try:
-        request = {"env": {k: v for k, v in env.items() if k.startswith("CNI_")},
-                   "stdin": stdin.decode("utf-8", errors="surrogateescape")}
-        sock.sendall(json.dumps(request).encode())
+        sock.sendall(wire.encode_request(env, stdin))
         sock.shutdown(socket.SHUT_WR)
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
-        reply = json.loads(b"".join(chunks))
-        return int(reply["rc"]), str(reply["stdout"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return wire.decode_reply(b"".join(chunks))
+    except (OSError, ValueError) as exc:
         from runtime.errors import TRY_AGAIN_LATER, SockgateError
-        return _error(config, SockgateError(TRY_AGAIN_LATER, "the sockgate agent did not answer",
+        return _error(_config(stdin), SockgateError(TRY_AGAIN_LATER, "the sockgate agent did not answer",
                                           f"{type(exc).__name__}: {exc}"))
     finally:
         sock.close()
 
 
 def run(env: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
-    config: object = None
-    try:
-        config = json.loads(stdin or b"{}")
-    except ValueError:
-        pass
     if env.get("CNI_COMMAND") != "VERSION":
-        reply = forward(_agent_path(config), env, stdin, config)
+        reply = forward(_agent_path(stdin), env, stdin)
         if reply is not None:
             return reply
+    config = _config(stdin)
     _full_environment()
     _setup_logging(config if isinstance(config, dict) else {})
     return execute(env, stdin)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
+from cni_plugin import wire
 from cni_plugin.shim import AGENT_SOCKET, execute
 
 log = logging.getLogger("sockgate.agent")
@@ -70,16 +71,14 @@ class _Handler(socketserver.StreamRequestHandler):
         started = time.monotonic()
         raw = self.rfile.read(MAX_REQUEST_BYTES)
         try:
-            request = json.loads(raw)
-            env = {str(k): str(v) for k, v in request["env"].items()}
-            stdin = str(request["stdin"]).encode("utf-8", errors="surrogateescape")
-        except (ValueError, KeyError, TypeError, AttributeError):
-            self.wfile.write(json.dumps({"rc": 1, "stdout": json.dumps(
+            env, stdin = wire.decode_request(raw)
+        except ValueError as exc:
+            self.wfile.write(wire.encode_reply(1, json.dumps(
                 {"cniVersion": "1.1.0", "code": 6, "msg": "malformed request to the agent",
-                 "details": ""})}).encode())
+                 "details": str(exc)})))
             return
         rc, out = execute(env, stdin)
-        self.wfile.write(json.dumps({"rc": rc, "stdout": out}).encode())
+        self.wfile.write(wire.encode_reply(rc, out))
         self.observe(env.get("CNI_COMMAND", "?"), rc, time.monotonic() - started)
         log.info("%s %s/%s rc=%d in %.1f ms", env.get("CNI_COMMAND"), env.get("CNI_CONTAINERID", ""),
                  env.get("CNI_IFNAME", ""), rc, (time.monotonic() - started) * 1000)

@@ -102,3 +102,17 @@ def test_netconf_errors_name_the_field(field, value, code):
         parse_netconf(conf)
     assert info.value.code == code
     assert field.split(".")[0] in info.value.msg
+
+
+def test_wire_round_trip_and_run_dir_without_json():
+    from cni_plugin import wire
+    env = {"CNI_COMMAND": "ADD", "CNI_ARGS": "A=b;C=d", "PATH": "/bin"}
+    stdin = b'{"cniVersion": "1.1.0", "runDir": "/tmp/x y", "name": "n"}'
+    got_env, got_stdin = wire.decode_request(wire.encode_request(env, stdin))
+    assert got_env == {"CNI_COMMAND": "ADD", "CNI_ARGS": "A=b;C=d"} and got_stdin == stdin
+    assert wire.decode_reply(wire.encode_reply(3, '{"code": 3}')) == (3, '{"code": 3}')
+    assert wire.top_level_string(stdin, "runDir") == "/tmp/x y"
+    assert wire.top_level_string(b'{"runDir": "a\\\\b"}', "runDir") is None  # escapes: parse properly
+    assert wire.top_level_string(b'{"name": "x"}', "runDir") is None
+    with pytest.raises(ValueError):
+        wire.decode_request(b"GET / HTTP/1.0\r\n\r\n")

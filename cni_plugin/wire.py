@@ -1,0 +1,61 @@
+"""The shim ↔ agent wire format. Not JSON: `import json` pulls in `re`, and the shim's
+start-up is on the path of every container start.
+
+request: b"SG1\\n" + b"\\0".join(b"KEY=VALUE" for each CNI_* variable) + b"\\0\\0" + stdin
+reply:   b"<exit code>\\n" + stdout
+"""
+from __future__ import annotations
+
+# No `typing` import (5 ms at start-up): annotations are strings.
+
+MAGIC = b"SG1\n"
+
+
+def encode_request(env: Mapping[str, str], stdin: bytes) -> bytes:
+    pairs = [f"{k}={v}".encode("utf-8", "surrogateescape") for k, v in env.items() if k.startswith("CNI_")]
+    return MAGIC + b"\0".join(pairs) + b"\0\0" + stdin
+
+
+def decode_request(raw: bytes) -> tuple[dict[str, str], bytes]:
+    if not raw.startswith(MAGIC):
+        raise ValueError("not a sockgate request")
+    head, sep, stdin = raw[len(MAGIC):].partition(b"\0\0")
+    if not sep:
+        raise ValueError("truncated sockgate request")
+    env = {}
+    for pair in filter(None, head.split(b"\0")):
+        key, eq, value = pair.decode("utf-8", "surrogateescape").partition("=")
+        if not eq or not key.startswith("CNI_"):
+            raise ValueError(f"bad variable in request: {key!r}")
+        env[key] = value
+    return env, stdin
+
+
+def encode_reply(rc: int, stdout: str) -> bytes:
+    return f"{rc}\n".encode() + stdout.encode()
+
+
+def decode_reply(raw: bytes) -> tuple[int, str]:
+    code, sep, out = raw.partition(b"\n")
+    if not sep:
+        raise ValueError("truncated reply from the agent")
+    return int(code), out.decode()
+
+
+def top_level_string(config: bytes, key: str) -> str | None:
+    """The value of a simple top-level string field, without a JSON parser: enough to
+    find runDir. None when absent or not simple (escapes): the caller then parses."""
+    needle = f'"{key}"'.encode()
+    at = config.find(needle)
+    if at < 0 or config.find(needle, at + 1) >= 0:
+        return None
+    rest = config[at + len(needle):].lstrip()
+    if not rest.startswith(b":"):
+        return None
+    rest = rest[1:].lstrip()
+    if not rest.startswith(b'"'):
+        return None
+    value, sep, _ = rest[1:].partition(b'"')
+    if not sep or b"\\" in value:
+        return None
+    return value.decode("utf-8", "replace")
