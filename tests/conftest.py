@@ -84,7 +84,6 @@ class AgentProcess:
         self.proc = None
 
     def start(self, timeout: float = 20.0) -> "AgentProcess":
-        import subprocess
         import sys
         import time
         self.ready.unlink(missing_ok=True)

@@ -193,7 +193,7 @@ class Agent:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
-            raise BenchError(f"the agent did not stop within {STOP_TIMEOUT:.0f} s of SIGTERM: {self._tail()}")
+            raise BenchError(f"the agent did not stop within {STOP_TIMEOUT:.0f} s of SIGTERM: {self._tail()}") from None
         if rc != 0:
             raise BenchError(f"the agent exited {rc} on SIGTERM: {self._tail()}")
         return time.monotonic() - t0
