@@ -40,7 +40,7 @@ class AgentConfig:
     policy_file: str = "/etc/sockgate/policy.json"
     ready_file: str = ""
     metrics_address: str = "127.0.0.1:9464"
-    # The Docker door (runtime/docker_driver.py): Docker's remote network driver
+    # The Docker door (runtime/docker_driver.py, served by docker_http.py): Docker's remote network driver
     # protocol on this socket ("" = off; production: /run/docker/plugins/sockgate.sock),
     # and dockerd's API, asked in the background who owns an endpoint.
     docker_socket: str = ""
@@ -155,7 +155,7 @@ def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None) -> i
     workers = []
     components = list(cfg.components)
     if cfg.docker_socket:
-        from runtime.docker_driver import docker_component
+        from runtime.docker_http import docker_component
         components.append(("docker", docker_component))
     for name, factory in components:
         component = factory(cfg)

@@ -44,17 +44,10 @@ Facts this module relies on (checked against dockerd 20.10):
 from __future__ import annotations
 
 import hashlib
-import http.server
 import ipaddress
-import json
 import logging
-import os
 import queue
 import re
-import shutil
-import socket
-import socketserver
-import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -65,18 +58,14 @@ from runtime import attach, netns
 from runtime.errors import SockgateError
 from runtime.fsutil import atomic_write_json, read_json, remove
 from runtime.netconf import DEFAULT_IPV4_POOL, DEFAULT_IPV6_POOL, NetConf, parse_netconf
+from runtime.docker_firewall import ForwardAccept
 from runtime.store import READY
 
 log = logging.getLogger("sockgate.docker")
 
 DEFAULT_PLUGIN_SOCKET = "/run/docker/plugins/sockgate.sock"
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
-CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
-MAX_BODY = 1 << 20
 OP_TIMEOUT_S = 60.0        # longest a handler makes Docker wait
-READ_TIMEOUT_S = 30.0      # a client that doesn't send its request in time is dropped
-SWEEP_EVERY_S = 5.0
-FIREWALL_EVERY_S = 5.0
 IDENTITY_GIVE_UP_S = 600.0
 GENERIC = "com.docker.network.generic"
 PORTMAP = "com.docker.network.portmap"
@@ -251,95 +240,6 @@ def _null_ipam(data: Any, family: int) -> bool:
         return True
     pools = {str(d.get("Pool", "")) for d in data if isinstance(d, dict)}
     return pools <= {"0.0.0.0/0" if family == 4 else "::/0"}
-
-
-# --- Docker's firewall ---------------------------------------------------------------
-
-_RULE_COMMENT = "sockgate: veths policed by table inet sockgate"
-_RULES = (("-i", "sg+"), ("-o", "sg+"))
-
-
-class ForwardAccept:
-    """Lets sockgate's veths through iptables' FORWARD where Docker's firewall would
-    drop them (Docker sets the FORWARD policy to DROP when it turns on forwarding).
-
-    Both iptables backends are looked at, each with its own tool, since which one
-    Docker uses depends on the `iptables` on *its* PATH: the nft backend with
-    iptables-nft (whose tables are nft tables: `ip filter`, `ip6 filter`), the legacy
-    backend with iptables-legacy, only when the legacy filter table already exists in
-    this netns (/proc/net/ip{,6}_tables_names), so that looking never creates one.
-    python-iptables (libiptc) is not used: it drives only the legacy backend (on an
-    nft host it sees empty chains) and doesn't take the xtables lock, so a commit
-    racing dockerd's own iptables calls could lose either side's rules.
-
-    Where the rules go, per backend and family: the DOCKER-USER chain when it exists
-    (Docker jumps there first and never flushes it); else, when the FORWARD policy is
-    DROP (dockerd 20.10 creates no DOCKER-USER for IPv6), the top of FORWARD. They
-    accept packets from and to `sg+` interfaces; the `inet sockgate` table still sees
-    every such packet on its own forward hook, and its drop is final whatever
-    iptables accepted. Rules stay when the agent stops (running containers keep
-    working); `ensure()` runs every few seconds and before each Join."""
-
-    TOOLS = (("nft", 4, "iptables-nft"), ("nft", 6, "ip6tables-nft"),
-             ("legacy", 4, "iptables-legacy"), ("legacy", 6, "ip6tables-legacy"))
-
-    def __init__(self, run: Callable[[list[str]], subprocess.CompletedProcess] | None = None) -> None:
-        self._run = run or (lambda argv: subprocess.run(argv, capture_output=True, text=True, timeout=20))
-        self._lock = threading.Lock()
-        self._checked = 0.0
-        self.placed: dict[str, str] = {}   # "nft/4" -> chain holding our rules
-
-    @staticmethod
-    def _legacy_table_exists(family: int) -> bool:
-        path = "/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names"
-        try:
-            with open(path) as fh:
-                return "filter" in fh.read().split()
-        except OSError:
-            return False
-
-    def _chain(self, tool: str) -> str | None:
-        if self._run([tool, "-w", "5", "-S", "DOCKER-USER"]).returncode == 0:
-            return "DOCKER-USER"
-        head = self._run([tool, "-w", "5", "-S", "FORWARD"])
-        if head.returncode == 0 and "-P FORWARD DROP" in head.stdout.splitlines()[:1]:
-            return "FORWARD"
-        return None
-
-    def ensure(self, max_age: float = 0.0) -> dict[str, str]:
-        with self._lock:
-            if max_age and time.monotonic() - self._checked < max_age:
-                return dict(self.placed)
-            placed = {}
-            for backend, family, name in self.TOOLS:
-                if backend == "legacy" and not self._legacy_table_exists(family):
-                    continue
-                tool = shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
-                if tool is None:
-                    continue
-                chain = self._chain(tool)
-                if chain is None:
-                    continue
-                for match in reversed(_RULES):
-                    spec = [*match, "-m", "comment", "--comment", _RULE_COMMENT, "-j", "ACCEPT"]
-                    if self._run([tool, "-w", "5", "-C", chain, *spec]).returncode != 0:
-                        done = self._run([tool, "-w", "5", "-I", chain, "1", *spec])
-                        if done.returncode != 0:
-                            log.error("cannot add %s rule to %s: %s", name, chain, done.stderr.strip())
-                            continue
-                        log.info("added %s %s rule %s to %s", name, " ".join(match), "ACCEPT", chain)
-                placed[f"{backend}/{family}"] = chain
-            self.placed = placed
-            self._checked = time.monotonic()
-            return dict(placed)
-
-    def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                self.ensure()
-            except Exception:
-                log.exception("checking Docker's firewall failed")
-            stop.wait(FIREWALL_EVERY_S)
 
 
 # --- who owns an endpoint (background) ------------------------------------------------
@@ -756,136 +656,3 @@ class DockerDriver:
         for ep in self.store.endpoints():
             if ep.state == "joined" and not ep.container_id:
                 self.identity.enqueue(ep.id)
-
-
-# --- HTTP over a unix socket -----------------------------------------------------------
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: "_Server"
-    protocol_version = "HTTP/1.1"
-    timeout = READ_TIMEOUT_S
-
-    def address_string(self) -> str:  # AF_UNIX peers have no address
-        return "docker"
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        log.debug("http: " + fmt, *args)
-
-    def _reply(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", CONTENT_TYPE)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self) -> None:
-        started = time.monotonic()
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_BODY:
-            self.close_connection = True
-            return self._reply(400, {"Err": "bad Content-Length"})
-        raw = self.rfile.read(length) if length else b""
-        try:
-            body = json.loads(raw) if raw.strip() else {}
-            if not isinstance(body, dict):
-                raise ValueError("not an object")
-        except ValueError as exc:  # no Content-Type is sent: the body is JSON by contract
-            return self._reply(400, {"Err": f"request body is not a JSON object: {exc}"})
-        status, answer = self.server.driver.dispatch(self.path, body)
-        self._reply(status, answer)
-        what = self.path.rsplit(".", 1)[-1]
-        eid = str(body.get("EndpointID") or body.get("NetworkID") or "")[:12]
-        level = logging.INFO if what not in ("EndpointOperInfo", "GetCapabilities", "Activate") else logging.DEBUG
-        log.log(level, "docker %s %s %s in %.1f ms", what, eid, "error: " + answer["Err"] if "Err" in answer else "ok",
-                (time.monotonic() - started) * 1000)
-
-    def do_GET(self) -> None:
-        self._reply(404, {"Err": "POST only"})
-
-
-class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    address_family = socket.AF_UNIX
-    daemon_threads = True
-    block_on_close = False
-    driver: DockerDriver
-
-    def server_bind(self) -> None:
-        socketserver.TCPServer.server_bind(self)  # HTTPServer's would want (host, port)
-        self.server_name, self.server_port = "sockgate", 0
-
-
-def bind_socket(path: str, driver: DockerDriver) -> _Server:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if p.exists() or p.is_symlink():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-            raise SystemExit(f"another process serves the Docker plugin socket {path}")
-        except (ConnectionRefusedError, FileNotFoundError):
-            p.unlink(missing_ok=True)
-        finally:
-            probe.close()
-    old = os.umask(0o177)  # root-only: dockerd runs as root
-    try:
-        server = _Server(path, _Handler)
-    finally:
-        os.umask(old)
-    server.driver = driver
-    return server
-
-
-class DockerDoor:
-    """The agent component: the plugin socket, Docker's firewall, the identity
-    resolver and the periodic sweep. Binds and reconciles in the constructor, so the
-    agent reports ready only once Docker can reach the driver."""
-
-    def __init__(self, cfg: DriverConfig) -> None:
-        self.cfg = cfg
-        self.firewall = ForwardAccept()
-        self.driver = DockerDriver(cfg, self.firewall)
-        try:
-            self.firewall.ensure()
-        except Exception:
-            log.exception("checking Docker's firewall failed")
-        undone = self.driver.sweep()
-        if undone:
-            log.info("startup: %d stale Docker endpoint(s) cleaned up", len(undone))
-        self.driver.pending_identities()
-        self.server = bind_socket(cfg.socket_path, self.driver)
-        log.info("serving Docker's network driver protocol on %s (driver name %r)", cfg.socket_path,
-                 Path(cfg.socket_path).stem)
-
-    def run(self, stop: threading.Event) -> None:
-        threads = [threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
-                                    name="docker-http"),
-                   threading.Thread(target=self.firewall.run, args=(stop,), name="docker-firewall"),
-                   threading.Thread(target=self.driver.identity.run, args=(stop,), name="docker-identity")]
-        for t in threads:
-            t.start()
-        try:
-            while not stop.wait(SWEEP_EVERY_S):
-                try:
-                    self.driver.sweep()
-                except Exception:
-                    log.exception("sweep of Docker endpoints failed")
-        finally:
-            self.server.shutdown()
-            self.server.server_close()
-            self.driver.wait_idle(self.cfg.op_timeout)
-            try:
-                os.unlink(self.cfg.socket_path)
-            except FileNotFoundError:
-                pass
-            for t in threads:
-                t.join()
-
-
-def docker_component(cfg: Any) -> DockerDoor:
-    """Factory for runtime.agent: an AgentConfig with docker_socket set."""
-    return DockerDoor(DriverConfig(state_dir=cfg.state_dir, run_dir=cfg.run_dir, policy_file=cfg.policy_file,
-                                   socket_path=cfg.docker_socket, docker_host=cfg.docker_host))

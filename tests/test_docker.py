@@ -459,7 +459,7 @@ def test_unit_bounded_calls_and_ipam_refusal(tmp_path):
 
 
 def test_unit_firewall_rule_placement():
-    from runtime.docker_driver import ForwardAccept
+    from runtime.docker_firewall import ForwardAccept
 
     class FakeIptables:
         """iptables-nft with Docker's v4 chains; ip6tables-nft with a DROP policy only."""
