@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from netpolicy.ruleset import Endpoint
 from runtime import billing, netns, nft, policy
@@ -83,17 +84,26 @@ def _reserve(net: Network, req: AttachRequest) -> Attachment:
 
 
 def attach(req: AttachRequest) -> Attachment:
+    """The CNI way: the container end is created and configured inside req.netns."""
     netns.check_netns(req.netns)
+
+    def place(att: Attachment) -> None:
+        att.container_mac = netns.configure_container(req.netns, req.ifname, att.ipv4, att.ipv6, att.host_mac)
+
+    return _attach(req, req.netns, place)
+
+
+def _attach(req: AttachRequest, peer_netns: str, place: Callable[[Attachment], None]) -> Attachment:
     net = Network(req.conf)
     att = _reserve(net, req)
     try:
         policy.apply(req.conf.policy_file, req.conf.state_dir)
         netns.enable_forwarding()
-        att.host_mac = netns.create_veth(att.host_ifname, req.netns, req.ifname, att.mtu)
+        att.host_mac = netns.create_veth(att.host_ifname, peer_netns, req.ifname, att.mtu)
         # Elements before the links come up: there is no moment when the container
         # can send while the table doesn't know it.
         nft.add(_endpoint(att), pools=(str(req.conf.ipv4_pool), str(req.conf.ipv6_pool)))
-        att.container_mac = netns.configure_container(req.netns, req.ifname, att.ipv4, att.ipv6, att.host_mac)
+        place(att)
         netns.configure_host(att.host_ifname, att.ipv4, att.ipv6)
         att.state = READY
         net.attachments.save(att)
@@ -224,24 +234,16 @@ def status(conf: NetConf) -> None:
 # are the same as attach()'s.
 
 def attach_unplaced(req: AttachRequest) -> Attachment:
-    net = Network(req.conf)
-    att = _reserve(net, req)
-    try:
-        policy.apply(req.conf.policy_file, req.conf.state_dir)
-        netns.enable_forwarding()
-        att.host_mac = netns.create_veth(att.host_ifname, "/proc/self/ns/net", req.ifname, att.mtu)
-        nft.add(_endpoint(att), pools=(str(req.conf.ipv4_pool), str(req.conf.ipv6_pool)))
-        netns.configure_host(att.host_ifname, att.ipv4, att.ipv6)
+    """For a runtime that moves the container end itself (Docker): the pair is made
+    with both ends in the node netns, the container end left down."""
+
+    def place(att: Attachment) -> None:
+        # No neighbour entry can be put in a container we never enter: the node's end
+        # answers the container's ARP for 169.254.1.1 instead.
         netns.sysctl(f"net.ipv4.conf.{att.host_ifname}.proxy_arp", "1")
-        att.state = READY
-        net.attachments.save(att)
-    except BaseException:
-        log.exception("attach of %s/%s failed; rolling back", req.container_id, req.ifname)
-        _teardown(net, att)
-        raise
-    log.info("attached %s/%s on %s: %s %s via %s (to be moved by the runtime)", att.container_id,
-             att.ifname, att.network, att.ipv4, att.ipv6, att.host_ifname)
-    return att
+
+    # thread-self: the calling thread may have joined the node netns with setns.
+    return _attach(req, "/proc/thread-self/ns/net", place)
 
 
 def set_netns(conf: NetConf, container_id: str, ifname: str, netns_path: str) -> Attachment | None:
