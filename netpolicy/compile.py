@@ -11,6 +11,7 @@ Evaluation order (first match wins), for every packet a container sends:
   6. Container pools are refused (a pool address with no container behind it would
      otherwise be routed to the uplink).
   Everything else passes.
+Allowed means `return`: from_container counts the packet for billing and accepts it.
 Refused means an immediate TCP reset or ICMP admin-prohibited, so connect() fails at
 once instead of hanging.
 """
@@ -57,17 +58,17 @@ class Rule:
 
 RULES: tuple[Rule, ...] = (
     Rule("icmp-errors", "ICMP errors about the container's own flows",
-         "meta l4proto { icmp, ipv6-icmp } ct state related accept", ALLOW),
+         "meta l4proto { icmp, ipv6-icmp } ct state related return", ALLOW),
     Rule("tcp-udp-only", "only TCP and UDP leave a container (C3)",
          dropped("meta l4proto != { tcp, udp }", "protocol"), REFUSE),
     Rule("exception", "exception on its protocols and ports (C8)",
-         "ip daddr . meta l4proto . th dport @allow4 accept", ALLOW),
+         "ip daddr . meta l4proto . th dport @allow4 return", ALLOW),
     Rule("exception", "exception on its protocols and ports (C8)",
-         "ip6 daddr . meta l4proto . th dport @allow6 accept", ALLOW),
+         "ip6 daddr . meta l4proto . th dport @allow6 return", ALLOW),
     Rule("exception-host", "exception by hostname, resolved by the node (C8)",
-         "ip daddr . meta l4proto . th dport @allow4_dns accept", ALLOW),
+         "ip daddr . meta l4proto . th dport @allow4_dns return", ALLOW),
     Rule("exception-host", "exception by hostname, resolved by the node (C8)",
-         "ip6 daddr . meta l4proto . th dport @allow6_dns accept", ALLOW),
+         "ip6 daddr . meta l4proto . th dport @allow6_dns return", ALLOW),
     Rule("blocked-port", "blocked port (C4, C6)",
          dropped("meta l4proto . th dport @blocked_ports", "blocked-port"), REFUSE),
     Rule("blocked-range", "blocked destination range (C7)", dropped("ip daddr @blocked4", "blocked-range"), REFUSE),

@@ -22,8 +22,9 @@ SETS = {
     "ifaces": "typeof iifname",
     "saddr4": "typeof iifname . ip saddr",
     "saddr6": "typeof iifname . ip6 saddr",
-    # Per-element counters, bumped by a lookup in the accounting chain: bytes sent
-    # (keyed by the veth the packet came in on) and received (the veth it goes out on).
+    # Per-element counters: the lookup that accepts a packet also counts it, bytes
+    # sent (keyed by the veth it came in on) and received (the veth it goes out on).
+    # O(1) per packet, no rule per container; only accepted packets are counted.
     "acct_tx": "typeof iifname; counter",
     "acct_rx": "typeof oifname; counter",
 }
@@ -59,15 +60,6 @@ BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
     "postrouting": ("type nat hook postrouting priority srcnat; policy accept;", [
         "iifname @ifaces oifname != @ifaces masquerade fully-random",
     ]),
-    # Billing counts in postrouting: a packet gets here only once every forward chain
-    # (ours and any other table's) accepted it, and it still carries its input veth.
-    # The lookup itself bumps the element's counter: O(1), no rule per container.
-    "accounting": ("type filter hook postrouting priority filter; policy accept;", [
-        # oifname != @ifaces: the node's own IPv6 neighbour solicitations to a container
-        # show up here with iifname = that container's veth; they are not its traffic.
-        "oifname != @ifaces iifname @acct_tx",
-        "oifname @acct_rx",
-    ]),
 }
 
 
@@ -88,9 +80,9 @@ def _from_container(idle_timeout: int) -> list[str]:
         # Invalid packets are not NATed and would leak container addresses upstream.
         dropped("ct state invalid", "invalid", "drop"),
         # The policy decides a flow's first packet; the rest of an accepted flow only
-        # needs anti-spoofing (above). This keeps the per-packet cost to two lookups.
+        # needs anti-spoofing (above), and is counted and accepted in one lookup.
         # (A policy change applies to new flows; established ones keep going.)
-        "ct state established accept",
+        "ct state established iifname @acct_tx accept",
         # With nf_conntrack_tcp_loose=1 a mid-stream packet re-creates a reclaimed
         # flow's conntrack entry (and masquerade picks the same port again): a TCP
         # flow may only start with a SYN.
@@ -99,13 +91,16 @@ def _from_container(idle_timeout: int) -> list[str]:
         dropped("oifname @ifaces", "container-to-container"),
         f'meta l4proto tcp ct state new ct timeout set "{tcp_obj}"',
         f'meta l4proto udp ct state new ct timeout set "{udp_obj}"',
+        # egress_policy refuses (terminal) or returns: what comes back is accepted.
         "jump egress_policy",
+        "iifname @acct_tx accept",
     ]
 
 
 REGULAR_CHAINS: dict[str, list[str]] = {
     # Only replies to the container's own flows, and ICMP errors about them, get in (C2).
-    "to_container": ["ct state established,related accept", dropped("", "inbound", "drop").lstrip()],
+    "to_container": ["ct state established,related oifname @acct_rx accept",
+                     dropped("", "inbound", "drop").lstrip()],
     # The node is not a service for containers: nothing but neighbour discovery.
     "container_to_node": [_ND, dropped("", "container-to-node").lstrip()],
     "refuse": _REJECT,
