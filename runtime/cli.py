@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from runtime.cli_billing import add_billing_commands
-from runtime.cli_policy import add_commands, run_guarded
+from runtime.cli_policy import add_policy_commands, run_guarded
 from runtime.cli_seccomp import add_seccomp_commands
 from runtime.install import install_cni
 
@@ -55,8 +55,10 @@ def _lab_cleanup(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sockgate",
-        description="Outbound-only socket sandbox for containers: a CNI plugin with "
-                    "egress-only NAT, anti-spoofing and an nftables egress policy.")
+        description="Outbound-only socket sandbox for containers: egress-only NAT, an "
+                    "nftables egress policy, idle-socket reclaim and outgoing-byte billing, "
+                    "through a CNI plugin and a Docker network driver served by one node agent. "
+                    "`sockgate COMMAND --help` explains each command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("install-cni", help="install the CNI executable into a CNI bin dir",
@@ -107,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Delete lab network namespaces whose creating process is dead. "
                                    "Touches only namespaces carrying the lab's name prefix.")
     p.set_defaults(func=_lab_cleanup)
-    add_commands(sub)
+    add_policy_commands(sub)
     add_seccomp_commands(sub)
     add_billing_commands(sub)
     return parser

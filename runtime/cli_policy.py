@@ -88,7 +88,7 @@ def _policy_refresh(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_policy_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ranges", help="Google IP ranges (goog.json minus cloud.json)")
     rsub = p.add_subparsers(dest="ranges_command", required=True, metavar="COMMAND")
     u = rsub.add_parser("update", help="load goog.json and cloud.json, cache goog minus cloud",
