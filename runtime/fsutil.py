@@ -29,6 +29,15 @@ def atomic_write_json(path: Path, data: Any) -> None:
     fsync_dir(path.parent)
 
 
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime ns, size): changes whenever the file is replaced or rewritten."""
+    try:
+        st = path.stat()
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+    except FileNotFoundError:
+        return None
+
+
 def read_json(path: Path) -> Any | None:
     try:
         with open(path, encoding="utf-8") as fh:

@@ -221,10 +221,6 @@ class LinkReaper:
             self._cond.notify()
         return True
 
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._queue)
-
     def run(self, stop: threading.Event) -> None:
         """Until stop is set and the queue is empty: nothing retired is left behind."""
         while True:
@@ -257,17 +253,6 @@ def retire_link(ifname: str) -> bool:
 def link_exists(ifname: str) -> bool:
     with IPRoute() as ipr:
         return _index(ipr, ifname) is not None
-
-
-def delete_container_link(netns_path: str, ifname: str) -> None:
-    """Used on rollback when the host side is already gone but the peer survived (the
-    peer exists only as long as the pair; this covers a half-created pair)."""
-    def body() -> None:
-        with IPRoute() as ipr:
-            idx = _index(ipr, ifname)
-            if idx is not None:
-                ipr.link("del", index=idx)
-    in_netns(netns_path, body)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-from dataclasses import dataclass
 
 from netpolicy.ruleset import (FAMILY, TABLE, EgressPolicy, Endpoint, add_endpoint, add_pools, endpoint_elements,
                                remove_endpoint, render_table, revision)
@@ -42,27 +41,33 @@ def run(script: str) -> None:
                             err.strip().splitlines()[0] if err.strip() else "")
 
 
-@dataclass(frozen=True)
-class _Result:
-    returncode: int
-    stdout: str
+def _ok(command: str) -> bool:
+    """Whether a read-only command (list/get) succeeds; failures are answers here."""
+    return _nft(command)[0] == 0
 
 
-def _quiet(*args: str) -> _Result:
-    json_output = args[0] == "-j"
-    rc, out, _ = _nft(" ".join(args[1:] if json_output else args), json_output)
-    return _Result(rc, out)
+def _listing(command: str) -> list[dict]:
+    """The JSON objects of a list command; [] when it fails (e.g. no table)."""
+    rc, out, _ = _nft(command, json_output=True)
+    return json.loads(out).get("nftables", []) if rc == 0 else []
+
+
+def _set_elements(set_name: str) -> list | None:
+    rc, out, _ = _nft(f"list set {FAMILY} {TABLE} {set_name}", json_output=True)
+    if rc != 0:
+        return None
+    return [e for item in json.loads(out).get("nftables", []) for e in item.get("set", {}).get("elem", [])]
 
 
 def table_exists() -> bool:
-    return _quiet("list", "table", FAMILY, TABLE).returncode == 0
+    return _ok(f"list table {FAMILY} {TABLE}")
 
 
 def ensure_table(policy: EgressPolicy = EgressPolicy()) -> None:
     """Load the table if it is missing or was rendered from other rules. The rendering
     is idempotent, so two plugins racing here both succeed and leave one table."""
-    listed = _quiet("list", "chain", FAMILY, TABLE, "forward")
-    if listed.returncode != 0 or f"rev {revision(policy)}" not in listed.stdout:
+    rc, listed, _ = _nft(f"list chain {FAMILY} {TABLE} forward")
+    if rc != 0 or f"rev {revision(policy)}" not in listed:
         run(render_table(policy))
 
 
@@ -76,7 +81,7 @@ def remove(ep: Endpoint) -> None:
 
 
 def has_element(set_name: str, element: str) -> bool:
-    return _quiet("get", "element", FAMILY, TABLE, set_name, "{", element, "}").returncode == 0
+    return _ok(f"get element {FAMILY} {TABLE} {set_name} {{ {element} }}")
 
 
 def endpoint_present(ep: Endpoint) -> list[str]:
@@ -87,26 +92,22 @@ def endpoint_present(ep: Endpoint) -> list[str]:
 def counters(set_name: str) -> dict[str, tuple[int, int]] | None:
     """Per-element (packets, bytes) of a counter set such as acct_tx, one nft call;
     None when the set can't be read (billing must not mistake that for zero)."""
-    proc = _quiet("-j", "list", "set", FAMILY, TABLE, set_name)
-    if proc.returncode != 0:
+    elements = _set_elements(set_name)
+    if elements is None:
         return None
     out = {}
-    for item in json.loads(proc.stdout).get("nftables", []):
-        for elem in item.get("set", {}).get("elem", []):
-            if isinstance(elem, dict) and "elem" in elem:
-                c = elem["elem"].get("counter", {})
-                out[str(elem["elem"]["val"])] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
+    for elem in elements:
+        if isinstance(elem, dict) and "elem" in elem:
+            c = elem["elem"].get("counter", {})
+            out[str(elem["elem"]["val"])] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
     return out
 
 
 def drop_counters() -> dict[str, tuple[int, int]]:
     """(packets, bytes) refused or dropped per reason, summed over the rules whose
     comment is "drop:<reason>"."""
-    proc = _quiet("-j", "list", "table", FAMILY, TABLE)
     out: dict[str, tuple[int, int]] = {}
-    if proc.returncode != 0:
-        return out
-    for item in json.loads(proc.stdout).get("nftables", []):
+    for item in _listing(f"list table {FAMILY} {TABLE}"):
         rule = item.get("rule")
         if not rule or not str(rule.get("comment", "")).startswith("drop:"):
             continue
@@ -120,16 +121,12 @@ def drop_counters() -> dict[str, tuple[int, int]]:
 
 def prefixes(set_name: str) -> list[str]:
     """The CIDRs in an interval set of single-type elements (e.g. pools4), as text."""
-    proc = _quiet("-j", "list", "set", FAMILY, TABLE, set_name)
-    if proc.returncode != 0:
-        return []
     out = []
-    for item in json.loads(proc.stdout).get("nftables", []):
-        for elem in item.get("set", {}).get("elem", []):
-            if isinstance(elem, dict) and "prefix" in elem:
-                out.append(f"{elem['prefix']['addr']}/{elem['prefix']['len']}")
-            elif isinstance(elem, str):
-                out.append(elem)
+    for elem in _set_elements(set_name) or []:
+        if isinstance(elem, dict) and "prefix" in elem:
+            out.append(f"{elem['prefix']['addr']}/{elem['prefix']['len']}")
+        elif isinstance(elem, str):
+            out.append(elem)
     return out
 
 

@@ -14,7 +14,7 @@ from netpolicy.policy import Policy, PolicyError, parse_policy
 from netpolicy.ranges import IPNetwork, google_ranges
 from runtime import nft
 from runtime.errors import INVALID_CONFIG, IO_FAILURE, NOT_AVAILABLE, SockgateError
-from runtime.fsutil import atomic_write_json, read_json
+from runtime.fsutil import atomic_write_json, file_stamp, read_json
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +102,13 @@ def load_ranges(policy: Policy, state_dir: str) -> list[IPNetwork]:
     return [ipaddress.ip_network(c) for c in cache["ipv4"] + cache["ipv6"]]
 
 
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-    except FileNotFoundError:
-        return None
-
-
 # The agent compiles once per change of the policy file or the ranges cache, not on
 # every ADD (compiling takes ~15 ms; checking two stats takes microseconds).
 _compiled_cache: dict[tuple, Compiled] = {}
 
 
 def compiled(policy_file: str, state_dir: str) -> Compiled:
-    key = (policy_file, state_dir, _stamp(Path(policy_file)), _stamp(ranges_cache(state_dir)))
+    key = (policy_file, state_dir, file_stamp(Path(policy_file)), file_stamp(ranges_cache(state_dir)))
     if key[3] is not None and key in _compiled_cache:
         return _compiled_cache[key]
     policy = load_policy(policy_file)

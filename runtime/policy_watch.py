@@ -4,24 +4,17 @@ hostnames resolved."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
+from pathlib import Path
 
 from runtime import policy
 from runtime.errors import SockgateError
+from runtime.fsutil import file_stamp
 from runtime.resolver import Refresher
 
 log = logging.getLogger(__name__)
 CHECK_EVERY_S = 2.0
-
-
-def _stamp(path: str) -> tuple[float, int] | None:
-    try:
-        st = os.stat(path)
-        return (st.st_mtime, st.st_size)
-    except FileNotFoundError:
-        return None
 
 
 class PolicyKeeper:
@@ -29,10 +22,10 @@ class PolicyKeeper:
         self.policy_file = policy_file
         self.state_dir = state_dir
         self.refresher: Refresher | None = None
-        self.applied: tuple[float, int] | None | bool = False  # False: never applied
+        self.applied: tuple[int, int, int] | None | bool = False  # False: never applied
 
     def _apply(self) -> None:
-        stamp = _stamp(self.policy_file)
+        stamp = file_stamp(Path(self.policy_file))
         try:
             compiled = policy.apply(self.policy_file, self.state_dir)
         except SockgateError as exc:
@@ -44,7 +37,7 @@ class PolicyKeeper:
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            if self.applied is False or _stamp(self.policy_file) != self.applied:
+            if self.applied is False or file_stamp(Path(self.policy_file)) != self.applied:
                 self._apply()
             if self.refresher is not None:
                 self.refresher.refresh_due()

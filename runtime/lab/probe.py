@@ -134,6 +134,22 @@ def exchange(s: socket.socket, payload: bytes, got: bytes, dl: Deadline) -> byte
     return b"".join(chunks)
 
 
+def record_header(out: dict, header: dict | None) -> bool:
+    """Note the server's greeting (who it saw); False if there was none."""
+    if header is None:
+        out["error"] = "bad_header"
+        return False
+    out["peer_seen"] = header.get("peer")
+    out["server"] = header
+    return True
+
+
+def record_echo(out: dict, echoed: bytes, payload: bytes) -> None:
+    out["echo_ok"] = out["ok"] = echoed == payload
+    if not out["echo_ok"]:
+        out["error"] = "bad_echo"
+
+
 def probe_tcp(a: argparse.Namespace, payload: bytes) -> dict[str, object]:
     out: dict[str, object] = {"ok": False, "error": None, "peer_seen": None, "echo_ok": False}
     dl = Deadline(a.timeout)
@@ -153,16 +169,8 @@ def probe_tcp(a: argparse.Namespace, payload: bytes) -> dict[str, object]:
                 break
             buf += chunk
         header, rest = parse_reply(buf)
-        if header is None:
-            out["error"] = "bad_header"
-            return out
-        out["peer_seen"] = header.get("peer")
-        out["server"] = header
-        rest = exchange(s, payload, rest, dl)
-        out["echo_ok"] = rest == payload
-        out["ok"] = out["echo_ok"]
-        if not out["echo_ok"]:
-            out["error"] = "bad_echo"
+        if record_header(out, header):
+            record_echo(out, exchange(s, payload, rest, dl), payload)
     except (OSError, ValueError) as e:
         out["error"] = err_name(e)
     finally:
@@ -187,15 +195,8 @@ def probe_udp(a: argparse.Namespace, payload: bytes) -> dict[str, object]:
         s.settimeout(dl.left())
         data = s.recv(65535)
         header, rest = parse_reply(data)
-        if header is None:
-            out["error"] = "bad_header"
-            return out
-        out["peer_seen"] = header.get("peer")
-        out["server"] = header
-        out["echo_ok"] = rest == payload
-        out["ok"] = out["echo_ok"]
-        if not out["echo_ok"]:
-            out["error"] = "bad_echo"
+        if record_header(out, header):
+            record_echo(out, rest, payload)
     except (OSError, ValueError) as e:
         out["error"] = err_name(e)
     finally:
