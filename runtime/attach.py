@@ -58,7 +58,7 @@ def all_attachments(state_dir: str) -> list[Attachment]:
 
 
 def _endpoint(att: Attachment) -> Endpoint | None:
-    return Endpoint(att.host_ifname, att.ipv4, att.ipv6) if att.ipv4 and att.ipv6 else None
+    return Endpoint(att.host_ifname, att.host_ifindex, att.ipv4, att.ipv6) if att.ipv4 and att.ipv6 else None
 
 
 def _reserve(net: Network, req: AttachRequest) -> Attachment:
@@ -99,7 +99,7 @@ def _attach(req: AttachRequest, peer_netns: str, place: Callable[[Attachment], N
     try:
         policy.apply(req.conf.policy_file, req.conf.state_dir)
         netns.enable_forwarding()
-        att.host_mac = netns.create_veth(att.host_ifname, peer_netns, req.ifname, att.mtu)
+        att.host_mac, att.host_ifindex = netns.create_veth(att.host_ifname, peer_netns, req.ifname, att.mtu)
         # Elements before the links come up: there is no moment when the container
         # can send while the table doesn't know it.
         nft.add(_endpoint(att), pools=(str(req.conf.ipv4_pool), str(req.conf.ipv6_pool)))

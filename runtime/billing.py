@@ -84,7 +84,7 @@ def parse_time(text: str) -> dt.datetime:
 
 @dataclass(frozen=True)
 class Counters:
-    """Cumulative counters of one attachment's set elements (acct_tx, acct_rx)."""
+    """Cumulative counters of one attachment's set elements (tx4 + tx6, rx)."""
 
     tx_bytes: int = 0
     tx_packets: int = 0
@@ -104,17 +104,17 @@ ZERO = Counters()
 
 
 def kernel_counters() -> dict[str, Counters]:
-    """{host veth: Counters} for every element present in both acct_tx and acct_rx,
+    """{host veth: Counters} for every attachment with elements in the counted sets,
     read in this thread's netns (the node's). No table: {}. A table whose sets can't
     be read is an error: "no counters" must never be mistaken for "nothing sent"."""
-    tx, rx = nft.counters("acct_tx"), nft.counters("acct_rx")
-    if tx is None or rx is None:
+    counted = nft.endpoint_counters()
+    if counted is None:
         if not nft.table_exists():
             return {}
         raise SockgateError(KERNEL_FAILURE, "cannot read the accounting counters",
-                            "nft list set inet sockgate acct_tx/acct_rx failed")
-    return {name: Counters(tb, tp, rx[name][1], rx[name][0])
-            for name, (tp, tb) in tx.items() if name in rx}
+                            "nft list set inet sockgate tx4/tx6/rx failed")
+    return {name: Counters(tx_bytes=tb, tx_packets=tp, rx_bytes=rb, rx_packets=rp)
+            for name, (tp, tb, rp, rb) in counted.items()}
 
 
 # --- records -----------------------------------------------------------------------

@@ -24,7 +24,7 @@ class SockgateCollector:
     def collect(self) -> Iterator[Metric]:
         atts = all_attachments(self.state_dir)
         yield GaugeMetricFamily("sockgate_attachments", "Containers attached on this node", value=len(atts))
-        tx, rx = nft.counters("acct_tx") or {}, nft.counters("acct_rx") or {}
+        counted = nft.endpoint_counters() or {}
         families = {
             name: CounterMetricFamily(f"sockgate_{name}", help_text, labels=_ATT_LABELS)
             for name, help_text in (
@@ -35,8 +35,7 @@ class SockgateCollector:
         for att in atts:
             labels = [att.network, att.container_id, att.ifname, att.labels.get("pod_namespace", ""),
                       att.labels.get("pod_name", ""), att.labels.get("container_name", "")]
-            tp, tb = tx.get(att.host_ifname, (0, 0))
-            rp, rb = rx.get(att.host_ifname, (0, 0))
+            tp, tb, rp, rb = counted.get(att.host_ifname, (0, 0, 0, 0))
             for name, value in (("tx_bytes", tb), ("tx_packets", tp), ("rx_bytes", rb), ("rx_packets", rp)):
                 families[name].add_metric(labels, value)
         yield from families.values()

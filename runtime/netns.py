@@ -108,10 +108,11 @@ def _mac(ipr: IPRoute, index: int) -> str:
     return ipr.get_links(index)[0].get("IFLA_ADDRESS")
 
 
-def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int) -> str:
+def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int) -> tuple[str, int]:
     """Create the pair with the peer born inside the container netns under its final
     name: no window where it sits in the node under a temporary name, and an ifname
-    already taken in the container fails here, before anything else was done."""
+    already taken in the container fails here, before anything else was done.
+    Returns the node end's MAC and index."""
     fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with IPRoute() as ipr:
@@ -122,7 +123,8 @@ def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int) -> str
                 delete_link(host_ifname)
             ipr.link("add", ifname=host_ifname, kind="veth", mtu=mtu,
                      peer={"ifname": ifname, "net_ns_fd": fd, "mtu": mtu})
-            host_mac = _mac(ipr, _index(ipr, host_ifname))
+            index = _index(ipr, host_ifname)
+            host_mac = _mac(ipr, index)
     except NetlinkError as exc:
         if exc.code == errno.EEXIST:
             raise SockgateError(KERNEL_FAILURE, "interface already exists",
@@ -130,7 +132,7 @@ def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int) -> str
         raise _kernel("create veth pair", exc) from None
     finally:
         os.close(fd)
-    return host_mac
+    return host_mac, index
 
 
 def configure_container(netns_path: str, ifname: str, ipv4: str, ipv6: str, gateway_mac: str) -> str:

@@ -9,8 +9,8 @@ import json
 import logging
 import subprocess
 
-from netpolicy.ruleset import (FAMILY, TABLE, EgressPolicy, Endpoint, add_endpoint, add_pools, endpoint_elements,
-                               remove_endpoint, render_table, revision)
+from netpolicy.ruleset import (COUNTED_SETS, FAMILY, TABLE, EgressPolicy, Endpoint, add_endpoint, add_pools,
+                               endpoint_elements, remove_elements, remove_endpoint, render_table, revision)
 from runtime.errors import KERNEL_FAILURE, SockgateError
 from runtime.libnft import Nft, Unavailable
 
@@ -76,8 +76,29 @@ def add(ep: Endpoint, pools: tuple[str, ...] = ()) -> None:
 
 
 def remove(ep: Endpoint) -> None:
-    if table_exists():
+    if not table_exists():
+        return
+    if ep.host_ifindex:
         run(remove_endpoint(ep))
+        return
+    # The index never reached the record (a crash between creating the veth and the
+    # record's last write, or a DEL rebuilt from leases): find the elements by the
+    # comment they carry, and delete them by the key nft lists them under.
+    found = [("ifaces", f'"{ep.host_ifname}"')] if has_element("ifaces", f'"{ep.host_ifname}"') else []
+    for set_name in COUNTED_SETS:
+        for elem in _set_elements(set_name) or []:
+            if isinstance(elem, dict) and elem.get("elem", {}).get("comment") == ep.host_ifname:
+                found.append((set_name, _key_text(elem["elem"]["val"])))
+    if found:
+        run(remove_elements(found))
+
+
+def _key_text(val: object) -> str:
+    """A listed element key back in nft syntax: names quoted, concatenations joined."""
+    if isinstance(val, dict) and "concat" in val:
+        return " . ".join(_key_text(v) for v in val["concat"])
+    text = str(val)
+    return text if text.isdigit() or ":" in text or text.replace(".", "").isdigit() else f'"{text}"'
 
 
 def has_element(set_name: str, element: str) -> bool:
@@ -90,17 +111,30 @@ def endpoint_present(ep: Endpoint) -> list[str]:
 
 
 def counters(set_name: str) -> dict[str, tuple[int, int]] | None:
-    """Per-element (packets, bytes) of a counter set such as acct_tx, one nft call;
-    None when the set can't be read (billing must not mistake that for zero)."""
+    """(packets, bytes) per host veth name (the element's comment) of a counted set
+    (tx4, tx6, rx), one nft call; None when the set can't be read (billing must not
+    mistake that for zero)."""
     elements = _set_elements(set_name)
     if elements is None:
         return None
-    out = {}
+    out: dict[str, tuple[int, int]] = {}
     for elem in elements:
-        if isinstance(elem, dict) and "elem" in elem:
+        if isinstance(elem, dict) and "comment" in elem.get("elem", {}):
             c = elem["elem"].get("counter", {})
-            out[str(elem["elem"]["val"])] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
+            p, b = out.get(elem["elem"]["comment"], (0, 0))
+            out[elem["elem"]["comment"]] = (p + int(c.get("packets", 0)), b + int(c.get("bytes", 0)))
     return out
+
+
+def endpoint_counters() -> dict[str, tuple[int, int, int, int]] | None:
+    """{host veth: (tx packets, tx bytes, rx packets, rx bytes)} for every endpoint with
+    an element in rx; tx sums v4 and v6. None when a set can't be read."""
+    tx4, tx6, rx = (counters(s) for s in COUNTED_SETS)
+    if tx4 is None or tx6 is None or rx is None:
+        return None
+    return {name: (tx4.get(name, (0, 0))[0] + tx6.get(name, (0, 0))[0],
+                   tx4.get(name, (0, 0))[1] + tx6.get(name, (0, 0))[1], rp, rb)
+            for name, (rp, rb) in rx.items()}
 
 
 def drop_counters() -> dict[str, tuple[int, int]]:

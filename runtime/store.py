@@ -30,6 +30,9 @@ class Attachment:
     ipv6: str = ""
     mtu: int = 1500
     host_mac: str = ""
+    # The node end's interface index: the key of its nft elements (0: not known, the
+    # elements are then found by their comment, see nft.remove).
+    host_ifindex: int = 0
     container_mac: str = ""
     # Who the container is, for billing: Kubernetes pod or Docker container name.
     labels: dict[str, str] = field(default_factory=dict)

@@ -37,7 +37,7 @@ def test_add_check_del_del(plugin, app):
 
     plugin.delete("c1", ns)
     assert host not in node_links(plugin.node_netns)
-    assert not any(host in e for e in nft_set(plugin.node_netns, "saddr4"))
+    assert not any(host in e for e in nft_set(plugin.node_netns, "tx4"))
     assert plugin.leases() == [] and plugin.records() == []
     assert "eth0" not in in_ns(ns, "ip", "-br", "link")
     plugin.delete("c1", ns)  # again: already gone is success
@@ -81,7 +81,7 @@ def test_check_detects_damage(plugin, app, damage):
     elif damage == "address":
         in_ns(ns, "ip", "addr", "del", f"{v4}/32", "dev", "eth0")
     elif damage == "element":
-        in_ns(node, "nft", "delete", "element", "inet", "sockgate", "saddr4", "{", f'"{host}" . {v4}', "}")
+        in_ns(node, "nft", "delete", "element", "inet", "sockgate", "tx4", "{", f"\"{host}\" . {v4}", "}")
     else:
         in_ns(node, "ip", "link", "del", host)
     call = plugin("CHECK", "chk", ns)
@@ -148,7 +148,30 @@ def test_killed_add_leaves_nothing_after_del(plugin, app, lab):
         proc.wait()
         plugin.delete("killed", ns)
         assert plugin.leases() == [] and plugin.records() == []
-        assert host_ifname(plugin.conf["name"], "killed", "eth0") not in node_links(plugin.node_netns)
+        host = host_ifname(plugin.conf["name"], "killed", "eth0")
+        assert host not in node_links(plugin.node_netns)
+        assert not [e for s in ("ifaces", "tx4", "tx6", "rx") for e in nft_set(plugin.node_netns, s) if host in e]
+
+
+@pytest.mark.parametrize("link", ["kept", "gone"])
+def test_del_finds_elements_when_the_record_lacks_the_index(plugin, app, link):
+    """A crash after the elements were added but before the record's last write leaves
+    a record without the veth's index (the elements' key): DEL finds them by their
+    comment, whether the veth still exists or went with its netns."""
+    ns = app()
+    res = plugin.add("noidx", ns)
+    host = res["interfaces"][0]["name"]
+    record = next((plugin.state_dir / "networks" / plugin.conf["name"] / "attachments").glob("noidx--*.json"))
+    data = json.loads(record.read_text())
+    assert data["host_ifindex"] > 0
+    record.write_text(json.dumps(dict(data, host_ifindex=0, state="adding")))
+    if link == "gone":
+        in_ns(plugin.node_netns, "ip", "link", "del", host)
+    before = {s: [e for e in nft_set(plugin.node_netns, s) if host in e] for s in ("ifaces", "tx4", "tx6", "rx")}
+    assert all(len(v) == 1 for v in before.values()), before
+    plugin.delete("noidx", ns)
+    assert not [e for s in before for e in nft_set(plugin.node_netns, s) if host in e]
+    assert plugin.leases() == [] and plugin.records() == []
 
 
 def test_parallel_add_then_parallel_del(plugin, app):
@@ -165,7 +188,7 @@ def test_parallel_add_then_parallel_del(plugin, app):
     assert all(d.rc == 0 for d in dels), [d.stdout for d in dels if d.rc]
     hosts = {host_ifname(plugin.conf["name"], f"par{i}", "eth0") for i in range(20)}
     assert not hosts & node_links(plugin.node_netns)
-    for set_name in ("ifaces", "saddr4", "saddr6"):
+    for set_name in ("ifaces", "tx4", "tx6", "rx"):
         assert not any(h in e for h in hosts for e in nft_set(plugin.node_netns, set_name))
     assert plugin.leases() == [] and plugin.records() == []
 

@@ -117,7 +117,7 @@ def test_compose_down_leaves_nothing(compose_env, docker_services, compose):
                 "records": [p.name for p in (state / "attachments").glob("*.json")],
                 "endpoints": [p.name for p in (compose_env.state / "docker" / "endpoints").glob("*.json")],
                 "networks": [p.name for p in (compose_env.state / "docker" / "networks").glob("*.json")],
-                "saddr4": nft_set(compose_env.node, "saddr4")}
+                "tx4": nft_set(compose_env.node, "tx4")}
         if not any(left.values()) or time.monotonic() > deadline:
             break
         time.sleep(0.2)

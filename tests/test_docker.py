@@ -130,7 +130,7 @@ def leftovers(env: DockerEnv) -> dict[str, list[str]]:
         "records": sorted(p.name for p in (core / "attachments").glob("*.json")),
         "endpoints": sorted(p.name for p in (env.state / "docker" / "endpoints").glob("*.json")),
     }
-    for set_name in ("ifaces", "saddr4", "saddr6", "acct_tx", "acct_rx"):
+    for set_name in ("ifaces", "tx4", "tx6", "rx"):
         out[f"nft {set_name}"] = nft_set(env.node, set_name)
     return out
 
@@ -241,7 +241,7 @@ def test_rm_f_leaves_nothing_behind(denv, net):
     cts = [run(denv, net, f"{net.name}-{i}") for i in range(2)]
     during = leftovers(denv)
     assert len(during["leases"]) == len(before["leases"]) + 4
-    assert len(during["nft saddr4"]) == len(before["nft saddr4"]) + 2
+    assert len(during["nft tx4"]) == len(before["nft tx4"]) + 2
     for ct in cts:
         ct.remove(force=True)
     wait_for(lambda: leftovers(denv) == before, timeout=10, what="docker rm -f to leave nothing")

@@ -20,12 +20,22 @@ def test_policy_plugs_into_egress_chain():
 
 
 def test_endpoint_elements_and_idempotent_removal():
-    ep = Endpoint("sgabc", "10.77.0.5", "fd77::5")
+    ep = Endpoint("sgabc", 42, "10.77.0.5", "fd77::5")
     add = add_endpoint(ep)
-    assert 'add element inet sockgate saddr4 { "sgabc" . 10.77.0.5 }' in add
+    # Keyed by interface index; counted elements name their veth for billing.
+    assert 'add element inet sockgate tx4 { 42 . 10.77.0.5 comment "sgabc" }' in add
+    assert 'add element inet sockgate rx { 42 comment "sgabc" }' in add
+    assert 'add element inet sockgate ifaces { "sgabc" }' in add
     rm = remove_endpoint(ep)
     # add-then-delete in one transaction: succeeds whether or not the element exists.
-    assert rm.startswith(add) and rm.count("delete element") == 5
+    assert rm.startswith(add) and rm.count("delete element") == 4
+    assert "delete element inet sockgate tx6 { 42 . fd77::5 }" in rm
+
+
+def test_busy_path_is_one_lookup_before_any_jump():
+    forward = [l for l in render_table().splitlines() if l.startswith("add rule inet sockgate forward")]
+    assert "forward ct state established meta iif . ip saddr @tx4 accept" in forward[0]
+    assert "jump" not in " ".join(forward[:3])
 
 
 def test_revision_stamp_changes_with_the_rules():

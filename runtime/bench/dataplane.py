@@ -1,6 +1,6 @@
 """Data-plane benchmark: what sockgate's nft table costs a container's traffic.
 
-    scripts/bench-dataplane [--rounds 3] [--duration 5] [--containers 1000] [--ipv6] [--json]
+    scripts/bench-dataplane [--rounds 7] [--duration 3] [--containers 1000] [--ipv6] [--json]
 
 A benchmark, not a timed test: it always exits 0 once it measured, whatever the ratio
 (non-zero only when it could not measure). On one lab (runtime/lab/, nothing leaves its
@@ -63,10 +63,11 @@ BASELINE_SCRIPT = (
     f"flush chain {FAMILY} {BASE_TABLE} post\n"
     f'add rule {FAMILY} {BASE_TABLE} post iifname "sg*" oifname != "sg*" masquerade fully-random\n'
 )
-ELEMENT_BATCH = 250          # endpoints (3 elements each) per `nft -f` transaction
+ELEMENT_BATCH = 250          # endpoints (4 elements each) per `nft -f` transaction
 DEFAULT_RANGES = PROJECT_ROOT.parent / "shared" / "data" / "google-ip-ranges"
-PER_CONTAINER_SETS = ("ifaces", "saddr4", "saddr6")
+PER_CONTAINER_SETS = ("ifaces", "tx4", "tx6", "rx")
 UDP_LEN = 64
+FAKE_IFINDEX = 1 << 30
 
 
 class BenchError(Exception):
@@ -203,7 +204,7 @@ class Bench:
         ns = self.lab.ns_path(self.lab.add_app(app))
         req = AttachRequest(conf=self.conf, container_id=container_id, ifname="eth0", netns=ns)
         att = self.in_node(lambda: attach(req))
-        return Endpoint(att.host_ifname, att.ipv4, att.ipv6)
+        return Endpoint(att.host_ifname, att.host_ifindex, att.ipv4, att.ipv6)
 
     def setup_containers(self) -> None:
         n, mode = self.args.containers, self.args.fill
@@ -222,7 +223,9 @@ class Bench:
             v4 = (str(a) for a in self.conf.ipv4_pool.hosts() if str(a) not in used)
             v6 = (str(a) for a in self.conf.ipv6_pool.hosts() if str(a) not in used)
             for i in range(1, n):
-                self.endpoints.append(Endpoint(host_ifname(NETWORK, f"filler-{i:04d}", "eth0"), next(v4), next(v6)))
+                # An index no interface of the node has (they count up from 1).
+                self.endpoints.append(Endpoint(host_ifname(NETWORK, f"filler-{i:04d}", "eth0"), FAKE_IFINDEX + i,
+                                               next(v4), next(v6)))
         self.timings["containers_s"] = time.monotonic() - t0
         _progress(f"{n} containers ready ({mode}) in {self.timings['containers_s']:.1f} s")
 
@@ -282,8 +285,6 @@ class Bench:
         hosts = [LAB.public_v4] + ([LAB.public_v6] if self.args.ipv6 else [])
         for host in hosts:
             argv = ["iperf3", "-s", "-B", host, "-p", str(LAB.iperf_port)]
-            if self.args.server_cpu is not None:
-                argv += ["-A", str(self.args.server_cpu)]
             self.lab.popen(self.lab.internet, argv, log=self.lab.run_dir / f"iperf3-server-v{6 if ':' in host else 4}.log",
                            die_with_parent=True)
         want = {f"{h}:{LAB.iperf_port}" if ":" not in h else f"[{h}]:{LAB.iperf_port}" for h in hosts}
@@ -302,8 +303,9 @@ class Bench:
             argv += ["-O", "1"]  # the first second (slow start) is not counted
         else:
             argv += ["-u", "-b", "0", "-l", str(UDP_LEN)]
-        if self.args.client_cpu is not None:
-            argv += ["-A", str(self.args.client_cpu)]
+        cpus = self.args.tcp_cpus if test.proto == "tcp" else self.args.udp_cpus
+        if cpus is not None:
+            argv += ["-A", f"{cpus[0]},{cpus[1]}"]  # client's CPU, server's CPU for this test
         return argv
 
     def iperf(self, test: Test) -> tuple[float, dict[str, Any]]:
@@ -384,6 +386,7 @@ def print_report(rep: dict[str, Any], tests: list[Test], runs: list[Run]) -> Non
         print(f"  path check {cfg}: " + "; ".join(f"{k}: {v}" for k, v in rep["checks"].get(cfg, {}).items()))
     print(f"iperf3: server in the internet netns on port {LAB.iperf_port}; client in the measured container; "
           f"TCP `-t {a['duration']} -O 1`, UDP `-u -b 0 -l {UDP_LEN} -t {a['duration']}`; "
+          f"CPUs (client,server) TCP {_pin(a['tcp_cpus'])}, UDP {_pin(a['udp_cpus'])}; "
           f"{a['rounds']} rounds, order {' '.join(rep['order'])}")
     print()
     rounds = a["rounds"]
@@ -419,6 +422,10 @@ def print_report(rep: dict[str, Any], tests: list[Test], runs: list[Run]) -> Non
               "that verdict is not firm: more --rounds, a longer --duration or a quieter machine")
     print(f"took {rep['seconds']:.0f} s (containers {c['seconds']:.0f} s, switching tables "
           f"{rep['timings'].get('switch_s', 0):.1f} s, lab teardown {rep['timings'].get('teardown_s', 0):.1f} s)")
+
+
+def _pin(cpus: tuple[int, int] | None) -> str:
+    return "unpinned" if cpus is None else f"{cpus[0]},{cpus[1]}"
 
 
 def _iperf_version() -> str:
@@ -463,8 +470,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test], list[Run]
         "kernel": platform.release(),
         "iperf3": _iperf_version(),
         "args": {"rounds": args.rounds, "duration": args.duration, "containers": args.containers,
-                 "fill": args.fill, "ipv6": args.ipv6, "client_cpu": args.client_cpu,
-                 "server_cpu": args.server_cpu},
+                 "fill": args.fill, "ipv6": args.ipv6, "tcp_cpus": args.tcp_cpus,
+                 "udp_cpus": args.udp_cpus},
         "containers": {
             "count": args.containers, "fill": args.fill, "seconds": bench.timings["containers_s"],
             "how": ("all attached through runtime.attach.attach (each with its own netns, veth pair, "
@@ -486,6 +493,16 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test], list[Run]
     return rep, tests, runs
 
 
+def _cpu_pair(text: str) -> tuple[int, int]:
+    try:
+        client, server = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CLIENT,SERVER CPU numbers such as 0,1, not {text!r}") from None
+    if not all(0 <= c < (os.cpu_count() or 1) for c in (client, server)):
+        raise argparse.ArgumentTypeError(f"CPU out of range 0-{(os.cpu_count() or 1) - 1}: {text!r}")
+    return client, server
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bench-dataplane",
@@ -503,11 +520,18 @@ and the ratios B/A (target >= {TARGET}). Everything runs in throwaway lab networ
 namespaces: nothing leaves the machine, the host's netns is never touched, and the
 lab (iperf3 included) is torn down at the end, also on errors. Needs root.""",
         epilog="""\
+PINNING: TCP runs keep client and server on one CPU. With them on two CPUs the
+sender transmits both from its own CPU and from the softirq that takes in the ACKs
+on the receiver's CPU, veth queues per CPU, and segments overtake each other
+(nstat: TCPSACKReorder, DSACKs): throughput then swings by 15 %% between identical
+runs. UDP runs put the receiver on the other CPU, so the sender's packet rate is
+measured and not how the scheduler splits one CPU between sender and receiver.
+
 Exit status: 0 once measured, whatever the ratios (it is a benchmark); 1 when it
 could not measure; 2 on bad usage. Progress goes to stderr, the report (or --json)
-to stdout. Takes about 3 minutes with the defaults on 2 CPUs.""")
-    p.add_argument("--rounds", type=int, default=3, help="rounds; each measures both configs (default %(default)s)")
-    p.add_argument("--duration", type=int, default=5, help="seconds per iperf3 run (default %(default)s)")
+to stdout. Takes about 4 minutes with the defaults on 2 CPUs.""")
+    p.add_argument("--rounds", type=int, default=7, help="rounds; each measures both configs (default %(default)s)")
+    p.add_argument("--duration", type=int, default=3, help="seconds per iperf3 run (default %(default)s)")
     p.add_argument("--containers", type=int, default=1000,
                    help="containers attached to the network, the measured one included (default %(default)s)")
     p.add_argument("--fill", choices=("attach", "elements"), default="attach",
@@ -515,8 +539,14 @@ to stdout. Takes about 3 minutes with the defaults on 2 CPUs.""")
                         "and veth (about 0.1 s each); elements = their nft set elements only, which is all "
                         "the data plane sees of them (default %(default)s)")
     p.add_argument("--ipv6", action="store_true", help="also measure the IPv6 path (doubles the iperf3 time)")
-    p.add_argument("--client-cpu", type=int, metavar="N", help="pin the iperf3 client to CPU N (iperf3 -A)")
-    p.add_argument("--server-cpu", type=int, metavar="N", help="pin the iperf3 server to CPU N (iperf3 -A)")
+    two = (os.cpu_count() or 1) > 1
+    p.add_argument("--tcp-cpus", type=_cpu_pair, default=(0, 0), metavar="C,S",
+                   help="CPUs of the iperf3 client and server in the TCP runs (iperf3 -A C,S; default 0,0: "
+                        "one CPU, see PINNING below)")
+    p.add_argument("--udp-cpus", type=_cpu_pair, default=(0, 1) if two else (0, 0), metavar="C,S",
+                   help="CPUs of the iperf3 client and server in the UDP runs (default %s)" %
+                        ("0,1" if two else "0,0"))
+    p.add_argument("--no-pin", action="store_true", help="let the scheduler place iperf3 (overrides the two above)")
     p.add_argument("--google-ranges", default=str(DEFAULT_RANGES), metavar="DIR",
                    help="dir with goog.json and cloud.json for the policy's Google ranges (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object instead of tables")
@@ -528,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.duration < 1 or args.containers < 1:
         parser.error("--rounds, --duration and --containers must be >= 1")
+    if args.no_pin:
+        args.tcp_cpus = args.udp_cpus = None
     if os.geteuid() != 0:
         print("bench-dataplane: needs root (it builds network namespaces)", file=sys.stderr)
         return 2
