@@ -3,7 +3,7 @@
 With a node agent listening on <runDir>/agent.sock the request is forwarded there
 (the agent has pyroute2 loaded, the policy compiled and the table checked); without
 one, the same handler runs in this process. The forwarding path imports only os,
-socket and sys (not even typing, nor json, which pulls in re): the launcher starts
+sys and _socket (not even typing, nor json, which pulls in re): the launcher starts
 Python with -S, and every millisecond of start-up is a millisecond of every
 container's start. Nothing but the result or error JSON is
 ever written to stdout; logs go to the configured logFile, else stderr.
@@ -11,8 +11,11 @@ ever written to stdout; logs go to the configured logFile, else stderr.
 from __future__ import annotations
 
 import os
-import socket
 import sys
+
+# The C module under `socket`: socket.py itself imports enum and selectors and builds
+# IntEnums at import, ~14 ms of every container start on the development machine.
+import _socket
 
 from cni_plugin import wire
 
@@ -110,7 +113,7 @@ def forward(path: str, env: Mapping[str, str], stdin: bytes) -> tuple[int, str] 
     """Ask the agent. None when no agent listens (then the caller runs in-process).
     Once the request was sent, a broken reply is an error, never a silent retry: the
     agent may have done half an ADD, and the runtime must retry (code 11)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(AGENT_TIMEOUT_S)
     try:
         sock.connect(path)
@@ -119,7 +122,7 @@ def forward(path: str, env: Mapping[str, str], stdin: bytes) -> tuple[int, str] 
         return None
     try:
         sock.sendall(wire.encode_request(env, stdin))
-        sock.shutdown(socket.SHUT_WR)
+        sock.shutdown(_socket.SHUT_WR)
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)

@@ -10,6 +10,7 @@ from two processes at once, gives the same table and keeps every set element.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -141,6 +142,7 @@ class EgressPolicy:
     idle_timeout: int = 600
 
 
+@functools.lru_cache(maxsize=8)
 def revision(policy: EgressPolicy = EgressPolicy()) -> str:
     """A fingerprint of the rules, stamped on the table's first rule: a node whose
     loaded table was rendered by another sockgate version (or policy) reloads it."""
@@ -151,6 +153,23 @@ def render_table(policy: EgressPolicy = EgressPolicy()) -> str:
     return _render(policy, revision(policy))
 
 
+# The revision is also the one element of the set `revision`, so that a transaction
+# can assert which rules it runs against at no extra cost: deleting and re-adding the
+# element is a no-op if it is there, and fails the whole transaction if the table is
+# missing or was rendered from other rules.
+REVISION_SET = "revision"
+
+
+def _mark(rev: str) -> str:
+    return "0x" + rev[:8]
+
+
+def assert_revision(policy: EgressPolicy) -> str:
+    mark = _mark(revision(policy))
+    return (f"delete element {FAMILY} {TABLE} {REVISION_SET} {{ {mark} }}\n"
+            f"add element {FAMILY} {TABLE} {REVISION_SET} {{ {mark} }}\n")
+
+
 def _render(policy: EgressPolicy, rev: str) -> str:
     t = f"{FAMILY} {TABLE}"
     lines = [f"add table {t}"]
@@ -159,6 +178,9 @@ def _render(policy: EgressPolicy, rev: str) -> str:
         lines.append(f"add set {t} {name} {{ {decl}; }}")
     lines += [f"flush set {t} {name}" for name, _ in policy.sets]
     lines += list(policy.elements)
+    lines.append(f"add set {t} {REVISION_SET} {{ type mark; }}")
+    if rev:
+        lines += [f"flush set {t} {REVISION_SET}", f"add element {t} {REVISION_SET} {{ {_mark(rev)} }}"]
     chains: dict[str, list[str]] = {name: rules for name, (_, rules) in BASE_CHAINS.items()}
     chains |= REGULAR_CHAINS
     chains["from_container"] = _from_container(policy.idle_timeout)

@@ -2,9 +2,10 @@
 Docker, demo) the request came through.
 
 Crash safety rests on one ordering rule: the lease files and the attachment record
-reach the disk before the kernel is touched, and leave it only after the kernel state
-is gone. Whatever a crash interrupts, DEL or GC finds a record (or a lease) naming
-what to undo.
+are written before the kernel is touched, and removed only after the kernel state
+is gone. Whatever a crash of the plugin or agent interrupts, DEL or GC finds a record
+(or a lease) naming what to undo. (They are not fsynced: a crash of the node takes
+the veths, routes and elements they describe with it.)
 """
 from __future__ import annotations
 
@@ -97,14 +98,18 @@ def _attach(req: AttachRequest, peer_netns: str, place: Callable[[Attachment], N
     net = Network(req.conf)
     att = _reserve(net, req)
     try:
-        policy.apply(req.conf.policy_file, req.conf.state_dir)
+        # Compiled (cached) before the kernel is touched: an invalid policy fails here.
+        egress = policy.compiled(req.conf.policy_file, req.conf.state_dir).egress
         netns.enable_forwarding()
         att.host_mac, att.host_ifindex = netns.create_veth(att.host_ifname, peer_netns, req.ifname, att.mtu)
         # Elements before the links come up: there is no moment when the container
         # can send while the table doesn't know it.
-        nft.add(_endpoint(att), pools=(str(req.conf.ipv4_pool), str(req.conf.ipv6_pool)))
+        ep, pools = _endpoint(att), (str(req.conf.ipv4_pool), str(req.conf.ipv6_pool))
+        if not (policy.watched() and nft.add_if_current(ep, pools, egress)):
+            policy.apply(req.conf.policy_file, req.conf.state_dir)
+            nft.add(ep, pools)
         place(att)
-        netns.configure_host(att.host_ifname, att.ipv4, att.ipv6)
+        netns.configure_host(att.host_ifname, att.host_ifindex, att.ipv4, att.ipv6)
         att.state = READY
         net.attachments.save(att)
     except BaseException:
@@ -196,6 +201,10 @@ def gc(conf: NetConf, valid: set[tuple[str, str]]) -> list[tuple[str, str]]:
             _teardown(net, att)
             removed.append(att.key)
     with net.lock():
+        for path in net.attachments.unreadable():
+            # Torn by a crash of the node, which also took what it described.
+            log.warning("gc removes unreadable attachment record %s", path)
+            path.unlink(missing_ok=True)
         recorded = {a.key for a in net.attachments.all()}
         for addr, owner in net.leases.leases().items():
             key = (owner.container_id, owner.ifname)

@@ -5,6 +5,7 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,16 +18,20 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write-to-temp, fsync, rename, fsync the directory: after a crash the file holds
-    either the old or the new content, never a torn one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def atomic_write_json(path: Path, data: Any, durable: bool = True) -> None:
+    """Write-to-temp, rename: readers see the old or the new content, never a torn
+    one. durable: also fsync the file and the directory, so that this holds after a
+    crash of the node too (billing needs that; records of kernel state, which a node
+    crash takes with it, don't)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(data, fh, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def file_stamp(path: Path) -> tuple[int, int, int] | None:
@@ -39,6 +44,7 @@ def file_stamp(path: Path) -> tuple[int, int, int] | None:
 
 
 def read_json(path: Path) -> Any | None:
+    """The parsed file; None when it is missing. Raises ValueError when it is not JSON."""
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)

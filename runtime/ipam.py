@@ -2,18 +2,21 @@
 
 Creating a lease is O_EXCL, so two allocators can never hand out the same address,
 and the lease survives a crash of the process that took it; DEL and GC find leases by
-their owner and release them.
+their owner and release them. Leases are not fsynced: after a crash of the node no
+container holds an address any more, and a lease left empty by it names no owner,
+so GC frees it.
 """
 from __future__ import annotations
 
 import ipaddress
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from runtime.errors import TRY_AGAIN_LATER, SockgateError
-from runtime.fsutil import fsync_dir, remove
+from runtime.fsutil import remove
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -60,9 +63,17 @@ class LeaseStore:
 
     def _last(self, version: int) -> IPAddress | None:
         try:
-            return ipaddress.ip_address(self._cursor_path(version).read_text().strip())
-        except (FileNotFoundError, ValueError):
+            return ipaddress.ip_address(os.readlink(self._cursor_path(version)))
+        except (FileNotFoundError, ValueError, OSError):
             return None
+
+    def _set_last(self, addr: IPAddress) -> None:
+        # A symlink whose target is the address: replacing it touches no data block.
+        # (Rewriting a small file in place makes ext4 flush it at close, ~0.6 ms.)
+        cursor = self._cursor_path(addr.version)
+        tmp = cursor.with_name(f"{cursor.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        os.symlink(str(addr), tmp)
+        os.replace(tmp, cursor)
 
     def allocate(self, pool: IPNetwork, owner: Owner) -> IPAddress:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -76,11 +87,9 @@ class LeaseStore:
                 continue
             try:
                 os.write(fd, owner.encode())
-                os.fsync(fd)
             finally:
                 os.close(fd)
-            fsync_dir(self.directory)
-            self._cursor_path(pool.version).write_text(str(addr))
+            self._set_last(addr)
             return addr
         raise SockgateError(TRY_AGAIN_LATER, f"address pool {pool} is exhausted",
                             "every address is leased; retry after containers are deleted "

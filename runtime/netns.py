@@ -27,14 +27,12 @@ from typing import Callable, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from runtime import rtnl
 from runtime.errors import KERNEL_FAILURE, UNKNOWN_CONTAINER, SockgateError
 
 GATEWAY_V4 = "169.254.1.1"
 GATEWAY_V6 = "fe80::1"
 _CLONE_NEWNET = 0x40000000
-_IFA_F_NODAD = 0x02
-_NUD_PERMANENT = 0x80
-_RT_SCOPE_LINK = 253
 _libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
 
@@ -104,10 +102,6 @@ def _index(ipr: IPRoute, ifname: str) -> int | None:
         raise
 
 
-def _mac(ipr: IPRoute, index: int) -> str:
-    return ipr.get_links(index)[0].get("IFLA_ADDRESS")
-
-
 def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int) -> tuple[str, int]:
     """Create the pair with the peer born inside the container netns under its final
     name: no window where it sits in the node under a temporary name, and an ifname
@@ -115,24 +109,22 @@ def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int) -> tup
     Returns the node end's MAC and index."""
     fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        with IPRoute() as ipr:
+        with rtnl.Rtnl() as nl:
             # The name is ours and derived from this very attachment, which has no
             # record yet: a link under it is a leftover (e.g. retired by an agent that
             # was killed before its reaper got to it).
-            if _index(ipr, host_ifname) is not None:
+            if rtnl.find(nl, host_ifname) is not None:
                 delete_link(host_ifname)
-            ipr.link("add", ifname=host_ifname, kind="veth", mtu=mtu,
-                     peer={"ifname": ifname, "net_ns_fd": fd, "mtu": mtu})
-            index = _index(ipr, host_ifname)
-            host_mac = _mac(ipr, index)
-    except NetlinkError as exc:
-        if exc.code == errno.EEXIST:
+            _, link = nl.run(rtnl.new_veth(host_ifname, ifname, fd, mtu), rtnl.get_link(host_ifname))
+    except rtnl.RtnlError as exc:
+        if exc.errno == errno.EEXIST:
             raise SockgateError(KERNEL_FAILURE, "interface already exists",
                                 f"{host_ifname} on the node or {ifname} in {netns_path}") from None
         raise _kernel("create veth pair", exc) from None
     finally:
         os.close(fd)
-    return host_mac, index
+    assert link is not None
+    return link.mac, link.index
 
 
 def configure_container(netns_path: str, ifname: str, ipv4: str, ipv6: str, gateway_mac: str) -> str:
@@ -142,23 +134,24 @@ def configure_container(netns_path: str, ifname: str, ipv4: str, ipv6: str, gate
         # No SLAAC, no router advertisements: the container's only v6 address is ours.
         for key, value in (("accept_ra", "0"), ("autoconf", "0"), ("accept_dad", "0")):
             sysctl(f"net.ipv6.conf.{ifname}.{key}", value)
-        with IPRoute() as ipr:
-            lo = _index(ipr, "lo")
-            ipr.link("set", index=lo, state="up")
-            idx = _index(ipr, ifname)
-            ipr.addr("add", index=idx, address=ipv4, prefixlen=32)
-            ipr.addr("add", index=idx, address=ipv6, prefixlen=128, flags=_IFA_F_NODAD)
-            ipr.link("set", index=idx, state="up")
-            ipr.neigh("add", dst=GATEWAY_V4, lladdr=gateway_mac, ifindex=idx, state=_NUD_PERMANENT)
-            ipr.neigh("add", dst=GATEWAY_V6, lladdr=gateway_mac, ifindex=idx,
-                      state=_NUD_PERMANENT, family=socket.AF_INET6)
-            # Metric = ifindex: a second sockgate interface in the same container gets
-            # its own gateway routes instead of EEXIST; the first one stays preferred.
-            ipr.route("add", dst=f"{GATEWAY_V4}/32", oif=idx, scope=_RT_SCOPE_LINK, priority=idx)
-            ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY_V4, oif=idx, priority=idx)
-            ipr.route("add", dst="::/0", gateway=GATEWAY_V6, oif=idx, priority=idx,
-                      family=socket.AF_INET6)
-            return _mac(ipr, idx)
+        with rtnl.Rtnl() as nl:
+            link = rtnl.find(nl, ifname)
+            if link is None:
+                raise rtnl.RtnlError(errno.ENODEV, f"find {ifname}")
+            idx = link.index
+            nl.run(rtnl.set_up(rtnl.LOOPBACK_IFINDEX),
+                   rtnl.new_addr(idx, ipv4, 32),
+                   rtnl.new_addr(idx, ipv6, 128, nodad=True),
+                   rtnl.set_up(idx),
+                   rtnl.new_neigh(idx, GATEWAY_V4, gateway_mac),
+                   rtnl.new_neigh(idx, GATEWAY_V6, gateway_mac),
+                   # Metric = ifindex: a second sockgate interface in the same container
+                   # gets its own gateway routes instead of EEXIST; the first one stays
+                   # preferred.
+                   rtnl.new_route(f"{GATEWAY_V4}/32", idx, scope=rtnl.RT_SCOPE_LINK, priority=idx),
+                   rtnl.new_route("0.0.0.0/0", idx, gateway=GATEWAY_V4, priority=idx),
+                   rtnl.new_route("::/0", idx, gateway=GATEWAY_V6, priority=idx))
+            return link.mac
     try:
         return in_netns(netns_path, body)
     except (NetlinkError, OSError) as exc:
@@ -175,15 +168,14 @@ def enable_forwarding() -> None:
         raise _kernel("enable IP forwarding", exc) from None
 
 
-def configure_host(host_ifname: str, ipv4: str, ipv6: str) -> None:
+def configure_host(host_ifname: str, host_ifindex: int, ipv4: str, ipv6: str) -> None:
     try:
         sysctl(f"net.ipv6.conf.{host_ifname}.accept_ra", "0")
-        with IPRoute() as ipr:
-            idx = _index(ipr, host_ifname)
-            ipr.addr("add", index=idx, address=GATEWAY_V6, prefixlen=64, flags=_IFA_F_NODAD)
-            ipr.link("set", index=idx, state="up")
-            ipr.route("add", dst=f"{ipv4}/32", oif=idx, scope=_RT_SCOPE_LINK)
-            ipr.route("add", dst=f"{ipv6}/128", oif=idx, family=socket.AF_INET6)
+        with rtnl.Rtnl() as nl:
+            nl.run(rtnl.new_addr(host_ifindex, GATEWAY_V6, 64, nodad=True),
+                   rtnl.set_up(host_ifindex),
+                   rtnl.new_route(f"{ipv4}/32", host_ifindex, scope=rtnl.RT_SCOPE_LINK),
+                   rtnl.new_route(f"{ipv6}/128", host_ifindex))
     except (NetlinkError, OSError) as exc:
         raise _kernel(f"configure {host_ifname}", exc) from None
 
@@ -213,11 +205,13 @@ class LinkReaper:
         self._cond = threading.Condition()
 
     def retire(self, ifname: str) -> bool:
-        with IPRoute() as ipr:
-            idx = _index(ipr, ifname)
-            if idx is None:
+        try:
+            with rtnl.Rtnl() as nl:
+                nl.run(rtnl.set_down_by_name(ifname))
+        except rtnl.RtnlError as exc:
+            if exc.errno == errno.ENODEV:
                 return False
-            ipr.link("set", index=idx, state="down")
+            raise _kernel(f"set {ifname} down", exc) from None
         with self._cond:
             self._queue.append(ifname)
             self._cond.notify()

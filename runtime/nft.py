@@ -10,7 +10,8 @@ import logging
 import subprocess
 
 from netpolicy.ruleset import (COUNTED_SETS, FAMILY, TABLE, EgressPolicy, Endpoint, add_endpoint, add_pools,
-                               endpoint_elements, remove_elements, remove_endpoint, render_table, revision)
+                               assert_revision, endpoint_elements, remove_elements, remove_endpoint, render_table,
+                               revision)
 from runtime.errors import KERNEL_FAILURE, SockgateError
 from runtime.libnft import Nft, Unavailable
 
@@ -60,7 +61,8 @@ def _set_elements(set_name: str) -> list | None:
 
 
 def table_exists() -> bool:
-    return _ok(f"list table {FAMILY} {TABLE}")
+    # `list tables` names them; `list table` would fetch every element of every set.
+    return any(t.get("table", {}).get("name") == TABLE for t in _listing(f"list tables {FAMILY}"))
 
 
 def ensure_table(policy: EgressPolicy = EgressPolicy()) -> None:
@@ -75,11 +77,21 @@ def add(ep: Endpoint, pools: tuple[str, ...] = ()) -> None:
     run(add_pools(pools) + add_endpoint(ep))
 
 
+def add_if_current(ep: Endpoint, pools: tuple[str, ...], policy: EgressPolicy) -> bool:
+    """Add the endpoint's elements in a transaction that asserts the loaded table was
+    rendered from `policy`. False, with nothing changed, when it wasn't (or is missing):
+    the caller loads the table and adds again. Saves an ADD the `list` that
+    ensure_table costs (~1.5 ms)."""
+    return _nft(assert_revision(policy) + add_pools(pools) + add_endpoint(ep))[0] == 0
+
+
 def remove(ep: Endpoint) -> None:
-    if not table_exists():
-        return
     if ep.host_ifindex:
-        run(remove_endpoint(ep))
+        rc, _, err = _nft(remove_endpoint(ep))
+        if rc != 0 and table_exists():
+            raise SockgateError(KERNEL_FAILURE, "nftables transaction failed", err.strip())
+        return
+    if not table_exists():
         return
     # The index never reached the record (a crash between creating the veth and the
     # record's last write, or a DEL rebuilt from leases): find the elements by the

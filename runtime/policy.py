@@ -124,3 +124,19 @@ def apply(policy_file: str, state_dir: str) -> Compiled:
     result = compiled(policy_file, state_dir)
     nft.ensure_table(result.egress)
     return result
+
+
+# True while the agent's PolicyKeeper checks the loaded table every few seconds.
+_watched = False
+
+
+def watched(on: bool | None = None) -> bool:
+    """Whether a watcher keeps the table's rules in shape (set by the agent). Then an
+    ADD need not check them itself: its element transaction asserts the table's
+    revision (nft.add_if_current), which catches a missing or outdated table at no
+    extra cost, and the watcher catches the rest (say, a flushed chain) within
+    seconds. Without one, every ADD checks the rules."""
+    global _watched
+    if on is not None:
+        _watched = on
+    return _watched

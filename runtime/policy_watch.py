@@ -1,6 +1,8 @@
 """The agent's policy component: load the table at start, re-apply when the policy file
-changes (an invalid file is logged and the policy in force stays), and keep exception
-hostnames resolved."""
+changes (an invalid file is logged and the policy in force stays), keep exception
+hostnames resolved, and every CHECK_EVERY_S check that the loaded table still is the
+one in force (reloading it if someone flushed or replaced it). That check is what
+lets an ADD served by the agent skip its own (see runtime.policy.watched)."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +10,8 @@ import threading
 import time
 from pathlib import Path
 
-from runtime import policy
+from netpolicy.ruleset import EgressPolicy
+from runtime import nft, policy
 from runtime.errors import SockgateError
 from runtime.fsutil import file_stamp
 from runtime.resolver import Refresher
@@ -23,6 +26,7 @@ class PolicyKeeper:
         self.state_dir = state_dir
         self.refresher: Refresher | None = None
         self.applied: tuple[int, int, int] | None | bool = False  # False: never applied
+        self.in_force: EgressPolicy | None = None
 
     def _apply(self) -> None:
         stamp = file_stamp(Path(self.policy_file))
@@ -32,13 +36,31 @@ class PolicyKeeper:
             log.error("policy not applied, the policy in force stays: %s", exc)
         else:
             self.refresher = Refresher(compiled.policy, policy.resolved_record(self.state_dir))
+            self.in_force = compiled.egress
             log.info("policy applied from %s", self.policy_file)
         self.applied = stamp
 
+    def _check_table(self) -> None:
+        if self.in_force is None:
+            return
+        try:
+            nft.ensure_table(self.in_force)
+        except SockgateError as exc:
+            log.error("cannot reload the nft table: %s", exc)
+
     def run(self, stop: threading.Event) -> None:
+        policy.watched(True)
+        try:
+            self._watch(stop)
+        finally:
+            policy.watched(False)
+
+    def _watch(self, stop: threading.Event) -> None:
         while not stop.is_set():
             if self.applied is False or file_stamp(Path(self.policy_file)) != self.applied:
                 self._apply()
+            else:
+                self._check_table()
             if self.refresher is not None:
                 self.refresher.refresh_due()
                 wait = min(CHECK_EVERY_S, max(0.2, self.refresher.next_due() - time.monotonic()))

@@ -1,5 +1,10 @@
 """Attachment records: what an ADD created, kept on disk so DEL, CHECK and GC can find
-it again after any crash (of the plugin, the agent or the node)."""
+it again after a crash of the plugin or the agent.
+
+Records are written atomically (rename) but not fsynced: they describe veths, routes
+and nft elements, all of which a crash of the node takes with it. A record torn by
+such a crash is unreadable; it is treated as absent, and GC removes it (see
+`unreadable`). An fsync here cost ~3 ms of every ADD."""
 from __future__ import annotations
 
 import hashlib
@@ -55,11 +60,18 @@ class AttachmentStore:
 
     def save(self, att: Attachment) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write_json(self._path(att.container_id, att.ifname), asdict(att))
+        atomic_write_json(self._path(att.container_id, att.ifname), asdict(att), durable=False)
 
     def load(self, container_id: str, ifname: str) -> Attachment | None:
-        data = read_json(self._path(container_id, ifname))
-        return Attachment(**data) if data else None
+        return self._read(self._path(container_id, ifname))
+
+    @staticmethod
+    def _read(path: Path) -> Attachment | None:
+        try:
+            data = read_json(path)
+            return Attachment(**data) if data else None
+        except (ValueError, TypeError):
+            return None
 
     def delete(self, container_id: str, ifname: str) -> None:
         remove(self._path(container_id, ifname))
@@ -67,9 +79,9 @@ class AttachmentStore:
     def all(self) -> list[Attachment]:
         if not self.directory.is_dir():
             return []
-        out = []
-        for path in sorted(self.directory.glob("*.json")):
-            data = read_json(path)
-            if data:
-                out.append(Attachment(**data))
-        return out
+        return [att for path in sorted(self.directory.glob("*.json")) if (att := self._read(path))]
+
+    def unreadable(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return [path for path in sorted(self.directory.glob("*.json")) if self._read(path) is None]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +14,10 @@ from runtime.store import host_ifname
 from tests.support.plugin import node_links
 
 pytestmark = pytest.mark.lab
+
+
+def in_ns(netns: str, *argv: str) -> str:
+    return subprocess.run(["nsenter", f"--net={netns}", *argv], check=True, capture_output=True, text=True).stdout
 
 
 def test_shim_forwards_to_the_agent(plugin, agent, app, lab):
@@ -97,6 +102,40 @@ def test_agent_reapplies_a_changed_policy_and_keeps_the_old_one_on_error(plugin,
     while not lab.probe(ns, "tcp", LAB.cloud_v4, 443, timeout=1.0).ok:
         assert time.monotonic() < deadline
         time.sleep(0.3)
+
+
+@pytest.mark.parametrize("damage", ["flushed chain", "older version", "deleted table"])
+def test_agent_repairs_the_table_and_serves_adds_against_the_current_one(plugin, agent, app, lab, damage):
+    """An ADD served by the agent doesn't list the table (its element transaction only
+    asserts the revision); the agent checks the rules every few seconds instead."""
+    ns = app()
+    plugin.add("keep", ns)
+    node = plugin.node_netns
+    if damage == "flushed chain":
+        # Same revision element, no rules: only the agent's periodic check sees it.
+        in_ns(node, "nft", "flush", "chain", "inet", "sockgate", "forward")
+        deadline = time.monotonic() + 10
+        while "jump from_container" not in in_ns(node, "nft", "list", "chain", "inet", "sockgate", "forward"):
+            assert time.monotonic() < deadline, "the agent did not reload a flushed chain"
+            time.sleep(0.2)
+    elif damage == "older version":
+        # Other rules and another revision: the next ADD's transaction fails its
+        # assertion and the agent reloads the table before adding.
+        in_ns(node, "nft", "flush", "set", "inet", "sockgate", "revision")
+        in_ns(node, "nft", "add", "element", "inet", "sockgate", "revision", "{", "0x1", "}")
+        in_ns(node, "nft", "flush", "chain", "inet", "sockgate", "forward")
+    else:
+        in_ns(node, "nft", "delete", "table", "inet", "sockgate")
+    ns2 = app()
+    plugin.add("after", ns2)
+    assert "jump from_container" in in_ns(node, "nft", "list", "chain", "inet", "sockgate", "forward")
+    # The sandbox holds for the new container: Google ranges refused, the internet not.
+    assert not lab.probe(ns2, "tcp", LAB.google_v4, 443, timeout=1.0).ok
+    assert lab.probe(ns2, "tcp", LAB.public_v4, 9000).ok
+    if damage != "deleted table":  # a deleted table took the old container's elements with it
+        assert plugin("CHECK", "keep", ns).rc == 0
+    plugin.delete("after", ns2)
+    plugin.delete("keep", ns)
 
 
 def test_metrics_on_loopback(plugin, agent, app, lab):
