@@ -1,6 +1,6 @@
 """Data-plane benchmark: what sockgate's nft table costs a container's traffic.
 
-    scripts/bench-dataplane [--rounds 7] [--duration 3] [--containers 1000] [--ipv6] [--json]
+    scripts/bench-dataplane [--duration 60] [--segment 2] [--containers 1000] [--ipv6] [--json]
 
 A benchmark, not a timed test: it always exits 0 once it measured, whatever the ratio
 (non-zero only when it could not measure). On one lab (runtime/lab/, nothing leaves its
@@ -12,9 +12,14 @@ to the lab internet in two configurations of the *same* namespaces, veths and ro
   B  sockgate  the sockgate table with the full policy (_load_full_policy) and the
                per-container elements of all --containers attachments.
 
-Rounds are interleaved and alternate their order (A B, B A, A B, ...) so slow drift
-of the machine favours neither side; each metric's median over the rounds is
-compared, and the ratio B/A is printed against the target (>= 0.97).
+Each metric is one long iperf3 run during which the configuration alternates every
+--segment seconds (A B A B ...), and iperf3 reports every 0.5 s; each report is
+labelled with the configuration that was in force for all of it. On this kind of
+machine (2 vCPUs) throughput drifts by 10-20 % over seconds with the host's load,
+which separate runs per configuration (the first design: 7 rounds of 3 s) could not
+average out; slices seconds apart share the drift. The verdict is median(B reports) /
+median(A reports) against the target (>= 0.97); each B window against its A
+neighbours gives the paired ratios printed as a noise gauge.
 
 The containers: by default all of them are attached through the real core
 (runtime.attach.attach, in-process, with this process's thread in the node netns),
@@ -67,6 +72,9 @@ ELEMENT_BATCH = 250          # endpoints (4 elements each) per `nft -f` transact
 DEFAULT_RANGES = PROJECT_ROOT.parent / "shared" / "data" / "google-ip-ranges"
 PER_CONTAINER_SETS = ("ifaces", "tx4", "tx6", "rx")
 UDP_LEN = 64
+INTERVAL_S = 0.5     # iperf3 -i
+WARMUP_S = 1.0       # TCP's slow start, UDP's first burst
+MARGIN_S = 0.1       # between the client's start and the test's
 FAKE_IFINDEX = 1 << 30
 
 
@@ -153,12 +161,20 @@ def _load_full_policy(bench: Bench) -> str:
 # --- the benchmark ---------------------------------------------------------------------
 
 @dataclass
-class Run:
-    round: int
-    config: str
+class Sample:
+    """One iperf3 report interval that lay wholly inside one configuration's window."""
+
     test: str
-    value: float
-    detail: dict[str, Any] = field(default_factory=dict)
+    config: str
+    start: float    # seconds since the iperf3 test started
+    value: float    # bit/s (TCP) or packets/s received (UDP)
+
+
+@dataclass
+class Window:
+    config: str
+    start: float    # seconds since the client was started
+    end: float
 
 
 class Bench:
@@ -230,39 +246,46 @@ class Bench:
         _progress(f"{n} containers ready ({mode}) in {self.timings['containers_s']:.1f} s")
 
     # --- configurations ---
-    def switch(self, config: str) -> None:
+    def switch(self, config: str, verify: bool = False) -> None:
+        """Load `config` in the node netns. The new NAT table is loaded before the old
+        table goes, so some masquerade hook is registered at every moment and the
+        measured flow's NAT binding survives the switch. verify (the first switch to
+        each config): check the tables, the set sizes and the path."""
         if config == self.current:
             return
         t0 = time.monotonic()
         if config == BASELINE:
             def body() -> list[str]:
-                nft.delete_table()
                 nft.run(BASELINE_SCRIPT)
-                return _tables()
+                nft.delete_table()
+                return _tables() if verify else []
             tables = self.in_node(body)
-            if f"{FAMILY} {TABLE}" in tables or f"{FAMILY} {BASE_TABLE}" not in tables:
+            if verify and (f"{FAMILY} {TABLE}" in tables or f"{FAMILY} {BASE_TABLE}" not in tables):
                 raise BenchError(f"baseline: unexpected tables in the node netns: {tables}")
         else:
             def body() -> tuple[str, dict[str, int], list[str], dict[str, Any]]:
-                if f"{FAMILY} {BASE_TABLE}" in _tables():
-                    nft.run(f"delete table {FAMILY} {BASE_TABLE}\n")
                 desc = _load_full_policy(self)
                 # What an ADD adds besides the endpoint: the network's pools, where the
-                # policy has sets for them.
-                pools = ""
-                if _nft_json("list", "set", FAMILY, TABLE, "pools4"):
-                    pools = ruleset.add_pools((str(self.conf.ipv4_pool), str(self.conf.ipv6_pool)))
+                # policy has sets for them. The measured container comes first.
+                pools = ruleset.add_pools((str(self.conf.ipv4_pool), str(self.conf.ipv6_pool)))
                 for chunk in _chunks(self.endpoints, ELEMENT_BATCH):
                     nft.run(pools + "".join(ruleset.add_endpoint(ep) for ep in chunk))
+                if f"{FAMILY} {BASE_TABLE}" in _tables():
+                    nft.run(f"delete table {FAMILY} {BASE_TABLE}\n")
+                if not verify:
+                    return desc, {}, [], {}
                 return desc, {s: _set_size(s) for s in PER_CONTAINER_SETS}, _tables(), _table_stats()
-            self.policy_desc, sizes, tables, self.table = self.in_node(body)
-            n = len(self.endpoints)
-            if any(v != n for v in sizes.values()) or f"{FAMILY} {BASE_TABLE}" in tables:
-                raise BenchError(f"sockgate: expected {n} elements per set, got {sizes}; tables {tables}")
+            self.policy_desc, sizes, tables, table = self.in_node(body)
+            if verify:
+                self.table = table
+                n = len(self.endpoints)
+                if any(v != n for v in sizes.values()) or f"{FAMILY} {BASE_TABLE}" in tables:
+                    raise BenchError(f"sockgate: expected {n} elements per set, got {sizes}; tables {tables}")
         self.current = config
         self.timings.setdefault("switch_s", 0.0)
         self.timings["switch_s"] += time.monotonic() - t0
-        self._check_path(config)
+        if verify:
+            self._check_path(config)
 
     def _check_path(self, config: str) -> None:
         """The measured path works and is NATed; and, for the record, whether the
@@ -284,7 +307,9 @@ class Bench:
     def start_servers(self) -> None:
         hosts = [LAB.public_v4] + ([LAB.public_v6] if self.args.ipv6 else [])
         for host in hosts:
-            argv = ["iperf3", "-s", "-B", host, "-p", str(LAB.iperf_port)]
+            # -J: the server's own per-interval JSON reaches the client (--get-server-output),
+            # which is where the UDP packets *received* per interval are.
+            argv = ["iperf3", "-s", "-J", "-i", str(INTERVAL_S), "-B", host, "-p", str(LAB.iperf_port)]
             self.lab.popen(self.lab.internet, argv, log=self.lab.run_dir / f"iperf3-server-v{6 if ':' in host else 4}.log",
                            die_with_parent=True)
         want = {f"{h}:{LAB.iperf_port}" if ":" not in h else f"[{h}]:{LAB.iperf_port}" for h in hosts}
@@ -298,9 +323,10 @@ class Bench:
             time.sleep(0.1)
 
     def client_argv(self, test: Test) -> list[str]:
-        argv = ["iperf3", "-c", test.host, "-p", str(LAB.iperf_port), "-J", "-t", str(self.args.duration)]
+        argv = ["iperf3", "-c", test.host, "-p", str(LAB.iperf_port), "-J", "-t", str(self.args.duration),
+                "-i", str(INTERVAL_S), "--get-server-output"]
         if test.proto == "tcp":
-            argv += ["-O", "1"]  # the first second (slow start) is not counted
+            argv += ["-C", "cubic"]  # see CONGESTION CONTROL in --help
         else:
             argv += ["-u", "-b", "0", "-l", str(UDP_LEN)]
         cpus = self.args.tcp_cpus if test.proto == "tcp" else self.args.udp_cpus
@@ -308,35 +334,69 @@ class Bench:
             argv += ["-A", f"{cpus[0]},{cpus[1]}"]  # client's CPU, server's CPU for this test
         return argv
 
-    def iperf(self, test: Test) -> tuple[float, dict[str, Any]]:
-        argv = self.client_argv(test)
-        errors = []
-        for attempt in range(3):
-            if attempt:
-                time.sleep(2)  # "the server is busy": it is still finishing the last test
-            cp = self.lab.run(self.measured_ns, argv, timeout=self.args.duration + 40, check=False)
-            try:
-                d = json.loads(cp.stdout)
-            except ValueError:
-                errors.append(f"rc {cp.returncode}, no JSON: {cp.stderr.strip()[-300:]}")
+    def measure(self, test: Test, first: str) -> tuple[list[Sample], list[Window], dict[str, Any]]:
+        """One iperf3 run of --duration seconds while the configuration alternates
+        every --segment seconds; each report interval is labelled with the
+        configuration in force for all of it (intervals overlapping a switch, and the
+        first second, are dropped)."""
+        self.switch(first)
+        out = self.lab.run_dir / f"iperf3-{test.key}.json"
+        proc = self.lab.popen(self.measured_ns, self.client_argv(test), stdout=open(out, "wb"))
+        t0 = time.monotonic()
+        windows, config, since = [], first, 0.0
+        next_switch = self.args.segment
+        try:
+            while proc.poll() is None:
+                now = time.monotonic() - t0
+                if now >= next_switch and now < self.args.duration - self.args.segment / 2:
+                    windows.append(Window(config, since, now))
+                    config = BASELINE if config == SOCKGATE else SOCKGATE
+                    self.switch(config)
+                    since = time.monotonic() - t0
+                    next_switch = since + self.args.segment
+                time.sleep(0.02)
+            windows.append(Window(config, since, time.monotonic() - t0))
+            proc.wait(timeout=self.args.duration + 40)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        try:
+            d = json.loads(out.read_text())
+        except ValueError:
+            raise BenchError(f"iperf3 {test.key}: no JSON report (rc {proc.returncode}): "
+                             f"{out.read_text()[-300:]}") from None
+        if "error" in d:
+            raise BenchError(f"iperf3 {test.key}: {d['error']}")
+        return self._label(test, d, windows), windows, self._totals(test, d)
+
+    def _label(self, test: Test, d: dict, windows: list[Window]) -> list[Sample]:
+        if test.proto == "tcp":
+            intervals = [(iv["sum"]["start"], iv["sum"]["end"], iv["sum"]["bits_per_second"])
+                         for iv in d["intervals"]]
+        else:
+            server = d.get("server_output_json") or {}
+            if not server.get("intervals"):
+                raise BenchError("iperf3 gave no server-side intervals (is the server running with -J?)")
+            intervals = [(iv["sum"]["start"], iv["sum"]["end"],
+                          (iv["sum"]["packets"] - iv["sum"].get("lost_packets", 0)) / iv["sum"]["seconds"])
+                         for iv in server["intervals"] if iv["sum"]["seconds"] > 0]
+        samples = []
+        for start, end, value in intervals:
+            if start < WARMUP_S:
                 continue
-            if cp.returncode != 0 or "error" in d:
-                errors.append(f"rc {cp.returncode}: {d.get('error', cp.stderr.strip()[-300:])}")
-                continue
-            return self._parse(test, d)
-        raise BenchError(f"iperf3 {' '.join(argv)} failed 3 times: {errors}")
+            # The test starts a few ms after the client does; MARGIN_S covers that.
+            for w in windows:
+                if w.start <= start - MARGIN_S and end + MARGIN_S <= w.end:
+                    samples.append(Sample(test.key, w.config, start, float(value)))
+                    break
+        return samples
 
     @staticmethod
-    def _parse(test: Test, d: dict) -> tuple[float, dict[str, Any]]:
-        end = d["end"]
-        recv, sent = end["sum_received"], end["sum_sent"]
+    def _totals(test: Test, d: dict) -> dict[str, Any]:
+        sent = d["end"]["sum_sent"]
         if test.proto == "tcp":
-            return float(recv["bits_per_second"]), {"retransmits": sent.get("retransmits"),
-                                                    "seconds": recv["seconds"]}
-        received = recv["packets"] - recv["lost_packets"]
-        pps = received / recv["seconds"]
-        return pps, {"received_packets": received, "sent_pps": sent["packets"] / sent["seconds"],
-                     "lost_percent": recv["lost_percent"], "seconds": recv["seconds"]}
+            return {"retransmits": sent.get("retransmits")}
+        return {"lost_percent": d["end"]["sum_received"].get("lost_percent")}
 
 
 # --- report ----------------------------------------------------------------------------
@@ -349,27 +409,47 @@ def _unit(test: Test) -> str:
     return "Gbit/s" if test.proto == "tcp" else "kpps received"
 
 
-def summarize(tests: list[Test], runs: list[Run]) -> dict[str, Any]:
-    """The verdict is median(B) / median(A). Also, as a noise gauge, the ratios of
-    each round's adjacent B and A runs: when some are above the target and some
-    below, this run's verdict is not firm."""
-    out: dict[str, Any] = {"medians": {}, "ratios": {}}
-    for t in tests:
-        vals = {c: {r.round: r.value for r in runs if r.config == c and r.test == t.key}
-                for c in (BASELINE, SOCKGATE)}
-        med = {c: statistics.median(v.values()) for c, v in vals.items()}
-        out["medians"][t.key] = med
-        ratio = med[SOCKGATE] / med[BASELINE] if med[BASELINE] else float("nan")
-        paired = [vals[SOCKGATE][i] / vals[BASELINE][i] for i in sorted(vals[BASELINE])
-                  if vals[BASELINE][i] and i in vals[SOCKGATE]]
-        out["ratios"][t.key] = {
-            "metric": t.label, "ratio": ratio, "target": TARGET, "met": ratio >= TARGET,
-            "per_round": paired, "per_round_median": statistics.median(paired),
-            "uncertain": min(paired) < TARGET <= max(paired)}
+def paired_ratios(samples: list[Sample]) -> list[float]:
+    """Each sockgate window's median against the median of the baseline windows
+    right before and after it: neighbours in time share the machine's slow drift."""
+    windows: list[tuple[str, list[float]]] = []
+    for smp in sorted(samples, key=lambda x: x.start):
+        if not windows or windows[-1][0] != smp.config:
+            windows.append((smp.config, []))
+        windows[-1][1].append(smp.value)
+    out = []
+    for i, (config, values) in enumerate(windows):
+        if config != SOCKGATE:
+            continue
+        near = [v for j in (i - 1, i + 1) if 0 <= j < len(windows) for v in windows[j][1]]
+        if near:
+            out.append(statistics.median(values) / statistics.median(near))
     return out
 
 
-def print_report(rep: dict[str, Any], tests: list[Test], runs: list[Run]) -> None:
+def summarize(tests: list[Test], samples: list[Sample]) -> dict[str, Any]:
+    """The verdict is median(B intervals) / median(A intervals). Also, as a noise
+    gauge, the ratios of each sockgate window to its baseline neighbours: when their
+    middle half straddles the target, this run's verdict is not firm."""
+    out: dict[str, Any] = {"medians": {}, "ratios": {}}
+    for t in tests:
+        vals = {c: [x.value for x in samples if x.test == t.key and x.config == c] for c in (BASELINE, SOCKGATE)}
+        if not all(vals.values()):
+            raise BenchError(f"{t.label}: no interval lay wholly inside a window of each configuration "
+                             "(longer --duration or --segment)")
+        med = {c: statistics.median(v) for c, v in vals.items()}
+        out["medians"][t.key] = med | {"n": {c: len(v) for c, v in vals.items()}}
+        ratio = med[SOCKGATE] / med[BASELINE]
+        paired = paired_ratios([x for x in samples if x.test == t.key])
+        q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) >= 2 else (paired[0],) * 3
+        out["ratios"][t.key] = {
+            "metric": t.label, "ratio": ratio, "target": TARGET, "met": ratio >= TARGET,
+            "paired": paired, "paired_median": statistics.median(paired), "paired_iqr": [q1, q3],
+            "uncertain": q1 < TARGET <= q3}
+    return out
+
+
+def print_report(rep: dict[str, Any], tests: list[Test], samples: list[Sample]) -> None:
     c, a = rep["containers"], rep["args"]
     print(f"sockgate data-plane benchmark: lab {rep['lab']}, {rep['cpus']} CPUs, kernel {rep['kernel']}, "
           f"{rep['iperf3']}")
@@ -384,44 +464,42 @@ def print_report(rep: dict[str, Any], tests: list[Test], runs: list[Run]) -> Non
           f"({', '.join(f'{k} {v}' for k, v in tb['sets'].items() if v)})")
     for cfg in (BASELINE, SOCKGATE):
         print(f"  path check {cfg}: " + "; ".join(f"{k}: {v}" for k, v in rep["checks"].get(cfg, {}).items()))
-    print(f"iperf3: server in the internet netns on port {LAB.iperf_port}; client in the measured container; "
-          f"TCP `-t {a['duration']} -O 1`, UDP `-u -b 0 -l {UDP_LEN} -t {a['duration']}`; "
-          f"CPUs (client,server) TCP {_pin(a['tcp_cpus'])}, UDP {_pin(a['udp_cpus'])}; "
-          f"{a['rounds']} rounds, order {' '.join(rep['order'])}")
+    print(f"iperf3: server in the internet netns, client in the measured container; one run per metric of "
+          f"{a['duration']} s, reports every {INTERVAL_S} s; the configuration alternates every "
+          f"{a['segment']} s during the run (A and B load in {rep['timings'].get('switch_mean_ms', 0):.0f} ms "
+          f"on average); intervals overlapping a switch and the first {WARMUP_S:.0f} s are dropped")
+    print(f"  TCP `-C cubic`, CPUs (client,server) {_pin(a['tcp_cpus'])}; "
+          f"UDP `-u -b 0 -l {UDP_LEN}`, CPUs {_pin(a['udp_cpus'])}")
     print()
-    rounds = a["rounds"]
-    head = ["config", "metric", "unit", *[f"round {i + 1}" for i in range(rounds)], "median"]
+    head = ["config", "metric", "unit", "intervals", "median", "p25", "p75"]
     rows = []
     for t in tests:
         for cfg in (BASELINE, SOCKGATE):
-            vals = {r.round: r for r in runs if r.config == cfg and r.test == t.key}
-            rows.append([f"{CONFIG_NOTE[cfg]} {cfg}", t.label, _unit(t),
-                         *[_fmt(t, vals[i].value) if i in vals else "-" for i in range(rounds)],
-                         _fmt(t, rep["medians"][t.key][cfg])])
-            if t.proto == "udp":
-                rows.append(["", "  (UDP sent / loss)", "kpps / %",
-                             *[f"{vals[i].detail['sent_pps'] / 1e3:.1f}/{vals[i].detail['lost_percent']:.1f}"
-                               if i in vals else "-" for i in range(rounds)], ""])
-            else:
-                rows.append(["", "  (TCP retransmits)", "segments",
-                             *[str(vals[i].detail.get("retransmits")) if i in vals else "-" for i in range(rounds)], ""])
+            vals = [x.value for x in samples if x.test == t.key and x.config == cfg]
+            q1, _, q3 = statistics.quantiles(vals, n=4) if len(vals) >= 2 else (vals[0],) * 3
+            rows.append([f"{CONFIG_NOTE[cfg]} {cfg}", t.label, _unit(t), str(len(vals)),
+                         _fmt(t, statistics.median(vals)), _fmt(t, q1), _fmt(t, q3)])
+        extra = rep["totals"][t.key]
+        rows.append(["", "  whole run: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in extra.items()),
+                     "", "", "", "", ""])
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     for row in [head, ["-" * w for w in widths], *rows]:
         print("  ".join(str(v).ljust(w) if i < 3 else str(v).rjust(w)
                         for i, (v, w) in enumerate(zip(row, widths))).rstrip())
     print()
-    print(f"ratio {SOCKGATE}/{BASELINE} = median B / median A    (per round: B/A of the same round)")
+    print(f"ratio {SOCKGATE}/{BASELINE} = median B / median A of the intervals   "
+          f"(paired: each B window against its A neighbours)")
     for t in tests:
         r = rep["ratios"][t.key]
-        rounds_txt = " ".join(f"{x:.3f}" for x in r["per_round"])
         print(f"  {t.label:<24} {r['ratio']:.3f}   target >= {TARGET}: {'met' if r['met'] else 'not met':<8}"
-              f"  (per round: {rounds_txt}; median {r['per_round_median']:.3f})")
+              f"  (paired: median {r['paired_median']:.3f}, middle half {r['paired_iqr'][0]:.3f}-"
+              f"{r['paired_iqr'][1]:.3f}, {len(r['paired'])} windows)")
     unsure = [rep["ratios"][t.key]["metric"] for t in tests if rep["ratios"][t.key]["uncertain"]]
     if unsure:
-        print(f"  note: the per-round ratios of {', '.join(unsure)} lie on both sides of the target, so "
-              "that verdict is not firm: more --rounds, a longer --duration or a quieter machine")
-    print(f"took {rep['seconds']:.0f} s (containers {c['seconds']:.0f} s, switching tables "
-          f"{rep['timings'].get('switch_s', 0):.1f} s, lab teardown {rep['timings'].get('teardown_s', 0):.1f} s)")
+        print(f"  note: the middle half of the paired ratios of {', '.join(unsure)} straddles the target, so "
+              "that verdict is not firm: a longer --duration or a quieter machine")
+    print(f"took {rep['seconds']:.0f} s (containers {c['seconds']:.0f} s, lab teardown "
+          f"{rep['timings'].get('teardown_s', 0):.1f} s)")
 
 
 def _pin(cpus: tuple[int, int] | None) -> str:
@@ -435,11 +513,12 @@ def _iperf_version() -> str:
         return "iperf3 missing"
 
 
-def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test], list[Run]]:
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test], list[Sample]]:
     t_start = time.monotonic()
     tests = [Test(f"{p}{f}", p, f) for f in ((4, 6) if args.ipv6 else (4,)) for p in ("tcp", "udp")]
-    runs: list[Run] = []
-    order = []
+    samples: list[Sample] = []
+    windows: dict[str, list[Window]] = {}
+    totals: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="sockgate-bench-") as tmp:
         lab = Lab()
         with lab:
@@ -447,19 +526,18 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test], list[Run]
             bench = Bench(lab, Path(tmp), args)
             bench.check_isolation()
             bench.setup_containers()
-            bench.switch(SOCKGATE)  # also adds the fillers' elements in --fill elements
+            bench.switch(SOCKGATE, verify=True)  # also adds the fillers' elements in --fill elements
+            bench.switch(BASELINE, verify=True)
             bench.start_servers()
-            for rnd in range(args.rounds):
-                configs = (BASELINE, SOCKGATE) if rnd % 2 == 0 else (SOCKGATE, BASELINE)
-                order.append("".join(CONFIG_NOTE[c] for c in configs))
-                for cfg in configs:
-                    bench.switch(cfg)
-                    for t in tests:
-                        value, detail = bench.iperf(t)
-                        runs.append(Run(rnd, cfg, t.key, value, detail))
-                        _progress(f"round {rnd + 1}/{args.rounds} {cfg:<8} {t.label:<24} "
-                                  f"{_fmt(t, value)} {_unit(t)}")
-                        time.sleep(0.5)
+            switches_before = bench.timings["switch_s"]
+            for i, t in enumerate(tests):
+                first = (BASELINE, SOCKGATE)[i % 2]
+                _progress(f"{t.label}: {args.duration} s, alternating every {args.segment} s ...")
+                got, windows[t.key], totals[t.key] = bench.measure(t, first)
+                samples += got
+                time.sleep(0.5)
+            n_switches = sum(len(w) - 1 for w in windows.values()) + len(tests)
+            bench.timings["switch_mean_ms"] = 1000 * (bench.timings["switch_s"] - switches_before) / max(1, n_switches)
             measured = bench.endpoints[0]
             t_down = time.monotonic()
         bench.timings["teardown_s"] = time.monotonic() - t_down
@@ -469,9 +547,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test], list[Run]
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
         "iperf3": _iperf_version(),
-        "args": {"rounds": args.rounds, "duration": args.duration, "containers": args.containers,
-                 "fill": args.fill, "ipv6": args.ipv6, "tcp_cpus": args.tcp_cpus,
-                 "udp_cpus": args.udp_cpus},
+        "args": {"duration": args.duration, "segment": args.segment, "containers": args.containers,
+                 "fill": args.fill, "ipv6": args.ipv6, "tcp_cpus": args.tcp_cpus, "udp_cpus": args.udp_cpus},
         "containers": {
             "count": args.containers, "fill": args.fill, "seconds": bench.timings["containers_s"],
             "how": ("all attached through runtime.attach.attach (each with its own netns, veth pair, "
@@ -483,14 +560,15 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test], list[Run]
         "policy": bench.policy_desc,
         "table": bench.table,
         "checks": bench.checks,
-        "order": order,
         "commands": {t.key: " ".join(bench.client_argv(t)) for t in tests},
-        "runs": [dataclasses.asdict(r) for r in runs],
+        "windows": {k: [dataclasses.asdict(w) for w in v] for k, v in windows.items()},
+        "samples": [dataclasses.asdict(x) for x in samples],
+        "totals": totals,
         "timings": bench.timings,
     }
-    rep |= summarize(tests, runs)
+    rep |= summarize(tests, samples)
     rep["seconds"] = time.monotonic() - t_start
-    return rep, tests, runs
+    return rep, tests, samples
 
 
 def _cpu_pair(text: str) -> tuple[int, int]:
@@ -515,8 +593,9 @@ internet, in two configurations of the same namespaces, veths, routes and NAT:
   A baseline  no sockgate table; a one-rule table `inet {BASE_TABLE}` masquerades
   B sockgate  the sockgate table with the full policy and --containers attached
 
-Rounds interleave A and B (order A B, B A, A B, ...). Prints every run, the medians
-and the ratios B/A (target >= {TARGET}). Everything runs in throwaway lab network
+One iperf3 run per metric; the configuration alternates every --segment seconds
+while it runs, and every 0.5 s report counts for the configuration in force all
+along it. Prints the medians and the ratios B/A (target >= {TARGET}). Everything runs in throwaway lab network
 namespaces: nothing leaves the machine, the host's netns is never touched, and the
 lab (iperf3 included) is torn down at the end, also on errors. Needs root.""",
         epilog="""\
@@ -527,11 +606,18 @@ on the receiver's CPU, veth queues per CPU, and segments overtake each other
 runs. UDP runs put the receiver on the other CPU, so the sender's packet rate is
 measured and not how the scheduler splits one CPU between sender and receiver.
 
+CONGESTION CONTROL: TCP runs use CUBIC (Linux's default). With BBR (some hosts'
+default, this development machine's among them) and no fq qdisc, the sender paces
+itself with timers, and on a path whose RTT is tens of microseconds its rate
+follows its RTT estimate rather than what forwarding costs: it measured half of
+CUBIC's throughput and swung with microsecond changes of the path.
+
 Exit status: 0 once measured, whatever the ratios (it is a benchmark); 1 when it
 could not measure; 2 on bad usage. Progress goes to stderr, the report (or --json)
 to stdout. Takes about 4 minutes with the defaults on 2 CPUs.""")
-    p.add_argument("--rounds", type=int, default=7, help="rounds; each measures both configs (default %(default)s)")
-    p.add_argument("--duration", type=int, default=3, help="seconds per iperf3 run (default %(default)s)")
+    p.add_argument("--duration", type=int, default=60, help="seconds of each iperf3 run (default %(default)s)")
+    p.add_argument("--segment", type=float, default=2.0,
+                   help="seconds each configuration stays in force before the other is loaded (default %(default)s)")
     p.add_argument("--containers", type=int, default=1000,
                    help="containers attached to the network, the measured one included (default %(default)s)")
     p.add_argument("--fill", choices=("attach", "elements"), default="attach",
@@ -556,8 +642,10 @@ to stdout. Takes about 4 minutes with the defaults on 2 CPUs.""")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.duration < 1 or args.containers < 1:
-        parser.error("--rounds, --duration and --containers must be >= 1")
+    if args.duration < 5 or args.segment < 1 or args.containers < 1:
+        parser.error("--duration must be >= 5, --segment >= 1 and --containers >= 1")
+    if args.duration < 4 * args.segment:
+        parser.error("--duration must hold at least 4 segments")
     if args.no_pin:
         args.tcp_cpus = args.udp_cpus = None
     if os.geteuid() != 0:
@@ -568,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench-dataplane: {Path(args.google_ranges) / f} missing (see --google-ranges)", file=sys.stderr)
             return 2
     try:
-        rep, tests, runs = run(args)
+        rep, tests, samples = run(args)
     except KeyboardInterrupt:
         print("bench-dataplane: interrupted; lab torn down", file=sys.stderr)
         return 130
@@ -578,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rep, indent=1))
     else:
-        print_report(rep, tests, runs)
+        print_report(rep, tests, samples)
     return 0
 
 
