@@ -602,7 +602,7 @@ lab (iperf3 included) is torn down at the end, also on errors. Needs root.""",
 PINNING: TCP runs keep client and server on one CPU. With them on two CPUs the
 sender transmits both from its own CPU and from the softirq that takes in the ACKs
 on the receiver's CPU, veth queues per CPU, and segments overtake each other
-(nstat: TCPSACKReorder, DSACKs): throughput then swings by 15 %% between identical
+(nstat: TCPSACKReorder, DSACKs): throughput then swings by 15 % between identical
 runs. UDP runs put the receiver on the other CPU, so the sender's packet rate is
 measured and not how the scheduler splits one CPU between sender and receiver.
 
