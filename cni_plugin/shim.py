@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 # The C module under `socket`: socket.py itself imports enum and selectors and builds
 # IntEnums at import, ~14 ms of every container start on the development machine.
@@ -115,11 +116,21 @@ def forward(path: str, env: Mapping[str, str], stdin: bytes) -> tuple[int, str] 
     agent may have done half an ADD, and the runtime must retry (code 11)."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(AGENT_TIMEOUT_S)
-    try:
-        sock.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError, PermissionError):
-        sock.close()
-        return None
+    deadline = time.monotonic() + AGENT_TIMEOUT_S
+    while True:
+        try:
+            sock.connect(path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError, PermissionError):
+            sock.close()
+            return None
+        except BlockingIOError:
+            # The agent's accept backlog is full: it is busy, not gone. (A unix socket
+            # with a timeout fails such a connect with EAGAIN instead of waiting.)
+            if time.monotonic() > deadline:
+                sock.close()
+                return None
+            time.sleep(0.005)
     try:
         sock.sendall(wire.encode_request(env, stdin))
         sock.shutdown(_socket.SHUT_WR)

@@ -87,6 +87,10 @@ class _Handler(socketserver.StreamRequestHandler):
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = False  # shutdown waits for requests in flight
     block_on_close = True
+    # socketserver's default backlog is 5: a burst of container starts (a node taking
+    # a deployment's pods) would overflow it, and a full backlog refuses a unix
+    # socket's connect at once (EAGAIN) instead of queueing it.
+    request_queue_size = 512
 
 
 def _notify(state: str) -> None:
