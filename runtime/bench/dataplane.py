@@ -1,6 +1,6 @@
 """Data-plane benchmark: what sockgate's nft table costs a container's traffic.
 
-    scripts/bench-dataplane [--duration 60] [--segment 2] [--containers 1000] [--ipv6] [--json]
+    scripts/bench-dataplane [--duration 60] [--segment 3] [--containers 1000] [--ipv6] [--json]
 
 A benchmark, not a timed test: it always exits 0 once it measured, whatever the ratio
 (non-zero only when it could not measure). On one lab (runtime/lab/, nothing leaves its
@@ -14,7 +14,8 @@ to the lab internet in two configurations of the *same* namespaces, veths and ro
 
 Each metric is one long iperf3 run during which the configuration alternates every
 --segment seconds (A B A B ...), and iperf3 reports every 0.5 s; each report is
-labelled with the configuration that was in force for all of it. On this kind of
+labelled with the configuration that was in force for all of it (reports that
+overlap a switch or the SETTLE_S after it are dropped). On this kind of
 machine (2 vCPUs) throughput drifts by 10-20 % over seconds with the host's load,
 which separate runs per configuration (the first design: 7 rounds of 3 s) could not
 average out; slices seconds apart share the drift. The verdict is median(B reports) /
@@ -75,6 +76,7 @@ UDP_LEN = 64
 INTERVAL_S = 0.5     # iperf3 -i
 WARMUP_S = 1.0       # TCP's slow start, UDP's first burst
 MARGIN_S = 0.1       # between the client's start and the test's
+SETTLE_S = 0.5       # after a switch: the kernel finishes a load's deferred work (set resizes, RCU frees)
 FAKE_IFINDEX = 1 << 30
 
 
@@ -386,7 +388,7 @@ class Bench:
                 continue
             # The test starts a few ms after the client does; MARGIN_S covers that.
             for w in windows:
-                if w.start <= start - MARGIN_S and end + MARGIN_S <= w.end:
+                if w.start + SETTLE_S <= start - MARGIN_S and end + MARGIN_S <= w.end:
                     samples.append(Sample(test.key, w.config, start, float(value)))
                     break
         return samples
@@ -467,7 +469,7 @@ def print_report(rep: dict[str, Any], tests: list[Test], samples: list[Sample]) 
     print(f"iperf3: server in the internet netns, client in the measured container; one run per metric of "
           f"{a['duration']} s, reports every {INTERVAL_S} s; the configuration alternates every "
           f"{a['segment']} s during the run (A and B load in {rep['timings'].get('switch_mean_ms', 0):.0f} ms "
-          f"on average); intervals overlapping a switch and the first {WARMUP_S:.0f} s are dropped")
+          f"on average); intervals overlapping a switch or the {SETTLE_S} s after it, and the first {WARMUP_S:.0f} s, are dropped")
     print(f"  TCP `-C cubic`, CPUs (client,server) {_pin(a['tcp_cpus'])}; "
           f"UDP `-u -b 0 -l {UDP_LEN}`, CPUs {_pin(a['udp_cpus'])}")
     print()
@@ -616,7 +618,7 @@ Exit status: 0 once measured, whatever the ratios (it is a benchmark); 1 when it
 could not measure; 2 on bad usage. Progress goes to stderr, the report (or --json)
 to stdout. Takes about 4 minutes with the defaults on 2 CPUs.""")
     p.add_argument("--duration", type=int, default=60, help="seconds of each iperf3 run (default %(default)s)")
-    p.add_argument("--segment", type=float, default=2.0,
+    p.add_argument("--segment", type=float, default=3.0,
                    help="seconds each configuration stays in force before the other is loaded (default %(default)s)")
     p.add_argument("--containers", type=int, default=1000,
                    help="containers attached to the network, the measured one included (default %(default)s)")
