@@ -54,14 +54,18 @@ _REJECT = ["meta l4proto tcp reject with tcp reset", "reject with icmpx admin-pr
 BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
     # hook chains: (declaration, rules)
     "forward": ("type filter hook forward priority filter; policy accept;", [
-        # The busy path first: a packet of an accepted flow, from the address its
-        # veth owns, is counted and accepted in one lookup. (The policy decided the
-        # flow's first packet; a policy change applies to new flows, established
-        # ones keep going.) Everything else takes the full path below.
+        # The busy path first: every packet of an accepted flow is counted and
+        # accepted in one lookup. (The policy decided the flow's first packet; a
+        # policy change applies to new flows, established ones keep going.)
+        # Everything else takes the full path below.
+        # Replies to a container's own flows, and ICMP errors about them (C2); the
+        # direction test keeps a container's own packets from paying this lookup.
+        "ct direction reply ct state established,related meta oif @rx accept",
+        # A container's packets, from the address its veth owns (anti-spoofing).
         "ct state established meta iif . ip saddr @tx4 accept",
         "ct state established meta iif . ip6 saddr @tx6 accept",
-        # Only replies to the container's own flows, and ICMP errors about them,
-        # get in (C2).
+        # Into a container in the original direction: a flow a platform proxy opened
+        # (ingress allowance, see to_container).
         "ct state established,related meta oif @rx accept",
         "iifname @ifaces jump from_container",
         "oifname @ifaces jump to_container",

@@ -82,3 +82,25 @@ def test_spoofed_source_is_dropped(lab, two_apps, family):
     arrived = {label for label, mark in marks.items() if any(mark.decode() in h for h in heads)}
     # The raw sender works (its own address gets through, masqueraded); forged ones don't.
     assert arrived == {"real"}, arrived
+
+
+def test_ingress_allowance_opens_exactly_its_source_and_port(lab, plugin, app, tmp_path):
+    """A policy's ingress allowance (a platform proxy; default none) lets its source in
+    on its port, and nothing else; the container's replies take the established path
+    like any flow of its own."""
+    import json
+    from pathlib import Path
+    doc = json.loads(Path(plugin.conf["policyFile"]).read_text())
+    doc["ingress"] = [{"source": f"{LAB.internet_v4}/32", "protocols": ["tcp"], "ports": [APP_PORT]}]
+    policy = tmp_path / "ingress.json"
+    policy.write_text(json.dumps(doc))
+    plugin.conf = dict(plugin.conf, policyFile=str(policy))
+    ns = app()
+    v4 = plugin.add("proxied", ns)["ips"][0]["address"].split("/")[0]
+    lab.start_echo(ns, [APP_PORT, APP_PORT + 1])
+    r = lab.probe(lab.internet, "tcp", v4, APP_PORT, bind=LAB.internet_v4, timeout=2.0)
+    assert r.ok and r.echo_ok, r
+    for source, port in ((LAB.internet_v4, APP_PORT + 1), (LAB.public_v4, APP_PORT)):
+        r = lab.probe(lab.internet, "tcp", v4, port, bind=source, timeout=1.0)
+        assert not r.ok, f"{source} opened port {port} of the container: {r}"
+    plugin.delete("proxied", ns)

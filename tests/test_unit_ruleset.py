@@ -34,8 +34,11 @@ def test_endpoint_elements_and_idempotent_removal():
 
 def test_busy_path_is_one_lookup_before_any_jump():
     forward = [l for l in render_table().splitlines() if l.startswith("add rule inet sockgate forward")]
-    assert "forward ct state established meta iif . ip saddr @tx4 accept" in forward[0]
-    assert "jump" not in " ".join(forward[:3])
+    # A reply into a container: one lookup; a container's own packet skips it by
+    # direction and meets its own lookup next.
+    assert "forward ct direction reply ct state established,related meta oif @rx accept" in forward[0]
+    assert forward[1].endswith("forward ct state established meta iif . ip saddr @tx4 accept")
+    assert "jump" not in " ".join(forward[:4])
 
 
 def test_revision_stamp_changes_with_the_rules():
