@@ -36,6 +36,13 @@ SETS = {
     "rx": "typeof meta oif; counter",
 }
 COUNTED_SETS = ("tx4", "tx6", "rx")
+# What sockgate 2026-11-25 keyed by veth name; a reload removes them.
+LEGACY_SETS = {
+    "saddr4": "typeof iifname . ip saddr",
+    "saddr6": "typeof iifname . ip6 saddr",
+    "acct_tx": "typeof iifname; counter",
+    "acct_rx": "typeof oifname; counter",
+}
 
 # ICMPv6 neighbour discovery between a container and its gateway: without it the node
 # can't resolve the container's v6 address. Only valid with hop limit 255 (RFC 4861),
@@ -200,6 +207,11 @@ def _render(policy: EgressPolicy, rev: str) -> str:
     for name, rules in chains.items():
         lines.append(f"flush chain {t} {name}")
         lines.extend(f"add rule {t} {name} {rule}" for rule in rules)
+    # Sets of earlier layouts, unreferenced once the chains above are refilled. (No
+    # `destroy` before nft 1.0.8: adding with the old definition first makes the
+    # delete succeed whether or not the set was there.)
+    for name, decl in LEGACY_SETS.items():
+        lines += [f"add set {t} {name} {{ {decl}; }}", f"delete set {t} {name}"]
     return "\n".join(lines) + "\n"
 
 

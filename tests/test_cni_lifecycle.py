@@ -227,8 +227,12 @@ def test_stale_table_is_reloaded_and_keeps_elements(plugin, app):
     ns = app()
     plugin.add("old", ns)
     node = plugin.node_netns
-    # What a node upgraded from another sockgate version looks like: different rules.
+    # What a node upgraded from another sockgate version looks like: different rules,
+    # and a set of the earlier layout that a rule uses.
     in_ns(node, "nft", "flush", "chain", "inet", "sockgate", "forward")
+    in_ns(node, "nft", "add", "set", "inet", "sockgate", "acct_tx", "{", "typeof", "iifname;", "counter;", "}")
+    in_ns(node, "nft", "add", "rule", "inet", "sockgate", "forward", "iifname", "@acct_tx", "accept")
     plugin.add("new", app())
     assert "jump from_container" in in_ns(node, "nft", "list", "chain", "inet", "sockgate", "forward")
+    assert "acct_tx" not in in_ns(node, "nft", "list", "sets", "inet")
     assert plugin("CHECK", "old", ns).rc == 0  # the reload kept existing containers' elements
