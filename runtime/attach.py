@@ -220,6 +220,26 @@ def gc(conf: NetConf, valid: set[tuple[str, str]]) -> list[tuple[str, str]]:
     return sorted(set(removed))
 
 
+def restore_elements(state_dir: str) -> int:
+    """Put back the elements of every ready attachment whose veth exists: after a
+    deleted table (`nft flush ruleset`, a firewall reload) was loaded again, running
+    containers would otherwise be treated as spoofing. Their own addresses go back into
+    the pool sets too; the pools' full prefixes return with the network's next ADD.
+    Returns how many attachments were restored."""
+    restored = 0
+    for att in all_attachments(state_dir):
+        if att.state != READY or not att.ipv4 or not att.ipv6:
+            continue
+        index = netns.link_index(att.host_ifname)
+        if index is None:
+            continue  # its container is gone; DEL or GC cleans up the rest
+        nft.add(Endpoint(att.host_ifname, index, att.ipv4, att.ipv6), pools=(f"{att.ipv4}/32", f"{att.ipv6}/128"))
+        restored += 1
+    if restored:
+        log.warning("nft table was reloaded: restored the elements of %d attachment(s)", restored)
+    return restored
+
+
 def status(conf: NetConf) -> None:
     """Ready when state can be written and nftables answers."""
     net = Network(conf)

@@ -246,6 +246,12 @@ def retire_link(ifname: str) -> bool:
     return delete_link(ifname)
 
 
+def link_index(ifname: str) -> int | None:
+    with rtnl.Rtnl() as nl:
+        link = rtnl.find(nl, ifname)
+    return link.index if link else None
+
+
 def link_exists(ifname: str) -> bool:
     with IPRoute() as ipr:
         return _index(ipr, ifname) is not None

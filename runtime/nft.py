@@ -65,12 +65,15 @@ def table_exists() -> bool:
     return any(t.get("table", {}).get("name") == TABLE for t in _listing(f"list tables {FAMILY}"))
 
 
-def ensure_table(policy: EgressPolicy = EgressPolicy()) -> None:
-    """Load the table if it is missing or was rendered from other rules. The rendering
-    is idempotent, so two plugins racing here both succeed and leave one table."""
+def ensure_table(policy: EgressPolicy = EgressPolicy()) -> bool:
+    """Load the table if it is missing or was rendered from other rules; True if it
+    did. The rendering is idempotent, so two plugins racing here both succeed and
+    leave one table."""
     rc, listed, _ = _nft(f"list chain {FAMILY} {TABLE} forward")
     if rc != 0 or f"rev {revision(policy)}" not in listed:
         run(render_table(policy))
+        return True
+    return False
 
 
 def add(ep: Endpoint, pools: tuple[str, ...] = ()) -> None:

@@ -120,9 +120,12 @@ def compiled(policy_file: str, state_dir: str) -> Compiled:
 
 def apply(policy_file: str, state_dir: str) -> Compiled:
     """Compile, then load in one transaction. Any error before the load leaves the
-    policy in force untouched."""
+    policy in force untouched. A table that had to be loaded gets the elements of
+    every recorded attachment back (see runtime.attach.restore_elements)."""
     result = compiled(policy_file, state_dir)
-    nft.ensure_table(result.egress)
+    if nft.ensure_table(result.egress):
+        from runtime.attach import restore_elements  # attach imports this module
+        restore_elements(state_dir)
     return result
 
 

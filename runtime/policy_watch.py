@@ -44,7 +44,9 @@ class PolicyKeeper:
         if self.in_force is None:
             return
         try:
-            nft.ensure_table(self.in_force)
+            if nft.ensure_table(self.in_force):
+                from runtime.attach import restore_elements
+                restore_elements(self.state_dir)
         except SockgateError as exc:
             log.error("cannot reload the nft table: %s", exc)
 
