@@ -226,18 +226,18 @@ def restore_elements(state_dir: str) -> int:
     containers would otherwise be treated as spoofing. Their own addresses go back into
     the pool sets too; the pools' full prefixes return with the network's next ADD.
     Returns how many attachments were restored."""
-    restored = 0
+    todo = []
     for att in all_attachments(state_dir):
         if att.state != READY or not att.ipv4 or not att.ipv6:
             continue
         index = netns.link_index(att.host_ifname)
         if index is None:
             continue  # its container is gone; DEL or GC cleans up the rest
-        nft.add(Endpoint(att.host_ifname, index, att.ipv4, att.ipv6), pools=(f"{att.ipv4}/32", f"{att.ipv6}/128"))
-        restored += 1
-    if restored:
-        log.warning("nft table was reloaded: restored the elements of %d attachment(s)", restored)
-    return restored
+        todo.append((Endpoint(att.host_ifname, index, att.ipv4, att.ipv6), (f"{att.ipv4}/32", f"{att.ipv6}/128")))
+    nft.add_many(todo)
+    if todo:
+        log.warning("nft table was reloaded: restored the elements of %d attachment(s)", len(todo))
+    return len(todo)
 
 
 def status(conf: NetConf) -> None:

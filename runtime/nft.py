@@ -80,6 +80,12 @@ def add(ep: Endpoint, pools: tuple[str, ...] = ()) -> None:
     run(add_pools(pools) + add_endpoint(ep))
 
 
+def add_many(endpoints: list[tuple[Endpoint, tuple[str, ...]]], batch: int = 200) -> None:
+    """Elements of many endpoints (each with its pools), `batch` per transaction."""
+    for i in range(0, len(endpoints), batch):
+        run("".join(add_pools(pools) + add_endpoint(ep) for ep, pools in endpoints[i:i + batch]))
+
+
 def add_if_current(ep: Endpoint, pools: tuple[str, ...], policy: EgressPolicy) -> bool:
     """Add the endpoint's elements in a transaction that asserts the loaded table was
     rendered from `policy`. False, with nothing changed, when it wasn't (or is missing):

@@ -152,11 +152,13 @@ def _load_full_policy(bench: Bench) -> str:
     returns a one-line description for the report. The per-container elements are
     added afterwards by the caller.
 
-    Now: the default contract, compiled and loaded exactly as an ADD does it
-    (runtime.policy.apply), with Google's ranges from the snapshot (--google-ranges).
+    Now: the default contract, compiled and loaded as an ADD does it
+    (runtime.policy.compiled, nft.ensure_table), with Google's ranges from the
+    snapshot (--google-ranges). Not runtime.policy.apply: that would also restore
+    the recorded attachments' elements, which the caller adds itself.
     """
-    runtime_policy.apply(bench.policy_file, bench.state_dir)
-    return (f"runtime.policy.apply(): default contract, Google ranges = goog minus cloud "
+    nft.ensure_table(runtime_policy.compiled(bench.policy_file, bench.state_dir).egress)
+    return (f"the default contract compiled by runtime.policy, Google ranges = goog minus cloud "
             f"from {bench.ranges_dir}")
 
 
