@@ -201,11 +201,12 @@ def gc(conf: NetConf, valid: set[tuple[str, str]]) -> list[tuple[str, str]]:
             _teardown(net, att)
             removed.append(att.key)
     with net.lock():
-        for path in net.attachments.unreadable():
+        readable, torn = net.attachments.scan()
+        for path in torn:
             # Torn by a crash of the node, which also took what it described.
             log.warning("gc removes unreadable attachment record %s", path)
             path.unlink(missing_ok=True)
-        recorded = {a.key for a in net.attachments.all()}
+        recorded = {a.key for a in readable}
         for addr, owner in net.leases.leases().items():
             key = (owner.container_id, owner.ifname)
             if key not in valid and key not in recorded:

@@ -253,8 +253,7 @@ def link_index(ifname: str) -> int | None:
 
 
 def link_exists(ifname: str) -> bool:
-    with IPRoute() as ipr:
-        return _index(ipr, ifname) is not None
+    return link_index(ifname) is not None
 
 
 @dataclass(frozen=True)

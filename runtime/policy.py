@@ -12,6 +12,7 @@ from pathlib import Path
 from netpolicy.compile import Compiled, compile_policy
 from netpolicy.policy import Policy, PolicyError, parse_policy
 from netpolicy.ranges import IPNetwork, google_ranges
+from netpolicy.ruleset import EgressPolicy
 from runtime import nft
 from runtime.errors import INVALID_CONFIG, IO_FAILURE, NOT_AVAILABLE, SockgateError
 from runtime.fsutil import atomic_write_json, file_stamp, read_json
@@ -123,10 +124,16 @@ def apply(policy_file: str, state_dir: str) -> Compiled:
     policy in force untouched. A table that had to be loaded gets the elements of
     every recorded attachment back (see runtime.attach.restore_elements)."""
     result = compiled(policy_file, state_dir)
-    if nft.ensure_table(result.egress):
+    ensure_loaded(result.egress, state_dir)
+    return result
+
+
+def ensure_loaded(egress: EgressPolicy, state_dir: str) -> None:
+    """The table rendered from `egress` is loaded; if it had to be (re)loaded, the
+    attachments recorded under state_dir get their elements back."""
+    if nft.ensure_table(egress):
         from runtime.attach import restore_elements  # attach imports this module
         restore_elements(state_dir)
-    return result
 
 
 # True while the agent's PolicyKeeper checks the loaded table every few seconds.

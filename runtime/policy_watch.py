@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from netpolicy.ruleset import EgressPolicy
-from runtime import nft, policy
+from runtime import policy
 from runtime.errors import SockgateError
 from runtime.fsutil import file_stamp
 from runtime.resolver import Refresher
@@ -44,9 +44,7 @@ class PolicyKeeper:
         if self.in_force is None:
             return
         try:
-            if nft.ensure_table(self.in_force):
-                from runtime.attach import restore_elements
-                restore_elements(self.state_dir)
+            policy.ensure_loaded(self.in_force, self.state_dir)
         except SockgateError as exc:
             log.error("cannot reload the nft table: %s", exc)
 

@@ -4,7 +4,7 @@ it again after a crash of the plugin or the agent.
 Records are written atomically (rename) but not fsynced: they describe veths, routes
 and nft elements, all of which a crash of the node takes with it. A record torn by
 such a crash is unreadable; it is treated as absent, and GC removes it (see
-`unreadable`). An fsync here cost ~3 ms of every ADD."""
+`scan`). An fsync here cost ~3 ms of every ADD."""
 from __future__ import annotations
 
 import hashlib
@@ -77,11 +77,18 @@ class AttachmentStore:
         remove(self._path(container_id, ifname))
 
     def all(self) -> list[Attachment]:
-        if not self.directory.is_dir():
-            return []
-        return [att for path in sorted(self.directory.glob("*.json")) if (att := self._read(path))]
+        return self.scan()[0]
 
-    def unreadable(self) -> list[Path]:
-        if not self.directory.is_dir():
-            return []
-        return [path for path in sorted(self.directory.glob("*.json")) if self._read(path) is None]
+    def scan(self) -> tuple[list[Attachment], list[Path]]:
+        """The readable records, and the paths of those that aren't (torn by a crash
+        of the node: see the module's docstring)."""
+        found: list[Attachment] = []
+        unreadable: list[Path] = []
+        if self.directory.is_dir():
+            for path in sorted(self.directory.glob("*.json")):
+                att = self._read(path)
+                if att is None:
+                    unreadable.append(path)
+                else:
+                    found.append(att)
+        return found, unreadable

@@ -14,7 +14,7 @@ import pytest
 from runtime.install import install_cni
 from runtime.lab import Lab
 from runtime.lab.policy import write_lab_policy
-from tests.support.plugin import Plugin
+from tests.support.plugin import Plugin, wait_until_ready
 
 _app_counter = itertools.count()
 
@@ -85,7 +85,6 @@ class AgentProcess:
 
     def start(self, timeout: float = 20.0) -> "AgentProcess":
         import sys
-        import time
         self.ready.unlink(missing_ok=True)
         c = self.plugin.conf
         self.proc = self.lab.popen(self.lab.node, [sys.executable, "-m", "runtime.cli", "agent",
@@ -93,11 +92,7 @@ class AgentProcess:
                                                    "--policy", c["policyFile"], "--ready-file", str(self.ready),
                                                    *self.extra_args],
                                    log=self.log)
-        deadline = time.monotonic() + timeout
-        while not self.ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"agent did not get ready: {self.log.read_text()[-3000:]}")
-            time.sleep(0.05)
+        wait_until_ready(self.proc, Path(self.ready), Path(self.log), timeout)
         return self
 
     def stop(self, sig: int = 15, timeout: float = 30.0) -> int:

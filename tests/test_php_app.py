@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 
 from runtime.lab import LAB
-from runtime.lab.policy import write_lab_policy
 from tests.support import images
-from tests.support.containerd import Containerd, ctr_run_cni
-from tests.support.plugin import node_links
+from tests.support.containerd import Containerd, ctr_run_cni, sockgate_conflist_dir
+from tests.support.plugin import node_links, state_leftovers
 
 pytestmark = [pytest.mark.lab, pytest.mark.clients]
 APPS = Path(__file__).resolve().parent / "apps"
@@ -57,10 +56,7 @@ def php_mounts() -> list[str]:
 
 
 def leftovers(tmp: Path) -> dict[str, list[str]]:
-    base = tmp / "state" / "networks" / NET
-    def names(d: Path, pattern: str) -> list[str]:
-        return sorted(p.name for p in d.glob(pattern) if not p.name.startswith(".")) if d.is_dir() else []
-    return {"leases": names(base / "leases", "*"), "records": names(base / "attachments", "*.json")}
+    return state_leftovers(tmp / "state", NET)
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +71,7 @@ def php() -> str:
 
 
 def test_php_fsockopen_follows_the_contract(lab, cni_exe, php, tmp_path):
-    conf_dir = tmp_path / "net.d"
-    conf_dir.mkdir()
-    plugin = {"type": "sockgate", "stateDir": str(tmp_path / "state"), "runDir": str(tmp_path / "run"),
-              "logFile": str(tmp_path / "cni.log"),
-              "policyFile": str(write_lab_policy(tmp_path / "policy.json"))}
-    # Debian 12's containerd 1.6 links a libcni that predates CNI 1.1.0.
-    (conf_dir / "10-sockgate.conflist").write_text(json.dumps(
-        {"cniVersion": "1.0.0", "name": NET, "plugins": [plugin]}))
+    conf_dir, plugin = sockgate_conflist_dir(tmp_path, NET)
     archive = images.busybox_oci_archive(tmp_path / "images")
     node = lab.ns_path(lab.node)
     before = node_links(node)

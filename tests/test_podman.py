@@ -18,7 +18,7 @@ import pytest
 from runtime.lab import LAB
 from runtime.lab.policy import write_lab_policy
 from tests.support import images
-from tests.support.plugin import node_links
+from tests.support.plugin import node_links, state_leftovers
 from tests.support.podman import CONTRACT_SCRIPT, Podman, assert_contract, peers
 
 pytestmark = [pytest.mark.lab, pytest.mark.clients]
@@ -34,11 +34,7 @@ def conflist(tmp: Path, cni_version: str = "1.0.0") -> dict:
 
 
 def leftovers(tmp: Path) -> dict[str, list[str]]:
-    """The plugin's leases and attachment records of NET (empty lists when clean)."""
-    base = tmp / "state" / "networks" / NET
-    def names(d: Path, pattern: str) -> list[str]:
-        return sorted(p.name for p in d.glob(pattern) if not p.name.startswith(".")) if d.is_dir() else []
-    return {"leases": names(base / "leases", "*"), "records": names(base / "attachments", "*.json")}
+    return state_leftovers(tmp / "state", NET)
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,7 @@ hybrid, ext4 root):
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -53,7 +54,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from runtime.lab.policy import write_lab_policy
+
 from . import cnitool
+from .service import Service
 
 # sh script run as: unshare -m --propagation private sh -c SCRIPT sh SCRATCH [TARGET SOURCE]... -- CMD...
 # Binds each SOURCE dir over TARGET, then execs CMD. A missing TARGET is created in an
@@ -118,7 +122,7 @@ class CtrResult:
     seconds: float
 
 
-class Containerd:
+class Containerd(Service):
     """Debian's containerd running in network namespace ``netns_path`` with all of its
     files under ``workdir`` (keep the path short: unix socket paths max 107 bytes).
 
@@ -146,17 +150,6 @@ class Containerd:
         self._created: list[Path] = []
 
     # ---- lifecycle -----------------------------------------------------------------
-    def __enter__(self) -> "Containerd":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def _mkdir(self, p: Path) -> Path:
         if not p.exists():
             p.mkdir(parents=True)
@@ -316,6 +309,19 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
             cni = cnitool.CNI.from_cache(self.cni_cache_dir, att, path, runner_netns=self.netns_path)
             cni.delete(att["containerId"], "", att["ifName"], att.get("cniArgs"), att.get("capabilityArgs"))
         return len(atts)
+
+
+def sockgate_conflist_dir(tmp: Path, network: str) -> tuple[Path, dict]:
+    """A net.d under tmp holding one conflist with sockgate (state, run dir, log and
+    the lab policy under tmp); returns it and the plugin's config."""
+    conf_dir = tmp / "net.d"
+    conf_dir.mkdir()
+    plugin = {"type": "sockgate", "stateDir": str(tmp / "state"), "runDir": str(tmp / "run"),
+              "logFile": str(tmp / "cni.log"), "policyFile": str(write_lab_policy(tmp / "policy.json"))}
+    # Debian 12's containerd 1.6 links a libcni that predates CNI 1.1.0.
+    (conf_dir / "10-sockgate.conflist").write_text(json.dumps(
+        {"cniVersion": "1.0.0", "name": network, "plugins": [plugin]}))
+    return conf_dir, plugin
 
 
 def ctr_run_cni(containerd: Containerd, image: str, name: str, cmd: Sequence[str],

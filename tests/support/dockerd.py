@@ -33,8 +33,8 @@ cgroup v1, this kernel without loadable modules or AppArmor):
   is set up all the same. IPv6 firewalling needs ``--experimental --ip6tables`` in
   20.10.
 * Containers go into cgroup ``/<cgroup-parent>/<id>`` in every hierarchy
-  (cgroupfs driver); ``close()`` kills what is left there and removes the cgroups.
-* ``close()``: ``docker rm -f`` of every container, dockerd stopped (SIGTERM, then
+  (cgroupfs driver); ``stop()`` kills what is left there and removes the cgroups.
+* ``stop()``: ``docker rm -f`` of every container, dockerd stopped (SIGTERM, then
   SIGKILL), every process left in the mount namespace or the cgroups killed, the
   cgroups and the work dir removed. Also after a failed start.
 """
@@ -53,6 +53,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .containerd import private_mounts
+from .plugin import wait_until_ready
+from .service import Service
 
 IPTABLES_TOOLS = ("iptables", "iptables-save", "iptables-restore",
                   "ip6tables", "ip6tables-save", "ip6tables-restore")
@@ -67,7 +69,7 @@ def _backend_target(tool: str, backend: str) -> str:
     return f"/usr/sbin/{family}-{backend}" + (f"-{rest}" if rest else "")
 
 
-class DockerHost:
+class DockerHost(Service):
     """dockerd in ``node_netns`` inside a private mount namespace. Context manager."""
 
     def __init__(self, node_netns: str, *, iptables: str = "nft", live_restore: bool = False,
@@ -91,17 +93,6 @@ class DockerHost:
         self._client: Any = None
 
     # ---- lifecycle -----------------------------------------------------------------
-    def __enter__(self) -> "DockerHost":
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def _binds(self) -> dict[str, Path]:
         names = {"/run/docker": "run-docker", "/var/lib/docker": "var-lib-docker",
                  "/etc/docker": "etc-docker", "/run/containerd": "run-containerd",
@@ -296,7 +287,7 @@ class DockerHost:
             errors.append(f"listing containers: {exc}")
         return errors
 
-    def close(self) -> None:
+    def stop(self) -> None:
         errors = self.remove_containers()
         if self.proc is not None and self.proc.poll() is None:
             self.stop_dockerd(timeout=30)
@@ -351,11 +342,7 @@ class DockerAgent:
                                      "--metrics-address", "", "--docker-socket", f"{PLUGIN_DIR}/sockgate.sock",
                                      "--docker-host", self.host.base_url],
                                     log=self.log, cwd=str(project), env=env)
-        deadline = time.monotonic() + timeout
-        while not self.ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"agent did not get ready: {self.log.read_text()[-3000:]}")
-            time.sleep(0.05)
+        wait_until_ready(self.proc, Path(self.ready), Path(self.log), timeout)
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,18 +62,36 @@ class Plugin:
 
     # What the plugin left behind, to prove a failure or a DEL leaves nothing.
     def leases(self) -> list[str]:
-        d = self.state_dir / "networks" / self.conf["name"] / "leases"
-        return sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) if d.is_dir() else []
+        return state_leftovers(self.state_dir, self.conf["name"])["leases"]
 
     def records(self) -> list[str]:
-        d = self.state_dir / "networks" / self.conf["name"] / "attachments"
-        return sorted(p.name for p in d.glob("*.json")) if d.is_dir() else []
+        return state_leftovers(self.state_dir, self.conf["name"])["records"]
 
 
 def node_links(node_netns: str) -> set[str]:
     out = subprocess.run(["nsenter", f"--net={node_netns}", "ip", "-j", "link", "show"],
                          capture_output=True, text=True, check=True).stdout
     return {link["ifname"] for link in json.loads(out) if link["ifname"].startswith("sg")}
+
+
+def wait_until_ready(proc: subprocess.Popen, ready: Path, log: Path, timeout: float) -> None:
+    """Until an agent wrote its ready file; its log's tail in the error if it died or
+    took longer than timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"agent did not get ready: {log.read_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+def state_leftovers(state_dir: Path, network: str) -> dict[str, list[str]]:
+    """The leases and attachment records of `network` under a state dir (empty lists
+    when clean)."""
+    base = state_dir / "networks" / network
+
+    def names(d: Path, pattern: str) -> list[str]:
+        return sorted(p.name for p in d.glob(pattern) if not p.name.startswith(".")) if d.is_dir() else []
+    return {"leases": names(base / "leases", "*"), "records": names(base / "attachments", "*.json")}
 
 
 def nft_set(node_netns: str, name: str) -> list[str]:

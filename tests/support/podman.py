@@ -59,6 +59,7 @@ from pathlib import Path
 from runtime.lab import LAB
 
 from .containerd import private_mounts
+from .service import Service
 
 # Host paths podman (or runc, libcni) writes to even with a private root/runroot.
 # Missing ones are created in an overlay over their parent, at most two deep (overlayfs'
@@ -76,7 +77,7 @@ class PodmanResult:
     seconds: float
 
 
-class Podman:
+class Podman(Service):
     """podman in network namespace ``netns_path``; its files under ``workdir`` (but the
     runroot, see above). ``network_dir`` holds the conflists (podman's
     network_config_dir), ``plugin_dir`` the CNI executables.
@@ -100,17 +101,6 @@ class Podman:
         self._dirs = {p: self.workdir / "priv" / p.strip("/").replace("/", "-") for p in _PRIVATE}
 
     # ---- lifecycle -----------------------------------------------------------------
-    def __enter__(self) -> "Podman":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     @property
     def env(self) -> dict[str, str]:
         w = self.workdir
