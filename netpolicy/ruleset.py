@@ -36,6 +36,10 @@ SETS = {
     "rx": "typeof meta oif; counter",
 }
 COUNTED_SETS = ("tx4", "tx6", "rx")
+# The interface group (IFLA_GROUP, `ip link set DEV group N`) of every container's
+# node-side veth: what tells the rules "from a container" without a lookup. 0x5347 is
+# "SG"; links are in group 0 unless an operator says otherwise.
+CONTAINER_IFGROUP = 0x5347
 # What sockgate 2026-11-25 keyed by veth name; a reload removes them.
 LEGACY_SETS = {
     "saddr4": "typeof iifname . ip saddr",
@@ -67,13 +71,18 @@ BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
         # Everything else takes the full path below.
         # Replies to a container's own flows, and ICMP errors about them (C2); the
         # direction test keeps a container's own packets from paying this lookup.
-        "ct direction reply ct state established,related meta oif @rx accept",
+        # Only from outside: conntrack tells a reply by its addresses and ports alone,
+        # so another container forging the far end's address would otherwise be
+        # un-NATed straight into this container's flow. Container veths carry
+        # CONTAINER_IFGROUP, which costs a compare where `iifname @ifaces` would cost
+        # a lookup on every reply.
+        f"ct direction reply meta iifgroup != {CONTAINER_IFGROUP:#x} ct state established,related meta oif @rx accept",
         # A container's packets, from the address its veth owns (anti-spoofing).
         "ct state established meta iif . ip saddr @tx4 accept",
         "ct state established meta iif . ip6 saddr @tx6 accept",
         # Into a container in the original direction: a flow a platform proxy opened
-        # (ingress allowance, see to_container).
-        "ct state established,related meta oif @rx accept",
+        # (ingress allowance, see to_container); from outside, as above.
+        f"meta iifgroup != {CONTAINER_IFGROUP:#x} ct state established,related meta oif @rx accept",
         "iifname @ifaces jump from_container",
         "oifname @ifaces jump to_container",
     ]),

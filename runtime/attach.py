@@ -235,6 +235,9 @@ def restore_elements(state_dir: str) -> int:
         if index is None:
             continue  # its container is gone; DEL or GC cleans up the rest
         todo.append((Endpoint(att.host_ifname, index, att.ipv4, att.ipv6), (f"{att.ipv4}/32", f"{att.ipv6}/128")))
+    # A reload is also what an upgrade brings: veths made by a sockgate that did not
+    # set the container interface group get it now, before the rules rely on it.
+    netns.mark_container_links([ep.host_ifindex for ep, _ in todo])
     nft.add_many(todo)
     if todo:
         log.warning("nft table was reloaded: restored the elements of %d attachment(s)", len(todo))

@@ -27,6 +27,7 @@ from typing import Callable, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from netpolicy.ruleset import CONTAINER_IFGROUP
 from runtime import rtnl
 from runtime.errors import KERNEL_FAILURE, UNKNOWN_CONTAINER, SockgateError
 
@@ -115,7 +116,8 @@ def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int) -> tup
             # was killed before its reaper got to it).
             if rtnl.find(nl, host_ifname) is not None:
                 delete_link(host_ifname)
-            _, link = nl.run(rtnl.new_veth(host_ifname, ifname, fd, mtu), rtnl.get_link(host_ifname))
+            _, link = nl.run(rtnl.new_veth(host_ifname, ifname, fd, mtu, CONTAINER_IFGROUP),
+                             rtnl.get_link(host_ifname))
     except rtnl.RtnlError as exc:
         if exc.errno == errno.EEXIST:
             raise SockgateError(KERNEL_FAILURE, "interface already exists",
@@ -250,6 +252,18 @@ def link_index(ifname: str) -> int | None:
     with rtnl.Rtnl() as nl:
         link = rtnl.find(nl, ifname)
     return link.index if link else None
+
+
+def mark_container_links(indexes: list[int]) -> None:
+    """Put node-side veths into CONTAINER_IFGROUP (veths created before sockgate set
+    it at creation)."""
+    with rtnl.Rtnl() as nl:
+        for start in range(0, len(indexes), 256):  # the kernel's acks must fit our receive buffer
+            try:
+                nl.run(*(rtnl.set_group(i, CONTAINER_IFGROUP) for i in indexes[start:start + 256]))
+            except rtnl.RtnlError as exc:
+                if exc.errno != errno.ENODEV:  # a container that went meanwhile
+                    raise _kernel("set interface group", exc) from None
 
 
 def link_exists(ifname: str) -> bool:

@@ -27,7 +27,7 @@ RTM_NEWLINK, RTM_GETLINK, RTM_SETLINK = 16, 18, 19
 RTM_NEWADDR, RTM_NEWROUTE, RTM_NEWNEIGH = 20, 24, 28
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
 # attributes
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 18, 28
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_GROUP, IFLA_NET_NS_FD = 1, 3, 4, 18, 27, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 NDA_DST, NDA_LLADDR = 1, 2
@@ -82,12 +82,13 @@ class Request:
     what: str  # for errors: "add address 10.77.0.5/32 to sg…"
 
 
-def new_veth(name: str, peer: str, peer_netns_fd: int, mtu: int) -> Request:
+def new_veth(name: str, peer: str, peer_netns_fd: int, mtu: int, group: int = 0) -> Request:
+    """`group` (the interface group, IFLA_GROUP) applies to `name`, the node end."""
     peer_info = _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(peer)) + _attr(IFLA_MTU, _u32(mtu)) \
         + _attr(IFLA_NET_NS_FD, _u32(peer_netns_fd))
     linkinfo = _attr(IFLA_INFO_KIND, b"veth") + _attr(IFLA_INFO_DATA, _attr(VETH_INFO_PEER, peer_info))
     body = _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(name)) + _attr(IFLA_MTU, _u32(mtu)) \
-        + _attr(IFLA_LINKINFO, linkinfo)
+        + _attr(IFLA_GROUP, _u32(group)) + _attr(IFLA_LINKINFO, linkinfo)
     return Request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body, f"create veth {name} (peer {peer})")
 
 
@@ -98,6 +99,11 @@ def get_link(name: str) -> Request:
 def set_up(index: int, up: bool = True) -> Request:
     return Request(RTM_SETLINK, 0, _IFINFO.pack(0, 0, index, IFF_UP if up else 0, IFF_UP),
                    f"set link {index} {'up' if up else 'down'}")
+
+
+def set_group(index: int, group: int) -> Request:
+    return Request(RTM_SETLINK, 0, _IFINFO.pack(0, 0, index, 0, 0) + _attr(IFLA_GROUP, _u32(group)),
+                   f"set link {index} group {group:#x}")
 
 
 def set_down_by_name(name: str) -> Request:

@@ -1,6 +1,7 @@
 """The node agent: the shim forwards to it, the in-process path remains, shutdown is clean."""
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from netpolicy.ruleset import CONTAINER_IFGROUP
 from runtime.lab import LAB
 from runtime.store import host_ifname
 from tests.support.plugin import node_links
@@ -18,6 +20,11 @@ pytestmark = pytest.mark.lab
 
 def in_ns(netns: str, *argv: str) -> str:
     return subprocess.run(["nsenter", f"--net={netns}", *argv], check=True, capture_output=True, text=True).stdout
+
+
+def _ifgroup(netns: str, ifname: str) -> int:
+    link = json.loads(in_ns(netns, "ip", "-j", "-N", "link", "show", ifname))[0]
+    return int(link["group"], 0) if isinstance(link["group"], str) else link["group"]
 
 
 def test_shim_forwards_to_the_agent(plugin, agent, app, lab):
@@ -109,8 +116,9 @@ def test_agent_repairs_the_table_and_serves_adds_against_the_current_one(plugin,
     """An ADD served by the agent doesn't list the table (its element transaction only
     asserts the revision); the agent checks the rules every few seconds instead."""
     ns = app()
-    plugin.add("keep", ns)
+    keep_veth = plugin.add("keep", ns)["interfaces"][0]["name"]
     node = plugin.node_netns
+    assert _ifgroup(node, keep_veth) == CONTAINER_IFGROUP
     if damage == "flushed chain":
         # Same revision element, no rules: only the agent's periodic check sees it.
         in_ns(node, "nft", "flush", "chain", "inet", "sockgate", "forward")
@@ -124,6 +132,8 @@ def test_agent_repairs_the_table_and_serves_adds_against_the_current_one(plugin,
         in_ns(node, "nft", "flush", "set", "inet", "sockgate", "revision")
         in_ns(node, "nft", "add", "element", "inet", "sockgate", "revision", "{", "0x1", "}")
         in_ns(node, "nft", "flush", "chain", "inet", "sockgate", "forward")
+        # And a veth as that version made it: outside the container interface group.
+        in_ns(node, "ip", "link", "set", keep_veth, "group", "0")
     else:
         in_ns(node, "nft", "delete", "table", "inet", "sockgate")
     ns2 = app()
@@ -135,6 +145,7 @@ def test_agent_repairs_the_table_and_serves_adds_against_the_current_one(plugin,
     # The reload put back the elements of the container attached before the damage.
     assert plugin("CHECK", "keep", ns).rc == 0
     assert lab.probe(ns, "tcp", LAB.public_v4, 9000).ok
+    assert _ifgroup(node, keep_veth) == CONTAINER_IFGROUP
     plugin.delete("after", ns2)
     plugin.delete("keep", ns)
 

@@ -2,6 +2,10 @@
 what never gets in."""
 from __future__ import annotations
 
+import json
+import select
+import subprocess
+import sys
 import time
 
 import pytest
@@ -82,6 +86,57 @@ def test_spoofed_source_is_dropped(lab, two_apps, family):
     arrived = {label for label, mark in marks.items() if any(mark.decode() in h for h in heads)}
     # The raw sender works (its own address gets through, masqueraded); forged ones don't.
     assert arrived == {"real"}, arrived
+
+
+# A UDP socket in a container: it sends one datagram to the echo server, prints the
+# reply's header (which names the node port the flow was masqueraded to), then
+# prints the payload of everything else that reaches it for `wait` seconds.
+_FLOW_HOLDER = r"""
+import json, socket, sys, time
+host, port, wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2.0)
+s.sendto(b"open", (host, port))
+print(s.recv(2048).split(b"\n")[0].decode(), flush=True)
+end = time.monotonic() + wait
+while time.monotonic() < end:
+    s.settimeout(max(0.01, end - time.monotonic()))
+    try:
+        print(json.dumps(s.recv(2048).decode(errors="replace")), flush=True)
+    except socket.timeout:
+        pass
+"""
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline().decode() if ready else ""
+
+
+@pytest.mark.parametrize("family", ["v4", "v6"])
+def test_container_cannot_inject_into_another_containers_flow(lab, two_apps, family):
+    """A packet that matches the reply side of container one's flow is delivered to
+    one only when it comes from outside: container two forging the far end's address
+    (so conntrack takes it for a reply and un-NATs it towards one) is dropped."""
+    far = LAB.public_v4 if family == "v4" else LAB.public_v6
+    node = LAB.node_uplink_v4 if family == "v4" else LAB.node_uplink_v6
+    victim = lab.popen(two_apps[0]["ns"], [sys.executable, "-c", _FLOW_HOLDER, far, "9000", "3"],
+                       stdout=subprocess.PIPE)
+    try:
+        header = _read_line(victim, 5.0)
+        assert header, "the container's flow to the echo server did not get a reply"
+        nat_port = json.loads(header)["peer_port"]
+        marks = {"outside": f"reply-from-outside-{time.monotonic_ns()}",
+                 "container": f"forged-by-container-{time.monotonic_ns()}"}
+        # The same datagram, from the far end itself (the control) and from container two.
+        for label, ns in (("outside", lab.internet), ("container", two_apps[1]["ns"])):
+            assert lab.spoof_udp(ns, far, node, nat_port, payload=marks[label].encode(), sport=9000).ok
+        got = victim.communicate(timeout=10)[0].decode()
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    arrived = {label for label, mark in marks.items() if mark in got}
+    assert arrived == {"outside"}, got
 
 
 def test_ingress_allowance_opens_exactly_its_source_and_port(lab, plugin, app, tmp_path):

@@ -36,9 +36,14 @@ def test_busy_path_is_one_lookup_before_any_jump():
     forward = [l for l in render_table().splitlines() if l.startswith("add rule inet sockgate forward")]
     # A reply into a container: one lookup; a container's own packet skips it by
     # direction and meets its own lookup next.
-    assert "forward ct direction reply ct state established,related meta oif @rx accept" in forward[0]
+    assert ("forward ct direction reply meta iifgroup != 0x5347 ct state established,related "
+            "meta oif @rx accept") in forward[0]
     assert forward[1].endswith("forward ct state established meta iif . ip saddr @tx4 accept")
     assert "jump" not in " ".join(forward[:4])
+    # What lets a packet into a container without its flow's first packet being
+    # checked never takes one that came from a container (forged replies).
+    for rule in forward[:4]:
+        assert "@rx" not in rule or "meta iifgroup != 0x5347" in rule, rule
 
 
 def test_revision_stamp_changes_with_the_rules():
