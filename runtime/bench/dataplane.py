@@ -1,19 +1,25 @@
 """Data-plane benchmark: what sockgate's nft table costs a container's traffic.
 
-    scripts/bench-dataplane [--duration 60] [--segment 3] [--containers 1000] [--ipv6] [--json]
+    scripts/bench-dataplane [--duration 60] [--segment 2] [--containers 1000] [--ipv6] [--profile] [--json]
 
 A benchmark, not a timed test: it always exits 0 once it measured, whatever the ratio
 (non-zero only when it could not measure). On one lab (runtime/lab/, nothing leaves its
 namespaces) it measures iperf3 TCP throughput and UDP packet rate from one container
 to the lab internet in two configurations of the *same* namespaces, veths and routes:
 
-  A  baseline  no `inet sockgate` table; a one-rule table `inet benchbase` masquerades
-               (NAT is part of both paths, so only sockgate's filtering differs);
+  A  baseline  no sockgate table on any hook (sockgate's hook chains deleted, so no
+               packet runs any of its rules); a one-rule table `inet benchbase`
+               masquerades (NAT is part of both paths, so only sockgate's filtering
+               differs);
   B  sockgate  the sockgate table with the full policy (_load_full_policy) and the
                per-container elements of all --containers attachments.
 
+The sets and their elements stay loaded in A: switching is adding or deleting the
+four hook chains in one transaction (a few ms), where reloading the whole table took
+~300 ms of CPU on this machine, some of it deferred into the window after the switch.
+
 Each metric is one long iperf3 run during which the configuration alternates every
---segment seconds (A B A B ...), and iperf3 reports every 0.5 s; each report is
+--segment seconds (A B A B ...), and iperf3 reports every INTERVAL_S; each report is
 labelled with the configuration that was in force for all of it (reports that
 overlap a switch or the SETTLE_S after it are dropped). On this kind of
 machine (2 vCPUs) throughput drifts by 10-20 % over seconds with the host's load,
@@ -21,6 +27,10 @@ which separate runs per configuration (the first design: 7 rounds of 3 s) could 
 average out; slices seconds apart share the drift. The verdict is median(B reports) /
 median(A reports) against the target (>= 0.97); each B window against its A
 neighbours gives the paired ratios printed as a noise gauge.
+
+--profile adds a steadier estimate (runtime/bench/profile.py): with each metric's
+traffic running under B, `perf` samples the sending CPU, and the share of its time
+inside the forward hook gives 1 - share as the expected ratio.
 
 The containers: by default all of them are attached through the real core
 (runtime.attach.attach, in-process, with this process's thread in the node netns),
@@ -48,6 +58,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 from netpolicy import ruleset
 from netpolicy.ruleset import FAMILY, TABLE, Endpoint
 from runtime import netns, nft
+from runtime.bench import profile as perf_profile
 from runtime import policy as runtime_policy
 from runtime.attach import AttachRequest, attach
 from runtime.lab import LAB, Lab
@@ -73,11 +84,12 @@ ELEMENT_BATCH = 250          # endpoints (4 elements each) per `nft -f` transact
 DEFAULT_RANGES = PROJECT_ROOT.parent / "shared" / "data" / "google-ip-ranges"
 PER_CONTAINER_SETS = ("ifaces", "tx4", "tx6", "rx")
 UDP_LEN = 64
-INTERVAL_S = 0.5     # iperf3 -i
+INTERVAL_S = 0.25    # iperf3 -i
 WARMUP_S = 1.0       # TCP's slow start, UDP's first burst
 MARGIN_S = 0.1       # between the client's start and the test's
-SETTLE_S = 0.5       # after a switch: the kernel finishes a load's deferred work (set resizes, RCU frees)
+SETTLE_S = 0.25      # after a switch: RCU frees of the chains that went
 FAKE_IFINDEX = 1 << 30
+PROFILE_S = 5.0      # perf samples this long, after WARMUP_S of traffic
 
 
 class BenchError(Exception):
@@ -121,9 +133,11 @@ def _nft_json(*args: str) -> dict:
     return json.loads(proc.stdout)
 
 
-def _tables() -> list[str]:
-    return sorted(f'{t["table"]["family"]} {t["table"]["name"]}'
-                  for t in _nft_json("list", "tables").get("nftables", []) if "table" in t)
+def _hooked_chains() -> list[str]:
+    """Every base chain of every table in the netns: "family table chain"."""
+    return sorted(f'{c["chain"]["family"]} {c["chain"]["table"]} {c["chain"]["name"]}'
+                  for c in _nft_json("list", "chains").get("nftables", [])
+                  if "chain" in c and "hook" in c["chain"])
 
 
 def _set_size(name: str) -> int:
@@ -157,7 +171,8 @@ def _load_full_policy(bench: Bench) -> str:
     snapshot (--google-ranges). Not runtime.policy.apply: that would also restore
     the recorded attachments' elements, which the caller adds itself.
     """
-    nft.ensure_table(runtime_policy.compiled(bench.policy_file, bench.state_dir).egress)
+    bench.egress = runtime_policy.compiled(bench.policy_file, bench.state_dir).egress
+    nft.ensure_table(bench.egress)
     return (f"the default contract compiled by runtime.policy, Google ranges = goog minus cloud "
             f"from {bench.ranges_dir}")
 
@@ -197,6 +212,7 @@ class Bench:
         self.measured_ns = ""
         self.endpoints: list[Endpoint] = []
         self.current: str | None = None
+        self.egress: ruleset.EgressPolicy | None = None   # once B was loaded
         self.policy_desc = ""
         self.table: dict[str, Any] = {}
         self.checks: dict[str, dict[str, str]] = {}
@@ -250,41 +266,64 @@ class Bench:
         _progress(f"{n} containers ready ({mode}) in {self.timings['containers_s']:.1f} s")
 
     # --- configurations ---
+    def _hook_chains(self, on: bool) -> str:
+        """sockgate's hook chains (forward, input, output, postrouting) as the table
+        renders them (on), or deleted (off). Without them no packet runs any of the
+        table's rules: the kernel calls nft per hook, and a table without hook chains
+        has none. Sets, elements and the other chains stay put, so a switch is a
+        transaction of a few rules rather than a reload of thousands of elements,
+        whose deferred kernel work (set resizes, RCU frees) would spill into the
+        measured window after it."""
+        t = f"{FAMILY} {TABLE}"
+        if not on:
+            return "".join(f"add chain {t} {name} {{ {decl} }}\ndelete chain {t} {name}\n"
+                           for name, (decl, _) in ruleset.BASE_CHAINS.items())
+        rendered = ruleset.render_table(self.egress).splitlines()
+        return "".join(line + "\n" for line in rendered
+                       if line.split(" ")[:2] in (["add", "chain"], ["flush", "chain"], ["add", "rule"])
+                       and line.split(" ")[4] in ruleset.BASE_CHAINS)
+
     def switch(self, config: str, verify: bool = False) -> None:
-        """Load `config` in the node netns. The new NAT table is loaded before the old
-        table goes, so some masquerade hook is registered at every moment and the
-        measured flow's NAT binding survives the switch. verify (the first switch to
-        each config): check the tables, the set sizes and the path."""
+        """Put `config` in force in the node netns, in one transaction: a masquerade
+        hook is registered at every moment, so the measured flow's NAT binding
+        survives. The first switch to B loads the table and every container's
+        elements; later switches only add or delete the hook chains. verify (the
+        first switch to each config): check the tables, the set sizes and the path."""
         if config == self.current:
             return
         t0 = time.monotonic()
         if config == BASELINE:
             def body() -> list[str]:
-                nft.run(BASELINE_SCRIPT)
-                nft.delete_table()
-                return _tables() if verify else []
-            tables = self.in_node(body)
-            if verify and (f"{FAMILY} {TABLE}" in tables or f"{FAMILY} {BASE_TABLE}" not in tables):
-                raise BenchError(f"baseline: unexpected tables in the node netns: {tables}")
+                nft.run(BASELINE_SCRIPT + self._hook_chains(on=False))
+                return _hooked_chains() if verify else []
+            hooked = self.in_node(body)
+            if verify and hooked != [f"{FAMILY} {BASE_TABLE} post"]:
+                raise BenchError(f"baseline: expected only {BASE_TABLE}'s NAT chain hooked in the node netns, "
+                                 f"got {hooked}")
         else:
             def body() -> tuple[str, dict[str, int], list[str], dict[str, Any]]:
-                desc = _load_full_policy(self)
-                # What an ADD adds besides the endpoint: the network's pools, where the
-                # policy has sets for them. The measured container comes first.
-                pools = ruleset.add_pools((str(self.conf.ipv4_pool), str(self.conf.ipv6_pool)))
-                for chunk in _chunks(self.endpoints, ELEMENT_BATCH):
-                    nft.run(pools + "".join(ruleset.add_endpoint(ep) for ep in chunk))
-                if f"{FAMILY} {BASE_TABLE}" in _tables():
-                    nft.run(f"delete table {FAMILY} {BASE_TABLE}\n")
+                if self.egress is None:
+                    desc = _load_full_policy(self)
+                    # What an ADD adds besides the endpoint: the network's pools, where the
+                    # policy has sets for them. The measured container comes first.
+                    pools = ruleset.add_pools((str(self.conf.ipv4_pool), str(self.conf.ipv6_pool)))
+                    for chunk in _chunks(self.endpoints, ELEMENT_BATCH):
+                        nft.run(pools + "".join(ruleset.add_endpoint(ep) for ep in chunk))
+                    nft.run(f"add table {FAMILY} {BASE_TABLE}\ndelete table {FAMILY} {BASE_TABLE}\n")
+                else:
+                    desc = self.policy_desc
+                    nft.run(self._hook_chains(on=True) + f"delete table {FAMILY} {BASE_TABLE}\n")
                 if not verify:
                     return desc, {}, [], {}
-                return desc, {s: _set_size(s) for s in PER_CONTAINER_SETS}, _tables(), _table_stats()
-            self.policy_desc, sizes, tables, table = self.in_node(body)
+                return desc, {s: _set_size(s) for s in PER_CONTAINER_SETS}, _hooked_chains(), _table_stats()
+            self.policy_desc, sizes, hooked, table = self.in_node(body)
             if verify:
                 self.table = table
                 n = len(self.endpoints)
-                if any(v != n for v in sizes.values()) or f"{FAMILY} {BASE_TABLE}" in tables:
-                    raise BenchError(f"sockgate: expected {n} elements per set, got {sizes}; tables {tables}")
+                if any(v != n for v in sizes.values()) or sorted(hooked) != sorted(
+                        f"{FAMILY} {TABLE} {c}" for c in ruleset.BASE_CHAINS):
+                    raise BenchError(f"sockgate: expected {n} elements per set and sockgate's hook chains, "
+                                     f"got {sizes}; hooked {hooked}")
         self.current = config
         self.timings.setdefault("switch_s", 0.0)
         self.timings["switch_s"] += time.monotonic() - t0
@@ -326,8 +365,8 @@ class Bench:
                 raise BenchError(f"iperf3 servers not listening on {sorted(want)}: {out}")
             time.sleep(0.1)
 
-    def client_argv(self, test: Test) -> list[str]:
-        argv = ["iperf3", "-c", test.host, "-p", str(LAB.iperf_port), "-J", "-t", str(self.args.duration),
+    def client_argv(self, test: Test, seconds: int | None = None) -> list[str]:
+        argv = ["iperf3", "-c", test.host, "-p", str(LAB.iperf_port), "-J", "-t", str(seconds or self.args.duration),
                 "-i", str(INTERVAL_S), "--get-server-output"]
         if test.proto == "tcp":
             argv += ["-C", "cubic"]  # see CONGESTION CONTROL in --help
@@ -372,6 +411,21 @@ class Bench:
         if "error" in d:
             raise BenchError(f"iperf3 {test.key}: {d['error']}")
         return self._label(test, d, windows), windows, self._totals(test, d)
+
+    def profile(self, test: Test) -> dict[str, Any]:
+        """perf samples the sending CPU for PROFILE_S while the test's traffic runs
+        under B (see runtime/bench/profile.py)."""
+        self.switch(SOCKGATE)
+        cpus = self.args.tcp_cpus if test.proto == "tcp" else self.args.udp_cpus
+        proc = self.lab.popen(self.measured_ns, self.client_argv(test, seconds=int(WARMUP_S + PROFILE_S + 2)))
+        try:
+            time.sleep(WARMUP_S)
+            got = perf_profile.record(cpus[0], PROFILE_S, self.lab.run_dir / f"perf-{test.key}.data")
+        finally:
+            proc.kill()
+            proc.wait()
+        return {"cpu": cpus[0], "seconds": PROFILE_S, "samples": got.samples, "in_forward_hook": got.in_hook,
+                "hook_share": got.share, "cpu_busy": got.busy, "expected_ratio": 1 - got.share}
 
     def _label(self, test: Test, d: dict, windows: list[Window]) -> list[Sample]:
         if test.proto == "tcp":
@@ -460,8 +514,8 @@ def print_report(rep: dict[str, Any], tests: list[Test], samples: list[Sample]) 
     print(f"containers: {c['count']} attached to one network; {c['how']} ({c['seconds']:.1f} s)")
     print(f"  measured: container 'measured' ({c['measured']['ipv4']}, {c['measured']['ipv6']}, "
           f"host veth {c['measured']['host_ifname']})")
-    print(f"config A {BASELINE}: same namespaces, veths, routes; no `{FAMILY} {TABLE}` table; "
-          f"`{FAMILY} {BASE_TABLE}` masquerades (one rule)")
+    print(f"config A {BASELINE}: same namespaces, veths, routes; `{FAMILY} {TABLE}` on no hook (its hook "
+          f"chains deleted; sets stay loaded); `{FAMILY} {BASE_TABLE}` masquerades (one rule)")
     tb = rep["table"]
     print(f"config B {SOCKGATE}: {rep['policy']}")
     print(f"  table {FAMILY} {TABLE}: {tb['rules']} rules, {tb['elements']} set elements "
@@ -470,7 +524,7 @@ def print_report(rep: dict[str, Any], tests: list[Test], samples: list[Sample]) 
         print(f"  path check {cfg}: " + "; ".join(f"{k}: {v}" for k, v in rep["checks"].get(cfg, {}).items()))
     print(f"iperf3: server in the internet netns, client in the measured container; one run per metric of "
           f"{a['duration']} s, reports every {INTERVAL_S} s; the configuration alternates every "
-          f"{a['segment']} s during the run (A and B load in {rep['timings'].get('switch_mean_ms', 0):.0f} ms "
+          f"{a['segment']} s during the run (a switch takes {rep['timings'].get('switch_mean_ms', 0):.0f} ms "
           f"on average); intervals overlapping a switch or the {SETTLE_S} s after it, and the first {WARMUP_S:.0f} s, are dropped")
     print(f"  TCP `-C cubic`, CPUs (client,server) {_pin(a['tcp_cpus'])}; "
           f"UDP `-u -b 0 -l {UDP_LEN}`, CPUs {_pin(a['udp_cpus'])}")
@@ -498,6 +552,12 @@ def print_report(rep: dict[str, Any], tests: list[Test], samples: list[Sample]) 
         print(f"  {t.label:<24} {r['ratio']:.3f}   target >= {TARGET}: {'met' if r['met'] else 'not met':<8}"
               f"  (paired: median {r['paired_median']:.3f}, middle half {r['paired_iqr'][0]:.3f}-"
               f"{r['paired_iqr'][1]:.3f}, {len(r['paired'])} windows)")
+    for t in tests:
+        pr = rep["profiles"].get(t.key)
+        if pr:
+            print(f"  {t.label:<24} profile: the forward hook took {100 * pr['hook_share']:.2f} % of CPU "
+                  f"{pr['cpu']}'s samples ({pr['samples']}, CPU busy {100 * pr['cpu_busy']:.0f} %) under "
+                  f"{SOCKGATE}: expected ratio {pr['expected_ratio']:.3f}")
     unsure = [rep["ratios"][t.key]["metric"] for t in tests if rep["ratios"][t.key]["uncertain"]]
     if unsure:
         print(f"  note: the middle half of the paired ratios of {', '.join(unsure)} straddles the target, so "
@@ -540,6 +600,11 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test], list[Samp
                 got, windows[t.key], totals[t.key] = bench.measure(t, first)
                 samples += got
                 time.sleep(0.5)
+            profiles = {}
+            if args.profile:
+                for t in tests:
+                    _progress(f"{t.label}: perf on the sending CPU for {PROFILE_S:.0f} s under {SOCKGATE} ...")
+                    profiles[t.key] = bench.profile(t)
             n_switches = sum(len(w) - 1 for w in windows.values()) + len(tests)
             bench.timings["switch_mean_ms"] = 1000 * (bench.timings["switch_s"] - switches_before) / max(1, n_switches)
             measured = bench.endpoints[0]
@@ -552,7 +617,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test], list[Samp
         "kernel": platform.release(),
         "iperf3": _iperf_version(),
         "args": {"duration": args.duration, "segment": args.segment, "containers": args.containers,
-                 "fill": args.fill, "ipv6": args.ipv6, "tcp_cpus": args.tcp_cpus, "udp_cpus": args.udp_cpus},
+                 "fill": args.fill, "ipv6": args.ipv6, "profile": args.profile, "tcp_cpus": args.tcp_cpus, "udp_cpus": args.udp_cpus},
         "containers": {
             "count": args.containers, "fill": args.fill, "seconds": bench.timings["containers_s"],
             "how": ("all attached through runtime.attach.attach (each with its own netns, veth pair, "
@@ -568,6 +633,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test], list[Samp
         "windows": {k: [dataclasses.asdict(w) for w in v] for k, v in windows.items()},
         "samples": [dataclasses.asdict(x) for x in samples],
         "totals": totals,
+        "profiles": profiles,
         "timings": bench.timings,
     }
     rep |= summarize(tests, samples)
@@ -594,14 +660,17 @@ Measure what sockgate's nftables table costs a container's traffic: iperf3 TCP
 throughput and UDP packet rate (64-byte datagrams) from one container to the lab
 internet, in two configurations of the same namespaces, veths, routes and NAT:
 
-  A baseline  no sockgate table; a one-rule table `inet {BASE_TABLE}` masquerades
+  A baseline  sockgate's table on no hook (its hook chains deleted, so no packet
+              runs any of its rules); a one-rule table `inet {BASE_TABLE}` masquerades
   B sockgate  the sockgate table with the full policy and --containers attached
 
 One iperf3 run per metric; the configuration alternates every --segment seconds
-while it runs, and every 0.5 s report counts for the configuration in force all
-along it. Prints the medians and the ratios B/A (target >= {TARGET}). Everything runs in throwaway lab network
-namespaces: nothing leaves the machine, the host's netns is never touched, and the
-lab (iperf3 included) is torn down at the end, also on errors. Needs root.""",
+while it runs (a switch adds or deletes the four hook chains in one transaction),
+and every {INTERVAL_S} s report counts for the configuration in force all along it.
+Prints the medians and the ratios B/A (target >= {TARGET}). Everything runs in
+throwaway lab network namespaces: nothing leaves the machine, the host's netns is
+never touched, and the lab (iperf3 included) is torn down at the end, also on
+errors. Needs root.""",
         epilog="""\
 PINNING: TCP runs keep client and server on one CPU. With them on two CPUs the
 sender transmits both from its own CPU and from the softirq that takes in the ACKs
@@ -618,9 +687,9 @@ CUBIC's throughput and swung with microsecond changes of the path.
 
 Exit status: 0 once measured, whatever the ratios (it is a benchmark); 1 when it
 could not measure; 2 on bad usage. Progress goes to stderr, the report (or --json)
-to stdout. Takes about 4 minutes with the defaults on 2 CPUs.""")
+to stdout. Takes about 4 minutes with the defaults on 2 CPUs (--profile: 20 s more).""")
     p.add_argument("--duration", type=int, default=60, help="seconds of each iperf3 run (default %(default)s)")
-    p.add_argument("--segment", type=float, default=3.0,
+    p.add_argument("--segment", type=float, default=2.0,
                    help="seconds each configuration stays in force before the other is loaded (default %(default)s)")
     p.add_argument("--containers", type=int, default=1000,
                    help="containers attached to the network, the measured one included (default %(default)s)")
@@ -639,6 +708,9 @@ to stdout. Takes about 4 minutes with the defaults on 2 CPUs.""")
     p.add_argument("--no-pin", action="store_true", help="let the scheduler place iperf3 (overrides the two above)")
     p.add_argument("--google-ranges", default=str(DEFAULT_RANGES), metavar="DIR",
                    help="dir with goog.json and cloud.json for the policy's Google ranges (default %(default)s)")
+    p.add_argument("--profile", action="store_true",
+                   help="also sample the sending CPU with perf under B (linux-perf; needs pinning): the share "
+                        "of its time in sockgate's forward hook, and 1 - share as the expected ratio")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object instead of tables")
     return p
 
@@ -651,7 +723,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration < 4 * args.segment:
         parser.error("--duration must hold at least 4 segments")
     if args.no_pin:
+        if args.profile:
+            parser.error("--profile samples the sending CPU, so it needs pinning (drop --no-pin)")
         args.tcp_cpus = args.udp_cpus = None
+    if args.profile and not perf_profile.available():
+        print("bench-dataplane: --profile needs perf (Debian: apt-get install linux-perf)", file=sys.stderr)
+        return 2
     if os.geteuid() != 0:
         print("bench-dataplane: needs root (it builds network namespaces)", file=sys.stderr)
         return 2

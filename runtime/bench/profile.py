@@ -1,0 +1,83 @@
+"""What share of one CPU's time sockgate's forward hook takes, from `perf` samples.
+
+Throughput on a shared VM drifts by 10-20 % within seconds, so a few per cent of
+cost takes many alternations to see in iperf3's numbers. A profile is steadier: with
+the sender's CPU saturated, the share of its samples spent inside the forward hook
+(nf_hook_slow called by ip_forward / ip6_forward, which only sockgate's `forward`
+chain registers in the bench's node netns) is the share of packets sockgate costs,
+so 1 - share estimates the throughput ratio. perf's cpu-clock sampling needs no
+hardware counters (which VMs often lack).
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+FORWARD_CALLERS = ("ip_forward", "ip6_forward")
+HOOK = "nf_hook_slow"
+# A sample whose stack holds one of these is the CPU idling.
+IDLE_FRAMES = ("do_idle", "cpu_idle_poll", "default_idle_call")
+
+
+class ProfileError(Exception):
+    """perf is missing or recorded nothing."""
+
+
+@dataclass(frozen=True)
+class HookShare:
+    samples: int        # all samples of the CPU
+    in_hook: int        # inside the forward hook
+    idle: int           # the CPU idling
+
+    @property
+    def share(self) -> float:
+        return self.in_hook / self.samples if self.samples else 0.0
+
+    @property
+    def busy(self) -> float:
+        return 1 - self.idle / self.samples if self.samples else 0.0
+
+
+def _stacks(script_output: str) -> list[list[str]]:
+    """`perf script -F ip,sym` output: one block per sample, a frame per line
+    ("ADDRESS SYMBOL"), innermost first, blocks separated by blank lines."""
+    stacks = []
+    for block in script_output.split("\n\n"):
+        frames = [parts[1] if len(parts) > 1 else "?"
+                  for parts in (line.split() for line in block.strip().splitlines()) if parts]
+        if frames:
+            stacks.append(frames)
+    return stacks
+
+
+def forward_hook_share(script_output: str) -> HookShare:
+    in_hook = idle = 0
+    stacks = _stacks(script_output)
+    for frames in stacks:
+        if any(f in IDLE_FRAMES for f in frames):
+            idle += 1
+        elif any(f == HOOK and caller in FORWARD_CALLERS for f, caller in zip(frames, frames[1:])):
+            in_hook += 1
+    return HookShare(len(stacks), in_hook, idle)
+
+
+def available() -> bool:
+    return shutil.which("perf") is not None
+
+
+def record(cpu: int, seconds: float, out: Path) -> HookShare:
+    """Sample `cpu` (call graphs) for `seconds`; perf runs in the caller's netns but
+    samples the whole CPU, whichever netns its work is for."""
+    rec = subprocess.run(["perf", "record", "-q", "-C", str(cpu), "-g", "-o", str(out), "--",
+                          "sleep", str(seconds)], capture_output=True, text=True)
+    if rec.returncode != 0:
+        raise ProfileError(f"perf record failed: {rec.stderr.strip()[-300:]}")
+    script = subprocess.run(["perf", "script", "-i", str(out), "-F", "ip,sym"], capture_output=True, text=True)
+    if script.returncode != 0:
+        raise ProfileError(f"perf script failed: {script.stderr.strip()[-300:]}")
+    got = forward_hook_share(script.stdout)
+    if got.samples == 0:
+        raise ProfileError(f"perf recorded no samples on CPU {cpu}")
+    return got

@@ -1,0 +1,41 @@
+"""The perf-script parser behind `bench-dataplane --profile` (pure logic)."""
+from runtime.bench.profile import forward_hook_share
+
+IN_HOOK = """\
+\tffffffff81f88c65 nft_counter_eval
+\tffffffff81f8449a nft_lookup_eval
+\tffffffff81f636a5 nft_do_chain
+\tffffffff81f7e543 nft_do_chain_inet
+\tffffffff81f28e13 nf_hook_slow
+\tffffffff81ff8727 ip_forward
+\tffffffff81e6651d __netif_receive_skb_one_core
+"""
+# The same function under another hook (prerouting's conntrack) is not sockgate's.
+OTHER_HOOK = """\
+\tffffffff81f00001 nf_conntrack_in
+\tffffffff81f28e13 nf_hook_slow
+\tffffffff81ff0001 ip_rcv
+"""
+# ip_forward itself, outside the hook.
+FORWARD_ONLY = """\
+\tffffffff81ff8727 ip_forward
+\tffffffff81e6651d __netif_receive_skb_one_core
+"""
+IDLE = """\
+\tffffffff81000001 pv_native_safe_halt
+\tffffffff81000002 default_idle_call
+\tffffffff81000003 do_idle
+"""
+V6 = IN_HOOK.replace(" ip_forward", " ip6_forward")
+
+
+def test_counts_only_samples_inside_the_forward_hook():
+    text = "\n".join([IN_HOOK, OTHER_HOOK, FORWARD_ONLY, IDLE, V6, OTHER_HOOK])
+    got = forward_hook_share(text)
+    assert (got.samples, got.in_hook, got.idle) == (6, 2, 1)
+    assert got.share == 2 / 6 and got.busy == 5 / 6
+
+
+def test_no_samples_is_zero_not_an_error():
+    got = forward_hook_share("")
+    assert (got.samples, got.share, got.busy) == (0, 0.0, 0.0)
