@@ -278,10 +278,19 @@ class Bench:
         if not on:
             return "".join(f"add chain {t} {name} {{ {decl} }}\ndelete chain {t} {name}\n"
                            for name, (decl, _) in ruleset.BASE_CHAINS.items())
-        rendered = ruleset.render_table(self.egress).splitlines()
-        return "".join(line + "\n" for line in rendered
-                       if line.split(" ")[:2] in (["add", "chain"], ["flush", "chain"], ["add", "rule"])
-                       and line.split(" ")[4] in ruleset.BASE_CHAINS)
+        custom = self.args.forward_rules
+        lines = []
+        for line in ruleset.render_table(self.egress).splitlines():
+            words = line.split(" ")
+            if words[:2] not in (["add", "chain"], ["flush", "chain"], ["add", "rule"]) \
+                    or words[4] not in ruleset.BASE_CHAINS:
+                continue
+            if custom is not None and words[:2] == ["add", "rule"] and words[4] == "forward":
+                continue
+            lines.append(line)
+            if custom is not None and words[:2] == ["flush", "chain"] and words[4] == "forward":
+                lines += [f"add rule {t} forward {rule}" for rule in custom]
+        return "".join(line + "\n" for line in lines)
 
     def switch(self, config: str, verify: bool = False) -> None:
         """Put `config` in force in the node netns, in one transaction: a masquerade
@@ -309,6 +318,8 @@ class Bench:
                     pools = ruleset.add_pools((str(self.conf.ipv4_pool), str(self.conf.ipv6_pool)))
                     for chunk in _chunks(self.endpoints, ELEMENT_BATCH):
                         nft.run(pools + "".join(ruleset.add_endpoint(ep) for ep in chunk))
+                    if self.args.forward_rules is not None:
+                        nft.run(self._hook_chains(on=True))
                     nft.run(f"add table {FAMILY} {BASE_TABLE}\ndelete table {FAMILY} {BASE_TABLE}\n")
                 else:
                     desc = self.policy_desc
@@ -518,6 +529,8 @@ def print_report(rep: dict[str, Any], tests: list[Test], samples: list[Sample]) 
           f"chains deleted; sets stay loaded); `{FAMILY} {BASE_TABLE}` masquerades (one rule)")
     tb = rep["table"]
     print(f"config B {SOCKGATE}: {rep['policy']}")
+    if a.get("forward_rules") is not None:
+        print(f"  EXPERIMENT: forward chain replaced by --forward-rules: {a['forward_rules']}")
     print(f"  table {FAMILY} {TABLE}: {tb['rules']} rules, {tb['elements']} set elements "
           f"({', '.join(f'{k} {v}' for k, v in tb['sets'].items() if v)})")
     for cfg in (BASELINE, SOCKGATE):
@@ -617,7 +630,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test], list[Samp
         "kernel": platform.release(),
         "iperf3": _iperf_version(),
         "args": {"duration": args.duration, "segment": args.segment, "containers": args.containers,
-                 "fill": args.fill, "ipv6": args.ipv6, "profile": args.profile, "tcp_cpus": args.tcp_cpus, "udp_cpus": args.udp_cpus},
+                 "fill": args.fill, "ipv6": args.ipv6, "profile": args.profile,
+                 "forward_rules": args.forward_rules, "tcp_cpus": args.tcp_cpus, "udp_cpus": args.udp_cpus},
         "containers": {
             "count": args.containers, "fill": args.fill, "seconds": bench.timings["containers_s"],
             "how": ("all attached through runtime.attach.attach (each with its own netns, veth pair, "
@@ -649,6 +663,14 @@ def _cpu_pair(text: str) -> tuple[int, int]:
     if not all(0 <= c < (os.cpu_count() or 1) for c in (client, server)):
         raise argparse.ArgumentTypeError(f"CPU out of range 0-{(os.cpu_count() or 1) - 1}: {text!r}")
     return client, server
+
+
+def _rules_file(path: str) -> list[str]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -711,6 +733,10 @@ to stdout. Takes about 4 minutes with the defaults on 2 CPUs (--profile: 20 s mo
     p.add_argument("--profile", action="store_true",
                    help="also sample the sending CPU with perf under B (linux-perf; needs pinning): the share "
                         "of its time in sockgate's forward hook, and 1 - share as the expected ratio")
+    p.add_argument("--forward-rules", type=_rules_file, metavar="FILE",
+                   help="an experiment: B's forward chain holds the rules in FILE (one per line, nft syntax, "
+                        "# comments) instead of sockgate's, the rest of the table unchanged; with --profile "
+                        "it shows what a rule costs (e.g. an empty file: the hook alone)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object instead of tables")
     return p
 
