@@ -30,7 +30,8 @@ def _agent(args: argparse.Namespace) -> int:
     cfg = AgentConfig(state_dir=args.state_dir, run_dir=args.run_dir, policy_file=args.policy,
                       ready_file=args.ready_file, metrics_address=args.metrics_address,
                       docker_socket=args.docker_socket, docker_host=args.docker_host)
-    cfg.components.append(("policy", lambda c: PolicyKeeper(c.policy_file, c.state_dir)))
+    cfg.components.append(("policy", lambda c: PolicyKeeper(c.policy_file, c.state_dir,
+                                                            check_every=args.table_check_interval)))
     cfg.components.append(("reaper", lambda c: _reaper()))
     cfg.components.append(("billing", lambda c: BillingFlusher(c.state_dir, interval=args.billing_interval)))
     reclaimer = Reclaimer(args.state_dir, nudge_interval=args.reclaim_nudge)
@@ -43,6 +44,16 @@ def _reaper():
     reaper = netns.LinkReaper()
     netns.use_reaper(reaper)
     return reaper
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text!r}")
+    return value
 
 
 def _lab_cleanup(args: argparse.Namespace) -> int:
@@ -86,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between conntrack walks that make the kernel evict expired flows "
                         "promptly; 0 leaves it to the kernel's GC, which may take up to 60 s longer "
                         "(default: %(default)s)")
+    p.add_argument("--table-check-interval", type=_positive, default=2.0, metavar="SECONDS",
+                   help="seconds between checks that the nft table is the one in force (reloaded if "
+                        "not); a change announced by nf_tables (say, `nft flush ruleset`) is checked "
+                        "at once anyway (default: %(default)s)")
     p.add_argument("--metrics-address", default="127.0.0.1:9464",
                    help="Prometheus endpoint host:port, loopback by default; empty to disable "
                         "(default: %(default)s)")

@@ -1,8 +1,9 @@
 """The agent's policy component: load the table at start, re-apply when the policy file
 changes (an invalid file is logged and the policy in force stays), keep exception
-hostnames resolved, and every CHECK_EVERY_S check that the loaded table still is the
-one in force (reloading it if someone flushed or replaced it). That check is what
-lets an ADD served by the agent skip its own (see runtime.policy.watched)."""
+hostnames resolved, and check that the loaded table still is the one in force
+(reloading it if someone flushed or replaced it): at once when nf_tables announces a
+change to it (runtime.nft_events), and every CHECK_EVERY_S in any case. That check
+is what lets an ADD served by the agent skip its own (see runtime.policy.watched)."""
 from __future__ import annotations
 
 import logging
@@ -13,6 +14,7 @@ from pathlib import Path
 from netpolicy.ruleset import EgressPolicy
 from runtime import policy
 from runtime.errors import SockgateError
+from runtime.nft_events import TableEvents
 from runtime.fsutil import file_stamp
 from runtime.resolver import Refresher
 
@@ -21,9 +23,10 @@ CHECK_EVERY_S = 2.0
 
 
 class PolicyKeeper:
-    def __init__(self, policy_file: str, state_dir: str) -> None:
+    def __init__(self, policy_file: str, state_dir: str, check_every: float = CHECK_EVERY_S) -> None:
         self.policy_file = policy_file
         self.state_dir = state_dir
+        self.check_every = check_every
         self.refresher: Refresher | None = None
         self.applied: tuple[int, int, int] | None | bool = False  # False: never applied
         self.in_force: EgressPolicy | None = None
@@ -49,13 +52,21 @@ class PolicyKeeper:
             log.error("cannot reload the nft table: %s", exc)
 
     def run(self, stop: threading.Event) -> None:
+        try:
+            events: TableEvents | None = TableEvents()
+        except OSError as exc:
+            log.warning("no nftables notifications (%s): the table is checked every %.0f s only",
+                        exc, self.check_every)
+            events = None
         policy.watched(True)
         try:
-            self._watch(stop)
+            self._watch(stop, events)
         finally:
             policy.watched(False)
+            if events is not None:
+                events.close()
 
-    def _watch(self, stop: threading.Event) -> None:
+    def _watch(self, stop: threading.Event, events: TableEvents | None) -> None:
         while not stop.is_set():
             if self.applied is False or file_stamp(Path(self.policy_file)) != self.applied:
                 self._apply()
@@ -63,7 +74,10 @@ class PolicyKeeper:
                 self._check_table()
             if self.refresher is not None:
                 self.refresher.refresh_due()
-                wait = min(CHECK_EVERY_S, max(0.2, self.refresher.next_due() - time.monotonic()))
+                wait = min(self.check_every, max(0.2, self.refresher.next_due() - time.monotonic()))
             else:
-                wait = CHECK_EVERY_S
-            stop.wait(wait)
+                wait = self.check_every
+            if events is None:
+                stop.wait(wait)
+            elif events.wait(wait, stop):
+                log.debug("nf_tables announced a change to the table: checking it")

@@ -150,6 +150,31 @@ def test_agent_repairs_the_table_and_serves_adds_against_the_current_one(plugin,
     plugin.delete("keep", ns)
 
 
+def test_agent_repairs_a_flushed_ruleset_when_nftables_announces_it(plugin, lab, app, tmp_path):
+    """`nft flush ruleset` leaves containers unfiltered and unmasqueraded until the
+    table is back: the agent hears of it from nf_tables' notifications, not only from
+    its periodic check (here set to an hour, so only a notification can explain the
+    repair)."""
+    from tests.conftest import AgentProcess
+    agent = AgentProcess(lab, plugin, tmp_path, ("--table-check-interval", "3600")).start()
+    try:
+        ns = app()
+        plugin.add("flushed", ns)
+        node = plugin.node_netns
+        in_ns(node, "nft", "flush", "ruleset")
+        deadline = time.monotonic() + 10
+        while "jump from_container" not in in_ns(node, "nft", "list", "ruleset"):
+            assert time.monotonic() < deadline, "the agent did not notice the flushed ruleset"
+            time.sleep(0.1)
+        # Back with the container's elements: it passes CHECK and its sandbox holds.
+        assert plugin("CHECK", "flushed", ns).rc == 0
+        assert lab.probe(ns, "tcp", LAB.public_v4, 9000).ok
+        assert not lab.probe(ns, "tcp", LAB.google_v4, 443, timeout=1.0).ok
+        plugin.delete("flushed", ns)
+    finally:
+        agent.stop()
+
+
 def test_metrics_on_loopback(plugin, agent, app, lab):
     import sys
     ns = app()

@@ -1,0 +1,106 @@
+"""Notice at once when someone changes sockgate's nft table.
+
+nf_tables announces every committed change on the netlink multicast group
+NFNLGRP_NFTABLES (what `nft monitor` prints). The agent listens there so that a
+`nft flush ruleset`, a firewall reload or a deleted chain is repaired within
+milliseconds rather than at its next periodic check: until the table is back,
+containers' traffic is neither filtered nor masqueraded. Only changes to rules,
+chains, sets or the table itself wake it; set elements (every ADD and DEL adds or
+removes some) don't. A notification lost to a full receive buffer (ENOBUFS) counts
+as a change, since it may have been one.
+"""
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import struct
+import threading
+import time
+
+from netpolicy.ruleset import FAMILY, TABLE
+
+NETLINK_NETFILTER = 12
+NFNLGRP_NFTABLES = 7
+NFNL_SUBSYS_NFTABLES = 10
+NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
+# nf_tables message types whose object belongs to a table named by attribute 1
+# (NFTA_TABLE_NAME, NFTA_CHAIN_TABLE, NFTA_RULE_TABLE, NFTA_SET_TABLE).
+NFT_MSG_DELTABLE, NFT_MSG_DELCHAIN, NFT_MSG_NEWRULE, NFT_MSG_DELRULE, NFT_MSG_DELSET = 2, 5, 6, 8, 11
+WATCHED = {NFT_MSG_DELTABLE, NFT_MSG_DELCHAIN, NFT_MSG_NEWRULE, NFT_MSG_DELRULE, NFT_MSG_DELSET}
+_NLMSGHDR = struct.Struct("=IHHII")
+_NFGENMSG = struct.Struct("=BBH")
+_SLICE_S = 0.2  # how often a wait looks at its stop event
+
+
+def _table_attr(body: bytes) -> str:
+    offset = 0
+    while offset + 4 <= len(body):
+        length, kind = struct.unpack_from("=HH", body, offset)
+        if length < 4:
+            break
+        if kind & 0x3FFF == 1:
+            return body[offset + 4:offset + length].split(b"\0", 1)[0].decode(errors="replace")
+        offset += length + (-length % 4)
+    return ""
+
+
+def concerns(datagram: bytes, family: int = NFPROTO[FAMILY], table: str = TABLE) -> bool:
+    """Whether a datagram from the group holds a change to `table`'s rules, chains,
+    sets or the table itself."""
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(datagram):
+        length, kind, _, _, _ = _NLMSGHDR.unpack_from(datagram, offset)
+        if length < _NLMSGHDR.size:
+            break
+        if kind >> 8 == NFNL_SUBSYS_NFTABLES and kind & 0xFF in WATCHED:
+            body = datagram[offset + _NLMSGHDR.size:offset + length]
+            if len(body) >= _NFGENMSG.size and _NFGENMSG.unpack_from(body)[0] == family \
+                    and _table_attr(body[_NFGENMSG.size:]) == table:
+                return True
+        offset += length + (-length % 4)
+    return False
+
+
+class TableEvents:
+    """A subscription in the calling thread's netns."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+        try:
+            # A reload of the table announces every rule and set: room for a burst.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            self.sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _drain(self) -> bool:
+        touched = False
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                return touched
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                touched = True
+                continue
+            touched = touched or concerns(data)
+
+    def wait(self, timeout: float, stop: threading.Event) -> bool:
+        """Up to `timeout` seconds, until the table changed (True) or `stop` is set."""
+        deadline = time.monotonic() + timeout
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            ready, _, _ = select.select([self.sock], [], [], min(left, _SLICE_S))
+            if ready and self._drain():
+                return True
+        return False
