@@ -227,14 +227,11 @@ def restore_elements(state_dir: str) -> int:
     containers would otherwise be treated as spoofing. Their own addresses go back into
     the pool sets too; the pools' full prefixes return with the network's next ADD.
     Returns how many attachments were restored."""
-    todo = []
-    for att in all_attachments(state_dir):
-        if att.state != READY or not att.ipv4 or not att.ipv6:
-            continue
-        index = netns.link_index(att.host_ifname)
-        if index is None:
-            continue  # its container is gone; DEL or GC cleans up the rest
-        todo.append((Endpoint(att.host_ifname, index, att.ipv4, att.ipv6), (f"{att.ipv4}/32", f"{att.ipv6}/128")))
+    ready = [att for att in all_attachments(state_dir) if att.state == READY and att.ipv4 and att.ipv6]
+    # A veth that is gone: its container is too; DEL or GC cleans up the rest.
+    indexes = netns.link_indexes([att.host_ifname for att in ready])
+    todo = [(Endpoint(att.host_ifname, indexes[att.host_ifname], att.ipv4, att.ipv6),
+             (f"{att.ipv4}/32", f"{att.ipv6}/128")) for att in ready if att.host_ifname in indexes]
     # A reload is also what an upgrade brings: veths made by a sockgate that did not
     # set the container interface group get it now, before the rules rely on it.
     netns.mark_container_links([ep.host_ifindex for ep, _ in todo])

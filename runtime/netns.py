@@ -248,26 +248,26 @@ def retire_link(ifname: str) -> bool:
     return delete_link(ifname)
 
 
-def link_index(ifname: str) -> int | None:
+def link_indexes(ifnames: list[str]) -> dict[str, int]:
+    """{name: index} of those of `ifnames` that exist, on one netlink socket."""
     with rtnl.Rtnl() as nl:
-        link = rtnl.find(nl, ifname)
-    return link.index if link else None
+        found = {name: rtnl.find(nl, name) for name in ifnames}
+    return {name: link.index for name, link in found.items() if link is not None}
 
 
 def mark_container_links(indexes: list[int]) -> None:
     """Put node-side veths into CONTAINER_IFGROUP (veths created before sockgate set
     it at creation)."""
-    with rtnl.Rtnl() as nl:
-        for start in range(0, len(indexes), 256):  # the kernel's acks must fit our receive buffer
-            try:
-                nl.run(*(rtnl.set_group(i, CONTAINER_IFGROUP) for i in indexes[start:start + 256]))
-            except rtnl.RtnlError as exc:
-                if exc.errno != errno.ENODEV:  # a container that went meanwhile
-                    raise _kernel("set interface group", exc) from None
+    try:
+        with rtnl.Rtnl() as nl:
+            nl.run(*(rtnl.set_group(i, CONTAINER_IFGROUP) for i in indexes))
+    except rtnl.RtnlError as exc:
+        if exc.errno != errno.ENODEV:  # a container that went meanwhile
+            raise _kernel("set interface group", exc) from None
 
 
 def link_exists(ifname: str) -> bool:
-    return link_index(ifname) is not None
+    return ifname in link_indexes([ifname])
 
 
 @dataclass(frozen=True)

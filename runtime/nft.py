@@ -153,9 +153,11 @@ def endpoint_counters() -> dict[str, tuple[int, int, int, int]] | None:
     tx4, tx6, rx = (counters(s) for s in COUNTED_SETS)
     if tx4 is None or tx6 is None or rx is None:
         return None
-    return {name: (tx4.get(name, (0, 0))[0] + tx6.get(name, (0, 0))[0],
-                   tx4.get(name, (0, 0))[1] + tx6.get(name, (0, 0))[1], rp, rb)
-            for name, (rp, rb) in rx.items()}
+    out = {}
+    for name, (rp, rb) in rx.items():
+        (p4, b4), (p6, b6) = tx4.get(name, (0, 0)), tx6.get(name, (0, 0))
+        out[name] = (p4 + p6, b4 + b6, rp, rb)
+    return out
 
 
 def drop_counters() -> dict[str, tuple[int, int]]:

@@ -19,6 +19,7 @@ import threading
 import time
 
 from netpolicy.ruleset import FAMILY, TABLE
+from runtime.rtnl import attributes, messages
 
 NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7
@@ -28,37 +29,21 @@ NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
 # (NFTA_TABLE_NAME, NFTA_CHAIN_TABLE, NFTA_RULE_TABLE, NFTA_SET_TABLE).
 NFT_MSG_DELTABLE, NFT_MSG_DELCHAIN, NFT_MSG_NEWRULE, NFT_MSG_DELRULE, NFT_MSG_DELSET = 2, 5, 6, 8, 11
 WATCHED = {NFT_MSG_DELTABLE, NFT_MSG_DELCHAIN, NFT_MSG_NEWRULE, NFT_MSG_DELRULE, NFT_MSG_DELSET}
-_NLMSGHDR = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")
 _SLICE_S = 0.2  # how often a wait looks at its stop event
-
-
-def _table_attr(body: bytes) -> str:
-    offset = 0
-    while offset + 4 <= len(body):
-        length, kind = struct.unpack_from("=HH", body, offset)
-        if length < 4:
-            break
-        if kind & 0x3FFF == 1:
-            return body[offset + 4:offset + length].split(b"\0", 1)[0].decode(errors="replace")
-        offset += length + (-length % 4)
-    return ""
 
 
 def concerns(datagram: bytes, family: int = NFPROTO[FAMILY], table: str = TABLE) -> bool:
     """Whether a datagram from the group holds a change to `table`'s rules, chains,
     sets or the table itself."""
-    offset = 0
-    while offset + _NLMSGHDR.size <= len(datagram):
-        length, kind, _, _, _ = _NLMSGHDR.unpack_from(datagram, offset)
-        if length < _NLMSGHDR.size:
-            break
-        if kind >> 8 == NFNL_SUBSYS_NFTABLES and kind & 0xFF in WATCHED:
-            body = datagram[offset + _NLMSGHDR.size:offset + length]
-            if len(body) >= _NFGENMSG.size and _NFGENMSG.unpack_from(body)[0] == family \
-                    and _table_attr(body[_NFGENMSG.size:]) == table:
-                return True
-        offset += length + (-length % 4)
+    for kind, _, body in messages(datagram):
+        if kind >> 8 != NFNL_SUBSYS_NFTABLES or kind & 0xFF not in WATCHED or len(body) < _NFGENMSG.size:
+            continue
+        if _NFGENMSG.unpack_from(body)[0] != family:
+            continue
+        named = next((value for attr, value in attributes(body[_NFGENMSG.size:]) if attr == 1), b"")
+        if named.split(b"\0", 1)[0] == table.encode():
+            return True
     return False
 
 

@@ -136,7 +136,7 @@ def ensure_loaded(egress: EgressPolicy, state_dir: str) -> None:
         restore_elements(state_dir)
 
 
-# True while the agent's PolicyKeeper checks the loaded table every few seconds.
+# True while the agent's PolicyKeeper watches the loaded table (runtime.policy_watch).
 _watched = False
 
 
@@ -144,8 +144,8 @@ def watched(on: bool | None = None) -> bool:
     """Whether a watcher keeps the table's rules in shape (set by the agent). Then an
     ADD need not check them itself: its element transaction asserts the table's
     revision (nft.add_if_current), which catches a missing or outdated table at no
-    extra cost, and the watcher catches the rest (say, a flushed chain) within
-    seconds. Without one, every ADD checks the rules."""
+    extra cost, and the watcher catches the rest (say, a flushed chain) when
+    nf_tables announces it. Without one, every ADD checks the rules."""
     global _watched
     if on is not None:
         _watched = on

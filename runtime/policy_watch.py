@@ -14,8 +14,8 @@ from pathlib import Path
 from netpolicy.ruleset import EgressPolicy
 from runtime import policy
 from runtime.errors import SockgateError
-from runtime.nft_events import TableEvents
 from runtime.fsutil import file_stamp
+from runtime.nft_events import TableEvents
 from runtime.resolver import Refresher
 
 log = logging.getLogger(__name__)

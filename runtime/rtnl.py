@@ -10,7 +10,9 @@ so a whole side of the veth is configured in one round trip.
 
 Only the few fixed message layouts an ADD needs are built here, each after its
 struct in <linux/rtnetlink.h>, <linux/if_addr.h>, <linux/neighbour.h>; answers are
-read only for errors and for the link's index and MAC.
+read only for errors and for the link's index and MAC. messages() and attributes()
+parse any netlink datagram (runtime.nft_events reads nf_tables' notifications with
+them).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
+from typing import Iterator
 
 # message types and flags (linux/netlink.h, linux/rtnetlink.h)
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -46,6 +49,9 @@ _IFADDR = struct.Struct("=BBBBI")     # ifaddrmsg
 _NDMSG = struct.Struct("=BxxxiHBB")   # ndmsg
 _RTMSG = struct.Struct("=BBBBBBBBI")  # rtmsg
 _seq = itertools.count(1)
+# The answers to one batch must fit the socket's receive buffer (~200 KiB by
+# default); a link's answer to get_link is ~1.5 KiB.
+BATCH = 64
 
 
 class RtnlError(OSError):
@@ -162,10 +168,21 @@ class Rtnl:
         self.sock.close()
 
     def run(self, *requests: Request) -> list[Link | None]:
-        """Send all requests at once; the kernel handles them in order. Raises
-        RtnlError for the first one refused (those after it are still handled, as
-        they would be if sent one by one and the error ignored: callers roll back the
-        whole attachment anyway). Returns, per request, the Link a get_link found."""
+        """Send the requests in batches of BATCH; the kernel handles them in order.
+        Raises RtnlError for the first one refused (those after it are still handled,
+        as they would be if sent one by one and the error ignored: callers roll back
+        the whole attachment anyway). Returns, per request, the Link a get_link found."""
+        out: list[Link | None] = []
+        error: RtnlError | None = None
+        for start in range(0, len(requests), BATCH):
+            links, failed = self._batch(requests[start:start + BATCH])
+            out += links
+            error = error or failed
+        if error is not None:
+            raise error
+        return out
+
+    def _batch(self, requests: tuple[Request, ...]) -> tuple[list[Link | None], RtnlError | None]:
         seqs = {}
         out: list[Link | None] = [None] * len(requests)
         buf = bytearray()
@@ -177,37 +194,47 @@ class Rtnl:
         self.sock.sendall(bytes(buf))
         pending, error = set(seqs), None
         while pending:
-            data = self.sock.recv(1 << 16)
-            offset = 0
-            while offset + _HDR.size <= len(data):
-                length, kind, _, seq, _ = _HDR.unpack_from(data, offset)
-                if seq in pending:
-                    i = seqs[seq]
-                    if kind == NLMSG_ERROR:
-                        code = -struct.unpack_from("=i", data, offset + _HDR.size)[0]
-                        pending.discard(seq)
-                        if code and error is None:
-                            error = RtnlError(code, requests[i].what)
-                    elif kind == RTM_NEWLINK:
-                        out[i] = _parse_link(data[offset + _HDR.size:offset + length])
-                    elif kind == NLMSG_DONE:
-                        pending.discard(seq)
-                offset += max(length + (-length % 4), _HDR.size)
-        if error is not None:
-            raise error
-        return out
+            for kind, seq, payload in messages(self.sock.recv(1 << 16)):
+                if seq not in pending:
+                    continue
+                i = seqs[seq]
+                if kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", payload)[0]
+                    pending.discard(seq)
+                    if code and error is None:
+                        error = RtnlError(code, requests[i].what)
+                elif kind == RTM_NEWLINK:
+                    out[i] = _parse_link(payload)
+                elif kind == NLMSG_DONE:
+                    pending.discard(seq)
+        return out, error
+
+
+def messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(type, sequence number, payload) of each netlink message in a datagram."""
+    offset = 0
+    while offset + _HDR.size <= len(data):
+        length, kind, _, seq, _ = _HDR.unpack_from(data, offset)
+        if length < _HDR.size:
+            return
+        yield kind, seq, data[offset + _HDR.size:offset + length]
+        offset += length + (-length % 4)
+
+
+def attributes(body: bytes) -> Iterator[tuple[int, bytes]]:
+    """(type, payload) of each netlink attribute in `body`."""
+    offset = 0
+    while offset + 4 <= len(body):
+        length, kind = struct.unpack_from("=HH", body, offset)
+        if length < 4:
+            return
+        yield kind & 0x3FFF, body[offset + 4:offset + length]
+        offset += length + (-length % 4)
 
 
 def _parse_link(body: bytes) -> Link:
     _, _, index, _, _ = _IFINFO.unpack_from(body)
-    offset, mac = _IFINFO.size, ""
-    while offset + 4 <= len(body):
-        length, kind = struct.unpack_from("=HH", body, offset)
-        if length < 4:
-            break
-        if kind & 0x3FFF == IFLA_ADDRESS:
-            mac = body[offset + 4:offset + length].hex(":")
-        offset += length + (-length % 4)
+    mac = next((value.hex(":") for kind, value in attributes(body[_IFINFO.size:]) if kind == IFLA_ADDRESS), "")
     return Link(index, mac)
 
 
