@@ -18,16 +18,17 @@ import struct
 import threading
 import time
 
+from pyroute2.netlink import NETLINK_NETFILTER
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, NFNLGRP_NFTABLES
+from pyroute2.netlink.nfnetlink.nftsocket import (NFT_MSG_DELCHAIN, NFT_MSG_DELRULE, NFT_MSG_DELSET,
+                                                  NFT_MSG_DELTABLE, NFT_MSG_NEWRULE)
+
 from netpolicy.ruleset import FAMILY, TABLE
 from runtime.rtnl import attributes, messages
 
-NETLINK_NETFILTER = 12
-NFNLGRP_NFTABLES = 7
-NFNL_SUBSYS_NFTABLES = 10
 NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
 # nf_tables message types whose object belongs to a table named by attribute 1
 # (NFTA_TABLE_NAME, NFTA_CHAIN_TABLE, NFTA_RULE_TABLE, NFTA_SET_TABLE).
-NFT_MSG_DELTABLE, NFT_MSG_DELCHAIN, NFT_MSG_NEWRULE, NFT_MSG_DELRULE, NFT_MSG_DELSET = 2, 5, 6, 8, 11
 WATCHED = {NFT_MSG_DELTABLE, NFT_MSG_DELCHAIN, NFT_MSG_NEWRULE, NFT_MSG_DELRULE, NFT_MSG_DELSET}
 _NFGENMSG = struct.Struct("=BBH")
 _SLICE_S = 0.2  # how often a wait looks at its stop event

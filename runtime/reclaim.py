@@ -88,6 +88,7 @@ from pyroute2.netlink.nfnetlink.nfctsocket import (
 )
 
 from runtime import netns
+from runtime.rtnl import messages
 from runtime.attach import all_attachments
 from runtime.errors import SockgateError
 from runtime.fsutil import atomic_write_json
@@ -240,17 +241,6 @@ def _nl_header(length: int, mtype: int, flags: int, seq: int) -> bytes:
     return _NLMSGHDR.pack(_NLMSGHDR.size + length, mtype, flags, seq, 0)
 
 
-def _nl_messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
-    """(type, seq, payload) of each netlink message in a datagram."""
-    off = 0
-    while off + _NLMSGHDR.size <= len(data):
-        length, mtype, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, off)
-        if length < _NLMSGHDR.size:
-            break
-        yield mtype, seq, data[off + _NLMSGHDR.size:off + length]
-        off += (length + 3) & ~3
-
-
 def _nl_error(payload: bytes) -> int:
     return -struct.unpack_from("=i", payload)[0]
 
@@ -278,7 +268,7 @@ class Conntrack:
         """Read replies to `seq`; returns 0 or the errno of the request."""
         while True:
             data = self.sock.recv(1 << 16)
-            for mtype, mseq, payload in _nl_messages(data):
+            for mtype, mseq, payload in messages(data):
                 if mseq != seq:
                     continue
                 if mtype == NLMSG_ERROR:
@@ -393,7 +383,7 @@ class _Diag:
     def _replies(self, seq: int) -> Iterator[tuple[int, bytes]]:
         while True:
             data = self.sock.recv(1 << 17)
-            for mtype, mseq, payload in _nl_messages(data):
+            for mtype, mseq, payload in messages(data):
                 if mseq != seq:
                     continue
                 yield mtype, payload
