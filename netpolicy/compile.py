@@ -1,14 +1,14 @@
 """Compile a Policy into the `egress_policy` chain and its sets, and explain verdicts
 by walking the very same rule list. Pure: data in, ruleset out.
 
-Evaluation order (first match wins), for every packet a container sends:
-  1. ICMP errors about the container's own flows pass (Packet Too Big, unreachable).
-  2. Anything but TCP and UDP is refused (C3).
-  3. Exceptions pass, only on their protocols and ports (C8): by address, then by the
+Evaluation order (first match wins), for every new flow a container starts (ICMP
+errors about its own flows are decided before, in netpolicy.ruleset):
+  1. Anything but TCP and UDP is refused (C3).
+  2. Exceptions pass, only on their protocols and ports (C8): by address, then by the
      resolved addresses of their hostnames (kernel-expired at the DNS TTL).
-  4. Blocked ports are refused: 25 TCP/UDP, 21 TCP (C4, C6).
-  5. Blocked ranges are refused: special-purpose v4/v6, Google's ranges (C7, C9).
-  6. Container pools are refused (a pool address with no container behind it would
+  3. Blocked ports are refused: 25 TCP/UDP, 21 TCP (C4, C6).
+  4. Blocked ranges are refused: special-purpose v4/v6, Google's ranges (C7, C9).
+  5. Container pools are refused (a pool address with no container behind it would
      otherwise be routed to the uplink).
   Everything else passes.
 Allowed means `return`: from_container counts the packet for billing and accepts it.
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from netpolicy.policy import Allow, Policy
 from netpolicy.ranges import Block, IPNetwork, collapse
-from netpolicy.ruleset import EgressPolicy, dropped
+from netpolicy.ruleset import EgressPolicy, FlowBounds, dropped
 
 ALLOW = "accept"
 REFUSE = "refuse"
@@ -57,8 +57,6 @@ class Rule:
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("icmp-errors", "ICMP errors about the container's own flows",
-         "meta l4proto { icmp, ipv6-icmp } ct state related return", ALLOW),
     Rule("tcp-udp-only", "only TCP and UDP leave a container (C3)",
          dropped("meta l4proto != { tcp, udp }", "protocol"), REFUSE),
     Rule("exception", "exception on its protocols and ports (C8)",
@@ -142,8 +140,13 @@ def compile_policy(policy: Policy, google: list[IPNetwork]) -> Compiled:
     egress = EgressPolicy(
         sets=tuple(STATIC_SETS.items()), dynamic_sets=tuple(DYNAMIC_SETS.items()),
         rules=tuple(r.nft for r in RULES), ingress_rules=INGRESS_RULES, elements=tuple(elements),
-        idle_timeout=policy.idle_timeout)
+        idle_timeout=policy.idle_timeout,
+        bounds=FlowBounds(policy.limits.max_flows, policy.limits.new_flows_per_second, policy.limits.new_flows_burst))
     return Compiled(policy, tuple(blocked), egress)
+
+
+def _why(name: str) -> str:
+    return next(r.why for r in RULES if r.name == name)
 
 
 @dataclass(frozen=True)
@@ -169,23 +172,23 @@ def explain(compiled: Compiled, dst: str, port: int, proto: str,
         return Verdict(REFUSE, "node-address", "the node is not a service for containers",
                        f"{addr} is one of the node's own addresses")
     if proto not in ("tcp", "udp"):
-        return Verdict(REFUSE, "tcp-udp-only", RULES[1].why, f"protocol {proto}")
+        return Verdict(REFUSE, "tcp-udp-only", _why("tcp-udp-only"), f"protocol {proto}")
     for a in policy.allows:
         if proto not in a.protos or port not in a.ports:
             continue
         if not a.is_host and addr in ipaddress.ip_network(a.dest):
-            return Verdict(ALLOW, "exception", RULES[2].why, f"{a.dest} {'/'.join(a.protos)} "
+            return Verdict(ALLOW, "exception", _why("exception"), f"{a.dest} {'/'.join(a.protos)} "
                            f"{','.join(map(str, a.ports))}: {a.reason}")
         if a.is_host and addr in {ipaddress.ip_address(x) for x in (resolved or {}).get(a.dest, [])}:
-            return Verdict(ALLOW, "exception-host", RULES[4].why,
+            return Verdict(ALLOW, "exception-host", _why("exception-host"),
                            f"{addr} is {a.dest} {'/'.join(a.protos)} {','.join(map(str, a.ports))}: {a.reason}")
     for b in policy.blocked_ports:
         if b.proto == proto and b.port == port:
-            return Verdict(REFUSE, "blocked-port", RULES[6].why, f"{proto} {port}: {b.reason}")
+            return Verdict(REFUSE, "blocked-port", _why("blocked-port"), f"{proto} {port}: {b.reason}")
     for net, reason in compiled.blocked:
         if addr.version == net.version and addr in net:
-            return Verdict(REFUSE, "blocked-range", RULES[7].why, f"{net}: {reason}")
+            return Verdict(REFUSE, "blocked-range", _why("blocked-range"), f"{net}: {reason}")
     for pool in pools:
         if addr.version == pool.version and addr in pool:
-            return Verdict(REFUSE, "container-pool", RULES[9].why, str(pool))
+            return Verdict(REFUSE, "container-pool", _why("container-pool"), str(pool))
     return Verdict(ALLOW, "default", "public destination", "no rule blocks it")

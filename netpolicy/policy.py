@@ -41,6 +41,10 @@ class Allow:
     protos: tuple[str, ...]
     ports: tuple[int, ...]
     reason: str
+    # Hostname exceptions only: internal ranges (blocked ranges, pools, the node's own
+    # networks) its answers may fall in. An answer anywhere else inside them is data
+    # from outside pointing inwards (DNS rebinding, a poisoned resolver) and is dropped.
+    allowed_answers: tuple[str, ...] = ()
 
     @property
     def is_host(self) -> bool:
@@ -58,6 +62,18 @@ class Ingress:
     source: str
     protos: tuple[str, ...]
     ports: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one container may hold of what the node shares (the threat model: a
+    hostile tenant must not starve the node or the other containers)."""
+
+    # Live conntrack entries (TCP connections not yet closing, UDP flows) per container.
+    max_flows: int = 1024
+    # New flows (their first packet) per container and second, and the burst above it.
+    new_flows_per_second: int = 100
+    new_flows_burst: int = 200
 
 
 @dataclass(frozen=True)
@@ -96,6 +112,7 @@ class Policy:
     google: GoogleSources = field(default_factory=GoogleSources)
     # Seconds a flow may stay silent (both directions) before it is reclaimed (C10).
     idle_timeout: int = 600
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def hostnames(self) -> tuple[str, ...]:
@@ -105,7 +122,7 @@ class Policy:
 # --- parsing a policy file -------------------------------------------------------
 
 _KEYS = {"googleRanges", "resolver", "blockedRanges", "blockedPorts", "exceptions", "ingress",
-         "idleTimeout"}
+         "idleTimeout", "limits"}
 
 
 def _obj(value: Any, path: str, keys: set[str]) -> dict:
@@ -203,6 +220,36 @@ def _bad_server(i: int, value: Any) -> str:
     raise PolicyError(f"resolver.nameservers[{i}]", f"must be an IP address, got {value!r}")
 
 
+def _count(value: Any, path: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise PolicyError(path, f"must be a whole number {low}-{high}, got {value!r}")
+    return value
+
+
+def _limits(raw: Any) -> Limits:
+    d = _obj(raw, "limits", {"maxFlows", "newFlowsPerSecond", "newFlowsBurst"})
+    base = Limits()
+    return Limits(_count(d.get("maxFlows", base.max_flows), "limits.maxFlows", 16, 1_000_000),
+                  _count(d.get("newFlowsPerSecond", base.new_flows_per_second), "limits.newFlowsPerSecond",
+                         1, 100_000),
+                  _count(d.get("newFlowsBurst", base.new_flows_burst), "limits.newFlowsBurst", 1, 1_000_000))
+
+
+def _exception(item: Any, path: str) -> Allow:
+    e = _obj(item, path, {"destination", "protocols", "ports", "allowedAnswers"})
+    dest = _dest(e.get("destination"), f"{path}.destination")
+    allow = Allow(dest, _protos(e.get("protocols", list(PROTOCOLS)), f"{path}.protocols"),
+                  _ports(e.get("ports"), f"{path}.ports"), "exception from policy file")
+    if "allowedAnswers" in e:
+        if not allow.is_host:
+            raise PolicyError(f"{path}.allowedAnswers", "applies to hostname exceptions only "
+                              f"({dest!r} is an address)")
+        ranges = _list(e["allowedAnswers"], f"{path}.allowedAnswers")
+        allow = replace(allow, allowed_answers=tuple(_cidr(c, f"{path}.allowedAnswers[{i}]")
+                                                     for i, c in enumerate(ranges)))
+    return allow
+
+
 def parse_policy(raw: Any) -> Policy:
     """The default contract plus what the file adds. Raises PolicyError naming the field."""
     doc = _obj(raw, "", _KEYS)
@@ -220,6 +267,8 @@ def parse_policy(raw: Any) -> Policy:
         if isinstance(idle, bool) or not isinstance(idle, int) or not 1 <= idle <= 86400:
             raise PolicyError("idleTimeout", f"must be seconds 1-86400, got {idle!r}")
         policy = replace(policy, idle_timeout=idle)
+    if "limits" in doc:
+        policy = replace(policy, limits=_limits(doc["limits"]))
     extra_blocks = tuple(Block(_cidr(c, f"blockedRanges[{i}]"), "blocked by policy file", "policy")
                          for i, c in enumerate(_list(doc.get("blockedRanges", []), "blockedRanges")))
     extra_ports = []
@@ -227,13 +276,8 @@ def parse_policy(raw: Any) -> Policy:
         p = _obj(item, f"blockedPorts[{i}]", {"protocol", "port"})
         extra_ports.append(PortBlock(_proto(p.get("protocol"), f"blockedPorts[{i}].protocol"),
                                      _port(p.get("port"), f"blockedPorts[{i}].port"), "blocked by policy file"))
-    extra_allows = []
-    for i, item in enumerate(_list(doc.get("exceptions", []), "exceptions")):
-        path = f"exceptions[{i}]"
-        e = _obj(item, path, {"destination", "protocols", "ports"})
-        extra_allows.append(Allow(_dest(e.get("destination"), f"{path}.destination"),
-                                  _protos(e.get("protocols", list(PROTOCOLS)), f"{path}.protocols"),
-                                  _ports(e.get("ports"), f"{path}.ports"), "exception from policy file"))
+    extra_allows = [_exception(item, f"exceptions[{i}]")
+                    for i, item in enumerate(_list(doc.get("exceptions", []), "exceptions"))]
     ingress = []
     for i, item in enumerate(_list(doc.get("ingress", []), "ingress")):
         path = f"ingress[{i}]"

@@ -34,6 +34,11 @@ SETS = {
     "tx4": "typeof meta iif . ip saddr; counter",
     "tx6": "typeof meta iif . ip6 saddr; counter",
     "rx": "typeof meta oif; counter",
+    # Per-container bounds (see _bounds), filled by the kernel: one element per veth
+    # index, holding that container's live flows (`ct count`) or its new-flow token
+    # bucket (`limit`). The flow counts go when their flows do; buckets time out.
+    "flow_count": "typeof meta iif; size 65535; flags dynamic",
+    "flow_rate": "typeof meta iif; size 65535; flags dynamic,timeout; timeout 60s",
 }
 COUNTED_SETS = ("tx4", "tx6", "rx")
 # The interface group (IFLA_GROUP, `ip link set DEV group N`) of every container's
@@ -48,10 +53,13 @@ LEGACY_SETS = {
     "acct_rx": "typeof oifname; counter",
 }
 
-# ICMPv6 neighbour discovery between a container and its gateway: without it the node
-# can't resolve the container's v6 address. Only valid with hop limit 255 (RFC 4861),
-# which also proves the packet didn't cross a router.
-_ND = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept"
+# Neighbour discovery from a container is never needed: both ends of a container's veth
+# carry one MAC and the NOARP flag (runtime.netns.create_veth), so neither side asks.
+# What a container sends must not reach the node's neighbour tables, which all
+# namespaces of a host share (gc_thresh3): a burst of forged solicitations would
+# overflow address resolution host-wide. (ARP never gets that far: the kernel ignores
+# ARP on a NOARP link.)
+_ND = "icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect }"
 
 def dropped(match: str, reason: str, verdict: str = "jump refuse") -> str:
     """A rule that refuses or drops, counted by reason: the agent's metrics read the
@@ -86,6 +94,18 @@ BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
         "iifname @ifaces jump from_container",
         "oifname @ifaces jump to_container",
     ]),
+    # Before conntrack reassembles fragments (defrag runs at -400): a container's IP
+    # fragments never reach the node's reassembly memory, which is one pool for the
+    # whole netns (4 MiB by default): unfinished fragments from one container would
+    # otherwise starve every other container's reassembly, and a datagram sent in tiny
+    # fragments would be billed once, as the reassembled packet, while many more bytes
+    # leave the node. A container's kernel fragments only UDP datagrams larger than the
+    # path MTU; those are lost (README: "Threat model").
+    "fragments": ("type filter hook prerouting priority -450; policy accept;", [
+        dropped(f"ip frag-off & 0x3fff != 0 meta iifgroup {CONTAINER_IFGROUP:#x}", "fragment", "drop"),
+        # `exthdr frag` walks the extension headers: asked only of container packets.
+        dropped(f"meta nfproto ipv6 meta iifgroup {CONTAINER_IFGROUP:#x} exthdr frag exists", "fragment", "drop"),
+    ]),
     "input": ("type filter hook input priority filter; policy accept;", [
         "iifname @ifaces jump container_to_node",
     ]),
@@ -100,15 +120,61 @@ BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+# Closing TCP flows (TIME_WAIT, CLOSE) are the entries `ct count` doesn't count, so how
+# long they stay is part of a container's bound: N new flows per second leave at most
+# N x CLOSING_S of them. 10 s (the kernel keeps TIME_WAIT 120 s) is long enough for a
+# retransmitted FIN or ACK; the container's own TCP stack keeps its TIME_WAIT anyway.
+CLOSING_S = 10
+# A UDP flow that never got an answer: the kernel's default, pinned here so a node
+# sysctl can't stretch it.
+UNREPLIED_S = 30
+
+
 def idle_timeouts(seconds: int) -> dict[str, str]:
-    """ct timeout objects that let the kernel expire idle container flows (C10). The
-    value is in the name: an object can't be changed in place, and a new name lets a
-    changed timeout load in one transaction while old flows keep their object."""
-    return {f"idle_tcp_{seconds}": f"protocol tcp; l3proto inet; policy = {{ established: {seconds} }};",
-            f"idle_udp_{seconds}": f"protocol udp; l3proto inet; policy = {{ replied: {seconds} }};"}
+    """ct timeout objects that let the kernel expire idle container flows (C10) and
+    bound how long a closing one stays. The idle timeout is in the name: an object
+    can't be changed in place, and a new name lets a changed timeout load in one
+    transaction while old flows keep their object. ("_b": the second layout, with the
+    closing and unreplied timeouts.)"""
+    return {f"idle_tcp_{seconds}_b": f"protocol tcp; l3proto inet; policy = {{ established: {seconds}, "
+                                     f"time_wait: {CLOSING_S}, close: {CLOSING_S} }};",
+            f"idle_udp_{seconds}_b": f"protocol udp; l3proto inet; policy = {{ unreplied: {UNREPLIED_S}, "
+                                     f"replied: {seconds} }};"}
 
 
-def _from_container(idle_timeout: int) -> list[str]:
+@dataclass(frozen=True)
+class FlowBounds:
+    """Per-container bounds on conntrack (README "Threat model")."""
+
+    max_flows: int = 1024
+    new_flows_per_second: int = 100
+    new_flows_burst: int = 200
+
+    @property
+    def entries(self) -> int:
+        """The most conntrack entries one container can hold: its live flows, plus the
+        closing TCP flows its new-flow rate can leave behind."""
+        return self.max_flows + self.new_flows_burst + self.new_flows_per_second * CLOSING_S
+
+
+# ICMP errors a container may send, and only about a flow that is its own (C3): the
+# contract's unreachable, Packet Too Big and time exceeded. conntrack relates an error
+# to whatever flow its quoted header names, whoever owns that flow; the original tuple
+# says whose it is: the container opened it (direction original: it is the original
+# source) or accepted it under an ingress allowance (direction reply: it is the
+# original destination). The veth index and that address must be one element of tx4 /
+# tx6, which also counts the error for billing, like any packet it sends.
+_ICMP_ERRORS_V4 = "icmp type { destination-unreachable, time-exceeded }"
+_ICMP_ERRORS_V6 = "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded }"
+ICMP_FROM_CONTAINER = (
+    f"ct state related {_ICMP_ERRORS_V4} ct direction original meta iif . ct original ip saddr @tx4 accept",
+    f"ct state related {_ICMP_ERRORS_V4} ct direction reply meta iif . ct original ip daddr @tx4 accept",
+    f"ct state related {_ICMP_ERRORS_V6} ct direction original meta iif . ct original ip6 saddr @tx6 accept",
+    f"ct state related {_ICMP_ERRORS_V6} ct direction reply meta iif . ct original ip6 daddr @tx6 accept",
+)
+
+
+def _from_container(idle_timeout: int, bounds: FlowBounds) -> list[str]:
     tcp_obj, udp_obj = idle_timeouts(idle_timeout)
     return [
         # A container sends only from its own addresses. (A packet of an established
@@ -123,11 +189,23 @@ def _from_container(idle_timeout: int) -> list[str]:
         dropped("meta l4proto tcp ct state new tcp flags & (fin | syn | rst | ack) != syn", "tcp-without-flow"),
         # No container reaches another (C1).
         dropped("oifname @ifaces", "container-to-container"),
+        *ICMP_FROM_CONTAINER,
+        # Every other error conntrack relates to some flow: forged, or about a flow
+        # that isn't this container's (the node's, another container's).
+        dropped("ct state related meta l4proto { icmp, ipv6-icmp }", "icmp-error", "drop"),
+        # The bounds count a flow once, at its first packet (not yet confirmed by
+        # conntrack): a UDP flow without an answer sends every packet as "new".
+        # The rate comes before the policy so that refused attempts spend it too.
+        dropped(f"ct status ! confirmed update @flow_rate {{ meta iif limit rate over "
+                f"{bounds.new_flows_per_second}/second burst {bounds.new_flows_burst} packets }}", "flow-rate"),
+        # egress_policy refuses (terminal) or returns.
+        "jump egress_policy",
+        # Only flows the policy allowed take an entry of the container's count.
+        dropped(f"ct status ! confirmed add @flow_count {{ meta iif ct count over {bounds.max_flows} }}",
+                "flow-limit"),
         f'meta l4proto tcp ct state new ct timeout set "{tcp_obj}"',
         f'meta l4proto udp ct state new ct timeout set "{udp_obj}"',
-        # egress_policy refuses (terminal) or returns: what comes back is accepted,
-        # and counted by the lookup that accepts it.
-        "jump egress_policy",
+        # Accepted, and counted by the lookup that accepts it.
         "meta iif . ip saddr @tx4 accept",
         "meta iif . ip6 saddr @tx6 accept",
     ]
@@ -137,10 +215,10 @@ REGULAR_CHAINS: dict[str, list[str]] = {
     # What `forward` did not accept as a reply (C2): only a platform proxy's
     # ingress allowance, if configured, gets in.
     "to_container": [dropped("", "inbound", "drop").lstrip()],
-    # The node is not a service for containers: nothing but neighbour discovery.
-    "container_to_node": [_ND, dropped("", "container-to-node").lstrip()],
+    # The node is not a service for containers, nor a neighbour to talk to (see _ND).
+    "container_to_node": [dropped(_ND, "neighbour", "drop"), dropped("", "container-to-node").lstrip()],
     "refuse": _REJECT,
-    "node_to_container": [_ND, "ct state established,related accept", dropped("", "node-to-container", "drop").lstrip()],
+    "node_to_container": ["ct state established,related accept", dropped("", "node-to-container", "drop").lstrip()],
 }
 
 
@@ -160,6 +238,7 @@ class EgressPolicy:
     ingress_rules: tuple[str, ...] = ()
     elements: tuple[str, ...] = ()
     idle_timeout: int = 600
+    bounds: FlowBounds = FlowBounds()
 
 
 @functools.lru_cache(maxsize=8)
@@ -203,7 +282,7 @@ def _render(policy: EgressPolicy, rev: str) -> str:
         lines += [f"flush set {t} {REVISION_SET}", f"add element {t} {REVISION_SET} {{ {_mark(rev)} }}"]
     chains: dict[str, list[str]] = {name: rules for name, (_, rules) in BASE_CHAINS.items()}
     chains |= REGULAR_CHAINS
-    chains["from_container"] = _from_container(policy.idle_timeout)
+    chains["from_container"] = _from_container(policy.idle_timeout, policy.bounds)
     chains["egress_policy"] = list(policy.rules)
     for name in ("to_container", "node_to_container"):
         chains[name] = [*chains[name][:-1], *policy.ingress_rules, chains[name][-1]]

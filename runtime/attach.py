@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from netpolicy.ruleset import Endpoint
-from runtime import billing, netns, nft, policy
+from runtime import billing, netns, nft, policy, rtnl
 from runtime.errors import (ALREADY_ATTACHED, CHECK_FAILED, NOT_AVAILABLE, SockgateError)
 from runtime.fsutil import locked
 from runtime.ipam import LeaseStore, Owner
@@ -35,6 +35,7 @@ class AttachRequest:
     netns: str
     labels: dict[str, str] = field(default_factory=dict)
     runtime_config: dict = field(default_factory=dict)
+    mac: str = ""  # of both veth ends; default netns.veth_mac (Docker passes --mac-address)
 
 
 class Network:
@@ -101,7 +102,8 @@ def _attach(req: AttachRequest, peer_netns: str, place: Callable[[Attachment], N
         # Compiled (cached) before the kernel is touched: an invalid policy fails here.
         egress = policy.compiled(req.conf.policy_file, req.conf.state_dir).egress
         netns.enable_forwarding()
-        att.host_mac, att.host_ifindex = netns.create_veth(att.host_ifname, peer_netns, req.ifname, att.mtu)
+        att.host_mac, att.host_ifindex = netns.create_veth(att.host_ifname, peer_netns, req.ifname, att.mtu,
+                                                           req.mac)
         # Elements before the links come up: there is no moment when the container
         # can send while the table doesn't know it.
         ep, pools = _endpoint(att), (str(req.conf.ipv4_pool), str(req.conf.ipv6_pool))
@@ -229,12 +231,17 @@ def restore_elements(state_dir: str) -> int:
     Returns how many attachments were restored."""
     ready = [att for att in all_attachments(state_dir) if att.state == READY and att.ipv4 and att.ipv6]
     # A veth that is gone: its container is too; DEL or GC cleans up the rest.
-    indexes = netns.link_indexes([att.host_ifname for att in ready])
-    todo = [(Endpoint(att.host_ifname, indexes[att.host_ifname], att.ipv4, att.ipv6),
-             (f"{att.ipv4}/32", f"{att.ipv6}/128")) for att in ready if att.host_ifname in indexes]
+    links = netns.links([att.host_ifname for att in ready])
+    todo = [(Endpoint(att.host_ifname, links[att.host_ifname].index, att.ipv4, att.ipv6),
+             (f"{att.ipv4}/32", f"{att.ipv6}/128")) for att in ready if att.host_ifname in links]
     # A reload is also what an upgrade brings: veths made by a sockgate that did not
-    # set the container interface group get it now, before the rules rely on it.
+    # set the container interface group get it now, before the rules rely on it, and
+    # those that still resolve neighbours stop (the rules drop the container's ND).
     netns.mark_container_links([ep.host_ifindex for ep, _ in todo])
+    for att in ready:
+        link = links.get(att.host_ifname)
+        if link is not None and not link.flags & rtnl.IFF_NOARP:
+            netns.stop_neighbour_resolution(link, att.netns, att.ipv4, att.ipv6)
     nft.add_many(todo)
     if todo:
         log.warning("nft table was reloaded: restored the elements of %d attachment(s)", len(todo))
@@ -258,19 +265,17 @@ def status(conf: NetConf) -> None:
 # it; Docker's prestart hook then moves the driver's interface in and sets the
 # addresses and routes the driver named, before the container's process starts).
 # The attachment is therefore made with the container end left, down, in the node
-# netns under the attachment's ifname; the node answers ARP for the gateway
-# (169.254.1.1) by proxy ARP instead of the permanent neighbour entry that
-# configure_container would have set. Leases, record, elements, billing and teardown
-# are the same as attach()'s.
+# netns under the attachment's ifname. No neighbour entry can be put in a container
+# we never enter: the container end's NOARP flag (both ends share one MAC) is what
+# reaches the gateway without asking the node. Leases, record, elements, billing and
+# teardown are the same as attach()'s.
 
 def attach_unplaced(req: AttachRequest) -> Attachment:
     """For a runtime that moves the container end itself (Docker): the pair is made
     with both ends in the node netns, the container end left down."""
 
     def place(att: Attachment) -> None:
-        # No neighbour entry can be put in a container we never enter: the node's end
-        # answers the container's ARP for 169.254.1.1 instead.
-        netns.sysctl(f"net.ipv4.conf.{att.host_ifname}.proxy_arp", "1")
+        att.container_mac = att.host_mac
 
     # thread-self: the calling thread may have joined the node netns with setns.
     return _attach(req, "/proc/thread-self/ns/net", place)

@@ -24,6 +24,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _agent(args: argparse.Namespace) -> int:
     from runtime.agent import AgentConfig, run_agent, setup_logging
     from runtime.billing import BillingFlusher
+    from runtime.conntrack_budget import BudgetWatch
     from runtime.reclaim import Reclaimer
     from runtime.policy_watch import PolicyKeeper
     setup_logging()
@@ -33,6 +34,7 @@ def _agent(args: argparse.Namespace) -> int:
     cfg.components.append(("policy", lambda c: PolicyKeeper(c.policy_file, c.state_dir,
                                                             check_every=args.table_check_interval)))
     cfg.components.append(("reaper", lambda c: _reaper()))
+    cfg.components.append(("conntrack", lambda c: BudgetWatch(c.policy_file, c.state_dir)))
     cfg.components.append(("billing", lambda c: BillingFlusher(c.state_dir, interval=args.billing_interval)))
     reclaimer = Reclaimer(args.state_dir, nudge_interval=args.reclaim_nudge)
     cfg.components.append(("reclaim", lambda c: reclaimer))

@@ -20,8 +20,8 @@ the container's process starts. So:
   refuse ours), so CreateNetwork refuses other IPAM drivers with that advice.
 - Join: the answer names the interface (SrcName, DstPrefix "eth": it becomes ethN),
   the gateways every sockgate container has (169.254.1.1 through a connected /32
-  route, answered by proxy ARP on the node's end; fe80::1, an address of the node's
-  end) and DisableGatewayService (otherwise libnetwork would also connect the
+  route; fe80::1, an address of the node's end; reached without ARP or ND, since both
+  veth ends share one MAC and are NOARP, see runtime.netns) and DisableGatewayService (otherwise libnetwork would also connect the
   container to the docker_gwbridge bridge network: a way out around the sandbox).
   The SandboxKey is recorded as the attachment's netns (idle reclaim enters it).
 - Leave: Docker moves the interface back to the node netns; DeleteEndpoint removes
@@ -490,8 +490,11 @@ class DockerDriver:
             labels = {"docker_network_id": rec.id, "docker_endpoint_id": eid}
             if rec.name:
                 labels["docker_network"] = rec.name
+            # A MAC asked for with `docker run --mac-address` is the one Docker sets on
+            # the interface; both veth ends must have it.
+            mac = iface.get("MacAddress") if isinstance(iface.get("MacAddress"), str) else ""
             att = attach.attach_unplaced(attach.AttachRequest(conf=conf, container_id=eid, ifname=peer_ifname(eid),
-                                                              netns="", labels=labels))
+                                                              netns="", labels=labels, mac=mac))
             if op.abandoned:
                 # Docker got a timeout error for this call and will never delete it.
                 log.warning("endpoint %s finished after Docker gave up; undoing it", eid[:12])
@@ -554,8 +557,7 @@ class DockerDriver:
         return {
             "InterfaceName": {"SrcName": att.ifname, "DstPrefix": "eth"},
             # The same gateways as every sockgate container: 169.254.1.1 on a
-            # connected /32 route (answered by the node's proxy ARP), fe80::1 on the
-            # link (an address of the node's veth end).
+            # connected /32 route, fe80::1 on the link (an address of the node's end).
             "Gateway": netns.GATEWAY_V4,
             "GatewayIPv6": netns.GATEWAY_V6,
             "StaticRoutes": [{"Destination": f"{netns.GATEWAY_V4}/32", "RouteType": 1}],

@@ -8,15 +8,21 @@ Layout per container (ptp style, no shared L2 between containers):
     route 10.77.0.5/32 dev sgX…        default via 169.254.1.1   (permanent neigh)
     route fd77:…:5/128 dev sgX…        default via fe80::1       (permanent neigh)
 
-The container's gateways are fixed link-local addresses with permanent neighbour
-entries pointing at the host veth's MAC, so the container never needs to ARP for its
-gateway and every container sees the same gateway; the node still resolves container
-addresses normally (ARP, and ND which the nft table lets through).
+Both ends of the pair carry the same MAC and the NOARP flag: a NOARP link sends every
+frame to its own MAC, which is the other end's, so neither side ever resolves the
+other, and the node ignores ARP on it (nft drops neighbour discovery from containers,
+netpolicy.ruleset). Nothing a container sends reaches the node's neighbour tables,
+which all namespaces of a host share: forged ARP or solicitations can't overflow them
+(README, "Threat model"). The CNI door also sets permanent neighbour entries for the
+gateways in the container, so the gateway stays reachable if the container turns ARP
+back on. The Docker door can't enter the container, so there NOARP is what does it.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
+import logging
 import os
 import socket
 import stat
@@ -31,6 +37,7 @@ from netpolicy.ruleset import CONTAINER_IFGROUP
 from runtime import rtnl
 from runtime.errors import KERNEL_FAILURE, UNKNOWN_CONTAINER, SockgateError
 
+log = logging.getLogger(__name__)
 GATEWAY_V4 = "169.254.1.1"
 GATEWAY_V6 = "fe80::1"
 _CLONE_NEWNET = 0x40000000
@@ -103,11 +110,17 @@ def _index(ipr: IPRoute, ifname: str) -> int | None:
         raise
 
 
-def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int) -> tuple[str, int]:
+def veth_mac(host_ifname: str) -> str:
+    """A locally administered unicast MAC derived from the (unique) host veth name."""
+    return ":".join(["02", *(f"{b:02x}" for b in hashlib.sha256(host_ifname.encode()).digest()[:5])])
+
+
+def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int, mac: str = "") -> tuple[str, int]:
     """Create the pair with the peer born inside the container netns under its final
     name: no window where it sits in the node under a temporary name, and an ifname
-    already taken in the container fails here, before anything else was done.
-    Returns the node end's MAC and index."""
+    already taken in the container fails here, before anything else was done. Both
+    ends get `mac` (default: veth_mac) and NOARP (see the module doc).
+    Returns the MAC and the node end's index."""
     fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with rtnl.Rtnl() as nl:
@@ -116,7 +129,8 @@ def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int) -> tup
             # was killed before its reaper got to it).
             if rtnl.find(nl, host_ifname) is not None:
                 delete_link(host_ifname)
-            _, link = nl.run(rtnl.new_veth(host_ifname, ifname, fd, mtu, CONTAINER_IFGROUP),
+            _, link = nl.run(rtnl.new_veth(host_ifname, ifname, fd, mtu, CONTAINER_IFGROUP,
+                                           mac or veth_mac(host_ifname), noarp=True),
                              rtnl.get_link(host_ifname))
     except rtnl.RtnlError as exc:
         if exc.errno == errno.EEXIST:
@@ -173,6 +187,9 @@ def enable_forwarding() -> None:
 def configure_host(host_ifname: str, host_ifindex: int, ipv4: str, ipv6: str) -> None:
     try:
         sysctl(f"net.ipv6.conf.{host_ifname}.accept_ra", "0")
+        # fe80::1 is its link-local address; the one the shared MAC would give is the
+        # container end's.
+        sysctl(f"net.ipv6.conf.{host_ifname}.addr_gen_mode", "1")
         with rtnl.Rtnl() as nl:
             nl.run(rtnl.new_addr(host_ifindex, GATEWAY_V6, 64, nodad=True),
                    rtnl.set_up(host_ifindex),
@@ -248,11 +265,16 @@ def retire_link(ifname: str) -> bool:
     return delete_link(ifname)
 
 
-def link_indexes(ifnames: list[str]) -> dict[str, int]:
-    """{name: index} of those of `ifnames` that exist, on one netlink socket."""
+def links(ifnames: list[str]) -> dict[str, rtnl.Link]:
+    """{name: link} of those of `ifnames` that exist, on one netlink socket."""
     with rtnl.Rtnl() as nl:
         found = {name: rtnl.find(nl, name) for name in ifnames}
-    return {name: link.index for name, link in found.items() if link is not None}
+    return {name: link for name, link in found.items() if link is not None}
+
+
+def link_indexes(ifnames: list[str]) -> dict[str, int]:
+    """{name: index} of those of `ifnames` that exist, on one netlink socket."""
+    return {name: link.index for name, link in links(ifnames).items()}
 
 
 def mark_container_links(indexes: list[int]) -> None:
@@ -264,6 +286,36 @@ def mark_container_links(indexes: list[int]) -> None:
     except rtnl.RtnlError as exc:
         if exc.errno != errno.ENODEV:  # a container that went meanwhile
             raise _kernel("set interface group", exc) from None
+
+
+def stop_neighbour_resolution(host: rtnl.Link, netns_path: str, ipv4: str, ipv6: str) -> bool:
+    """Bring a veth made by an earlier sockgate (ARP and ND between its ends) to what
+    create_veth makes now: permanent entries for the gateways in the container, NOARP
+    on the node's end (from then on the node ignores what the container says about
+    neighbours) and permanent entries there for the container's addresses. False when the container can't be entered (the veth stays as it was)."""
+    def container_side() -> str:
+        with rtnl.Rtnl() as nl:
+            with IPRoute() as ipr:
+                found = [a["index"] for a in ipr.get_addr(address=ipv4)]
+            if not found:
+                raise SockgateError(UNKNOWN_CONTAINER, f"no interface with {ipv4}")
+            link = nl.run(rtnl.get_link_by_index(found[0]))[0]
+            assert link is not None
+            nl.run(rtnl.new_neigh(link.index, GATEWAY_V4, host.mac, replace=True),
+                   rtnl.new_neigh(link.index, GATEWAY_V6, host.mac, replace=True))
+            return link.mac
+    try:
+        container_mac = in_netns(netns_path, container_side)
+        with rtnl.Rtnl() as nl:
+            # In this order: turning NOARP on flushes the link's neighbour entries,
+            # permanent ones too (one batch: the kernel takes it in one go).
+            nl.run(rtnl.set_noarp(host.index),
+                   rtnl.new_neigh(host.index, ipv4, container_mac, replace=True),
+                   rtnl.new_neigh(host.index, ipv6, container_mac, replace=True))
+    except (OSError, NetlinkError, SockgateError) as exc:
+        log.warning("veth %d (container netns %s) keeps neighbour resolution: %s", host.index, netns_path or "-", exc)
+        return False
+    return True
 
 
 def link_exists(ifname: str) -> bool:

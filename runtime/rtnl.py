@@ -28,7 +28,7 @@ from typing import Iterator
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_GETLINK, RTM_SETLINK = 16, 18, 19
 RTM_NEWADDR, RTM_NEWROUTE, RTM_NEWNEIGH = 20, 24, 28
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x100, 0x200, 0x400
 # attributes
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_GROUP, IFLA_NET_NS_FD = 1, 3, 4, 18, 27, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
@@ -36,7 +36,7 @@ IFA_ADDRESS, IFA_LOCAL = 1, 2
 NDA_DST, NDA_LLADDR = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY = 1, 4, 5, 6
 # values
-IFF_UP = 0x1
+IFF_UP, IFF_NOARP = 0x1, 0x80
 IFA_F_NODAD = 0x02
 NUD_PERMANENT = 0x80
 RT_TABLE_MAIN, RTPROT_BOOT, RTN_UNICAST = 254, 3, 1
@@ -88,18 +88,30 @@ class Request:
     what: str  # for errors: "add address 10.77.0.5/32 to sg…"
 
 
-def new_veth(name: str, peer: str, peer_netns_fd: int, mtu: int, group: int = 0) -> Request:
-    """`group` (the interface group, IFLA_GROUP) applies to `name`, the node end."""
-    peer_info = _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(peer)) + _attr(IFLA_MTU, _u32(mtu)) \
+def _mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def new_veth(name: str, peer: str, peer_netns_fd: int, mtu: int, group: int = 0, mac: str = "",
+             noarp: bool = False) -> Request:
+    """`group` (the interface group, IFLA_GROUP) applies to `name`, the node end; `mac`
+    and `noarp` (IFF_NOARP) to both ends."""
+    flags = (_IFINFO.pack(0, 0, 0, IFF_NOARP, IFF_NOARP) if noarp else _IFINFO.pack(0, 0, 0, 0, 0))
+    address = _attr(IFLA_ADDRESS, _mac(mac)) if mac else b""
+    peer_info = flags + _attr(IFLA_IFNAME, _name(peer)) + _attr(IFLA_MTU, _u32(mtu)) + address \
         + _attr(IFLA_NET_NS_FD, _u32(peer_netns_fd))
     linkinfo = _attr(IFLA_INFO_KIND, b"veth") + _attr(IFLA_INFO_DATA, _attr(VETH_INFO_PEER, peer_info))
-    body = _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(name)) + _attr(IFLA_MTU, _u32(mtu)) \
+    body = flags + _attr(IFLA_IFNAME, _name(name)) + _attr(IFLA_MTU, _u32(mtu)) + address \
         + _attr(IFLA_GROUP, _u32(group)) + _attr(IFLA_LINKINFO, linkinfo)
     return Request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body, f"create veth {name} (peer {peer})")
 
 
 def get_link(name: str) -> Request:
     return Request(RTM_GETLINK, 0, _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(name)), f"find {name}")
+
+
+def get_link_by_index(index: int) -> Request:
+    return Request(RTM_GETLINK, 0, _IFINFO.pack(0, 0, index, 0, 0), f"find link {index}")
 
 
 def set_up(index: int, up: bool = True) -> Request:
@@ -110,6 +122,10 @@ def set_up(index: int, up: bool = True) -> Request:
 def set_group(index: int, group: int) -> Request:
     return Request(RTM_SETLINK, 0, _IFINFO.pack(0, 0, index, 0, 0) + _attr(IFLA_GROUP, _u32(group)),
                    f"set link {index} group {group:#x}")
+
+
+def set_noarp(index: int) -> Request:
+    return Request(RTM_SETLINK, 0, _IFINFO.pack(0, 0, index, IFF_NOARP, IFF_NOARP), f"set link {index} noarp")
 
 
 def set_down_by_name(name: str) -> Request:
@@ -124,11 +140,12 @@ def new_addr(index: int, address: str, prefixlen: int, nodad: bool = False) -> R
     return Request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body, f"add address {address}/{prefixlen}")
 
 
-def new_neigh(index: int, address: str, lladdr: str) -> Request:
+def new_neigh(index: int, address: str, lladdr: str, replace: bool = False) -> Request:
+    """A permanent neighbour entry; `replace` overwrites one the kernel learned."""
     family, raw = _addr(address)
-    mac = bytes.fromhex(lladdr.replace(":", ""))
-    body = _NDMSG.pack(family, index, NUD_PERMANENT, 0, 0) + _attr(NDA_DST, raw) + _attr(NDA_LLADDR, mac)
-    return Request(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_EXCL, body, f"add neighbour {address} {lladdr}")
+    body = _NDMSG.pack(family, index, NUD_PERMANENT, 0, 0) + _attr(NDA_DST, raw) + _attr(NDA_LLADDR, _mac(lladdr))
+    flags = NLM_F_CREATE | (NLM_F_REPLACE if replace else NLM_F_EXCL)
+    return Request(RTM_NEWNEIGH, flags, body, f"add neighbour {address} {lladdr}")
 
 
 def new_route(dst: str, oif: int, gateway: str = "", scope: int = RT_SCOPE_UNIVERSE,
@@ -151,6 +168,7 @@ def new_route(dst: str, oif: int, gateway: str = "", scope: int = RT_SCOPE_UNIVE
 class Link:
     index: int
     mac: str
+    flags: int = 0
 
 
 class Rtnl:
@@ -233,9 +251,9 @@ def attributes(body: bytes) -> Iterator[tuple[int, bytes]]:
 
 
 def _parse_link(body: bytes) -> Link:
-    _, _, index, _, _ = _IFINFO.unpack_from(body)
+    _, _, index, flags, _ = _IFINFO.unpack_from(body)
     mac = next((value.hex(":") for kind, value in attributes(body[_IFINFO.size:]) if kind == IFLA_ADDRESS), "")
-    return Link(index, mac)
+    return Link(index, mac, flags)
 
 
 def find(rtnl: Rtnl, name: str) -> Link | None:

@@ -127,13 +127,18 @@ def test_agent_repairs_the_table_and_serves_adds_against_the_current_one(plugin,
             assert time.monotonic() < deadline, "the agent did not reload a flushed chain"
             time.sleep(0.2)
     elif damage == "older version":
+        # A veth as that version made it: outside the container interface group, with
+        # ARP/ND between its ends and a MAC of the container's own. (First: the agent
+        # reloads the table as soon as nf_tables announces the damage below.)
+        in_ns(node, "ip", "link", "set", keep_veth, "group", "0")
+        in_ns(node, "ip", "link", "set", keep_veth, "arp", "on")
+        in_ns(ns, "ip", "link", "set", "eth0", "arp", "on")
+        in_ns(ns, "ip", "link", "set", "eth0", "address", "02:00:5e:10:00:01")
         # Other rules and another revision: the next ADD's transaction fails its
         # assertion and the agent reloads the table before adding.
         in_ns(node, "nft", "flush", "set", "inet", "sockgate", "revision")
         in_ns(node, "nft", "add", "element", "inet", "sockgate", "revision", "{", "0x1", "}")
         in_ns(node, "nft", "flush", "chain", "inet", "sockgate", "forward")
-        # And a veth as that version made it: outside the container interface group.
-        in_ns(node, "ip", "link", "set", keep_veth, "group", "0")
     else:
         in_ns(node, "nft", "delete", "table", "inet", "sockgate")
     ns2 = app()
@@ -145,7 +150,11 @@ def test_agent_repairs_the_table_and_serves_adds_against_the_current_one(plugin,
     # The reload put back the elements of the container attached before the damage.
     assert plugin("CHECK", "keep", ns).rc == 0
     assert lab.probe(ns, "tcp", LAB.public_v4, 9000).ok
+    # v6 too: the node's end stopped resolving neighbours (the rules now drop the
+    # container's ND) only after it had a permanent entry for the container.
+    assert lab.probe(ns, "tcp", LAB.public_v6, 9000).ok
     assert _ifgroup(node, keep_veth) == CONTAINER_IFGROUP
+    assert "NOARP" in json.loads(in_ns(node, "ip", "-j", "link", "show", keep_veth))[0]["flags"]
     plugin.delete("after", ns2)
     plugin.delete("keep", ns)
 

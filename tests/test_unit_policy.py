@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from netpolicy.compile import DYNAMIC_SETS, STATIC_SETS, compile_policy, explain
-from netpolicy.policy import Policy, PolicyError, parse_policy
+from netpolicy.policy import Limits, Policy, PolicyError, parse_policy
 from netpolicy.ranges import SPECIAL_PURPOSE_V4, SPECIAL_PURPOSE_V6, collapse, google_ranges, subtract
 from netpolicy.ruleset import render_table
 
@@ -181,6 +181,19 @@ def test_empty_policy_is_the_default():
     ({"googleRanges": {"goog": ""}}, "googleRanges.goog"),
     ({"googleRanges": {"cloud": 5}}, "googleRanges.cloud"),
     ({"googleRanges": "x"}, "googleRanges"),
+    ({"limits": []}, "limits"),
+    ({"limits": {"maxFlows": 0}}, "limits.maxFlows"),
+    ({"limits": {"maxFlows": 15}}, "limits.maxFlows"),
+    ({"limits": {"maxFlows": "1024"}}, "limits.maxFlows"),
+    ({"limits": {"newFlowsPerSecond": 0}}, "limits.newFlowsPerSecond"),
+    ({"limits": {"newFlowsBurst": True}}, "limits.newFlowsBurst"),
+    ({"limits": {"flows": 10}}, "limits.flows"),
+    ({"exceptions": [{"destination": "10.1.2.3", "ports": [1], "allowedAnswers": ["10.0.0.0/8"]}]},
+     "exceptions[0].allowedAnswers"),
+    ({"exceptions": [{"destination": "db.example.com", "ports": [1], "allowedAnswers": "10.0.0.0/8"}]},
+     "exceptions[0].allowedAnswers"),
+    ({"exceptions": [{"destination": "db.example.com", "ports": [1], "allowedAnswers": ["10.0.0.1/8"]}]},
+     "exceptions[0].allowedAnswers[0]"),
 ])
 def test_invalid_policy_names_the_field(raw, field):
     with pytest.raises(PolicyError) as exc:
@@ -209,6 +222,20 @@ def test_additions_are_appended_to_the_defaults():
     assert (p.resolver.nameservers, p.resolver.min_ttl, p.resolver.max_ttl, p.resolver.timeout) == \
         (("2001:4860:4860::8888",), 5, 3600, 1.0)
     assert p.google.goog == "/tmp/goog.json" and p.google.cloud == d.google.cloud
+
+
+def test_limits_and_allowed_answers():
+    assert Policy().limits == Limits(1024, 100, 200)
+    p = parse_policy({"limits": {"maxFlows": 200, "newFlowsPerSecond": 50},
+                      "exceptions": [{"destination": "db.example.com", "ports": [5432],
+                                      "allowedAnswers": ["10.20.0.0/16", "fd00::/8"]}]})
+    assert p.limits == Limits(200, 50, 200)
+    assert p.allows[-1].allowed_answers == ("10.20.0.0/16", "fd00::/8")
+    assert all(a.allowed_answers == () for a in Policy().allows)
+    # The limits reach the rules that enforce them.
+    rules = render_table(compile_policy(p, GOOGLE).egress)
+    assert "add @flow_count { meta iif ct count over 200 }" in rules
+    assert "limit rate over 50/second burst 200 packets" in rules
 
 
 # --- 4. compile_policy -------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The table rendering (pure)."""
-from netpolicy.ruleset import EgressPolicy, Endpoint, add_endpoint, remove_endpoint, render_table
+from netpolicy.ruleset import EgressPolicy, Endpoint, FlowBounds, add_endpoint, remove_endpoint, render_table
 
 
 def test_render_is_deterministic_and_idempotent_in_form():
@@ -50,3 +50,68 @@ def test_revision_stamp_changes_with_the_rules():
     plain, other = render_table(), render_table(EgressPolicy(rules=("meta l4proto icmp drop",)))
     assert "comment \"rev " in plain
     assert plain.split('comment "rev ')[1][:16] != other.split('comment "rev ')[1][:16]
+
+
+def _chain(name: str, text: str = "") -> list[str]:
+    prefix = f"add rule inet sockgate {name} "
+    return [line.removeprefix(prefix) for line in (text or render_table()).splitlines() if line.startswith(prefix)]
+
+
+def test_icmp_errors_leave_only_about_the_containers_own_flow():
+    rules = _chain("from_container")
+    related = [r for r in rules if r.startswith("ct state related")]
+    accepts = [r for r in related if r.endswith("accept")]
+    # Every accepting rule ties the related flow's original tuple to the sending veth
+    # (conntrack relates an error to whichever flow it quotes, whoever owns it), in
+    # both directions, v4 and v6, and names the only error types the contract needs.
+    assert len(accepts) == 4
+    for r in accepts:
+        assert "meta iif . ct original ip" in r and ("@tx4" in r or "@tx6" in r), r
+        assert "echo" not in r and "redirect" not in r and "parameter-problem" not in r
+    assert {("direction original" in r, "saddr" in r) for r in accepts} == {(True, True), (False, False)}
+    assert any("packet-too-big" in r for r in accepts if "icmpv6" in r)
+    # Whatever else is related ICMP is dropped and counted, before the policy could
+    # take it for a new flow.
+    drop = rules.index(next(r for r in related if not r.endswith("accept")))
+    assert 'counter drop comment "drop:icmp-error"' in rules[drop]
+    assert drop < rules.index("jump egress_policy")
+    assert not any("icmp" in r and "return" in r for r in _chain("egress_policy"))
+
+
+def test_flow_bounds_count_first_packets_rate_before_policy_count_after():
+    rules = _chain("from_container")
+    rate = next(i for i, r in enumerate(rules) if "@flow_rate" in r)
+    count = next(i for i, r in enumerate(rules) if "@flow_count" in r)
+    policy = rules.index("jump egress_policy")
+    assert rate < policy < count
+    for i, reason in ((rate, "flow-rate"), (count, "flow-limit")):
+        # Only a flow's first packet (an unreplied UDP flow sends every packet as
+        # "new"), refused at once, counted by reason, keyed by the veth.
+        assert rules[i].startswith("ct status ! confirmed ") and "{ meta iif " in rules[i]
+        assert rules[i].endswith(f'counter jump refuse comment "drop:{reason}"')
+    accept = next(i for i, r in enumerate(rules) if r.endswith("@tx4 accept") and "ct original" not in r)
+    assert count < accept
+
+
+def test_fragments_from_containers_are_dropped_before_reassembly():
+    text = render_table()
+    assert "add chain inet sockgate fragments { type filter hook prerouting priority -450; policy accept; }" in text
+    rules = _chain("fragments", text)
+    assert rules == ['ip frag-off & 0x3fff != 0 meta iifgroup 0x5347 counter drop comment "drop:fragment"',
+                     'meta nfproto ipv6 meta iifgroup 0x5347 exthdr frag exists counter drop comment "drop:fragment"']
+
+
+def test_no_neighbour_discovery_from_containers():
+    to_node = _chain("container_to_node")
+    assert to_node[0].startswith("icmpv6 type {") and "nd-neighbor-solicit" in to_node[0]
+    assert to_node[0].endswith('counter drop comment "drop:neighbour"')
+    assert not any(r.endswith("accept") for r in to_node)
+
+
+def test_closing_flows_and_unreplied_udp_have_bounded_timeouts():
+    text = render_table(EgressPolicy(idle_timeout=77))
+    assert ("add ct timeout inet sockgate idle_tcp_77_b { protocol tcp; l3proto inet; policy = "
+            "{ established: 77, time_wait: 10, close: 10 }; }") in text
+    assert "policy = { unreplied: 30, replied: 77 }" in text
+    assert 'ct timeout set "idle_tcp_77_b"' in text and 'ct timeout set "idle_udp_77_b"' in text
+    assert FlowBounds().entries == 1024 + 200 + 100 * 10
