@@ -36,7 +36,8 @@ def _agent(args: argparse.Namespace) -> int:
     cfg.components.append(("reaper", lambda c: _reaper()))
     cfg.components.append(("conntrack", lambda c: BudgetWatch(c.policy_file, c.state_dir)))
     cfg.components.append(("billing", lambda c: BillingFlusher(c.state_dir, interval=args.billing_interval)))
-    reclaimer = Reclaimer(args.state_dir, nudge_interval=args.reclaim_nudge)
+    reclaimer = Reclaimer(args.state_dir, nudge_interval=args.reclaim_nudge,
+                          sweep_interval=args.reclaim_sweep_interval, rcvbuf=args.reclaim_rcvbuf)
     cfg.components.append(("reclaim", lambda c: reclaimer))
     return run_agent(cfg, reclaims=reclaimer.counts)
 
@@ -99,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between conntrack walks that make the kernel evict expired flows "
                         "promptly; 0 leaves it to the kernel's GC, which may take up to 60 s longer "
                         "(default: %(default)s)")
+    p.add_argument("--reclaim-sweep-interval", type=_positive, default=300.0, metavar="SECONDS",
+                   help="seconds between sweeps for idle flows whose conntrack event was lost (a sweep "
+                        "also runs at start and right after lost events); keep it well below the "
+                        "policy's idleTimeout (the agent warns otherwise), or an expired UDP flow whose "
+                        "event was lost can escape reclaim (default: %(default)s)")
+    p.add_argument("--reclaim-rcvbuf", type=int, default=8 << 20, metavar="BYTES",
+                   help="receive buffer for conntrack DESTROY events (default: %(default)s)")
     p.add_argument("--table-check-interval", type=_positive, default=2.0, metavar="SECONDS",
                    help="seconds between checks that the nft table is the one in force (reloaded if "
                         "not); a change announced by nf_tables (say, `nft flush ruleset`) is checked "

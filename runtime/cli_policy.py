@@ -64,11 +64,37 @@ def _policy_explain(args: argparse.Namespace) -> int:
                             "exceptions by hostname are matched by their resolved addresses") from None
     compiled = policy.compiled(args.policy, args.state_dir)
     pools = tuple(ipaddress.ip_network(p) for p in (args.pool or nft.prefixes("pools4") + nft.prefixes("pools6")))
-    resolved = read_json(policy.resolved_record(args.state_dir)) or {}
+    record = read_json(policy.resolved_record(args.state_dir)) or {}
+    resolved, notes = _resolved_for(record, args.destination, f"{args.protocol}/{args.port}")
     verdict = explain(compiled, args.destination, args.port, args.protocol, resolved=resolved,
                       pools=pools, node_addresses=_node_addresses())
     print(verdict)
+    for note in notes:
+        print(f"  note: {note}")
     return 0 if verdict.verdict == "accept" else 3
+
+
+def _resolved_for(record: dict, destination: str, port: str) -> tuple[dict[str, list[str]], list[str]]:
+    """resolved.json as explain() takes it ({hostname: [addresses]}), for one
+    protocol/port: an answer that one exception of a hostname dropped may be open
+    through another of its exceptions, on other ports. Plus a note for each hostname
+    whose answer `destination` was and that opened nothing here."""
+    from runtime.resolver import DROPPED_KEY
+    dropped = record.get(DROPPED_KEY) or {}
+    dst = ipaddress.ip_address(destination)
+    resolved: dict[str, list[str]] = {}
+    notes = []
+    for host, addrs in record.items():
+        if host == DROPPED_KEY or not isinstance(addrs, list):
+            continue
+        closed = {ipaddress.ip_address(d["address"]) for d in dropped.get(host, []) if port in d.get("closed", [])}
+        resolved[host] = [a for a in addrs if ipaddress.ip_address(a) not in closed]
+    for host, drops in dropped.items():
+        for d in drops:
+            if ipaddress.ip_address(d["address"]) == dst:
+                notes.append(f"{dst} was an answer for {host}, dropped (not opened on "
+                             f"{', '.join(d['closed'])}): {d['why']}")
+    return resolved, notes
 
 
 def _policy_refresh(args: argparse.Namespace) -> int:
@@ -80,6 +106,8 @@ def _policy_refresh(args: argparse.Namespace) -> int:
         results = refresher.refresh_due()
         for r in results:
             print(f"{r.host}: {', '.join(r.addresses) or '-'} ttl {r.ttl}s" + (f" ERROR {r.error}" if r.error else ""))
+            for d in r.dropped:
+                print(f"  dropped {d.address} (not opened on {', '.join(d.closed)}): {d.why}")
         return 1 if any(r.error for r in results) else 0
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -124,8 +152,12 @@ def add_policy_commands(sub: argparse._SubParsersAction) -> None:
     r = psub.add_parser("refresh", help="resolve exception hostnames and keep their addresses current",
                         description="Resolve the exceptions' hostnames (A and AAAA) through the "
                                     "policy's resolver, and keep their addresses in the table with a "
-                                    "timeout of the DNS TTL (clamped to resolver.minTtl..maxTtl). Runs "
-                                    "until SIGTERM, or once with --once.")
+                                    "timeout of the DNS TTL (clamped to resolver.minTtl..maxTtl). An "
+                                    "answer in the node's internal networks (blocked ranges other than "
+                                    "Google's, container pools, the node's addresses, links and "
+                                    "gateways) opens nothing unless the exception's allowedAnswers "
+                                    "holds it. Runs until SIGTERM, or once with --once (exit status 1 "
+                                    "if a lookup failed).")
     r.add_argument("--once", action="store_true", help="resolve every hostname once and exit")
     _common(r)
     r.set_defaults(func=_policy_refresh)

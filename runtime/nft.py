@@ -5,6 +5,7 @@ command. Not python-iptables: it drives the legacy iptables backend only.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import subprocess
@@ -177,11 +178,16 @@ def drop_counters() -> dict[str, tuple[int, int]]:
 
 
 def prefixes(set_name: str) -> list[str]:
-    """The CIDRs in an interval set of single-type elements (e.g. pools4), as text."""
+    """The CIDRs in an interval set of single-type elements (e.g. pools4), as text. An
+    auto-merge set lists adjacent prefixes as one range (10.77.0.0-10.78.255.255): that
+    comes back as the CIDRs covering it."""
     out = []
     for elem in _set_elements(set_name) or []:
         if isinstance(elem, dict) and "prefix" in elem:
             out.append(f"{elem['prefix']['addr']}/{elem['prefix']['len']}")
+        elif isinstance(elem, dict) and "range" in elem:
+            low, high = (ipaddress.ip_address(a) for a in elem["range"])
+            out += [str(n) for n in ipaddress.summarize_address_range(low, high)]
         elif isinstance(elem, str):
             out.append(elem)
     return out

@@ -48,13 +48,35 @@ the last packet). Off by default: each walk covers the whole conntrack hash (eve
 netns's; expired entries anywhere are evicted, as the GC would do) with softirqs off on
 that CPU: 12 ms for the 262144 buckets of an empty table here, more for a full one.
 
-Lost events. A full receive buffer drops events (ENOBUFS): logged, counted, and a
-sweep runs at once. A sweep also runs at start and every `sweep_interval` s: it lists
-each container's established TCP sockets and aborts those whose conntrack entry is
-gone. That also covers flows that expired while the reclaimer wasn't running, and flows
-created while nobody listened (with net.netfilter.nf_conntrack_events=2 such entries
-never produce events at all). UDP has no such check: a connected UDP socket without
-an entry may simply not have sent anything yet.
+Lost events. A full receive buffer drops events (ENOBUFS): counted, logged, and a
+sweep follows at once. A sweep also runs at start and every `sweep_interval` s. While
+overruns go on (a flood), sweeps after lost events are at least LOST_SWEEP_MIN_GAP s and
+LOST_SWEEP_DUTY times their own duration apart, so they take at most about a fifth of
+the loop's time and events keep being read in between; an overrun noticed during that
+gap still gets its sweep when the gap ends (SweepSchedule). A sweep starts after the
+overrun it answers was noticed, so every entry destroyed before that is gone by then.
+
+- TCP: the sweep lists each container's established sockets and aborts those whose
+  conntrack entry is gone. That also covers flows that expired while the reclaimer
+  wasn't running, and flows created while nobody listened (with
+  net.netfilter.nf_conntrack_events=2 such entries never produce events at all).
+- UDP: a connected UDP socket without an entry may simply not have sent anything yet,
+  so "no entry" alone means nothing. The sweep remembers, per socket (flow and socket
+  cookie), the connected UDP sockets whose entry it found ASSURED, i.e. under the idle
+  timeout; at the next sweep, such a socket whose entry is gone has expired (or was
+  deleted) and is aborted. An assured entry lives at least the idle timeout N after
+  it became assured, so if sweeps are less than N apart (sweep_interval plus a
+  sweep's duration < N), every assured flow is seen by some sweep before it can
+  expire: its expiry is caught even when its event is lost. The reclaimer reads the
+  UDP idle timeouts in force from the table's ct timeout objects and warns when the
+  sweep interval doesn't allow that. A UDP DESTROY event that arrives ends the memory
+  of that flow (an entry a process deleted is left alone, as on the event path). Not
+  covered: a UDP flow that expired while no reclaimer ran (nothing remembered it), and
+  an assured UDP flow whose entry a process deleted while events were being lost (the
+  sweep can't tell that from an expiry; the socket is aborted).
+
+Cost: a sweep enters each container's netns and asks conntrack about each of its
+established TCP and connected UDP sockets (one GET each).
 """
 from __future__ import annotations
 
@@ -72,23 +94,25 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyroute2.netlink.marshal import Marshal
-from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK, NFNLGRP_CONNTRACK_DESTROY
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_NFTABLES, NFNLGRP_CONNTRACK_DESTROY
 from pyroute2.netlink.nfnetlink.nfctsocket import (
     IPCTNL_MSG_CT_DELETE,
     IPCTNL_MSG_CT_GET,
+    IPCTNL_MSG_CT_NEW,
     IPS_ASSURED,
     AsyncNFCTSocket,
     NFCTAttrTuple,
-    nfct_msg,
 )
+from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETOBJ, NFT_MSG_NEWOBJ
 
+from netpolicy.ruleset import TABLE
 from runtime import netns
-from runtime.rtnl import messages
+from runtime.rtnl import attributes, messages
 from runtime.attach import all_attachments
 from runtime.errors import SockgateError
 from runtime.fsutil import atomic_write_json
@@ -101,6 +125,12 @@ DEFAULT_SWEEP_INTERVAL = 300.0
 RCVBUF = 8 << 20
 MISS_REFRESH = 1.0      # re-read attachment records at most this often on an unknown source
 MAP_MAX_AGE = 30.0      # and at least this often, so a reused address maps to its new owner
+# Sweeps after lost events: at least this many seconds apart, and this many times their
+# own duration, so a flood that keeps overrunning the buffer gets a sweep every second
+# or so rather than a busy loop of sweeps (see SweepSchedule).
+LOST_SWEEP_MIN_GAP = 1.0
+LOST_SWEEP_DUTY = 4.0
+LOG_QUIET = 60.0        # s: repeated warnings about lost events at most this often
 
 # netlink
 NETLINK_NETFILTER = 12
@@ -118,8 +148,22 @@ _NLMSGHDR = struct.Struct("=IHHII")
 # ctnetlink
 TCP_CONNTRACK_ESTABLISHED = 3
 _CT_DESTROY_TYPE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
+_CT_NEW_TYPE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW     # also a GET's answer
+_NFGENMSG_LEN = 4
+CTA_TUPLE_ORIG, CTA_STATUS = 1, 3
+CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 # A dump filtered on this mark returns (practically) nothing but still evicts expired entries.
 _NUDGE_MARK = 0x5C1A1DE5
+
+# nf_tables objects (include/uapi/linux/netfilter/nf_tables.h, nfnetlink_cttimeout.h)
+_NFT_NEWOBJ_TYPE = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ
+NFPROTO_INET = 1
+NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA = 1, 2, 3, 4
+NFT_OBJECT_CT_TIMEOUT = 7
+NFTA_CT_TIMEOUT_L4PROTO, NFTA_CT_TIMEOUT_DATA = 2, 3
+CTA_TIMEOUT_UDP_REPLIED = 2
 
 # sock_diag
 SOCK_DIAG_BY_FAMILY = 20
@@ -198,6 +242,107 @@ def verdict(ev: Destroyed) -> str:
     return "not-tcp-udp"
 
 
+@dataclass(frozen=True)
+class CtEntry:
+    """What a conntrack GET says about a live entry."""
+
+    status: int              # CTA_STATUS: IPS_* bits
+
+    @property
+    def assured(self) -> bool:
+        """UDP: replied and active for more than 2 s, i.e. under the idle timeout."""
+        return bool(self.status & IPS_ASSURED)
+
+
+def sweep_udp(watched: Mapping[Flow, bytes], sockets: Iterable[tuple[Flow, bytes]],
+              lookup: Callable[[Flow], CtEntry | None]) -> tuple[list[tuple[Flow, bytes]], dict[Flow, bytes]]:
+    """One container's connected UDP sockets at a sweep (pure but for `lookup`).
+
+    watched: flow -> socket cookie of the sockets whose entry the previous sweep found
+    assured. sockets: (flow, cookie) of the connected sockets now. lookup: the flow's
+    entry, None when conntrack has none; raises OSError when it gave no definite answer.
+    Returns (sockets to abort, what to watch until the next sweep):
+    - watched and the entry gone: it expired (or was deleted) since; abort. The cookie
+      must match: a new socket on the same ports hasn't been seen assured.
+    - an assured entry: watch it.
+    - no entry and not watched: maybe it just hasn't sent yet; leave it.
+    - an unassured entry: a short exchange or a young flow; not under the idle timeout
+      (yet), and an expiry of it would say nothing about idleness; leave it.
+    - no answer: watched stays watched, to be decided at the next sweep.
+    """
+    abort: list[tuple[Flow, bytes]] = []
+    watch: dict[Flow, bytes] = {}
+    for flow, cookie in sockets:
+        known = watched.get(flow) == cookie
+        try:
+            entry = lookup(flow)
+        except OSError:
+            if known:
+                watch[flow] = cookie
+            continue
+        if entry is None:
+            if known:
+                abort.append((flow, cookie))
+        elif entry.assured:
+            watch[flow] = cookie
+    return abort, watch
+
+
+@dataclass
+class SweepSchedule:
+    """When the loop sweeps (pure; times are time.monotonic() seconds).
+
+    A sweep is due every `interval` s after the previous one (0: never periodically),
+    and after lost events: at once, unless the previous sweep was for lost events too
+    (a flood goes on) and ended less than max(min_gap, duty x its duration) ago; then
+    when that gap is over. Overruns noticed meanwhile share that one sweep. Any sweep
+    restarts the periodic clock (it did a periodic sweep's work)."""
+
+    interval: float
+    min_gap: float = LOST_SWEEP_MIN_GAP
+    duty: float = LOST_SWEEP_DUTY
+    next_periodic: float = float("inf")
+    lost_pending: bool = False
+    lost_not_before: float = float("-inf")
+
+    def lost(self, now: float) -> None:
+        """An overrun was noticed (ENOBUFS) at `now`."""
+        self.lost_pending = True
+
+    def due(self, now: float) -> str | None:
+        """The reason of the sweep due now, or None."""
+        if self.lost_pending and now >= self.lost_not_before:
+            return "lost events"
+        if now >= self.next_periodic:
+            return "periodic"
+        return None
+
+    def wait(self, now: float) -> float:
+        """Seconds until a sweep is due (inf: none scheduled)."""
+        at = self.next_periodic
+        if self.lost_pending:
+            at = min(at, self.lost_not_before)
+        return max(0.0, at - now)
+
+    def swept(self, started: float, ended: float, why: str) -> None:
+        """A sweep (`why`: "start", "periodic", "lost events") ran from `started` to
+        `ended`. It covers every overrun noticed before it started; the loop notices
+        overruns only between sweeps."""
+        self.lost_pending = False
+        if why == "lost events":
+            self.lost_not_before = ended + max(self.min_gap, self.duty * (ended - started))
+        self.next_periodic = ended + self.interval if self.interval > 0 else float("inf")
+
+
+def sweep_covers_udp(sweep_interval: float, sweep_seconds: float, udp_idle: int | None) -> bool:
+    """Whether sweeps come often enough to see every assured UDP flow before it can
+    expire: sweep_interval plus a sweep's duration under the idle timeout (None: not
+    known, nothing to check)."""
+    if udp_idle is None:
+        return True
+    return 0 < sweep_interval and sweep_interval + sweep_seconds < udp_idle
+
+
 # --- ctnetlink ------------------------------------------------------------------------
 
 def _marshal() -> Marshal:
@@ -237,8 +382,48 @@ def parse_destroy(msg) -> Destroyed | None:
                      portid=msg["header"]["pid"], nat=nat)
 
 
+def parse_ct_status(payload: bytes) -> int | None:
+    """CTA_STATUS of a ctnetlink message (payload after the netlink header)."""
+    for kind, value in attributes(payload[_NFGENMSG_LEN:]):
+        if kind == CTA_STATUS and len(value) >= 4:
+            return struct.unpack_from("!I", value)[0]
+    return None
+
+
+def parse_udp_idle_timeout(payload: bytes) -> int | None:
+    """The `replied` timeout (s) of an nf_tables ct timeout object for UDP (payload of
+    an NFT_MSG_NEWOBJ message); None for any other object."""
+    attrs = dict(attributes(payload[_NFGENMSG_LEN:]))
+    if attrs.get(NFTA_OBJ_TYPE, b"")[:4] != struct.pack("!I", NFT_OBJECT_CT_TIMEOUT):
+        return None
+    data = dict(attributes(attrs.get(NFTA_OBJ_DATA, b"")))
+    if data.get(NFTA_CT_TIMEOUT_L4PROTO, b"")[:1] != bytes([socket.IPPROTO_UDP]):
+        return None
+    for kind, value in attributes(data.get(NFTA_CT_TIMEOUT_DATA, b"")):
+        if kind == CTA_TIMEOUT_UDP_REPLIED and len(value) >= 4:
+            return struct.unpack_from("!I", value)[0]
+    return None
+
+
 def _nl_header(length: int, mtype: int, flags: int, seq: int) -> bytes:
     return _NLMSGHDR.pack(_NLMSGHDR.size + length, mtype, flags, seq, 0)
+
+
+def _nla(kind: int, value: bytes) -> bytes:
+    """One netlink attribute, padded to 4 bytes."""
+    return (struct.pack("=HH", 4 + len(value), kind) + value).ljust((4 + len(value) + 3) & ~3, b"\0")
+
+
+def ct_tuple_orig(flow: Flow) -> bytes:
+    """The CTA_TUPLE_ORIG attribute of a flow, as a GET request carries it. Built by
+    hand: pyroute2's encoder takes ~90 us per message, ten times the request itself,
+    and a sweep asks about every container socket."""
+    v6 = flow.family == socket.AF_INET6
+    src, dst = (CTA_IP_V6_SRC, CTA_IP_V6_DST) if v6 else (CTA_IP_V4_SRC, CTA_IP_V4_DST)
+    ip = (_nla(src, socket.inet_pton(flow.family, flow.src)) + _nla(dst, socket.inet_pton(flow.family, flow.dst)))
+    proto = (_nla(CTA_PROTO_NUM, bytes([flow.proto])) + _nla(CTA_PROTO_SRC_PORT, struct.pack("!H", flow.sport))
+             + _nla(CTA_PROTO_DST_PORT, struct.pack("!H", flow.dport)))
+    return _nla(CTA_TUPLE_ORIG, _nla(CTA_TUPLE_IP, ip) + _nla(CTA_TUPLE_PROTO, proto))
 
 
 def _nl_error(payload: bytes) -> int:
@@ -257,15 +442,17 @@ class Conntrack:
     def close(self) -> None:
         self.sock.close()
 
-    def _request(self, body: bytes, mtype: int, flags: int, family: int) -> int:
+    def _request(self, body: bytes, mtype: int, flags: int, family: int,
+                 subsys: int = NFNL_SUBSYS_CTNETLINK) -> int:
         self.seq += 1
         nfgen = struct.pack("=BBH", family, 0, 0)
-        self.sock.send(_nl_header(len(nfgen) + len(body), (NFNL_SUBSYS_CTNETLINK << 8) | mtype,
+        self.sock.send(_nl_header(len(nfgen) + len(body), (subsys << 8) | mtype,
                                   NLM_F_REQUEST | flags, self.seq) + nfgen + body)
         return self.seq
 
-    def _wait(self, seq: int, until_done: bool) -> int:
-        """Read replies to `seq`; returns 0 or the errno of the request."""
+    def _wait(self, seq: int, until_done: bool, on_message: Callable[[int, bytes], None] | None = None) -> int:
+        """Read replies to `seq` (other messages go to on_message); returns 0 or the
+        errno of the request."""
         while True:
             data = self.sock.recv(1 << 16)
             for mtype, mseq, payload in messages(data):
@@ -275,26 +462,56 @@ class Conntrack:
                     return _nl_error(payload)
                 if mtype == NLMSG_DONE and until_done:
                     return 0
+                if on_message is not None:
+                    on_message(mtype, payload)
+
+    def get(self, flow: Flow) -> CtEntry | None:
+        """Conntrack's entry with this tuple (in either direction), None when there is
+        none. Raises OSError when the kernel gave no definite answer."""
+        body = ct_tuple_orig(flow)
+        found: list[int] = []
+
+        def entry(mtype: int, payload: bytes) -> None:
+            if mtype == _CT_NEW_TYPE:
+                found.append(parse_ct_status(payload) or 0)
+        err = self._wait(self._request(body, IPCTNL_MSG_CT_GET, NLM_F_ACK, flow.family), False, entry)
+        if err == errno.ENOENT:
+            return None
+        if err:
+            raise OSError(err, os.strerror(err))
+        # The entry comes before the ACK; an ACK alone (never seen) would still mean "exists".
+        return CtEntry(found[0] if found else 0)
 
     def exists(self, flow: Flow) -> bool | None:
         """Whether conntrack has an entry with this tuple (in either direction); None
         when the kernel didn't give a definite answer."""
-        msg = nfct_msg.create_from(tuple_orig=NFCTAttrTuple(
-            family=flow.family, saddr=flow.src, daddr=flow.dst, proto=flow.proto,
-            sport=flow.sport, dport=flow.dport))
-        msg.encode()
-        body = bytes(msg.data[_NLMSGHDR.size + 4:])     # attributes only
         try:
-            err = self._wait(self._request(body, IPCTNL_MSG_CT_GET, NLM_F_ACK, flow.family), False)
+            return self.get(flow) is not None
         except OSError as exc:
             log.warning("conntrack lookup of %s failed: %s", flow, exc)
             return None
-        if err == 0:
-            return True
-        if err == errno.ENOENT:
-            return False
-        log.warning("conntrack lookup of %s failed: %s", flow, os.strerror(err))
-        return None
+
+    def udp_idle_timeouts(self, table: str = TABLE) -> list[int] | None:
+        """The `replied` timeouts (s) of the UDP ct timeout objects in nft table `inet
+        <table>`, i.e. the UDP idle timeouts in force (old objects stay while old flows
+        use them); None when they can't be read (no table, no nf_tables)."""
+        body = _nla(NFTA_OBJ_TABLE, table.encode() + b"\0") + _nla(NFTA_OBJ_TYPE, struct.pack("!I", NFT_OBJECT_CT_TIMEOUT))
+        found: list[int] = []
+
+        def obj(mtype: int, payload: bytes) -> None:
+            if mtype == _NFT_NEWOBJ_TYPE:
+                value = parse_udp_idle_timeout(payload)
+                if value is not None:
+                    found.append(value)
+        try:
+            err = self._wait(self._request(body, NFT_MSG_GETOBJ, NLM_F_DUMP, NFPROTO_INET, NFNL_SUBSYS_NFTABLES),
+                             True, obj)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+        if err:
+            log.debug("can't read the ct timeout objects of table inet %s: %s", table, os.strerror(err))
+            return None
+        return found
 
     def nudge(self) -> None:
         """Walk the conntrack hash with a dump that matches nothing: the walk evicts
@@ -331,6 +548,12 @@ class _Sock:
     local: tuple[str, int]
     remote: tuple[str, int]
     idle: float | None
+
+    @property
+    def cookie(self) -> bytes:
+        """The kernel's id of this socket (inet_diag_sockid.idiag_cookie): a socket
+        closed and another opened on the same ports differ in it."""
+        return self.sid[40:48]
 
 
 def _unmap(family: int, raw: bytes) -> str:
@@ -455,11 +678,13 @@ class Reclaimer:
 
     def __init__(self, state_dir: str, *, nudge_interval: float = DEFAULT_NUDGE_INTERVAL,
                  sweep_interval: float = DEFAULT_SWEEP_INTERVAL,
-                 on_reclaim: Callable[[Reclaim], None] | None = None, rcvbuf: int = RCVBUF) -> None:
+                 on_reclaim: Callable[[Reclaim], None] | None = None, rcvbuf: int = RCVBUF,
+                 lost_sweep_gap: float = LOST_SWEEP_MIN_GAP) -> None:
         self.state_dir = state_dir
         self.rcvbuf = rcvbuf
         self.nudge_interval = nudge_interval
         self.sweep_interval = sweep_interval
+        self.lost_sweep_gap = lost_sweep_gap
         self.on_reclaim = on_reclaim
         self._lock = threading.Lock()
         self._counts: Counter[ContainerKey] = Counter()
@@ -468,6 +693,11 @@ class Reclaimer:
         self._loaded_at = float("-inf")
         self._marshal = _marshal()
         self._warned_destroy = False
+        # Per container: connected UDP sockets (flow -> cookie) whose entry the last
+        # sweep found assured (see sweep_udp). Only the loop's thread touches it.
+        self._udp_watch: dict[ContainerKey, dict[Flow, bytes]] = {}
+        self._warned_udp_idle: int | None = None
+        self._last_said: dict[str, float] = {}
 
     # -- what others read (any thread) --
     def counts(self) -> dict[ContainerKey, int]:
@@ -476,14 +706,25 @@ class Reclaimer:
             return dict(self._counts)
 
     def stats(self) -> dict[str, int]:
-        """Totals: events (DESTROY events seen), reclaimed (counted reclaims), deleted,
-        ignored:<why>, no_socket, abort_failed, lost_events (overruns), sweeps, errors."""
+        """Totals: events (DESTROY events seen), reclaimed (counted reclaims, by events
+        and sweeps), deleted, ignored:<why>, no_socket, abort_failed, lost_events
+        (overruns noticed), sweeps, sweeps:<why> (start, periodic, lost events),
+        swept:tcp and swept:udp (sockets a sweep found expired and aborted; part of
+        reclaimed), errors; and one gauge: udp_watched (connected UDP sockets whose
+        entry the last sweep found assured)."""
         with self._lock:
             return dict(self._stats)
 
     def _bump(self, name: str, n: int = 1) -> None:
         with self._lock:
             self._stats[name] += n
+
+    def _say(self, topic: str, now: float) -> bool:
+        """Whether to log `topic` loudly: once per LOG_QUIET s (a flood repeats it)."""
+        if now - self._last_said.get(topic, float("-inf")) < LOG_QUIET:
+            return False
+        self._last_said[topic] = now
+        return True
 
     # -- attachments --
     def _refresh(self) -> None:
@@ -513,28 +754,62 @@ class Reclaimer:
         try:
             log.info("idle reclaim: listening for conntrack DESTROY events (nudge every %s s, sweep every %s s)",
                      self.nudge_interval or "-", self.sweep_interval or "-")
+            schedule = SweepSchedule(self.sweep_interval, min_gap=self.lost_sweep_gap)
             # Subscribed first, swept second: nothing falls between the two.
-            self.sweep(ct, "start")
+            self._scheduled_sweep(ct, "start", schedule)
             now = time.monotonic()
             next_nudge = now + self.nudge_interval if self.nudge_interval > 0 else float("inf")
-            next_sweep = now + self.sweep_interval if self.sweep_interval > 0 else float("inf")
             while not stop.is_set():
-                wait = max(0.0, min(0.5, next_nudge - now, next_sweep - now))
-                lost = False
-                if select.select([events], [], [], wait)[0]:
-                    lost = not self._drain(events)
+                wait = max(0.0, min(0.5, next_nudge - now, schedule.wait(now)))
+                if select.select([events], [], [], wait)[0] and not self._drain(events):
+                    self._lost(schedule, time.monotonic())
                 now = time.monotonic()
                 if now >= next_nudge:
                     ct.nudge()
                     next_nudge = now + self.nudge_interval
-                if lost or now >= next_sweep:
-                    self.sweep(ct, "lost events" if lost else "periodic")
+                why = schedule.due(now)
+                if why is not None:
+                    self._scheduled_sweep(ct, why, schedule)
                     now = time.monotonic()
-                    next_sweep = now + self.sweep_interval if self.sweep_interval > 0 else float("inf")
         finally:
             events.close()
             ct.close()
         log.info("idle reclaim stopped: %s", json.dumps(self.stats(), sort_keys=True))
+
+    def _lost(self, schedule: SweepSchedule, now: float) -> None:
+        self._bump("lost_events")
+        first = not schedule.lost_pending
+        schedule.lost(now)
+        if first and self._say("lost", now):
+            later = schedule.wait(now)
+            log.warning("conntrack events were lost (receive buffer overrun); sweeping%s",
+                        f" in {later:.1f} s (sweeps after lost events are spaced)" if later >= 0.1 else "")
+        else:
+            log.debug("conntrack events were lost again (receive buffer overrun)")
+
+    def _scheduled_sweep(self, ct: Conntrack, why: str, schedule: SweepSchedule) -> None:
+        started = time.monotonic()
+        self.sweep(ct, why)
+        ended = time.monotonic()
+        schedule.swept(started, ended, why)
+        if why != "lost events":        # at start and then every sweep_interval: the policy may change
+            self._check_udp_idle(ct, ended - started)
+
+    def _check_udp_idle(self, ct: Conntrack, sweep_seconds: float) -> None:
+        """Warn (once per value) when sweeps don't come often enough to catch every
+        assured UDP flow that expires while events are lost (see sweep_covers_udp)."""
+        timeouts = ct.udp_idle_timeouts()
+        shortest = min(timeouts) if timeouts else None
+        if sweep_covers_udp(self.sweep_interval, sweep_seconds, shortest):
+            self._warned_udp_idle = None
+            return
+        if shortest != self._warned_udp_idle:
+            self._warned_udp_idle = shortest
+            log.warning("sweeps %s, but the shortest UDP idle timeout in force is %s s: an idle UDP flow "
+                        "whose DESTROY event is lost (receive buffer overrun) can escape reclaim; keep the "
+                        "sweep interval below half the idle timeout",
+                        f"run every {self.sweep_interval:g} s and take {sweep_seconds:.2f} s"
+                        if self.sweep_interval > 0 else "run only at start and after lost events", shortest)
 
     def _drain(self, events: socket.socket, budget: int = 256) -> bool:
         """Handle what is queued (at most `budget` datagrams, so nudges, sweeps and stop
@@ -546,8 +821,6 @@ class Reclaimer:
                 return True
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
-                    self._bump("lost_events")
-                    log.warning("conntrack events were lost (receive buffer overrun); sweeping")
                     return False
                 raise
             for msg in self._marshal.parse(data):
@@ -565,6 +838,10 @@ class Reclaimer:
         att = self.container_of(ev.flow.src)
         if att is None:
             return None                     # the node's own flows, inbound ones, ...
+        if ev.flow.proto == socket.IPPROTO_UDP:
+            # Its fate is decided here (aborted, or left alone if a process deleted it):
+            # the next sweep must not take the entry's absence for an unseen expiry.
+            self._udp_watch.get((att.network, att.container_id, att.ifname), {}).pop(ev.flow, None)
         why = verdict(ev)
         if why not in ("idle", "deleted"):
             self._bump(f"ignored:{why}")
@@ -577,11 +854,13 @@ class Reclaimer:
         return self._abort(att, ev.flow, why, ev.nat)
 
     def _abort(self, att: Attachment, flow: Flow, reason: str, nat: str = "",
-               diag: _Diag | None = None) -> Reclaim | None:
+               diag: _Diag | None = None, sock: _Sock | None = None) -> Reclaim | None:
+        """Find the flow's socket (or take `sock`, already found) and destroy it; with
+        `diag`, the caller is already in the container's netns."""
         def body() -> tuple[_Sock | None, int]:
             d = diag or _Diag()
             try:
-                s = _find(d, flow)
+                s = sock or _find(d, flow)
                 return s, (d.destroy(flow.proto, s) if s is not None else errno.ENOENT)
             finally:
                 if diag is None:
@@ -612,6 +891,8 @@ class Reclaimer:
         rec = Reclaim(key, flow, reason, s.idle if s else None, time.time())
         with self._lock:
             self._stats["deleted" if reason == "deleted" else "reclaimed"] += 1
+            if reason == "sweep":
+                self._stats[f"swept:{PROTOS[flow.proto]}"] += 1
             if reason != "deleted":
                 self._counts[key] += 1
         if reason != "deleted":
@@ -628,39 +909,74 @@ class Reclaimer:
 
     # -- the sweep --
     def sweep(self, ct: Conntrack, why: str) -> int:
-        """Abort every established TCP socket of a container whose conntrack entry is
-        gone (see the module doc). Returns how many."""
+        """Abort every container socket whose flow expired unnoticed: established TCP
+        sockets whose conntrack entry is gone, connected UDP sockets whose entry the
+        previous sweep found assured and is gone now (see the module doc). Returns how
+        many."""
         self._refresh()
-        atts = {(a.network, *a.key): a for a in self._by_addr.values()}.values()
+        atts = {(a.network, *a.key): a for a in self._by_addr.values()}
         found = 0
-        for att in atts:
+        watch: dict[ContainerKey, dict[Flow, bytes]] = {}
+        for key, att in atts.items():
+            before = self._udp_watch.get(key, {})
             try:
-                found += netns.in_netns(att.netns, lambda att=att: self._sweep_container(ct, att))
+                n, watch[key] = netns.in_netns(
+                    att.netns, lambda att=att, before=before: self._sweep_container(ct, att, before))
+                found += n
             except (OSError, SockgateError) as exc:
+                watch[key] = before     # try again next time (a container gone drops out of atts)
                 log.debug("sweep: container %s/%s unreachable: %s", att.container_id, att.ifname, exc)
-        self._bump("sweeps")
-        log.log(logging.INFO if found or why != "periodic" else logging.DEBUG,
-                "sweep (%s): %d container(s), %d expired socket(s) aborted",
-                why, len(atts), found)
+        self._udp_watch = watch
+        with self._lock:
+            self._stats["sweeps"] += 1
+            self._stats[f"sweeps:{why.replace(' ', '-')}"] += 1
+            self._stats["udp_watched"] = sum(map(len, watch.values()))
+        loud = found or why == "start" or (why == "lost events" and self._say("lost sweep", time.monotonic()))
+        log.log(logging.INFO if loud else logging.DEBUG,
+                "sweep (%s): %d container(s), %d expired socket(s) aborted, %d assured UDP flow(s) watched",
+                why, len(atts), found, sum(map(len, watch.values())))
         return found
 
-    def _sweep_container(self, ct: Conntrack, att: Attachment) -> int:
-        """In the container's netns (ct was opened in the node's)."""
+    def _sweep_container(self, ct: Conntrack, att: Attachment,
+                         udp_watched: Mapping[Flow, bytes]) -> tuple[int, dict[Flow, bytes]]:
+        """In the container's netns (ct was opened in the node's). Returns how many
+        sockets it aborted and the UDP sockets to watch until the next sweep."""
         own = {ipaddress.ip_address(a) for a in (att.ipv4, att.ipv6) if a}
+
+        def through_node(proto: int, s: _Sock) -> Flow | None:
+            local, remote = ipaddress.ip_address(s.local[0]), ipaddress.ip_address(s.remote[0])
+            if local not in own or remote in own:
+                return None     # not through the node (loopback, another interface)
+            return Flow(proto, s.local[0], s.local[1], s.remote[0], s.remote[1])
+
+        def lookup(flow: Flow) -> CtEntry | None:
+            try:
+                return ct.get(flow)
+            except OSError as exc:
+                log.warning("conntrack lookup of %s failed: %s", flow, exc)
+                raise
+
         n = 0
         d = _Diag()
         try:
+            udp: dict[tuple[Flow, bytes], _Sock] = {}
             for fam in (socket.AF_INET, socket.AF_INET6):
                 for s in d.dump(fam, socket.IPPROTO_TCP, 1 << TCP_ESTABLISHED):
-                    local, remote = ipaddress.ip_address(s.local[0]), ipaddress.ip_address(s.remote[0])
-                    if local not in own or remote in own:
-                        continue    # not through the node (loopback, another interface)
-                    flow = Flow(socket.IPPROTO_TCP, s.local[0], s.local[1], s.remote[0], s.remote[1])
-                    if ct.exists(flow) is False and self._abort(att, flow, "sweep", diag=d):
+                    flow = through_node(socket.IPPROTO_TCP, s)
+                    if flow is not None and ct.exists(flow) is False and self._abort(att, flow, "sweep", diag=d):
                         n += 1
+                # Connected UDP sockets (sock_diag reports them as ESTABLISHED).
+                for s in d.dump(fam, socket.IPPROTO_UDP, 1 << TCP_ESTABLISHED):
+                    flow = through_node(socket.IPPROTO_UDP, s)
+                    if flow is not None:
+                        udp[(flow, s.cookie)] = s
+            expired, watch = sweep_udp(udp_watched, udp, lookup)
+            for flow, cookie in expired:
+                if self._abort(att, flow, "sweep", diag=d, sock=udp[(flow, cookie)]):
+                    n += 1
         finally:
             d.close()
-        return n
+        return n, watch
 
 
 def _check_events_sysctl() -> None:
@@ -689,7 +1005,8 @@ def main(argv: list[str] | None = None) -> int:
                         "leave it to the kernel GC, up to 60 s late)")
     p.add_argument("--sweep-interval", type=float, default=DEFAULT_SWEEP_INTERVAL,
                    help="seconds between sweeps for sockets whose entry is gone (0: only at start "
-                        "and after lost events; default %(default)s)")
+                        "and after lost events); keep it below half the shortest idle timeout, or "
+                        "idle UDP flows whose events are lost can escape (default %(default)s)")
     p.add_argument("--counts-file", default="",
                    help="write {\"network/container/ifname\": reclaims} here (atomically) after each reclaim")
     p.add_argument("--rcvbuf", type=int, default=RCVBUF,

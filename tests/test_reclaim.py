@@ -4,10 +4,12 @@ server, and evidence from both ends (what the app's socket says, what the server
 what reached the internet netns, what conntrack holds)."""
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -20,7 +22,7 @@ import pytest
 
 from runtime.lab import LAB
 from runtime.lab.policy import write_lab_policy
-from runtime.reclaim import Destroyed, Flow, verdict
+from runtime.reclaim import LOST_SWEEP_MIN_GAP, Destroyed, Flow, verdict
 
 pytestmark = pytest.mark.lab
 IDLE = 3            # s: the policy's idleTimeout in these tests
@@ -462,3 +464,310 @@ def test_lost_events_are_logged_and_made_up_for_by_a_sweep(lab, plugin, app, app
 def test_verdict(proto, tcp_state, status, portid, expected):
     ev = Destroyed(Flow(proto, "10.77.0.5", 40000, "93.184.215.14", 9000), status, tcp_state, portid)
     assert verdict(ev) == expected
+
+
+# --- lost events and the sweep (security issue #10) ------------------------------------
+# A hostile container that floods conntrack makes the reclaimer lose DESTROY events; the
+# sweeps must then still catch every other container's idle flows, UDP included, without
+# touching UDP sockets that simply haven't sent yet.
+
+# A container that creates and ends TCP flows as fast as its bounds (the policy's
+# limits: new flows per second and burst) let it, until SIGTERM: every other connection
+# is closed at once (its entry goes through TIME_WAIT), the rest stay open and idle
+# until the idle timeout ends them (each such expiry is a DESTROY event the reclaimer
+# acts on; argv[3] s later the attacker drops them). Attempts over the bounds are
+# refused by the node (RST). Prints one JSON line at the end: connections made,
+# refused, and the (public address, port) of each as the server saw it (for cleanup).
+ATTACKER = r"""
+import json, resource, signal, socket, sys, time
+hosts, port, hold = sys.argv[1].split(","), int(sys.argv[2]), float(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+made = refused = 0
+peers, held = [], []
+i = 0
+print("flooding", flush=True)
+while not stop:
+    i += 1
+    host = hosts[i % len(hosts)]
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(1)
+    try:
+        s.connect((host, port))
+        buf = b""
+        while b"\n" not in buf:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise ConnectionError("EOF")
+            buf += chunk
+        hdr = json.loads(buf.split(b"\n")[0])
+        peers.append([hdr["peer"], hdr["peer_port"]])
+        made += 1
+        if i % 2:
+            s.close()
+        else:
+            held.append((time.monotonic(), s))
+    except OSError:
+        refused += 1
+        s.close()
+    now = time.monotonic()
+    while held and now - held[0][0] > hold:
+        held.pop(0)[1].close()
+    time.sleep(0.001)
+for _, s in held:
+    s.close()
+print(json.dumps({"made": made, "refused": refused, "peers": peers}), flush=True)
+"""
+
+# Reclaimer.sweep() alone, one sweep per line on stdin (no event listener at all: what
+# the sweep decides, it decides without events). "timeouts": the UDP idle timeouts the
+# reclaimer reads from the table.
+SWEEPER = r"""
+import json, logging, sys
+from runtime.reclaim import Conntrack, Reclaimer
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+r, ct = Reclaimer(sys.argv[1]), Conntrack()
+for line in sys.stdin:
+    if line.strip() == "timeouts":
+        print(json.dumps(ct.udp_idle_timeouts()), flush=True)
+    else:
+        r.sweep(ct, "test")
+        print(json.dumps(r.stats()), flush=True)
+"""
+
+
+class Sweeper:
+    def __init__(self, lab, state_dir: Path, tmp: Path) -> None:
+        self.log_path = tmp / "sweeper.log"
+        self.proc = lab.popen(lab.node, [sys.executable, "-c", SWEEPER, str(state_dir)], log=self.log_path,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def _ask(self, line: str):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        out = self.proc.stdout.readline()
+        assert out, f"sweeper died: {self.log()[-3000:]}"
+        return json.loads(out)
+
+    def sweep(self) -> dict[str, int]:
+        return self._ask("sweep")
+
+    def udp_idle_timeouts(self) -> list[int] | None:
+        return self._ask("timeouts")
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(5)
+
+
+@pytest.fixture
+def sweeper(lab, plugin, tmp_path):
+    made: list[Sweeper] = []
+
+    def start() -> Sweeper:
+        made.append(Sweeper(lab, plugin.state_dir, tmp_path))
+        return made[-1]
+    yield start
+    for s in made:
+        s.close()
+
+
+@pytest.fixture
+def server_side_cleanup(lab):
+    """Server ends of connections whose client socket was aborted never hear of it (the
+    abort's RST is dropped at the node): reset them in the internet netns at teardown,
+    by (public address, port), so they don't pile up in the lab's echo server."""
+    peers: list[tuple[str, int]] = []
+    yield peers
+    ports = sorted({p for _, p in peers})
+    for i in range(0, len(ports), 100):
+        terms = " or ".join(f"dport = :{p}" for p in ports[i:i + 100])
+        for addr in (LAB.node_uplink_v4, f"[{LAB.node_uplink_v6}]"):
+            lab.run(lab.internet, ["ss", "-K", "-t", "-n", f"dst {addr} and ( {terms} )"])
+
+
+def _stats(rec: ReclaimerProcess) -> dict[str, int]:
+    """The totals the reclaimer logs when it stops (Reclaimer.stats())."""
+    assert rec.stop() == 0, rec.log()[-3000:]
+    line = next(ln for ln in reversed(rec.log().splitlines()) if "idle reclaim stopped: " in ln)
+    return json.loads(line.split("idle reclaim stopped: ", 1)[1])
+
+
+def test_udp_sweep_aborts_only_flows_it_saw_assured(lab, plugin, app, apps, sweeper):
+    """The sweep's UDP rule on its own (no events at all): a connected UDP socket whose
+    entry one sweep found assured and the next finds gone is aborted; one that never sent
+    (no entry, ever) and one that had a short exchange (one query, one answer: its entry
+    isn't assured) are left alone, however many sweeps pass. The entries are removed
+    with `conntrack -D`, standing in for an expiry whose event was lost: the sweep can't
+    tell the two apart (the flood test below lets them really expire)."""
+    plugin.add("u", ns := app())
+    hosts = (LAB.public_v4, LAB.public_v6)
+    sw = sweeper()
+    # The reclaimer reads the UDP idle timeouts in force from the table's ct timeout
+    # objects; `nft` lists the same.
+    listing = json.loads(lab.run(lab.node, ["nft", "-j", "list", "table", "inet", "sockgate"]).stdout)
+    replied = sorted(o["ct timeout"]["policy"]["replied"] for o in listing["nftables"]
+                     if o.get("ct timeout", {}).get("protocol") == "udp")
+    assert replied and sorted(sw.udp_idle_timeouts()) == replied
+
+    assured = [apps(lab, ns, "udp", h) for h in hosts]
+    silent = [apps(lab, ns, "udp", h) for h in hosts]      # connected, never sent
+    short = [apps(lab, ns, "udp", h) for h in hosts]
+    for a in short:
+        a.echo("query")
+    for i in range(6):       # active for more than 2 s: ASSURED
+        for a in assured:
+            a.echo(f"x{i}")
+        time.sleep(BUSY_PERIOD)
+    for a in assured:
+        assert "ASSURED" in _conntrack(lab, a.flow()), _conntrack(lab, a.flow())
+    for a in short:
+        entry = _conntrack(lab, a.flow())
+        assert entry and "ASSURED" not in entry
+    for a in silent:
+        assert _conntrack(lab, a.flow()) == ""
+
+    first = sw.sweep()
+    assert first["udp_watched"] == 2 and first.get("swept:udp", 0) == 0, first
+    for a in assured:
+        a.ask("recv")
+    for fam, a in (("ipv4", assured[0]), ("ipv6", assured[1])):      # the container's two addresses
+        lab.run(lab.node, ["conntrack", "-D", "-f", fam, "-p", "udp", "--orig-src", a.local[0]], check=False)
+    for a in assured + short:
+        assert _conntrack(lab, a.flow()) == ""
+
+    second = sw.sweep()
+    assert second["swept:udp"] == 2 and second["udp_watched"] == 0, second
+    for a in assured:
+        r = a.next(10)
+        assert r["ok"] is False and r["error"] == "ECONNABORTED", r
+        assert f"expired (found by sweep) {a.flow()}" in sw.log()
+    for _ in range(2):
+        assert sw.sweep()["swept:udp"] == 2
+    # Left alone: still connected, so they still talk (an aborted UDP socket would say
+    # EDESTADDRREQ); the silent ones' first datagram starts their flow only now.
+    for a in silent + short:
+        assert a.echo("still")["data"] == "still"
+    assert sw.sweep()["udp_watched"] == 0     # young flows, not assured yet
+
+
+def _event_drops(lab, pid: int) -> int:
+    """Events the kernel dropped for a process' conntrack-event socket: its Drops column
+    in the node netns' /proc/net/netlink (the socket found by inode, NETLINK_NETFILTER
+    subscribed to the DESTROY group)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    rows = [r.split() for r in lab.run(lab.node, ["cat", "/proc/net/netlink"]).stdout.splitlines()]
+    col = {name: i for i, name in enumerate(rows[0])}
+    for r in rows[1:]:
+        if r[col["Inode"]] in inodes and r[col["Eth"]] == "12" and int(r[col["Groups"]], 16) & (1 << 2):
+            return int(r[col["Drops"]])
+    raise AssertionError(f"no conntrack event socket of pid {pid} in the node netns")
+
+
+def test_flood_in_one_container_does_not_let_anothers_idle_flows_escape(
+        lab, plugin, app, apps, idle_policy, reclaimer, server_side_cleanup):
+    """Issue #10: an attacker container creates and ends TCP flows as fast as its bounds
+    allow; the reclaimer's event buffer is tiny. The victim container's idle UDP and TCP
+    flows, v4 and v6, expire while the buffer is overrun, so their DESTROY events are
+    lost, and they are reclaimed all the same (the apps see ECONNABORTED) by the sweeps
+    that follow; the victim's connected UDP sockets that never sent are not touched;
+    sweeps after lost events stay rate-limited rather than running back to back.
+
+    Which events a flood makes the reclaimer lose is up to timing; so that the victim's
+    are lost for certain, the reclaimer is frozen (SIGSTOP, as a reader stalled by the
+    flood would be) from when its buffer is overrun until the victim's entries have
+    expired, and resumed then."""
+    plugin.add("victim", victim_ns := app())
+    plugin.add("attacker", attacker_ns := app())
+    idle_policy()
+    # Sweeps < IDLE apart: every assured UDP flow is seen by one before it can expire.
+    # --verbose: the sweep lines say how many assured UDP flows they watch.
+    rec = reclaimer("--sweep-interval", "1", "--rcvbuf", "2048", "--verbose")
+    started = time.monotonic()
+    attacker = lab.popen(attacker_ns, [sys.executable, "-c", ATTACKER, f"{LAB.public_v4},{LAB.public_v6}", "80",
+                                       str(IDLE + 3)], stdout=subprocess.PIPE, text=True)
+    frozen = False
+    try:
+        assert attacker.stdout.readline() == "flooding\n"
+        hosts = (LAB.public_v4, LAB.public_v6)
+        idle = [apps(lab, victim_ns, proto, h) for proto in ("udp", "tcp") for h in hosts]
+        silent = [apps(lab, victim_ns, "udp", h) for h in hosts]      # connected, never sent
+        server_side_cleanup += [(a.host, a.server["peer_port"]) for a in idle if a.proto == "tcp"]
+        # UDP: active for more than 2 s (ASSURED: under the idle timeout), and on until a
+        # sweep has seen both UDP flows so.
+        mark: int | None = None
+        for i in range(40):
+            last = max(a.echo(f"v{i}")["t"] for a in idle)
+            time.sleep(BUSY_PERIOD)
+            if i == 5:
+                mark = len(rec.log())       # assured by now
+            if mark is not None and re.search(r"sweep \([\w ]+\): .* 2 assured UDP flow\(s\) watched",
+                                              rec.log()[mark:]):
+                break
+        else:
+            raise AssertionError(f"no sweep saw the victim's UDP flows assured: {rec.log()[-3000:]}")
+        for a in idle + silent:
+            a.ask("recv")
+
+        os.kill(rec.proc.pid, signal.SIGSTOP)
+        frozen = True
+        _wait(lambda: _event_drops(lab, rec.proc.pid) > 0, 10, "the flood overrunning the event buffer")
+        assert time.time() - last < IDLE, "the buffer overran only after the victim's flows could expire"
+        # Nobody reads the full buffer now: every event from here on is lost. Listing
+        # the entries evicts them once expired (the frozen reclaimer can't nudge).
+        _wait(lambda: all(_conntrack(lab, a.flow()) == "" for a in idle), IDLE + 30, "victim entries expired")
+        assert time.time() - last >= IDLE - 0.2
+        for a in idle:
+            assert a.lines.empty(), a.lines.get()
+        os.kill(rec.proc.pid, signal.SIGCONT)
+        frozen = False
+
+        for a in idle:
+            r = a.next(20)
+            assert r["ok"] is False and r["error"] == "ECONNABORTED", (a.proto, a.host, r)
+        reclaimed_after = time.time() - last
+        os.kill(attacker.pid, signal.SIGTERM)
+        out, _ = attacker.communicate(timeout=20)
+    finally:
+        if frozen:
+            os.kill(rec.proc.pid, signal.SIGCONT)
+        if attacker.poll() is None:
+            attacker.kill()
+            attacker.wait(5)
+    flood = json.loads(out.splitlines()[-1])
+    server_side_cleanup += flood["peers"]
+    elapsed = time.monotonic() - started
+    # The attacker went at it as fast as its bounds allowed: many flows, more refused.
+    assert flood["made"] >= 100 and flood["refused"] >= flood["made"], {k: flood[k] for k in ("made", "refused")}
+
+    # The silent sockets went through every sweep untouched (an abort would have woken
+    # their recv with ECONNABORTED, and counted).
+    for a in silent:
+        assert a.lines.empty(), a.lines.get()
+    stats = _stats(rec)
+    assert rec.counts()[_key(plugin, "victim")] == 4, rec.counts()
+    for a in idle:
+        assert f"expired (found by sweep) {a.flow()} of container victim/eth0" in rec.log(), rec.log()[-5000:]
+    print(f"\nflood: attacker made {flood['made']} flows ({flood['refused']} refused) in {elapsed:.1f} s; "
+          f"victim's flows reclaimed {reclaimed_after:.1f} s after their last packet; stats {stats}")
+    assert stats["lost_events"] >= 1 and stats["sweeps:lost-events"] >= 1, stats
+    assert stats["swept:udp"] >= 2 and stats["swept:tcp"] >= 2, stats
+    # Sweeps after lost events at least LOST_SWEEP_MIN_GAP (1 s) apart, however often the
+    # buffer overran: not a busy loop of sweeps. (--verbose logs every sweep; a line is
+    # written as its sweep ends, and the gap runs from one's end to the next one's start.)
+    ends = [datetime.datetime.strptime(ln[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            for ln in rec.log().splitlines() if "sweep (lost events):" in ln]
+    assert len(ends) == stats["sweeps:lost-events"]
+    gaps = [b - a for a, b in zip(ends, ends[1:])]
+    assert all(g >= LOST_SWEEP_MIN_GAP - 0.002 for g in gaps), gaps

@@ -712,14 +712,23 @@ class Lab:
     def _write_records(self, records: dict[str, Any]) -> None:
         _atomic_write(self.dns_records, json.dumps(records, indent=1))
 
-    def set_dns(self, name: str, addresses: Sequence[str], ttl: int) -> None:
-        """Change (or add) a name's A/AAAA answers; the next query sees it."""
+    def set_dns(self, name: str, addresses: Sequence[str], ttl: int,
+                fail: Mapping[str, str] | None = None) -> None:
+        """Change (or add) a name's A/AAAA answers; the next query sees it. `fail`
+        makes a query type fail instead, e.g. {"AAAA": "servfail"} or {"A": "timeout"}
+        (no reply at all); the other type still answers."""
         addrs = [str(ipaddress.ip_address(a)) for a in addresses]
         if not 0 <= ttl < 2**31:
             raise ValueError(f"bad ttl {ttl}")
+        record: dict[str, Any] = {"ttl": int(ttl), "addresses": addrs}
+        if fail:
+            if any(t not in ("A", "AAAA") for t in fail) or any(m not in ("servfail", "timeout")
+                                                                for m in fail.values()):
+                raise ValueError(f"bad fail {dict(fail)}: types A/AAAA, modes servfail/timeout")
+            record["fail"] = dict(fail)
         with self._lock:
             records = json.loads(self.dns_records.read_text())
-            records[name.lower().rstrip(".")] = {"ttl": int(ttl), "addresses": addrs}
+            records[name.lower().rstrip(".")] = record
             self._write_records(records)
 
     def server_events(self) -> list[dict[str, Any]]:

@@ -4,7 +4,9 @@
 
 Answers A/AAAA for the names in FILE, a JSON object
     {"smtp.gmail.com": {"ttl": 300, "addresses": ["142.250.10.108", "2607:f8b0:..."]}, ...}
-and NXDOMAIN for any other name. FILE is re-read when it changes (the lab replaces it
+and NXDOMAIN for any other name. A record may also hold "fail": {"A": "servfail",
+"AAAA": "timeout"}: queries of that type get SERVFAIL, or no reply at all (the client
+times out), while the other type still answers. FILE is re-read when it changes (the lab replaces it
 atomically), so Lab.set_dns() takes effect for the next query. Nothing is ever
 forwarded: this server has no upstream.
 
@@ -29,7 +31,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from dnslib import AAAA, QTYPE, RCODE, RR, A, DNSRecord
+from dnslib import AAAA, QTYPE, RCODE, RR, A, DNSError, DNSRecord
 from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
 
 from runtime.lab.servers import EventLog, enable_pktinfo, local_from_ancdata, norm, pktinfo_cmsg
@@ -38,11 +40,15 @@ MAX_TCP_CLIENTS = 64
 TCP_CLIENT_TIMEOUT = 5.0
 
 
+FAIL_MODES = ("servfail", "timeout")
+
+
 @dataclass
 class Entry:
     ttl: int
     v4: list[str] = field(default_factory=list)
     v6: list[str] = field(default_factory=list)
+    fail: dict[str, str] = field(default_factory=dict)  # qtype -> one of FAIL_MODES
 
 
 class RecordStore:
@@ -64,10 +70,14 @@ class RecordStore:
         entries = {}
         for name, rec in raw.items():
             addrs = [ipaddress.ip_address(a) for a in rec.get("addresses", [])]
+            fail = {str(t).upper(): str(m) for t, m in rec.get("fail", {}).items()}
+            if any(m not in FAIL_MODES for m in fail.values()):
+                raise ValueError(f"{name}: fail modes must be one of {FAIL_MODES}, got {fail}")
             entries[name.lower().rstrip(".")] = Entry(
                 ttl=int(rec.get("ttl", 300)),
                 v4=[str(a) for a in addrs if a.version == 4],
-                v6=[str(a) for a in addrs if a.version == 6])
+                v6=[str(a) for a in addrs if a.version == 6],
+                fail=fail)
         self.entries, self.key = entries, key
 
     def lookup(self, name: str) -> Entry | None:
@@ -89,12 +99,19 @@ class LabResolver(BaseResolver):
         qname = str(request.q.qname)
         qtype = QTYPE[request.q.qtype]
         entry = self.store.lookup(qname)
+        fail = entry.fail.get(qtype) if entry is not None else None
         self.log.write(ev="dns", proto=handler.protocol, peer=norm(handler.client_address[0]),
                        peer_port=handler.client_address[1], qname=qname.rstrip("."), qtype=qtype,
-                       found=entry is not None)
+                       found=entry is not None, **({"fail": fail} if fail else {}))
         if entry is None:
             reply.header.rcode = RCODE.NXDOMAIN
             return reply
+        if fail == "servfail":
+            reply.header.rcode = RCODE.SERVFAIL
+            return reply
+        if fail == "timeout":
+            # DNSHandler sends nothing when the resolver raises DNSError (it logs it).
+            raise DNSError(f"no reply to {qtype} {qname} (lab: fail=timeout)")
         if qtype in ("A", "ANY"):
             for a in entry.v4:
                 reply.add_answer(RR(request.q.qname, QTYPE.A, ttl=entry.ttl, rdata=A(a)))

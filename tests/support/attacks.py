@@ -1,0 +1,559 @@
+"""Crafted packets for the hostile-tenant tests (tests/test_hostile.py).
+
+Three parts:
+- builders: pure functions that return the bytes of an IP packet or an Ethernet frame
+  (IPv4/IPv6 with checksums, UDP, TCP SYN, ICMP errors that quote a packet, IP
+  fragments, IPv6 extension headers, ARP, neighbour discovery). The test process
+  builds what the attacker sends, so every byte is in the test.
+- modes run as a script *inside* a lab netns (`python -I -S attacks.py MODE`: stdlib
+  only, so it starts in a few tens of milliseconds), playing the app in a container or
+  the far end:
+    send        stdin {"l3": [hex], "l2": [[ifname, hex]], "ifname", "repeat", "pps"}:
+                every IP packet through a raw IPPROTO_RAW socket (header included: the
+                source is whatever the packet says), every frame through AF_PACKET;
+                prints {"sent": n, "errors": {errno: n}}
+    flows       stdin {"src4", "src6", "dst4", "dst6", "families", "protos", "pps",
+                "seconds"}: new flows without end, one UDP datagram or TCP SYN per new
+                port pair, from the container's own addresses; prints {"sent": n}
+    sniff       every ICMP/ICMPv6 message the netns receives, a JSON line each
+    hold        a connected UDP socket with IP(V6)_RECVERR, one exchange per stdin line
+    big-server  answers each datagram with BIG bytes (fragmented on the way)
+    big-client  requests BIG answers for a while; prints the tries each took
+- test-side helpers (send, run, drop_counters, conntrack_entries, neighbours, ...)
+  that run the above through a runtime.lab.Lab and read the node's state.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import struct
+import sys
+import time
+
+IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, IPPROTO_ICMPV6 = 6, 17, 1, 58
+NH_HOP, NH_ROUTING, NH_FRAGMENT, NH_DSTOPTS, NH_NONE = 0, 43, 44, 60, 59
+ETH_P_IP, ETH_P_ARP, ETH_P_IPV6 = 0x0800, 0x0806, 0x86DD
+BROADCAST = "ff:ff:ff:ff:ff:ff"
+
+
+def _ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(addr)
+
+
+def is_v6(addr: str) -> bool:
+    return _ip(addr).version == 6
+
+
+def csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _pseudo(src: str, dst: str, proto: int, length: int) -> bytes:
+    s, d = _ip(src).packed, _ip(dst).packed
+    if len(s) == 4:
+        return s + d + struct.pack("!BBH", 0, proto, length)
+    return s + d + struct.pack("!IxxxB", length, proto)
+
+
+def _with_csum(src: str, dst: str, proto: int, segment: bytes, at: int) -> bytes:
+    ck = csum(_pseudo(src, dst, proto, len(segment)) + segment)
+    if proto == IPPROTO_UDP and ck == 0:
+        ck = 0xFFFF
+    return segment[:at] + struct.pack("!H", ck) + segment[at + 2:]
+
+
+# --- IP -------------------------------------------------------------------------
+
+def ipv4(src: str, dst: str, proto: int, payload: bytes, *, ident: int = 0, df: bool = True,
+         mf: bool = False, offset: int = 0, ttl: int = 64) -> bytes:
+    """offset in bytes (a multiple of 8)."""
+    assert offset % 8 == 0
+    frag = (0x4000 if df else 0) | (0x2000 if mf else 0) | (offset // 8)
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident or int.from_bytes(os.urandom(2), "big"),
+                      frag, ttl, proto, 0, _ip(src).packed, _ip(dst).packed)
+    return hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:] + payload
+
+
+def ipv6(src: str, dst: str, nh: int, payload: bytes, *, hlim: int = 64) -> bytes:
+    return struct.pack("!IHBB16s16s", 6 << 28, len(payload), nh, hlim, _ip(src).packed, _ip(dst).packed) + payload
+
+
+def ip_packet(src: str, dst: str, proto: int, payload: bytes, **kw) -> bytes:
+    return ipv6(src, dst, proto, payload, **kw) if is_v6(src) else ipv4(src, dst, proto, payload, **kw)
+
+
+def ext_options(nh: int) -> bytes:
+    """A hop-by-hop or destination options header of 8 bytes (one PadN option)."""
+    return struct.pack("!BB", nh, 0) + b"\x01\x04\0\0\0\0"
+
+
+def ext_routing(nh: int) -> bytes:
+    """A routing header of an experimental type (253) with segments left 0: every node
+    skips it and goes on with the next header."""
+    return struct.pack("!BBBB", nh, 0, 253, 0) + b"\0" * 4
+
+
+def frag6(nh: int, offset: int, more: bool, ident: int) -> bytes:
+    return struct.pack("!BBHI", nh, 0, (offset & ~7) | (1 if more else 0), ident)
+
+
+# --- transport --------------------------------------------------------------------
+
+def udp(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
+    """The UDP segment (header + payload), checksummed for src/dst."""
+    seg = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    return _with_csum(src, dst, IPPROTO_UDP, seg, 6)
+
+
+def tcp_syn(src: str, dst: str, sport: int, dport: int, seq: int = 1, flags: int = 0x02) -> bytes:
+    seg = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, flags, 64240, 0, 0)
+    return _with_csum(src, dst, IPPROTO_TCP, seg, 16)
+
+
+def udp_packet(src: str, dst: str, sport: int, dport: int, payload: bytes, **kw) -> bytes:
+    return ip_packet(src, dst, IPPROTO_UDP, udp(src, dst, sport, dport, payload), **kw)
+
+
+def tcp_syn_packet(src: str, dst: str, sport: int, dport: int, **kw) -> bytes:
+    return ip_packet(src, dst, IPPROTO_TCP, tcp_syn(src, dst, sport, dport))
+
+
+# --- ICMP errors --------------------------------------------------------------------
+
+def icmp4(type_: int, code: int, rest: bytes, data: bytes) -> bytes:
+    msg = struct.pack("!BBH", type_, code, 0) + rest + data
+    return msg[:2] + struct.pack("!H", csum(msg)) + msg[4:]
+
+
+def icmp6(src: str, dst: str, type_: int, code: int, rest: bytes, data: bytes) -> bytes:
+    msg = struct.pack("!BBH", type_, code, 0) + rest + data
+    return _with_csum(src, dst, IPPROTO_ICMPV6, msg, 2)
+
+
+# What an attacker sends "about" a flow: (v4 type, code), (v6 type, code).
+ERRORS = {
+    "port-unreachable": ((3, 3), (1, 4)),
+    "too-big": ((3, 4), (2, 0)),              # v4: fragmentation needed; v6: Packet Too Big
+    "time-exceeded": ((11, 0), (3, 0)),
+}
+
+
+def icmp_error(kind: str, src: str, dst: str, quoted: bytes, mtu: int = 1280, trailer: bytes = b"") -> bytes:
+    """An ICMP(v6) error from src to dst quoting `quoted` (the packet it is about);
+    `trailer` goes after the quote (a marker the far end can look for)."""
+    (t4, c4), (t6, c6) = ERRORS[kind]
+    if is_v6(src):
+        rest = struct.pack("!I", mtu) if kind == "too-big" else b"\0" * 4
+        return ipv6(src, dst, IPPROTO_ICMPV6, icmp6(src, dst, t6, c6, rest, quoted + trailer))
+    rest = struct.pack("!HH", 0, mtu) if kind == "too-big" else b"\0" * 4
+    return ipv4(src, dst, IPPROTO_ICMP, icmp4(t4, c4, rest, quoted + trailer))
+
+
+# --- fragments --------------------------------------------------------------------
+
+def fragments(src: str, dst: str, proto: int, l4: bytes, size: int, ident: int, *,
+              keep: tuple[int, ...] | None = None, chain: tuple[str, ...] = ()) -> list[bytes]:
+    """The L4 bytes `l4` (a whole UDP segment, say) cut into fragments of `size` bytes
+    (a multiple of 8). `keep` picks which fragments to return (default all: a datagram
+    that would reassemble); e.g. (0,) is an unfinished datagram. `chain` (v6 only):
+    extension headers before the fragment header ("hop", "dst", "routing")."""
+    assert size % 8 == 0 and size > 0
+    pieces = [l4[i:i + size] for i in range(0, len(l4), size)]
+    out = []
+    for i, piece in enumerate(pieces):
+        if keep is not None and i not in keep:
+            continue
+        more, off = i < len(pieces) - 1, i * size
+        if not is_v6(src):
+            out.append(ipv4(src, dst, proto, piece, ident=ident & 0xFFFF, df=False, mf=more, offset=off))
+            continue
+        body = frag6(proto, off, more, ident) + piece
+        nh = NH_FRAGMENT
+        for kind in reversed(chain):
+            body = (ext_routing(nh) if kind == "routing" else ext_options(nh)) + body
+            nh = {"hop": NH_HOP, "dst": NH_DSTOPTS, "routing": NH_ROUTING}[kind]
+        out.append(ipv6(src, dst, nh, body))
+    return out
+
+
+# --- link layer: ARP and neighbour discovery -------------------------------------
+
+def _mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def ether(dst: str, src: str, ethertype: int, payload: bytes) -> bytes:
+    return _mac(dst) + _mac(src) + struct.pack("!H", ethertype) + payload
+
+
+def arp(op: int, sha: str, spa: str, tha: str, tpa: str) -> bytes:
+    """op 1 request, 2 reply."""
+    return struct.pack("!HHBBH", 1, ETH_P_IP, 6, 4, op) + _mac(sha) + _ip(spa).packed + _mac(tha) + _ip(tpa).packed
+
+
+def arp_frame(op: int, sha: str, spa: str, tha: str, tpa: str, *, eth_dst: str = BROADCAST,
+              eth_src: str | None = None) -> bytes:
+    return ether(eth_dst, eth_src or sha, ETH_P_ARP, arp(op, sha, spa, tha, tpa))
+
+
+def solicited_node(addr: str) -> str:
+    return str(ipaddress.IPv6Address(int(ipaddress.IPv6Address("ff02::1:ff00:0")) | (int(_ip(addr)) & 0xFFFFFF)))
+
+
+def multicast_mac(addr: str) -> str:
+    return "33:33:" + ":".join(f"{b:02x}" for b in _ip(addr).packed[-4:])
+
+
+def _lladdr_opt(kind: int, mac: str) -> bytes:
+    return struct.pack("!BB", kind, 1) + _mac(mac)
+
+
+def nd(kind: str, src: str, dst: str, mac: str, target: str = "::", *, flags: int = 0) -> bytes:
+    """An IPv6 neighbour discovery packet (hop limit 255) from src with link-layer
+    address mac: kind ns, na (flags: 0x20 override, 0x40 solicited, 0x80 router),
+    rs, ra (a prefix and a default route), redirect (target is the better hop, the
+    destination is 2001:db8:dead::1)."""
+    if kind == "ns":
+        t, rest, body = 135, b"\0" * 4, _ip(target).packed + _lladdr_opt(1, mac)
+    elif kind == "na":
+        t, rest, body = 136, struct.pack("!B3x", flags), _ip(target).packed + _lladdr_opt(2, mac)
+    elif kind == "rs":
+        t, rest, body = 133, b"\0" * 4, _lladdr_opt(1, mac)
+    elif kind == "ra":
+        prefix = struct.pack("!BBBBIII16s", 3, 4, 64, 0xC0, 86400, 14400, 0, _ip("2001:db8:bad::").packed)
+        t, rest, body = 134, struct.pack("!BBH", 64, 0, 1800), struct.pack("!II", 0, 0) + _lladdr_opt(1, mac) + prefix
+    elif kind == "redirect":
+        t, rest, body = 137, b"\0" * 4, _ip(target).packed + _ip("2001:db8:dead::1").packed + _lladdr_opt(2, mac)
+    else:
+        raise ValueError(kind)
+    return ipv6(src, dst, IPPROTO_ICMPV6, icmp6(src, dst, t, 0, rest, body), hlim=255)
+
+
+def nd_frame(kind: str, src: str, dst: str, mac: str, target: str = "::", *, eth_dst: str | None = None,
+             flags: int = 0) -> bytes:
+    if eth_dst is None:
+        eth_dst = multicast_mac(dst) if _ip(dst).is_multicast else BROADCAST
+    return ether(eth_dst, mac, ETH_P_IPV6, nd(kind, src, dst, mac, target, flags=flags))
+
+
+def made_up_mac(i: int) -> str:
+    return "02:5a:" + ":".join(f"{b:02x}" for b in struct.pack("!I", i))
+
+
+# --- the sender (runs inside a netns) ----------------------------------------------
+
+def _dst_of(pkt: bytes) -> tuple[int, str]:
+    if pkt[0] >> 4 == 6:
+        return socket.AF_INET6, socket.inet_ntop(socket.AF_INET6, pkt[24:40])
+    return socket.AF_INET, socket.inet_ntop(socket.AF_INET, pkt[16:20])
+
+
+def send_all(l3: list[bytes], l2: list[tuple[str, bytes]], ifname: str = "eth0", repeat: int = 1,
+             pps: float = 0) -> dict:
+    """Send every packet `repeat` times, paced at `pps` packets a second (0: at once)."""
+    errors: dict[str, int] = {}
+    sent = 0
+    socks: dict = {}
+    t0 = time.monotonic()
+    try:
+        for _ in range(repeat):
+            for pkt in l3:
+                fam, dst = _dst_of(pkt)
+                s = socks.get(fam)
+                if s is None:
+                    s = socks[fam] = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
+                a = ipaddress.ip_address(dst)
+                scoped = a.version == 6 and (a.is_link_local or a.is_multicast)
+                addr = (dst, 0, 0, socket.if_nametoindex(ifname) if scoped else 0) if a.version == 6 else (dst, 0)
+                try:
+                    s.sendto(pkt, addr)
+                    sent += 1
+                except OSError as e:
+                    errors[str(e.errno)] = errors.get(str(e.errno), 0) + 1
+                _pace(t0, sent + sum(errors.values()), pps)
+            for name, frame in l2:
+                s = socks.get(("l2", name))
+                if s is None:
+                    s = socks[("l2", name)] = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+                    s.bind((name, 0))
+                try:
+                    s.send(frame)
+                    sent += 1
+                except OSError as e:
+                    errors[str(e.errno)] = errors.get(str(e.errno), 0) + 1
+                _pace(t0, sent + sum(errors.values()), pps)
+    finally:
+        for s in socks.values():
+            s.close()
+    return {"sent": sent, "errors": errors}
+
+
+def _pace(t0: float, n: int, pps: float) -> None:
+    if pps:
+        ahead = t0 + n / pps - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+def flows(spec: dict) -> dict:
+    """New flows without end (until `seconds`): each packet a new 5-tuple (sport and
+    dport move on every time), UDP datagrams and TCP SYNs from the container's own
+    addresses, paced at `pps`."""
+    targets = [(spec[f"src{fam}"], spec[f"dst{fam}"], proto) for fam in spec["families"] for proto in spec["protos"]]
+    socks = {4: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW),
+             6: socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)}
+    pps, end = float(spec["pps"]), time.monotonic() + float(spec["seconds"])
+    sent, n, t0 = 0, 0, time.monotonic()
+    while time.monotonic() < end:
+        src, dst, proto = targets[n % len(targets)]
+        sport = 1024 + (n // len(targets)) % 60000
+        dport = 1024 + (n * 7919) % 60000
+        pkt = (udp_packet(src, dst, sport, dport, b"flood") if proto == "udp"
+               else tcp_syn_packet(src, dst, sport, dport))
+        try:
+            socks[6 if is_v6(src) else 4].sendto(pkt, (dst, 0))
+            sent += 1
+        except OSError:
+            pass
+        n += 1
+        _pace(t0, n, pps)
+    return {"sent": sent}
+
+
+def sniff() -> None:
+    """Every ICMP and ICMPv6 message this netns receives, one JSON line each
+    {"src", "type", "code", "data": hex of the message after its first 8 bytes},
+    after a line READY; until killed."""
+    import select
+    s4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    s6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    print("READY", flush=True)
+    while True:
+        for s in select.select([s4, s6], [], [])[0]:
+            data, addr = s.recvfrom(65535)
+            if s is s4:
+                data = data[(data[0] & 0xF) * 4:]
+            print(json.dumps({"src": addr[0], "type": data[0], "code": data[1], "data": data[8:].hex()}), flush=True)
+
+
+SOL_IP, IP_RECVERR, IP_MTU, IPV6_RECVERR, IPV6_MTU, MSG_ERRQUEUE = 0, 11, 14, 25, 24, 0x2000
+
+
+def _errqueue(s: socket.socket) -> list[dict]:
+    """What the kernel queued on a socket with IP(V6)_RECVERR: ICMP errors about its flow."""
+    out: list[dict] = []
+    timeout = s.gettimeout()
+    s.setblocking(False)
+    try:
+        while True:
+            try:
+                _, anc, _, _ = s.recvmsg(2048, 1024, MSG_ERRQUEUE)
+            except (BlockingIOError, InterruptedError):
+                return out
+            except OSError as e:
+                out.append({"recvmsg": e.errno})
+                return out
+            for _level, _kind, data in anc:
+                if len(data) >= 16:
+                    ee_errno, origin, type_, code, _pad, info, _data = struct.unpack_from("=IBBBBII", data)
+                    out.append({"errno": ee_errno, "origin": origin, "type": type_, "code": code, "info": info})
+    finally:
+        s.settimeout(timeout)
+
+
+def hold(host: str, port: int) -> None:
+    """A victim's connected UDP socket (IP(V6)_RECVERR on, so every ICMP error about
+    its flow is kept): each line on stdin is sent as a datagram and answered with one
+    JSON line {"reply": the echo server's header or null, "error": errno name,
+    "errqueue": [...], "mtu": the socket's path MTU, "port": its local port}."""
+    import errno as errnos
+    v6 = is_v6(host)
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(*((socket.IPPROTO_IPV6, IPV6_RECVERR) if v6 else (SOL_IP, IP_RECVERR)), 1)
+    s.connect((host, port))
+    for line in sys.stdin:
+        out: dict = {"reply": None, "error": None, "errqueue": _errqueue(s)}
+        try:
+            s.settimeout(2.0)
+            s.send(line.strip().encode())
+            data = s.recv(65535)
+            out["reply"] = json.loads(data.split(b"\n", 1)[0])
+            out["echo"] = data.split(b"\n", 1)[1].decode(errors="replace")
+        except OSError as e:
+            out["error"] = errnos.errorcode.get(e.errno or 0, "timeout")
+        except ValueError:
+            out["error"] = "bad reply"
+        out["errqueue"] += _errqueue(s)
+        out["mtu"] = s.getsockopt(*((socket.IPPROTO_IPV6, IPV6_MTU) if v6 else (SOL_IP, IP_MTU)))
+        out["port"] = s.getsockname()[1]
+        print(json.dumps(out), flush=True)
+
+
+BIG = 6000  # bytes of the big server's answers: fragmented on a 1500-byte path
+
+
+def big_server(port: int, hosts: list[str]) -> None:
+    """Answers every datagram with BIG bytes starting with the request (fragmented by
+    this netns's kernel); a line per answer on stdout, after READY."""
+    import select
+    socks = []
+    for host in hosts:
+        s = socket.socket(socket.AF_INET6 if is_v6(host) else socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((host, port))
+        socks.append(s)
+    print("READY", flush=True)
+    while True:
+        for s in select.select(socks, [], [])[0]:
+            data, addr = s.recvfrom(2048)
+            s.sendto((data + b"|" * BIG)[:BIG], addr)
+            print(json.dumps({"answered": addr[0]}), flush=True)
+
+
+def big_client(host: str, port: int, seconds: float, at_least: int) -> dict:
+    """Requests answered with BIG bytes, for `seconds` and at least `at_least` of them;
+    each request is tried up to three times (1 s apart). Returns the tries per request
+    (0: never answered)."""
+    results = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end or len(results) < at_least:
+        tries = 0
+        for attempt in range(1, 4):
+            with socket.socket(socket.AF_INET6 if is_v6(host) else socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((host, port))
+                s.settimeout(1.0)
+                token = f"req-{len(results)}-{attempt}-{time.monotonic_ns()}".encode()
+                try:
+                    s.send(token)
+                    data = s.recv(65535)
+                except OSError:
+                    continue
+                if len(data) == BIG and data.startswith(token):
+                    tries = attempt
+                    break
+        results.append(tries)
+        time.sleep(0.05)
+    return {"tries": results}
+
+
+# --- test side: the modes above, run inside the lab's namespaces -------------------
+
+SCRIPT = os.path.abspath(__file__)
+
+
+def argv(mode: str, *args: object) -> list[str]:
+    # -I -S: stdlib only, no site: starts in a few tens of milliseconds.
+    return [sys.executable, "-I", "-S", SCRIPT, mode, *map(str, args)]
+
+
+def run(lab, ns: str, mode: str, *args: object, spec: dict | None = None, timeout: float = 60) -> dict:
+    cp = lab.run(ns, argv(mode, *args), input=None if spec is None else json.dumps(spec), timeout=timeout)
+    return json.loads(cp.stdout.strip().splitlines()[-1])
+
+
+def send(lab, ns: str, l3=(), l2=(), **kw) -> dict:
+    """Send crafted IP packets (l3) and Ethernet frames ((ifname, frame) in l2) from
+    inside ns, as an app with CAP_NET_RAW would; returns {"sent", "errors"}."""
+    return run(lab, ns, "send", spec={"l3": [p.hex() for p in l3], "l2": [[n, f.hex()] for n, f in l2], **kw})
+
+
+def spec_file(path, l3=(), l2=(), **kw):
+    """The same spec as send(), written to a file, for a sender started in the
+    background (lab.popen(ns, argv("send"), stdin=open(path)))."""
+    with open(path, "w") as f:
+        json.dump({"l3": [p.hex() for p in l3], "l2": [[n, fr.hex()] for n, fr in l2], **kw}, f)
+    return path
+
+
+def wait_ready(log, proc, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while "READY" not in open(log).read():
+        if proc.poll() is not None or time.monotonic() > end:
+            raise RuntimeError(f"{proc.args} not ready: {open(log).read()[-2000:]}")
+        time.sleep(0.02)
+
+
+def json_lines(path) -> list[dict]:
+    return [json.loads(line) for line in open(path).read().splitlines() if line.startswith("{")]
+
+
+def drop_counters(lab) -> dict[str, int]:
+    """Packets counted by sockgate's "drop:<reason>" rules in the node, per reason."""
+    listing = json.loads(lab.run(lab.node, ["nft", "-j", "list", "table", "inet", "sockgate"]).stdout)
+    out: dict[str, int] = {}
+    for item in listing["nftables"]:
+        rule = item.get("rule")
+        if not rule or not str(rule.get("comment", "")).startswith("drop:"):
+            continue
+        for e in rule["expr"]:
+            if "counter" in e:
+                reason = rule["comment"][5:]
+                out[reason] = out.get(reason, 0) + e["counter"]["packets"]
+    return out
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+
+
+def conntrack_entries(lab, address: str) -> list[tuple[str, str]]:
+    """(protocol, TCP state or "") of the node's conntrack entries whose original
+    source is `address`, i.e. the flows of the container that owns it."""
+    cmd = ["conntrack", "-L", "-s", address] + (["-f", "ipv6"] if is_v6(address) else [])
+    out = lab.run(lab.node, cmd, check=False).stdout
+    entries = []
+    for line in out.splitlines():
+        f = line.split()
+        if f:
+            entries.append((f[0], f[3] if f[0] == "tcp" else ""))
+    return entries
+
+
+def forget_flows(lab, *addresses: str) -> None:
+    for a in addresses:
+        lab.run(lab.node, ["conntrack", "-D", "-s", a] + (["-f", "ipv6"] if is_v6(a) else []), check=False)
+
+
+def neighbours(lab, ns: str) -> list[dict]:
+    """Every neighbour entry of a netns, all states (permanent, noarp, failed ...)."""
+    return json.loads(lab.run(ns, ["ip", "-j", "neigh", "show", "nud", "all"]).stdout or "[]")
+
+
+def path_mtu(lab, ns: str, dst: str) -> int | None:
+    """The path MTU a netns has learned for dst (a cached exception), None if none."""
+    words = lab.run(ns, ["ip", "route", "get", dst]).stdout.split()
+    return int(words[words.index("mtu") + 1]) if "mtu" in words else None
+
+
+def main(args: list[str]) -> int:
+    mode, args = args[0], args[1:]
+    if mode == "sniff":
+        sniff()
+    elif mode == "hold":
+        hold(args[0], int(args[1]))
+    elif mode == "big-server":
+        big_server(int(args[0]), args[1:])
+    elif mode == "big-client":
+        print(json.dumps(big_client(args[0], int(args[1]), float(args[2]), int(args[3]))))
+    elif mode in ("send", "flows"):
+        spec = json.loads(sys.stdin.read() or "{}")
+        if mode == "send":
+            res = send_all([bytes.fromhex(h) for h in spec.get("l3", [])],
+                           [(name, bytes.fromhex(h)) for name, h in spec.get("l2", [])], spec.get("ifname", "eth0"),
+                           int(spec.get("repeat", 1)), float(spec.get("pps", 0)))
+        else:
+            res = flows(spec)
+        print(json.dumps(res))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,693 @@
+"""A hostile tenant (DESIGN.md "A hostile tenant"): attacks played from inside a
+container with crafted packets (raw IP sockets and AF_PACKET, tests/support/attacks.py),
+judged by what arrives at the far end (a sniffer, nft counters and sockets in the lab's
+internet netns), by the node's shared state (conntrack, reassembly, neighbour tables),
+and by a second container, the victim, that must keep working.
+
+Every test also shows that its observation can see the attack: a control packet of the
+same kind that is allowed (or sent where sockgate doesn't stand in the way) does arrive,
+or does change the state that the attack must leave alone.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import select
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from netpolicy.ruleset import FlowBounds
+from runtime.billing import Ledger
+from runtime.lab import LAB
+from runtime.lab.policy import write_lab_policy
+from tests.support import attacks as atk
+
+pytestmark = pytest.mark.lab
+FAMILIES = ["v4", "v6"]
+
+# Addresses the tests add to the internet netns (lo) and take away again.
+INTERNAL = {"v4": "10.99.0.7", "v6": "fd53:4700::7"}                     # a private host behind the node
+TARPIT = {"v4": "93.184.215.77", "v6": "2606:2800:21f:cb07::77"}          # drops everything: flows never answered
+BILLED = {"v4": "93.184.215.78", "v6": "2606:2800:21f:cb07::78"}          # counted: what billing must equal
+REFLECT = {"v4": "93.184.215.99", "v6": "2606:2800:21f:cb07::99"}         # not hosted: a forged source only
+EXTRA = [*INTERNAL.values(), *TARPIT.values(), *BILLED.values()]
+# The MTU a forged "too big" announces (v4: above the 552-byte floor, so it would stick).
+MTU = {"v4": 1000, "v6": 1280}
+BIG_PORT = 7777  # the big-answer server (answers of atk.BIG bytes)
+BROADCAST_MAC = atk.BROADCAST
+
+
+@dataclass(frozen=True)
+class Addrs:
+    public: str
+    node: str
+    internal: str
+    tarpit: str
+    billed: str
+    reflect: str
+    google: str
+    gateway: str
+    uplink_forged: str  # a made-up address on the node's uplink subnet
+
+
+def addrs(family: str) -> Addrs:
+    v6 = family == "v6"
+    return Addrs(LAB.public_v6 if v6 else LAB.public_v4, LAB.node_uplink_v6 if v6 else LAB.node_uplink_v4,
+                 INTERNAL[family], TARPIT[family], BILLED[family], REFLECT[family],
+                 LAB.google_v6 if v6 else LAB.google_v4, LAB.internet_v6 if v6 else LAB.internet_v4,
+                 "2001:db8:5067::77" if v6 else "198.18.0.77")
+
+
+def token(label: str) -> bytes:
+    return f"{label}-{os.urandom(6).hex()}".encode()
+
+
+def quote(pkt: bytes) -> bytes:
+    """What an ICMP error quotes of the packet it is about: the IP header and the first
+    8 bytes after it (the ports)."""
+    return pkt[:28] if pkt[0] >> 4 == 4 else pkt[:48]
+
+
+# --- fixtures ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tenant:
+    cid: str
+    ns: str
+    v4: str
+    v6: str
+    host_if: str
+    mac: str
+
+    def ip(self, family: str) -> str:
+        return self.v6 if family == "v6" else self.v4
+
+
+@pytest.fixture
+def tenant(lab, plugin, app) -> Iterator[Callable[[str], Tenant]]:
+    """Attach a container (the plugin fixture's GC detaches it at teardown). Its flows
+    are taken out of the node's conntrack at teardown: a DEL leaves them, and the next
+    test's containers get the same addresses (every test's network has the same pools)."""
+    made: list[Tenant] = []
+
+    def attach(name: str) -> Tenant:
+        ns = app()
+        res = plugin.add(name, ns)
+        host = res["interfaces"][0]
+        made.append(Tenant(name, ns, res["ips"][0]["address"].split("/")[0],
+                           res["ips"][1]["address"].split("/")[0], host["name"], host["mac"]))
+        return made[-1]
+    yield attach
+    atk.forget_flows(lab, *(addr for t in made for addr in (t.v4, t.v6)))
+
+
+FAR_TABLE = "sgtest_hostile"
+
+
+def _far_table() -> str:
+    """The far end's own counters, before its reassembly (priority -450): what arrived
+    on the wire from the node."""
+    d = LAB.downlink_if
+    return "\n".join([
+        f"table inet {FAR_TABLE} {{",
+        "  counter tarpit { }", "  counter billed { }", "  counter fragments { }", "  counter reflected { }",
+        "  chain wire { type filter hook prerouting priority -450; policy accept;",
+        f'    iifname "{d}" ip frag-off & 0x3fff != 0 counter name "fragments"',
+        f'    iifname "{d}" exthdr frag exists counter name "fragments"',
+        f'    iifname "{d}" ip daddr {{ {TARPIT["v4"]} }} counter name "tarpit" drop',
+        f'    iifname "{d}" ip6 daddr {{ {TARPIT["v6"]} }} counter name "tarpit" drop',
+        f'    iifname "{d}" ip saddr {LAB.node_uplink_v4} ip daddr {BILLED["v4"]} counter name "billed"',
+        f'    iifname "{d}" ip6 saddr {LAB.node_uplink_v6} ip6 daddr {BILLED["v6"]} counter name "billed"',
+        f'    iifname "{d}" ip daddr {REFLECT["v4"]} counter name "reflected"',
+        f'    iifname "{d}" ip6 daddr {REFLECT["v6"]} counter name "reflected"',
+        "  }", "}", ""])
+
+
+class FarSide:
+    def __init__(self, lab) -> None:
+        self.lab = lab
+
+    def counters(self) -> dict[str, tuple[int, int]]:
+        out = self.lab.run(self.lab.internet, ["nft", "-j", "list", "counters", "table", "inet", FAR_TABLE]).stdout
+        return {c["counter"]["name"]: (c["counter"]["packets"], c["counter"]["bytes"])
+                for c in json.loads(out)["nftables"] if "counter" in c}
+
+    def pmtu(self, dst: str) -> int | None:
+        """The path MTU the far end uses towards dst (a learned exception) or None."""
+        return atk.path_mtu(self.lab, self.lab.internet, dst)
+
+
+@pytest.fixture
+def far(lab) -> Iterator[FarSide]:
+    """The lab internet's extra addresses and counters; learned path MTUs forgotten after."""
+    def lo(action: str, addr: str) -> None:
+        v6 = ":" in addr
+        lab.run(lab.internet, ["ip", "addr", action, f"{addr}/{128 if v6 else 32}", "dev", "lo"]
+                + (["nodad"] if v6 and action == "add" else []), check=action == "add")
+
+    added: list[str] = []
+    table = False
+    try:
+        for addr in EXTRA:
+            lo("add", addr)
+            added.append(addr)
+        lab.run(lab.internet, ["nft", "-f", "-"], input=_far_table())
+        table = True
+        yield FarSide(lab)
+    finally:
+        if table:
+            lab.run(lab.internet, ["nft", "delete", "table", "inet", FAR_TABLE], check=False)
+        for addr in added:
+            lo("del", addr)
+        for fam in ("-4", "-6"):
+            lab.run(lab.internet, ["ip", fam, "route", "flush", "cache"], check=False)
+
+
+class Sniffer:
+    """Every ICMP/ICMPv6 message delivered to the internet netns (all its addresses)."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+
+    def messages(self) -> list[dict]:
+        return atk.json_lines(self.log)
+
+    def seen(self, marks) -> set[bytes]:
+        data = [m["data"] for m in self.messages()]
+        return {m for m in marks if any(m.hex() in d for d in data)}
+
+    def wait_for(self, mark: bytes, timeout: float = 3.0) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.seen([mark]):
+                return True
+            time.sleep(0.05)
+        return False
+
+
+@pytest.fixture
+def sniffer(lab, far, tmp_path) -> Iterator[Sniffer]:
+    log = tmp_path / "sniff.log"
+    proc = lab.popen(lab.internet, atk.argv("sniff"), log=log)
+    try:
+        atk.wait_ready(log, proc)
+        yield Sniffer(log)
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+class Holder:
+    """A connected UDP socket to an echo server, kept open in a netns (atk.hold)."""
+
+    def __init__(self, lab, ns: str, host: str, port: int) -> None:
+        self.proc = lab.popen(ns, atk.argv("hold", host, port), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def exchange(self, payload: str) -> dict:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(payload.encode() + b"\n")
+        self.proc.stdin.flush()
+        if not select.select([self.proc.stdout], [], [], 10)[0]:
+            raise AssertionError("the socket holder did not answer")
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(5)
+
+
+@pytest.fixture
+def holders() -> Iterator[Callable[..., Holder]]:
+    made: list[Holder] = []
+
+    def hold(*args) -> Holder:
+        made.append(Holder(*args))
+        return made[-1]
+    yield hold
+    for h in made:
+        h.close()
+
+
+# --- a) ICMP errors ------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forged_error_about_a_node_flow_never_reaches_the_host(lab, tenant, sniffer, far, holders, family):
+    """The node holds a UDP flow to an internal host; a container forges the errors that
+    host's socket would act on (port unreachable, too big, time exceeded) and the same
+    errors towards the node. None arrives: the node's socket and the host's path MTU
+    stay as they were. Control: the same port unreachable sent by the node arrives."""
+    a = addrs(family)
+    attacker = tenant("attacker")
+    node_flow = holders(lab, lab.node, a.internal, 9000)
+    first = node_flow.exchange("open")
+    assert first["reply"] and not first["error"], first
+    nport = first["port"]
+    host_sent = atk.udp_packet(a.internal, a.node, 9000, nport, b"x")   # what the host sends the node
+    node_sent = atk.udp_packet(a.node, a.internal, nport, 9000, b"x")   # what the node sends the host
+    pmtu = far.pmtu(a.node)
+    marks, forged = [], []
+    for kind in atk.ERRORS:
+        for dst, about in ((a.internal, host_sent), (a.node, node_sent)):
+            marks.append(token(f"forged-{kind}-to-{dst}"))
+            forged.append(atk.icmp_error(kind, attacker.ip(family), dst, quote(about), MTU[family], marks[-1]))
+    before = atk.drop_counters(lab)
+    assert atk.send(lab, attacker.ns, forged) == {"sent": len(forged), "errors": {}}
+    # Control: the very same port unreachable, from the node itself, reaches the host.
+    control = token("control")
+    assert atk.send(lab, lab.node, [atk.icmp_error("port-unreachable", a.node, a.internal, quote(host_sent),
+                                                   trailer=control)])["sent"] == 1
+    assert sniffer.wait_for(control), "the sniffer at the internal host saw nothing"
+    later = node_flow.exchange("again")
+    drops = atk.delta(before, atk.drop_counters(lab))
+
+    assert sniffer.seen(marks) == set()
+    # The errors to the host are related to the node's flow, and refused as not the container's.
+    assert drops.get("icmp-error") == len(atk.ERRORS), drops
+    assert later["reply"] and not later["error"] and later["errqueue"] == [], later
+    assert later["mtu"] == first["mtu"]
+    assert far.pmtu(a.node) == pmtu
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forged_error_about_another_containers_flow_never_arrives(lab, tenant, sniffer, far, holders, family):
+    """The attacker knows the victim's flow (addresses, ports, the node's masquerade
+    port) and forges every error about it: to the far end (quoting the flow before and
+    after NAT), to the node's address (which conntrack would un-NAT towards the victim)
+    and to the victim. Nothing reaches the far end or the victim; the victim's socket
+    sees no error and the far end's path MTU towards the node stays. Control: the
+    attacker's error about its own flow does arrive, and does lower that path MTU."""
+    a = addrs(family)
+    attacker, victim = tenant("attacker"), tenant("victim")
+    v, s = victim.ip(family), attacker.ip(family)
+    flow = holders(lab, victim.ns, a.public, 9000)
+    first = flow.exchange("open")
+    assert first["reply"] and not first["error"], first
+    vport, nport = first["port"], first["reply"]["peer_port"]
+    about = {  # destination of the error, packet it quotes
+        "to-peer": (a.public, atk.udp_packet(a.public, v, 9000, vport, b"x")),
+        "to-peer-natted": (a.public, atk.udp_packet(a.public, a.node, 9000, nport, b"x")),
+        "via-node": (a.node, atk.udp_packet(a.node, a.public, nport, 9000, b"x")),
+        "to-victim": (v, atk.udp_packet(v, a.public, vport, 9000, b"x")),
+    }
+    marks, forged = [], []
+    for kind in atk.ERRORS:
+        for name, (dst, pkt) in about.items():
+            marks.append(token(f"{kind}-{name}"))
+            forged.append(atk.icmp_error(kind, s, dst, quote(pkt), MTU[family], marks[-1]))
+    pmtu = far.pmtu(a.node)
+    before = atk.drop_counters(lab)
+    assert atk.send(lab, attacker.ns, forged) == {"sent": len(forged), "errors": {}}
+    time.sleep(0.3)
+    later = flow.exchange("after")
+    drops = atk.delta(before, atk.drop_counters(lab))
+    assert sniffer.seen(marks) == set()
+    assert later["reply"] and not later["error"] and later["errqueue"] == [], later
+    assert later["mtu"] == first["mtu"], "the victim's path MTU changed"
+    assert far.pmtu(a.node) == pmtu, "the far end lowered its path MTU towards the node"
+    # Related to the victim's flow, and refused as not the attacker's.
+    assert drops.get("icmp-error") == len(atk.ERRORS), drops
+
+    # Control: the same errors about the attacker's own flow leave (C3) and take effect.
+    own = holders(lab, attacker.ns, a.public, 9000).exchange("own")
+    assert own["reply"], own
+    own_about = quote(atk.udp_packet(a.public, s, 9000, own["port"], b"x"))
+    controls = [token(f"own-{kind}") for kind in atk.ERRORS]
+    atk.send(lab, attacker.ns, [atk.icmp_error(kind, s, a.public, own_about, MTU[family], mark)
+                                for kind, mark in zip(atk.ERRORS, controls)])
+    assert all(sniffer.wait_for(m) for m in controls), sniffer.messages()
+    assert far.pmtu(a.node) == MTU[family]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_error_about_own_flow_leaves_but_only_to_its_peer(lab, tenant, sniffer, far, holders, family):
+    """C3: the port unreachable a container's kernel sends for a reply that finds no
+    socket (the datagram went out from a port nobody holds, as after a close) reaches
+    the far end, masqueraded. The same error about its own flow, addressed to anyone but
+    that flow's peer (a private host, a Google range), does not leave: otherwise errors
+    would carry data past the policy."""
+    a = addrs(family)
+    app = tenant("app")
+    mark = token("no-socket")
+    assert atk.send(lab, app.ns, [atk.udp_packet(app.ip(family), a.public, 4321, 9000, mark)])["sent"] == 1
+    assert sniffer.wait_for(mark), sniffer.messages()
+    got = [m for m in sniffer.messages() if mark.hex() in m["data"]]
+    unreachable = atk.ERRORS["port-unreachable"][family == "v6"]
+    assert [(m["src"], m["type"], m["code"]) for m in got] == [(a.node, *unreachable)]
+
+    own = holders(lab, app.ns, a.public, 9000).exchange("own")
+    assert own["reply"], own
+    about = quote(atk.udp_packet(a.public, app.ip(family), 9000, own["port"], b"x"))
+    strays = {dst: token(f"stray-{dst}") for dst in (a.internal, a.google)}
+    before = atk.drop_counters(lab)
+    atk.send(lab, app.ns, [atk.icmp_error("port-unreachable", app.ip(family), dst, about, trailer=m)
+                           for dst, m in strays.items()])
+    control = token("to-peer")
+    atk.send(lab, app.ns, [atk.icmp_error("port-unreachable", app.ip(family), a.public, about, trailer=control)])
+    assert sniffer.wait_for(control)
+    assert sniffer.seen(strays.values()) == set()
+    assert atk.delta(before, atk.drop_counters(lab)).get("invalid", 0) >= len(strays)
+
+
+# --- b) conntrack exhaustion ----------------------------------------------------------
+
+SMALL_LIMITS = {"maxFlows": 200, "newFlowsPerSecond": 50, "newFlowsBurst": 100}
+CLOSING = ("TIME_WAIT", "CLOSE")
+
+
+@pytest.mark.parametrize("limits", [SMALL_LIMITS, None], ids=["small-limits", "default-limits"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flow_flood_is_held_at_the_containers_bound(lab, plugin, tenant, far, tmp_path, family, limits):
+    """An attacker opens new UDP and TCP flows without end (one per source/destination
+    port pair, to a host that never answers, so every flow stays). It gets to its bound
+    and no further: its conntrack entries stay within it, no flow above it reaches the
+    far end, and its further attempts are refused at once. Meanwhile another container
+    and the node itself open flows as usual, and the other container's refusals still
+    come at once."""
+    a = addrs(family)
+    if limits is not None:
+        policy = write_lab_policy(tmp_path / "limits.json", limits=limits)
+        plugin.conf = dict(plugin.conf, policyFile=str(policy))
+        bounds = FlowBounds(limits["maxFlows"], limits["newFlowsPerSecond"], limits["newFlowsBurst"])
+    else:
+        assert "limits" not in json.loads(Path(plugin.conf["policyFile"]).read_text())
+        bounds = FlowBounds()
+    attacker, other = tenant("attacker"), tenant("other")
+    mine = attacker.ip(family)
+    # Entries of earlier tests' containers that had this address (their DEL left them)
+    # are not the attacker's, and would be counted as its by address.
+    atk.forget_flows(lab, attacker.v4, attacker.v6)
+    ramp = max(0, bounds.max_flows - bounds.new_flows_burst) / bounds.new_flows_per_second
+    spec = {"src4": attacker.v4, "src6": attacker.v6, "dst4": TARPIT["v4"], "dst6": TARPIT["v6"],
+            "families": [6 if family == "v6" else 4], "protos": ["udp", "tcp"], "pps": 1000, "seconds": ramp + 8}
+    before, far_before = atk.drop_counters(lab), far.counters()
+    with open(atk.spec_file(tmp_path / "flows.json", **spec)) as stdin:
+        flood = lab.popen(attacker.ns, atk.argv("flows"), stdin=stdin, log=tmp_path / "flows.log")
+    samples: list[list[tuple[str, str]]] = []
+    try:
+        deadline = time.monotonic() + ramp + 6
+        while True:
+            samples.append(atk.conntrack_entries(lab, mine))
+            if len(samples[-1]) >= bounds.max_flows or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert len(samples[-1]) >= bounds.max_flows, f"the flood never reached the bound: {len(samples[-1])}"
+        for proto in ("tcp", "udp"):
+            for ns in (other.ns, lab.node):
+                for dst in (LAB.public_v4, LAB.public_v6):
+                    r = lab.probe(ns, proto, dst, 9000, timeout=3.0)
+                    assert r.ok and r.echo_ok, (ns, proto, dst, r)
+            samples.append(atk.conntrack_entries(lab, mine))
+        r = lab.probe(attacker.ns, "tcp", a.public, 9000, timeout=3.0)
+        assert r.error == "ECONNREFUSED" and r.elapsed < 1.0, r
+        assert not lab.probe(attacker.ns, "udp", a.public, 9000, timeout=1.0).ok
+        r = lab.probe(other.ns, "udp", a.public, 25, timeout=3.0)
+        assert not r.ok and r.error != "timeout", f"the other container's refusal came late: {r}"
+        samples.append(atk.conntrack_entries(lab, mine))
+        assert flood.poll() is None, "the flood ended before the checks"
+    finally:
+        flood.kill()
+        flood.wait(5)
+        drops = atk.delta(before, atk.drop_counters(lab))
+        arrived = far.counters()["tarpit"][0] - far_before["tarpit"][0]
+        atk.forget_flows(lab, attacker.v4, attacker.v6)
+    live = max(sum(1 for _, state in s if state not in CLOSING) for s in samples)
+    assert live <= bounds.max_flows, f"{live} live flows, bound {bounds.max_flows}"
+    assert max(len(s) for s in samples) <= bounds.entries
+    assert arrived <= bounds.max_flows, f"{arrived} new flows reached the far end, bound {bounds.max_flows}"
+    assert drops.get("flow-limit", 0) > 0 and drops.get("flow-rate", 0) > 0, drops
+
+
+# --- c) fragments -----------------------------------------------------------------------
+
+def _reasm(lab) -> dict[str, int]:
+    """The node's IPv4 reassembly counters (conntrack's defrag counts there too)."""
+    lines = [ln.split() for ln in lab.run(lab.node, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+             if ln.startswith("Ip:")]
+    return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:]) if k.startswith("Reasm")}
+
+
+def _frag_memory(lab) -> tuple[int, int]:
+    """(queues, bytes) of the node's IPv4 reassembly (/proc/net/sockstat FRAG)."""
+    for line in lab.run(lab.node, ["cat", "/proc/net/sockstat"]).stdout.splitlines():
+        if line.startswith("FRAG:"):
+            f = line.split()
+            return int(f[2]), int(f[4])
+    raise AssertionError("no FRAG line")
+
+
+def _flood(family: str, attacker: Tenant, victim: Tenant, a: Addrs, count: int) -> list[bytes]:
+    """Unfinished datagrams: each packet one fragment (first, middle or last of three)
+    of a datagram whose other fragments never come; from the attacker's own address and
+    forged ones (the victim's, the far end's, one on the node's uplink), to an allowed
+    destination, blocked ones, the node and the victim; v6 also behind extension headers."""
+    sources = [attacker.ip(family), victim.ip(family), a.public, a.uplink_forged]
+    dests = [a.public, a.internal, a.google, a.node, victim.ip(family)]
+    chains = [(), ("hop",), ("dst",), ("hop", "routing", "dst")] if family == "v6" else [()]
+    base = int.from_bytes(os.urandom(3), "big")
+    out = []
+    for i in range(count):
+        src, dst = sources[i % len(sources)], dests[(i // len(sources)) % len(dests)]
+        l4 = atk.udp(src, dst, 40000 + i % 20000, BIG_PORT, b"F" * 2800)
+        out += atk.fragments(src, dst, atk.IPPROTO_UDP, l4, 1400, base + i, keep=(i % 3,),
+                             chain=chains[i % len(chains)])
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fragment_flood_leaves_others_big_replies_working(lab, tenant, far, tmp_path, family):
+    """A flood of unfinished fragments (more than the node's 4 MiB of reassembly memory)
+    from one container never reaches the node's reassembly: every fragment is dropped
+    and counted, none leaves the node, and another container's big UDP answers
+    (fragmented by the far end, reassembled by the node) keep arriving during and after
+    the flood."""
+    a = addrs(family)
+    attacker, victim = tenant("attacker"), tenant("victim")
+    server = lab.popen(lab.internet, atk.argv("big-server", BIG_PORT, a.public), log=tmp_path / "big.log")
+    try:
+        atk.wait_ready(tmp_path / "big.log", server)
+        warm = atk.run(lab, victim.ns, "big-client", a.public, BIG_PORT, 0, 2)
+        assert all(warm["tries"]), warm
+        packets = _flood(family, attacker, victim, a, 3000)
+        before, far_before, reasm, memory = atk.drop_counters(lab), far.counters(), _reasm(lab), _frag_memory(lab)
+        answered = len(atk.json_lines(tmp_path / "big.log"))
+        with open(atk.spec_file(tmp_path / "flood.json", l3=packets, pps=2000)) as stdin:
+            flood = lab.popen(attacker.ns, atk.argv("send"), stdin=stdin, log=tmp_path / "flood.log")
+        during = atk.run(lab, victim.ns, "big-client", a.public, BIG_PORT, len(packets) / 2000, 5)
+        assert flood.wait(30) == 0
+        after = atk.run(lab, victim.ns, "big-client", a.public, BIG_PORT, 0, 3)
+        answered = len(atk.json_lines(tmp_path / "big.log")) - answered
+    finally:
+        server.kill()
+        server.wait(5)
+    sent = atk.json_lines(tmp_path / "flood.log")[-1]
+    drops = atk.delta(before, atk.drop_counters(lab))
+    assert sent == {"sent": len(packets), "errors": {}}, sent
+    assert all(during["tries"]) and all(after["tries"]), (during, after)
+    # Each fragment was dropped by the rule that counted it, before conntrack's reassembly.
+    assert drops.get("fragment") == len(packets), drops
+    assert far.counters()["fragments"] == far_before["fragments"], "a fragment left the node"
+    if family == "v4":
+        # The node reassembled the victim's answers (5 fragments each) and nothing else.
+        got = {k: v - reasm[k] for k, v in _reasm(lab).items()}
+        pieces = math.ceil((atk.BIG + 8) / 1480)
+        ok = sum(1 for t in during["tries"] + after["tries"] if t)
+        assert pieces * ok <= got["ReasmReqds"] <= pieces * answered, (got, ok, answered)
+        assert got["ReasmFails"] == 0, got
+        held = _frag_memory(lab)
+        assert held[0] <= memory[0] and held[1] <= memory[1], (memory, held)
+        # Control: one unfinished fragment sent to the node from outside is held there.
+        lone = atk.fragments(a.public, a.node, atk.IPPROTO_UDP, atk.udp(a.public, a.node, 9, 9, b"L" * 2800),
+                             1400, 4242, keep=(0,))
+        atk.send(lab, lab.internet, lone)
+        assert _frag_memory(lab)[0] == held[0] + 1
+        assert _reasm(lab)["ReasmReqds"] == reasm["ReasmReqds"] + got["ReasmReqds"] + 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fragmented_send_bills_what_arrived(lab, plugin, tenant, far, family):
+    """Billing equals what the far end received, packet for packet and byte for byte,
+    when the container sends a datagram larger than the path (its kernel fragments it)
+    and one fragmented by hand into 64-byte pieces: those bill nothing and deliver
+    nothing, next to ordinary sends that are billed and delivered."""
+    a = addrs(family)
+    app = tenant("billed")
+    dst = a.billed
+    before, far_before = atk.drop_counters(lab), far.counters()
+    assert lab.probe(app.ns, "udp", dst, 9000, payload=os.urandom(600)).ok
+    assert lab.probe(app.ns, "tcp", dst, 9000, payload=os.urandom(3000)).ok
+    big = lab.probe(app.ns, "udp", dst, 9000, payload=os.urandom(4000), timeout=0.5)
+    assert not big.ok and big.error == "timeout", big
+    by_hand = atk.fragments(app.ip(family), dst, atk.IPPROTO_UDP,
+                            atk.udp(app.ip(family), dst, 40001, 9000, os.urandom(1000)), 64, 77)
+    assert atk.send(lab, app.ns, by_hand)["sent"] == len(by_hand)
+    time.sleep(0.3)
+    plugin.delete(app.cid, app.ns)  # the final record
+    recs = [r for r in Ledger(plugin.state_dir / "billing").records() if r["container_id"] == app.cid]
+    assert recs and recs[-1]["final"], recs
+    billed = (sum(r["tx_packets"] for r in recs), sum(r["tx_bytes"] for r in recs))
+    counters = far.counters()
+    received = tuple(x - y for x, y in zip(counters["billed"], far_before["billed"]))
+    assert billed == received, f"billed {billed}, the far end received {received}"
+    assert received[0] > 0
+    assert counters["fragments"] == far_before["fragments"], "a fragment left the node"
+    kernel_pieces = 3  # 4008 bytes of UDP on a 1500-byte path
+    assert atk.delta(before, atk.drop_counters(lab)).get("fragment") == kernel_pieces + len(by_hand)
+
+
+# --- d) neighbour tables ----------------------------------------------------------------
+
+def _keys(entries: list[dict]) -> set[tuple]:
+    return {(e.get("dst"), e.get("dev"), e.get("lladdr")) for e in entries}
+
+
+def _settled(entries: list[dict]) -> list[dict]:
+    """Entries whose state traffic on the uplink can't move: all but the uplink's."""
+    return sorted((e for e in entries if e.get("dev") != LAB.uplink_if), key=lambda e: json.dumps(e, sort_keys=True))
+
+
+def _forget_new_neighbours(lab, before: list[dict]) -> None:
+    known = _keys(before)
+    for e in atk.neighbours(lab, lab.node):
+        if (e.get("dst"), e.get("dev"), e.get("lladdr")) not in known:
+            lab.run(lab.node, ["ip", "neigh", "del", e["dst"], "dev", e["dev"]], check=False)
+
+
+def _arp_storm(attacker: Tenant, victim: Tenant, count: int) -> list[bytes]:
+    """Requests (for the gateway and the node), unsolicited replies and gratuitous ARP
+    from `count` made-up neighbours, then claims on the addresses that matter."""
+    node_mac = attacker.mac  # both ends of the veth carry one MAC
+    frames = []
+    for i in range(count):
+        fake = atk.made_up_mac(i)
+        ip = [f"10.77.{200 + i % 50}.{i % 250 + 1}", f"198.18.0.{i % 250 + 3}",
+              f"169.254.{i % 250}.{i % 200 + 2}"][i % 3]
+        frames += [atk.arp_frame(1, fake, ip, "00:00:00:00:00:00", "169.254.1.1"),
+                   atk.arp_frame(1, fake, ip, "00:00:00:00:00:00", LAB.node_uplink_v4, eth_dst=node_mac),
+                   atk.arp_frame(2, fake, ip, node_mac, "169.254.1.1", eth_dst=node_mac),
+                   atk.arp_frame(2, fake, ip, BROADCAST_MAC, ip)]  # gratuitous
+    # Claims on addresses the node really has neighbours or routes for.
+    for i, ip in enumerate((LAB.internet_v4, victim.v4, "169.254.1.1", LAB.node_uplink_v4)):
+        fake = atk.made_up_mac(10_000 + i)
+        frames += [atk.arp_frame(2, fake, ip, BROADCAST_MAC, ip), atk.arp_frame(1, fake, ip, BROADCAST_MAC, ip),
+                   atk.arp_frame(2, fake, ip, node_mac, LAB.node_uplink_v4, eth_dst=node_mac)]
+    return frames
+
+
+def _nd_storm(attacker: Tenant, victim: Tenant, gateway_ll: list[str], count: int) -> tuple[list[bytes], int]:
+    """Frames, and how many of them reach the node's input (unicast fe80::1, all-nodes,
+    all-routers; a NOARP link joins no solicited-node group, so solicitations sent there
+    are dropped before)."""
+    node_mac = attacker.mac
+    frames, to_node = [], 0
+    for i in range(count):
+        fake = atk.made_up_mac(i)
+        ip = [f"fe80::5a:{i:x}", f"2001:db8:5067::{0x100 + i:x}", f"fd77:5067:6174::{0x100 + i:x}"][i % 3]
+        frames += [atk.nd_frame("ns", ip, atk.solicited_node("fe80::1"), fake, "fe80::1"),
+                   atk.nd_frame("ns", ip, "fe80::1", fake, "fe80::1", eth_dst=node_mac),
+                   atk.nd_frame("na", ip, "ff02::1", fake, ip, flags=0x20),
+                   atk.nd_frame("rs", ip, "ff02::2", fake)]
+        to_node += 3
+    for i, ip in enumerate([LAB.internet_v6, victim.v6, "fe80::1", LAB.node_uplink_v6, *gateway_ll]):
+        fake = atk.made_up_mac(10_000 + i)
+        frames += [atk.nd_frame("na", ip, "ff02::1", fake, ip, flags=0x20),
+                   atk.nd_frame("na", ip, "fe80::1", fake, ip, eth_dst=node_mac, flags=0x60)]
+        to_node += 2
+    frames += [atk.nd_frame("ra", "fe80::bad", "ff02::1", atk.made_up_mac(20_000)),
+               atk.nd_frame("redirect", "fe80::bad", "fe80::1", atk.made_up_mac(20_001), "fe80::dead",
+                            eth_dst=node_mac)]
+    return frames, to_node + 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forged_neighbour_messages_leave_the_node_tables_alone(lab, tenant, family):
+    """ARP requests, replies and gratuitous ARP (v4), neighbour solicitations and
+    advertisements, router solicitations and advertisements and a redirect (v6), from
+    hundreds of made-up addresses and MACs, incl. claims on the node's gateway and the
+    other container's address: the node's neighbour table (every device, every state)
+    is exactly as before, and the container keeps working. Control: the same kind of
+    message sent to the node over its uplink adds an entry."""
+    attacker, victim = tenant("attacker"), tenant("victim")
+    for proto in ("tcp", "udp"):  # whatever the node learns from ordinary traffic, before the snapshot
+        assert lab.probe(attacker.ns, proto, addrs(family).public, 9000).ok
+    before = atk.neighbours(lab, lab.node)
+    gateway_ll = [e["dst"] for e in before if e.get("dev") == LAB.uplink_if and e["dst"].startswith("fe80:")]
+    drops_before = atk.drop_counters(lab)
+    try:
+        if family == "v4":
+            frames, to_node = _arp_storm(attacker, victim, 300), 0
+        else:
+            frames, to_node = _nd_storm(attacker, victim, gateway_ll, 300)
+        res = atk.send(lab, attacker.ns, l2=[("eth0", f) for f in frames])
+        assert res == {"sent": len(frames), "errors": {}}, res
+        time.sleep(0.5)
+        after = atk.neighbours(lab, lab.node)
+        drops = atk.delta(drops_before, atk.drop_counters(lab))
+        assert _keys(after) == _keys(before), \
+            f"new: {_keys(after) - _keys(before)}, gone: {_keys(before) - _keys(after)}"
+        assert _settled(after) == _settled(before)
+        assert drops.get("neighbour", 0) >= to_node, drops
+        for proto in ("tcp", "udp"):
+            r = lab.probe(attacker.ns, proto, addrs(family).public, 9000)
+            assert r.ok and r.echo_ok, r
+
+        # Control: a made-up neighbour asking for the node over the uplink is learned.
+        fake_mac = atk.made_up_mac(30_000)
+        if family == "v4":
+            ctrl_ip = "198.18.0.250"
+            frame = atk.arp_frame(1, fake_mac, ctrl_ip, "00:00:00:00:00:00", LAB.node_uplink_v4)
+        else:
+            ctrl_ip = "2001:db8:5067::250"
+            frame = atk.nd_frame("ns", ctrl_ip, atk.solicited_node(LAB.node_uplink_v6), fake_mac, LAB.node_uplink_v6)
+        atk.send(lab, lab.internet, l2=[(LAB.downlink_if, frame)])
+        time.sleep(0.2)
+        learned = _keys(atk.neighbours(lab, lab.node)) - _keys(before)
+        assert (ctrl_ip, LAB.uplink_if, fake_mac) in learned, learned
+    finally:
+        _forget_new_neighbours(lab, before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forged_sources_towards_the_node_are_not_answered(lab, tenant, far, family):
+    """Packets to the node's own addresses from forged sources (addresses on the node's
+    uplink, link-local ones, a public one) must not make the node resolve those
+    addresses on its uplink (a neighbour entry each, host-wide limits) nor send its
+    refusal to whoever the source names. Control: from the container's own address the
+    refusal comes back at once."""
+    a = addrs(family)
+    attacker = tenant("attacker")
+    assert lab.probe(attacker.ns, "tcp", a.public, 9000).ok  # the node knows its gateway before the snapshot
+    before = atk.neighbours(lab, lab.node)
+    far_before = far.counters()
+    if family == "v4":
+        sources = [f"198.18.0.{100 + i}" for i in range(16)] + [a.reflect]
+        targets = [a.node]
+    else:
+        sources = ([f"fe80::5b:{i:x}" for i in range(8)] + [f"2001:db8:5067::{0x100 + i:x}" for i in range(8)]
+                   + [a.reflect])
+        targets = [a.node, "fe80::1"]
+    packets = []
+    for i, src in enumerate(sources):
+        for dst in targets:
+            packets += [atk.tcp_syn_packet(src, dst, 20000 + i, 80), atk.udp_packet(src, dst, 20000 + i, 80, b"x")]
+    try:
+        assert atk.send(lab, attacker.ns, packets)["sent"] == len(packets)
+        time.sleep(0.5)
+        after = atk.neighbours(lab, lab.node)
+        reflected = far.counters()["reflected"][0] - far_before["reflected"][0]
+        r = lab.probe(attacker.ns, "tcp", a.node, 80, timeout=2.0)
+        assert r.error == "ECONNREFUSED" and r.elapsed < 0.5, r
+        problems = []
+        if reflected:
+            problems.append(f"the node sent {reflected} refusal(s) to the forged source {a.reflect}")
+        if _keys(after) != _keys(before):
+            problems.append(f"new neighbour entries {sorted(_keys(after) - _keys(before), key=str)}, "
+                            f"gone {sorted(_keys(before) - _keys(after), key=str)}")
+        assert not problems, problems
+    finally:
+        _forget_new_neighbours(lab, before)
