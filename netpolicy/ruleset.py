@@ -41,6 +41,7 @@ SETS = {
     "flow_rate": "typeof meta iif; size 65535; flags dynamic,timeout; timeout 60s",
 }
 COUNTED_SETS = ("tx4", "tx6", "rx")
+BOUND_SETS = ("flow_count", "flow_rate")
 # The interface group (IFLA_GROUP, `ip link set DEV group N`) of every container's
 # node-side veth: what tells the rules "from a container" without a lookup. 0x5347 is
 # "SG"; links are in group 0 unless an operator says otherwise.
@@ -174,13 +175,19 @@ ICMP_FROM_CONTAINER = (
 )
 
 
+# A container sends only from its own addresses. (A negated lookup never counts.)
+# Dropped, never refused: a refusal would go to the forged address, and the node
+# would first resolve it on its uplink.
+ANTI_SPOOFING = [dropped("meta nfproto ipv4 meta iif . ip saddr != @tx4", "spoofed-source", "drop"),
+                 dropped("meta nfproto ipv6 meta iif . ip6 saddr != @tx6", "spoofed-source", "drop")]
+
+
 def _from_container(idle_timeout: int, bounds: FlowBounds) -> list[str]:
     tcp_obj, udp_obj = idle_timeouts(idle_timeout)
     return [
-        # A container sends only from its own addresses. (A packet of an established
-        # flow that gets here failed exactly this lookup in `forward`.)
-        dropped("meta nfproto ipv4 meta iif . ip saddr != @tx4", "spoofed-source", "drop"),
-        dropped("meta nfproto ipv6 meta iif . ip6 saddr != @tx6", "spoofed-source", "drop"),
+        # (A packet of an established flow that gets here failed exactly this lookup
+        # in `forward`.)
+        *ANTI_SPOOFING,
         # Invalid packets are not NATed and would leak container addresses upstream.
         dropped("ct state invalid", "invalid", "drop"),
         # With nf_conntrack_tcp_loose=1 a mid-stream packet re-creates a reclaimed
@@ -216,7 +223,8 @@ REGULAR_CHAINS: dict[str, list[str]] = {
     # ingress allowance, if configured, gets in.
     "to_container": [dropped("", "inbound", "drop").lstrip()],
     # The node is not a service for containers, nor a neighbour to talk to (see _ND).
-    "container_to_node": [dropped(_ND, "neighbour", "drop"), dropped("", "container-to-node").lstrip()],
+    "container_to_node": [dropped(_ND, "neighbour", "drop"), *ANTI_SPOOFING,
+                          dropped("", "container-to-node").lstrip()],
     "refuse": _REJECT,
     "node_to_container": ["ct state established,related accept", dropped("", "node-to-container", "drop").lstrip()],
 }
@@ -276,6 +284,10 @@ def _render(policy: EgressPolicy, rev: str) -> str:
     for name, decl in (SETS | dict(policy.dynamic_sets) | dict(policy.sets)).items():
         lines.append(f"add set {t} {name} {{ {decl}; }}")
     lines += [f"flush set {t} {name}" for name, _ in policy.sets]
+    # A bound lives in each element (the kernel copies the rule's `ct count` or `limit`
+    # into the element it creates), so a reload that may carry new limits starts them
+    # afresh: flows open at that moment are not counted against the new bound.
+    lines += [f"flush set {t} {name}" for name in BOUND_SETS]
     lines += list(policy.elements)
     lines.append(f"add set {t} {REVISION_SET} {{ type mark; }}")
     if rev:

@@ -52,7 +52,6 @@ class Addrs:
     billed: str
     reflect: str
     google: str
-    gateway: str
     uplink_forged: str  # a made-up address on the node's uplink subnet
 
 
@@ -60,8 +59,7 @@ def addrs(family: str) -> Addrs:
     v6 = family == "v6"
     return Addrs(LAB.public_v6 if v6 else LAB.public_v4, LAB.node_uplink_v6 if v6 else LAB.node_uplink_v4,
                  INTERNAL[family], TARPIT[family], BILLED[family], REFLECT[family],
-                 LAB.google_v6 if v6 else LAB.google_v4, LAB.internet_v6 if v6 else LAB.internet_v4,
-                 "2001:db8:5067::77" if v6 else "198.18.0.77")
+                 LAB.google_v6 if v6 else LAB.google_v4, "2001:db8:5067::77" if v6 else "198.18.0.77")
 
 
 def token(label: str) -> bytes:

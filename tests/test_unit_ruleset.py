@@ -101,11 +101,25 @@ def test_fragments_from_containers_are_dropped_before_reassembly():
                      'meta nfproto ipv6 meta iifgroup 0x5347 exthdr frag exists counter drop comment "drop:fragment"']
 
 
-def test_no_neighbour_discovery_from_containers():
+def test_no_neighbour_discovery_from_containers_and_no_refusal_to_a_forged_source():
     to_node = _chain("container_to_node")
     assert to_node[0].startswith("icmpv6 type {") and "nd-neighbor-solicit" in to_node[0]
     assert to_node[0].endswith('counter drop comment "drop:neighbour"')
     assert not any(r.endswith("accept") for r in to_node)
+    # The refusal (a reset, an ICMP error) goes to the packet's source: only to the
+    # container's own address, never to one it made up (a reflector, and the node
+    # would resolve that address on its uplink first).
+    refuse = next(i for i, r in enumerate(to_node) if "jump refuse" in r)
+    spoof = [i for i, r in enumerate(to_node) if "spoofed-source" in r]
+    assert len(spoof) == 2 and max(spoof) < refuse
+    assert all(to_node[i].endswith('counter drop comment "drop:spoofed-source"') for i in spoof)
+
+
+def test_a_reload_starts_the_bounds_afresh():
+    text = render_table()
+    # Each element carries the limit it was created with: a reload (new limits) must
+    # not leave the old ones in force.
+    assert "flush set inet sockgate flow_count\n" in text and "flush set inet sockgate flow_rate\n" in text
 
 
 def test_closing_flows_and_unreplied_udp_have_bounded_timeouts():

@@ -33,7 +33,7 @@ import sys
 import time
 
 IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, IPPROTO_ICMPV6 = 6, 17, 1, 58
-NH_HOP, NH_ROUTING, NH_FRAGMENT, NH_DSTOPTS, NH_NONE = 0, 43, 44, 60, 59
+NH_HOP, NH_ROUTING, NH_FRAGMENT, NH_DSTOPTS = 0, 43, 44, 60
 ETH_P_IP, ETH_P_ARP, ETH_P_IPV6 = 0x0800, 0x0806, 0x86DD
 BROADCAST = "ff:ff:ff:ff:ff:ff"
 
@@ -122,7 +122,7 @@ def udp_packet(src: str, dst: str, sport: int, dport: int, payload: bytes, **kw)
 
 
 def tcp_syn_packet(src: str, dst: str, sport: int, dport: int, **kw) -> bytes:
-    return ip_packet(src, dst, IPPROTO_TCP, tcp_syn(src, dst, sport, dport))
+    return ip_packet(src, dst, IPPROTO_TCP, tcp_syn(src, dst, sport, dport), **kw)
 
 
 # --- ICMP errors --------------------------------------------------------------------
@@ -172,7 +172,7 @@ def fragments(src: str, dst: str, proto: int, l4: bytes, size: int, ident: int, 
             continue
         more, off = i < len(pieces) - 1, i * size
         if not is_v6(src):
-            out.append(ipv4(src, dst, proto, piece, ident=ident & 0xFFFF, df=False, mf=more, offset=off))
+            out.append(ipv4(src, dst, proto, piece, ident=ident & 0xFFFF or 1, df=False, mf=more, offset=off))
             continue
         body = frag6(proto, off, more, ident) + piece
         nh = NH_FRAGMENT
