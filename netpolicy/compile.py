@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from netpolicy.policy import Allow, Policy
 from netpolicy.ranges import Block, IPNetwork, collapse
-from netpolicy.ruleset import EgressPolicy, FlowBounds, dropped
+from netpolicy.ruleset import EgressPolicy, dropped
 
 ALLOW = "accept"
 REFUSE = "refuse"
@@ -140,8 +140,7 @@ def compile_policy(policy: Policy, google: list[IPNetwork]) -> Compiled:
     egress = EgressPolicy(
         sets=tuple(STATIC_SETS.items()), dynamic_sets=tuple(DYNAMIC_SETS.items()),
         rules=tuple(r.nft for r in RULES), ingress_rules=INGRESS_RULES, elements=tuple(elements),
-        idle_timeout=policy.idle_timeout,
-        bounds=FlowBounds(policy.limits.max_flows, policy.limits.new_flows_per_second, policy.limits.new_flows_burst))
+        idle_timeout=policy.idle_timeout, bounds=policy.limits)
     return Compiled(policy, tuple(blocked), egress)
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from netpolicy.ranges import SPECIAL_PURPOSE_V4, SPECIAL_PURPOSE_V6, Block
+from netpolicy.ruleset import FlowBounds
 
 PROTOCOLS = ("tcp", "udp")
 GOOG_URL = "https://www.gstatic.com/ipranges/goog.json"
@@ -65,18 +66,6 @@ class Ingress:
 
 
 @dataclass(frozen=True)
-class Limits:
-    """What one container may hold of what the node shares (the threat model: a
-    hostile tenant must not starve the node or the other containers)."""
-
-    # Live conntrack entries (TCP connections not yet closing, UDP flows) per container.
-    max_flows: int = 1024
-    # New flows (their first packet) per container and second, and the burst above it.
-    new_flows_per_second: int = 100
-    new_flows_burst: int = 200
-
-
-@dataclass(frozen=True)
 class ResolverSettings:
     nameservers: tuple[str, ...] = ("8.8.8.8", "8.8.4.4")
     min_ttl: int = 30
@@ -112,7 +101,8 @@ class Policy:
     google: GoogleSources = field(default_factory=GoogleSources)
     # Seconds a flow may stay silent (both directions) before it is reclaimed (C10).
     idle_timeout: int = 600
-    limits: Limits = field(default_factory=Limits)
+    # What one container may hold of what the node shares (README "Threat model").
+    limits: FlowBounds = FlowBounds()
 
     @property
     def hostnames(self) -> tuple[str, ...]:
@@ -226,10 +216,10 @@ def _count(value: Any, path: str, low: int, high: int) -> int:
     return value
 
 
-def _limits(raw: Any) -> Limits:
+def _limits(raw: Any) -> FlowBounds:
     d = _obj(raw, "limits", {"maxFlows", "newFlowsPerSecond", "newFlowsBurst"})
-    base = Limits()
-    return Limits(_count(d.get("maxFlows", base.max_flows), "limits.maxFlows", 16, 1_000_000),
+    base = FlowBounds()
+    return FlowBounds(_count(d.get("maxFlows", base.max_flows), "limits.maxFlows", 16, 1_000_000),
                   _count(d.get("newFlowsPerSecond", base.new_flows_per_second), "limits.newFlowsPerSecond",
                          1, 100_000),
                   _count(d.get("newFlowsBurst", base.new_flows_burst), "limits.newFlowsBurst", 1, 1_000_000))

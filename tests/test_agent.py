@@ -204,3 +204,30 @@ def test_metrics_on_loopback(plugin, agent, app, lab):
     outside = lab.run(lab.internet, [sys.executable, "-c", "import urllib.request; urllib.request.urlopen("
                                      f"'http://{LAB.node_uplink_v4}:9464/metrics', timeout=2)"], check=False)
     assert outside.returncode != 0
+
+
+def test_agent_says_whether_the_conntrack_table_holds_every_container_at_its_bound(plugin, lab, app, tmp_path):
+    """At start the agent logs how many containers fit in the conntrack table at their
+    bound; once more are attached, it warns with the value to set."""
+    from runtime.lab.policy import write_lab_policy
+    from tests.conftest import AgentProcess
+    # A bound so large that not even one container fits in this table.
+    policy = write_lab_policy(tmp_path / "big.json", limits={"maxFlows": 1_000_000})
+    plugin.conf = dict(plugin.conf, policyFile=str(policy))
+    agent = AgentProcess(lab, plugin, tmp_path).start()
+    try:
+        table_max = int(lab.run(lab.node, ["cat", "/proc/sys/net/netfilter/nf_conntrack_max"]).stdout)
+        ns = app()
+        plugin.add("big", ns)
+        deadline = time.monotonic() + 20
+        while "conntrack table too small" not in agent.log.read_text():
+            assert time.monotonic() < deadline, "no conntrack budget warning"
+            time.sleep(0.5)
+        lines = [json.loads(line)["msg"] for line in agent.log.read_text().splitlines() if line.startswith("{")]
+        start = next(m for m in lines if m.startswith("conntrack: "))
+        assert f"nf_conntrack_max is {table_max}" in start and "holds 0 containers" in start and "0 attached" in start
+        warning = next(m for m in lines if m.startswith("conntrack table too small"))
+        assert "1 attached" in warning and "set net.netfilter.nf_conntrack_max to at least " in warning
+        plugin.delete("big", ns)
+    finally:
+        agent.stop()

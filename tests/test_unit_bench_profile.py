@@ -39,3 +39,18 @@ def test_counts_only_samples_inside_the_forward_hook():
 def test_no_samples_is_zero_not_an_error():
     got = forward_hook_share("")
     assert (got.samples, got.share, got.busy) == (0, 0.0, 0.0)
+
+
+# sockgate's `fragments` chain: nft's inet hook function under prerouting.
+IN_PREROUTING_CHAIN = """\
+\tffffffff81f636a5 nft_do_chain
+\tffffffff81f7e543 nft_do_chain_inet
+\tffffffff81f28e13 nf_hook_slow
+\tffffffff81ff0001 ip_rcv
+"""
+
+
+def test_counts_sockgates_prerouting_chain_but_not_conntracks_hooks():
+    text = "\n".join([IN_HOOK, IN_PREROUTING_CHAIN, OTHER_HOOK, IN_PREROUTING_CHAIN.replace(" ip_rcv", " ipv6_rcv")])
+    got = forward_hook_share(text)
+    assert (got.samples, got.in_hook, got.in_prerouting) == (4, 3, 2)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from netpolicy.compile import DYNAMIC_SETS, STATIC_SETS, compile_policy, explain
-from netpolicy.policy import Limits, Policy, PolicyError, parse_policy
+from netpolicy.policy import Policy, PolicyError, parse_policy
+from netpolicy.ruleset import FlowBounds
 from netpolicy.ranges import SPECIAL_PURPOSE_V4, SPECIAL_PURPOSE_V6, collapse, google_ranges, subtract
 from netpolicy.ruleset import render_table
 
@@ -225,11 +226,11 @@ def test_additions_are_appended_to_the_defaults():
 
 
 def test_limits_and_allowed_answers():
-    assert Policy().limits == Limits(1024, 100, 200)
+    assert Policy().limits == FlowBounds(1024, 100, 200)
     p = parse_policy({"limits": {"maxFlows": 200, "newFlowsPerSecond": 50},
                       "exceptions": [{"destination": "db.example.com", "ports": [5432],
                                       "allowedAnswers": ["10.20.0.0/16", "fd00::/8"]}]})
-    assert p.limits == Limits(200, 50, 200)
+    assert p.limits == FlowBounds(200, 50, 200)
     assert p.allows[-1].allowed_answers == ("10.20.0.0/16", "fd00::/8")
     assert all(a.allowed_answers == () for a in Policy().allows)
     # The limits reach the rules that enforce them.

@@ -98,7 +98,7 @@ def test_fragments_from_containers_are_dropped_before_reassembly():
     assert "add chain inet sockgate fragments { type filter hook prerouting priority -450; policy accept; }" in text
     rules = _chain("fragments", text)
     assert rules == ['ip frag-off & 0x3fff != 0 meta iifgroup 0x5347 counter drop comment "drop:fragment"',
-                     'meta nfproto ipv6 meta iifgroup 0x5347 exthdr frag exists counter drop comment "drop:fragment"']
+                     'ip6 nexthdr != { tcp, udp, ipv6-icmp } meta iifgroup 0x5347 counter drop comment "drop:fragment"']
 
 
 def test_no_neighbour_discovery_from_containers_and_no_refusal_to_a_forged_source():

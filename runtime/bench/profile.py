@@ -1,12 +1,15 @@
-"""What share of one CPU's time sockgate's forward hook takes, from `perf` samples.
+"""What share of one CPU's time sockgate's hooks take, from `perf` samples.
 
 Throughput on a shared VM drifts by 10-20 % within seconds, so a few per cent of
 cost takes many alternations to see in iperf3's numbers. A profile is steadier: with
-the sender's CPU saturated, the share of its samples spent inside the forward hook
-(nf_hook_slow called by ip_forward / ip6_forward, which only sockgate's `forward`
-chain registers in the bench's node netns) is the share of packets sockgate costs,
-so 1 - share estimates the throughput ratio. perf's cpu-clock sampling needs no
-hardware counters (which VMs often lack).
+the sender's CPU saturated, the share of its samples spent inside sockgate's hooks
+is the share of packets sockgate costs, so 1 - share estimates the throughput ratio:
+- the forward hook: nf_hook_slow called by ip_forward / ip6_forward, which only
+  sockgate's `forward` chain registers in the bench's node netns;
+- the `fragments` chain at prerouting: nft's inet hook function called by nf_hook_slow
+  from ip_rcv / ipv6_rcv (conntrack's own prerouting hooks are not nft, and run in
+  both configurations).
+perf's cpu-clock sampling needs no hardware counters (which VMs often lack).
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FORWARD_CALLERS = ("ip_forward", "ip6_forward")
+PREROUTING_CALLERS = ("ip_rcv", "ipv6_rcv")
 HOOK = "nf_hook_slow"
+NFT_INET = "nft_do_chain_inet"
 # A sample whose stack holds one of these is the CPU idling.
 IDLE_FRAMES = ("do_idle", "cpu_idle_poll", "default_idle_call")
 
@@ -28,8 +33,9 @@ class ProfileError(Exception):
 @dataclass(frozen=True)
 class HookShare:
     samples: int        # all samples of the CPU
-    in_hook: int        # inside the forward hook
+    in_hook: int        # inside sockgate's hooks (forward, and prerouting's nft chain)
     idle: int           # the CPU idling
+    in_prerouting: int = 0  # of in_hook: the prerouting chain
 
     @property
     def share(self) -> float:
@@ -52,15 +58,23 @@ def _stacks(script_output: str) -> list[list[str]]:
     return stacks
 
 
+def _in_prerouting_chain(frames: list[str]) -> bool:
+    return any(a == NFT_INET and b == HOOK and c in PREROUTING_CALLERS
+               for a, b, c in zip(frames, frames[1:], frames[2:]))
+
+
 def forward_hook_share(script_output: str) -> HookShare:
-    in_hook = idle = 0
+    in_hook = in_pre = idle = 0
     stacks = _stacks(script_output)
     for frames in stacks:
         if any(f in IDLE_FRAMES for f in frames):
             idle += 1
         elif any(f == HOOK and caller in FORWARD_CALLERS for f, caller in zip(frames, frames[1:])):
             in_hook += 1
-    return HookShare(len(stacks), in_hook, idle)
+        elif _in_prerouting_chain(frames):
+            in_hook += 1
+            in_pre += 1
+    return HookShare(len(stacks), in_hook, idle, in_pre)
 
 
 def available() -> bool:
