@@ -173,6 +173,21 @@ def test_network_create_run_and_contract(denv, net):
     assert_contract(denv, ct)
 
 
+def test_no_neighbour_resolution_and_a_mac_asked_for(denv, net):
+    """Both veth ends share one MAC and are NOARP (the node ignores what a container
+    says about neighbours); `--mac-address` gives both ends that MAC, else Docker would
+    set it on the container end alone and the container could reach nothing."""
+    mac = "02:42:5a:0c:00:99"
+    ct = run(denv, net, f"{net.name}-mac", mac_address=mac)
+    _, link = sh(ct, "ip link show eth0")
+    assert mac in link and "NOARP" in link, link
+    host = attachment(denv, ct)["host_ifname"]
+    node_link = subprocess.run(["nsenter", f"--net={denv.node}", "ip", "link", "show", host],
+                               capture_output=True, text=True, check=True).stdout
+    assert mac in node_link and "NOARP" in node_link, node_link
+    assert_contract(denv, ct)
+
+
 def test_inbound_and_other_containers_refused(denv, net):
     a, b = run(denv, net, f"{net.name}-a"), run(denv, net, f"{net.name}-b")
     a_v4, a_v6 = addresses(a)
