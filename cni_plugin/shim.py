@@ -42,14 +42,31 @@ def _full_environment() -> None:
 
 def _setup_logging(config: dict) -> None:
     import logging
+
+    class OneLine(logging.Formatter):
+        """The runtime shows (or logs) the plugin's stderr: one line per record there,
+        an exception as its type and message. A traceback goes to the logFile only."""
+
+        def format(self, record: logging.LogRecord) -> str:
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                record = logging.makeLogRecord(dict(
+                    record.__dict__, msg=f"{record.getMessage()} ({type(exc).__name__}: {exc})".replace("\n", " "),
+                    args=None, exc_info=None, exc_text=None))
+            return super().format(record)
+
     path = config.get("logFile") if isinstance(config.get("logFile"), str) else ""
-    handler: logging.Handler
-    try:
-        handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
-    except OSError:
+    fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+    handler: logging.Handler | None = None
+    if path:
+        try:
+            handler = logging.FileHandler(path)
+            handler.setFormatter(logging.Formatter(fmt))
+        except OSError:
+            pass
+    if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(OneLine(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
@@ -121,9 +138,6 @@ def forward(path: str, env: Mapping[str, str], stdin: bytes) -> tuple[int, str] 
         try:
             sock.connect(path)
             break
-        except (FileNotFoundError, ConnectionRefusedError, PermissionError):
-            sock.close()
-            return None
         except BlockingIOError:
             # The agent's accept backlog is full: it is busy, not gone. (A unix socket
             # with a timeout fails such a connect with EAGAIN instead of waiting.)
@@ -131,6 +145,11 @@ def forward(path: str, env: Mapping[str, str], stdin: bytes) -> tuple[int, str] 
                 sock.close()
                 return None
             time.sleep(0.005)
+        except OSError:
+            # No agent there (ENOENT, ECONNREFUSED), or none this process can reach (EACCES,
+            # a path too long for a unix socket): nothing was sent, in-process is safe.
+            sock.close()
+            return None
     try:
         sock.sendall(wire.encode_request(env, stdin))
         sock.shutdown(_socket.SHUT_WR)
@@ -157,11 +176,31 @@ def run(env: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
     return execute(env, stdin)
 
 
+def _unexpected(exc: BaseException) -> tuple[int, str]:
+    """A failure nothing else caught, as a CNI error: the runtime reads stdout as a
+    result or an error, never a traceback."""
+    from runtime.errors import INTERNAL, TRY_AGAIN_LATER, SockgateError
+    if isinstance(exc, KeyboardInterrupt):
+        err = SockgateError(TRY_AGAIN_LATER, "the sockgate plugin was interrupted", "SIGINT")
+    else:
+        err = SockgateError(INTERNAL, "internal error in sockgate", f"{type(exc).__name__}: {exc}")
+    return _error(None, err)
+
+
 def main() -> int:
-    code, out = run(os.environ, sys.stdin.buffer.read())
-    if out:
-        sys.stdout.write(out + "\n")
-    sys.stdout.flush()
+    try:
+        code, out = run(os.environ, sys.stdin.buffer.read())
+    except (Exception, KeyboardInterrupt) as exc:
+        code, out = _unexpected(exc)
+    try:
+        if out:
+            sys.stdout.write(out + "\n")
+        sys.stdout.flush()
+    except OSError:
+        # The runtime closed our stdout: nobody to tell. Point it at /dev/null so that
+        # the interpreter's own flush at exit doesn't print the error instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return code or 1
     return code
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
+import struct
 from dataclasses import dataclass
 
 FAMILY = "inet"
@@ -28,7 +30,10 @@ TABLE = "sockgate"
 # nft share of the forwarding CPU fell by a third. An index can't be read back from
 # a listing (nft prints it as whatever name the interface has then, or a number),
 # so every counted element carries its veth's name as a comment: billing and
-# metrics key on that.
+# metrics key on that. The comment also names the element's generation ("sgXXXX
+# g=1a2b3c4d"), a token fresh each time the element is created, so billing can tell a
+# counter that was re-created (a reloaded table) from one that only went on, whatever
+# value it reached.
 SETS = {
     "ifaces": "typeof iifname",
     "tx4": "typeof meta iif . ip saddr; counter",
@@ -279,12 +284,6 @@ def _mark(rev: str) -> str:
     return "0x" + rev[:8]
 
 
-def assert_revision(policy: EgressPolicy) -> str:
-    mark = _mark(revision(policy))
-    return (f"delete element {FAMILY} {TABLE} {REVISION_SET} {{ {mark} }}\n"
-            f"add element {FAMILY} {TABLE} {REVISION_SET} {{ {mark} }}\n")
-
-
 def _render(policy: EgressPolicy, rev: str) -> str:
     t = f"{FAMILY} {TABLE}"
     lines = [f"add table {t}"]
@@ -325,12 +324,25 @@ def _render(policy: EgressPolicy, rev: str) -> str:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """The per-container facts the data plane needs."""
+    """The per-container facts the data plane needs. `generation`: a token unique to
+    this creation of the elements (see the counted sets above); the caller makes it."""
 
     host_ifname: str
     host_ifindex: int
     ipv4: str
     ipv6: str
+    generation: str = ""
+
+
+def element_comment(ep: Endpoint) -> str:
+    return f"{ep.host_ifname} g={ep.generation}" if ep.generation else ep.host_ifname
+
+
+def parse_comment(comment: str) -> tuple[str, str]:
+    """(veth name, generation) of a counted element's comment; generation "" for the
+    elements of versions that wrote the name alone."""
+    name, _, rest = comment.partition(" ")
+    return name, rest[2:] if rest.startswith("g=") else ""
 
 
 def endpoint_elements(ep: Endpoint) -> list[tuple[str, str]]:
@@ -341,8 +353,31 @@ def endpoint_elements(ep: Endpoint) -> list[tuple[str, str]]:
             ("rx", f"{ep.host_ifindex}")]
 
 
+# The same keys as the kernel stores them, for runtime.nftnl (which talks nf_tables'
+# netlink without libnftables). Each field of a concatenation takes a multiple of 4
+# bytes; `meta iif`/`meta oif`/`meta mark` are host-order u32s, addresses network
+# order, `iifname` a NUL-padded IFNAMSIZ (16) array.
+_IFNAMSIZ = 16
+
+
+def _u32(value: int) -> bytes:
+    return struct.pack("=I", value)
+
+
+def endpoint_keys(ep: Endpoint) -> list[tuple[str, bytes]]:
+    """endpoint_elements() as binary keys, in the same order."""
+    return [("ifaces", ep.host_ifname.encode().ljust(_IFNAMSIZ, b"\0")),
+            ("tx4", _u32(ep.host_ifindex) + ipaddress.IPv4Address(ep.ipv4).packed),
+            ("tx6", _u32(ep.host_ifindex) + ipaddress.IPv6Address(ep.ipv6).packed),
+            ("rx", _u32(ep.host_ifindex))]
+
+
+def revision_key(policy: EgressPolicy) -> bytes:
+    return _u32(int(_mark(revision(policy)), 16))
+
+
 def _element(set_name: str, key: str, ep: Endpoint) -> str:
-    comment = f' comment "{ep.host_ifname}"' if set_name in COUNTED_SETS else ""
+    comment = f' comment "{element_comment(ep)}"' if set_name in COUNTED_SETS else ""
     return f"{key}{comment}"
 
 
@@ -355,13 +390,6 @@ def add_pools(pools: tuple[str, ...]) -> str:
     """A network's pools as destinations no container may reach (sets pools4/pools6,
     which auto-merge, so every ADD may add them again)."""
     return "".join(f"add element {FAMILY} {TABLE} pools{6 if ':' in p else 4} {{ {p} }}\n" for p in pools)
-
-
-def remove_endpoint(ep: Endpoint) -> str:
-    """Idempotent delete: `delete element` fails on a missing element and would abort
-    the whole transaction, so each element is first added (a no-op if present)."""
-    return add_endpoint(ep) + "".join(
-        f"delete element {FAMILY} {TABLE} {s} {{ {e} }}\n" for s, e in endpoint_elements(ep))
 
 
 def remove_elements(elements: list[tuple[str, str]]) -> str:

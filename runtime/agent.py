@@ -3,17 +3,22 @@ root-only unix socket (the same handler the shim would run in-process), and runs
 node's background work: keeping exception hostnames resolved, idle reclaim, billing.
 
 Foreground, for systemd (Type=notify) and containers: logs are JSON lines on stderr,
-readiness is sd_notify READY=1 (and an optional ready file), SIGTERM finishes the
-requests in flight, flushes what must be flushed, removes the socket and exits 0.
+and nothing else is (no traceback: every failure is a log line). Readiness is
+sd_notify READY=1 (and an optional ready file). SIGTERM removes the ready file first,
+then the socket, finishes the requests in flight, flushes what must be flushed and
+exits 0, within a second plus those requests, whatever DNS does.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import socketserver
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +30,16 @@ from cni_plugin.shim import AGENT_SOCKET, execute
 
 log = logging.getLogger("sockgate.agent")
 MAX_REQUEST_BYTES = 4 << 20
+# The shim sends its whole request right after connecting; a client that hasn't within
+# this time is dropped, so that it can't hold a handler thread (and a shutdown) forever.
+READ_TIMEOUT_S = 10.0
+# A reply is a few KiB, far below a unix socket's buffer: sending only waits for a
+# client that stopped reading with a full buffer.
+SEND_TIMEOUT_S = 10.0
+# How often a handler waiting for a request looks whether the agent is stopping, and
+# how often the accept loop does: both bound how late a SIGTERM is acted upon.
+SLICE_S = 0.1
+CNI_COMMANDS = frozenset({"ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION"})
 
 
 class Component(Protocol):
@@ -50,38 +65,190 @@ class AgentConfig:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        try:
+            msg = record.getMessage()
+        except Exception as exc:  # noqa: BLE001 - else logging prints its own traceback on stderr
+            msg = f"{record.msg!r} % {record.args!r} (cannot format: {type(exc).__name__}: {exc})"
         entry = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-                 "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+                 "level": record.levelname.lower(), "logger": record.name, "msg": msg}
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        return json.dumps(entry, default=str)
+
+
+class _StrayText(io.TextIOBase):
+    """The agent's sys.stderr once logging is set up. Text written there outside
+    logging (the stdlib servers of the Docker door and of the metrics print a failed
+    request's traceback there, as socketserver does) becomes log lines, one per line of
+    text, so stderr stays JSON Lines whoever writes."""
+
+    def __init__(self, real: io.TextIOBase) -> None:
+        super().__init__()
+        self.real = real
+        self.log = logging.getLogger("sockgate.stderr")
+        self._partial: dict[int, str] = {}  # per thread: a line written in pieces
+        self._lock = threading.Lock()
+        self._inside = threading.local()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.real, "encoding", "utf-8")
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def write(self, text: str) -> int:
+        if getattr(self._inside, "active", False):
+            return len(text)  # logging failed and says so here: writing it again would recurse
+        me = threading.get_ident()
+        with self._lock:
+            *lines, rest = (self._partial.pop(me, "") + text).split("\n")
+            if rest:
+                self._partial[me] = rest
+        self._emit(lines)
+        return len(text)
+
+    def flush(self) -> None:
+        # The interpreter flushes stderr at exit: a last line without its newline too.
+        # (Only the caller's: another thread may be half-way through a line.)
+        with self._lock:
+            rest = self._partial.pop(threading.get_ident(), "")
+        self._emit([rest])
+
+    def _emit(self, lines: list[str]) -> None:
+        self._inside.active = True
+        try:
+            for line in lines:
+                if line.strip():
+                    self.log.error("%s", line)
+        finally:
+            self._inside.active = False
+
+
+def _log_uncaught(kind: str, exc_info: tuple) -> None:
+    if exc_info[0] is not None and issubclass(exc_info[0], SystemExit):
+        return
+    log.critical("uncaught exception in %s", kind, exc_info=exc_info)
 
 
 def setup_logging() -> None:
+    """JSON lines on stderr for everything: log records, warnings, exceptions nobody
+    caught (in any thread, or in a __del__), and text printed to stderr directly."""
     logging.Formatter.converter = time.gmtime
-    handler = logging.StreamHandler()
+    real = sys.stderr if not isinstance(sys.stderr, _StrayText) else sys.stderr.real
+    handler = logging.StreamHandler(real)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.captureWarnings(True)
+    sys.excepthook = lambda *exc_info: _log_uncaught("the main thread", exc_info)
+    threading.excepthook = lambda args: _log_uncaught(
+        f"thread {args.thread.name if args.thread else '?'}", (args.exc_type, args.exc_value, args.exc_traceback))
+    sys.unraisablehook = lambda u: log.error(
+        "exception ignored in %r: %s", u.object, u.err_msg or "",
+        exc_info=(u.exc_type, u.exc_value, u.exc_traceback) if u.exc_type else None)
+    sys.stderr = _StrayText(real)
 
 
-class _Handler(socketserver.StreamRequestHandler):
-    observe: Callable[[str, int, float], None] = staticmethod(lambda command, rc, seconds: None)
+class _NoRequest(Exception):
+    """The client sent no complete request: why."""
+
+
+def _malformed(details: str) -> dict:
+    return {"cniVersion": "1.1.0", "code": 6, "msg": "malformed request to the agent", "details": details}
+
+
+def _command_label(env: dict[str, str]) -> str:
+    # A metric label: a client's arbitrary CNI_COMMAND must not create time series.
+    command = env.get("CNI_COMMAND", "")
+    return command if command in CNI_COMMANDS else "other"
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    """One forwarded CNI request. Whatever happens (a malformed request, a client that
+    hangs up before the answer or never sends its request), it ends in one log line
+    and one count in the metrics."""
+
+    server: "_Server"
+    observe: Callable[[str, str, float], None] = staticmethod(lambda command, result, seconds: None)
 
     def handle(self) -> None:
         started = time.monotonic()
-        raw = self.rfile.read(MAX_REQUEST_BYTES)
+        env: dict[str, str] = {}
         try:
+            raw = self._receive()
+        except (_NoRequest, OSError) as exc:
+            why = str(exc) if isinstance(exc, _NoRequest) else f"{type(exc).__name__}: {exc}"
+            self._done("other", "client_gone", started, logging.WARNING, "no request in %.1f ms: %s",
+                       (time.monotonic() - started) * 1000, why)
+            return
+        if not raw:
+            # The Kubernetes liveness probe (deploy/kubernetes): connect, send nothing,
+            # expect an answer. Not a CNI request, and not worth a log line every 20 s.
+            self._send(wire.encode_reply(1, json.dumps(_malformed("empty request"))))
+            log.debug("empty request (a liveness probe) answered")
+            return
+        try:
+            if len(raw) > MAX_REQUEST_BYTES:
+                raise ValueError(f"request larger than {MAX_REQUEST_BYTES >> 20} MiB")
             env, stdin = wire.decode_request(raw)
         except ValueError as exc:
-            self.wfile.write(wire.encode_reply(1, json.dumps(
-                {"cniVersion": "1.1.0", "code": 6, "msg": "malformed request to the agent",
-                 "details": str(exc)})))
-            return
-        rc, out = execute(env, stdin)
-        self.wfile.write(wire.encode_reply(rc, out))
-        self.observe(env.get("CNI_COMMAND", "?"), rc, time.monotonic() - started)
-        log.info("%s %s/%s rc=%d in %.1f ms", env.get("CNI_COMMAND"), env.get("CNI_CONTAINERID", ""),
-                 env.get("CNI_IFNAME", ""), rc, (time.monotonic() - started) * 1000)
+            what = f"malformed request ({exc})"
+            rc, out = 1, json.dumps(_malformed(str(exc)))
+        else:
+            what = f"{env.get('CNI_COMMAND')} {env.get('CNI_CONTAINERID', '')}/{env.get('CNI_IFNAME', '')}"
+            rc, out = execute(env, stdin)
+        lost = self._send(wire.encode_reply(rc, out))
+        ms = (time.monotonic() - started) * 1000
+        command = _command_label(env)
+        if lost:
+            # The work is done (an ADD attached): the runtime, having no answer, retries
+            # or DELs, as it must after any failed ADD.
+            self._done(command, "client_gone", started, logging.WARNING,
+                       "%s rc=%d in %.1f ms; answer not delivered, the client hung up (%s)", what, rc, ms, lost)
+        else:
+            self._done(command, "ok" if rc == 0 else "error", started, logging.INFO,
+                       "%s rc=%d in %.1f ms", what, rc, ms)
+
+    def _receive(self) -> bytes:
+        """The request, up to the client's end of sending. Waits in slices so that a
+        client that sends nothing can't hold a SIGTERM up: such a client has no
+        request in flight."""
+        sock: socket.socket = self.request
+        sock.settimeout(SLICE_S)
+        deadline = time.monotonic() + READ_TIMEOUT_S
+        chunks, size = [], 0
+        while True:
+            try:
+                chunk = sock.recv(1 << 16)
+            except TimeoutError:
+                if self.server.stopping.is_set():
+                    raise _NoRequest("the agent is shutting down") from None
+                if time.monotonic() > deadline:
+                    raise _NoRequest(f"none complete within {READ_TIMEOUT_S:.0f} s") from None
+                continue
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_REQUEST_BYTES:  # not read to its end: the caller refuses it
+                return b"".join(chunks)
+
+    def _send(self, reply: bytes) -> str:
+        """"" when the client has the answer, else why not."""
+        sock: socket.socket = self.request
+        sock.settimeout(SEND_TIMEOUT_S)
+        try:
+            sock.sendall(reply)
+        except OSError as exc:  # EPIPE, ECONNRESET: the client is gone; a timeout: it stopped reading
+            return f"{type(exc).__name__}: {exc}"
+        return ""
+
+    def _done(self, command: str, result: str, started: float, level: int, fmt: str, *args: object) -> None:
+        self.observe(command, result, time.monotonic() - started)
+        log.log(level, fmt, *args)
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -91,6 +258,29 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     # a deployment's pods) would overflow it, and a full backlog refuses a unix
     # socket's connect at once (EAGAIN) instead of queueing it.
     request_queue_size = 512
+
+    def __init__(self, path: str) -> None:
+        self.stopping = threading.Event()
+        super().__init__(path, _Handler)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # socketserver would print the traceback on stderr, in plain text.
+        log.error("serving a CNI request failed", exc_info=True)
+
+    def serve_backlog(self) -> int:
+        """After serve_forever returned: serve the connections already queued (their
+        clients sent a request and wait for it), then stop accepting. Once the socket's
+        path is gone nobody new can connect, so this leaves nobody behind."""
+        self.socket.setblocking(False)
+        served = 0
+        while True:
+            try:
+                request, address = self.socket.accept()
+            except OSError:  # BlockingIOError: the queue is empty
+                return served
+            request.setblocking(True)
+            self.process_request(request, address)
+            served += 1
 
 
 def _notify(state: str) -> None:
@@ -122,7 +312,7 @@ def _bind(path: Path) -> _Server:
             probe.close()
     old = os.umask(0o177)  # root-only socket
     try:
-        return _Server(str(path), _Handler)
+        return _Server(str(path))
     finally:
         os.umask(old)
 
@@ -139,8 +329,8 @@ def _start_metrics(cfg: AgentConfig, reclaims: Callable[[], dict] | None) -> Non
     latency = Histogram("sockgate_cni_request_seconds", "Time to serve a CNI request", ["command"],
                         registry=registry, buckets=(.005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
 
-    def observe(command: str, rc: int, seconds: float) -> None:
-        requests.labels(command, "ok" if rc == 0 else "error").inc()
+    def observe(command: str, result: str, seconds: float) -> None:
+        requests.labels(command, result).inc()
         latency.labels(command).observe(seconds)
 
     _Handler.observe = staticmethod(observe)
@@ -167,26 +357,53 @@ def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None) -> i
         thread.start()
         workers.append(thread)
     _start_metrics(cfg, reclaims)
-    serving = threading.Thread(target=server.serve_forever, name="rpc", kwargs={"poll_interval": 0.2})
+    serving = threading.Thread(target=server.serve_forever, name="rpc", kwargs={"poll_interval": SLICE_S})
     serving.start()
     if cfg.ready_file:
         Path(cfg.ready_file).write_text(str(os.getpid()))
     _notify("READY=1")
     log.info("ready: serving CNI requests on %s (pid %d)", sock_path, os.getpid())
-    stop.wait()
-    log.info("shutting down")
+    _wait_for_signal(stop)
+    # Ready file first: nothing may take an agent that is going away for a ready one.
+    if cfg.ready_file:
+        Path(cfg.ready_file).unlink(missing_ok=True)
     _notify("STOPPING=1")
-    server.shutdown()      # no new requests; serve_forever returns
+    # Then the socket's path: from now on the shim runs requests in-process.
+    sock_path.unlink(missing_ok=True)
+    log.info("shutting down: ready file and socket removed, finishing the requests in flight")
+    server.stopping.set()
+    server.shutdown()      # serve_forever returns
+    queued = server.serve_backlog()
+    if queued:
+        log.info("serving %d request(s) that were queued when the stop came", queued)
     server.server_close()  # waits for the requests in flight
     serving.join()
-    sock_path.unlink(missing_ok=True)
     background.set()
     for thread in workers:
         thread.join()
-    if cfg.ready_file:
-        Path(cfg.ready_file).unlink(missing_ok=True)
     log.info("stopped")
     return 0
+
+
+def _wait_for_signal(stop: threading.Event) -> None:
+    """Until SIGTERM or SIGINT. Not stop.wait(): the kernel hands a process's signal to
+    whichever of its threads it likes, Python runs the handler only in the main thread
+    once that one runs, and a main thread asleep on a lock sleeps through it (seen here
+    about one stop in ten while DNS lookups kept other threads busy). The signal
+    module's wakeup fd is written by whichever thread took the signal, and says which."""
+    wanted = {int(signal.SIGTERM), int(signal.SIGINT)}
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    try:
+        while not stop.is_set():
+            if select.select([r], [], [], 1.0)[0] and wanted & set(os.read(r, 64)):
+                stop.set()
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(r)
+        os.close(w)
 
 
 def _guarded(name: str, component: Component, stop: threading.Event) -> None:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 from netpolicy.ruleset import Endpoint
-from runtime import billing, netns, nft, policy, rtnl
-from runtime.errors import (ALREADY_ATTACHED, CHECK_FAILED, NOT_AVAILABLE, SockgateError)
-from runtime.fsutil import locked
+from runtime import billing, netns, nft, policy, restore
+from runtime.errors import ALREADY_ATTACHED, CHECK_FAILED, KERNEL_FAILURE, NOT_AVAILABLE, SockgateError
+from runtime.fsutil import locked, remove_stale_temps
 from runtime.ipam import LeaseStore, Owner
 from runtime.netconf import NetConf
 from runtime.store import ADDING, READY, Attachment, AttachmentStore, host_ifname
@@ -51,16 +51,11 @@ class Network:
         return locked(self.root / "lock")
 
 
-def all_attachments(state_dir: str) -> list[Attachment]:
-    """Every attachment of every network under a state dir."""
-    root = Path(state_dir) / "networks"
-    if not root.is_dir():
-        return []
-    return [att for net in sorted(root.iterdir()) for att in AttachmentStore(net / "attachments").all()]
-
-
-def _endpoint(att: Attachment) -> Endpoint | None:
-    return Endpoint(att.host_ifname, att.host_ifindex, att.ipv4, att.ipv6) if att.ipv4 and att.ipv6 else None
+def _endpoint(att: Attachment, generation: str = "") -> Endpoint | None:
+    """`generation`: only when the elements are being created (ADD)."""
+    if not (att.ipv4 and att.ipv6):
+        return None
+    return Endpoint(att.host_ifname, att.host_ifindex, att.ipv4, att.ipv6, generation)
 
 
 def _reserve(net: Network, req: AttachRequest) -> Attachment:
@@ -106,14 +101,28 @@ def _attach(req: AttachRequest, peer_netns: str, place: Callable[[Attachment], N
                                                            req.mac)
         # Elements before the links come up: there is no moment when the container
         # can send while the table doesn't know it.
-        ep, pools = _endpoint(att), (str(req.conf.ipv4_pool), str(req.conf.ipv6_pool))
-        if not (policy.watched() and nft.add_if_current(ep, pools, egress)):
+        ep, pools = _endpoint(att, restore.new_generation()), (str(req.conf.ipv4_pool), str(req.conf.ipv6_pool))
+        att.generation = ep.generation if ep is not None else ""  # saved with the ready record
+        if not policy.watched():
+            # No agent checks the rules: this ADD does (the transaction below only
+            # asserts the revision).
             policy.apply(req.conf.policy_file, req.conf.state_dir)
-            nft.add(ep, pools)
-        place(att)
-        netns.configure_host(att.host_ifname, att.host_ifindex, att.ipv4, att.ipv6)
-        att.state = READY
-        net.attachments.save(att)
+        for _ in range(3):
+            # Under the table lock until the record says ready: a reload restores the
+            # ready attachments, so this one's elements are either added here, after
+            # any reload, or restored by a reload that comes later.
+            with policy.table_lock(req.conf.state_dir):
+                if nft.add_if_current(ep, pools, egress):
+                    place(att)
+                    netns.configure_host(att.host_ifname, att.host_ifindex, att.ipv4, att.ipv6)
+                    att.state = READY
+                    net.attachments.save(att)
+                    break
+            # The table is missing or outdated (flushed, upgraded): load it, then add.
+            policy.apply(req.conf.policy_file, req.conf.state_dir)
+        else:
+            raise SockgateError(KERNEL_FAILURE, "nftables transaction failed",
+                                "the sockgate table changed under every attempt to add this container's elements")
     except BaseException:
         log.exception("attach of %s/%s failed; rolling back", req.container_id, req.ifname)
         _teardown(net, att)
@@ -125,7 +134,13 @@ def _attach(req: AttachRequest, peer_netns: str, place: Callable[[Attachment], N
 
 def _teardown(net: Network, att: Attachment) -> None:
     """Undo an attachment, each step idempotent. The record goes last, so a crash here
-    leaves it for the next DEL or GC."""
+    leaves it for the next DEL or GC. Under the table lock (shared): a reload can't
+    restore the elements of an attachment half torn down."""
+    with policy.table_lock(net.conf.state_dir):
+        _teardown_locked(net, att)
+
+
+def _teardown_locked(net: Network, att: Attachment) -> None:
     netns.retire_link(att.host_ifname)
     # The link is down (no more packets) and the counters still exist: bill the rest.
     billing.final_record(net.conf, att)
@@ -133,7 +148,13 @@ def _teardown(net: Network, att: Attachment) -> None:
     if ep is not None:
         nft.remove(ep)
     with net.lock():
-        net.leases.release_owner(Owner(att.container_id, att.ifname))
+        # The record names the addresses: only their two lease files are read.
+        net.leases.release_owner(Owner(att.container_id, att.ifname), [a for a in (att.ipv4, att.ipv6) if a])
+        # What a writer killed mid-write left: the record's temp file (unless a live
+        # writer holds it) and the cursor's (its writers hold the lock we hold).
+        # Two fixed names each, no directory listing: DEL's cost stays flat.
+        net.attachments.remove_temp(att.container_id, att.ifname)
+        net.leases.remove_temps()
         net.attachments.delete(att.container_id, att.ifname)
 
 
@@ -193,6 +214,14 @@ def check(conf: NetConf, container_id: str, ifname: str, netns_path: str) -> Non
         raise SockgateError(CHECK_FAILED, "attachment is damaged", "; ".join(problems))
 
 
+def remove_temps(net: Network) -> list[Path]:
+    """Temp files of this network's writers killed mid-write (also under an earlier
+    version's names); a live writer's stays (see runtime.fsutil). Lists the
+    directories: for GC and periodic sweeps, not for DEL."""
+    with net.lock():  # the lease cursor's writers hold it
+        return [*net.attachments.remove_stale_temps(), *net.leases.remove_temps(every=True)]
+
+
 def gc(conf: NetConf, valid: set[tuple[str, str]]) -> list[tuple[str, str]]:
     """Remove every attachment of this network not in `valid` (container id, ifname),
     and leases no attachment accounts for. Returns the keys removed."""
@@ -218,34 +247,16 @@ def gc(conf: NetConf, valid: set[tuple[str, str]]) -> list[tuple[str, str]]:
                 netns.delete_link(orphan.host_ifname)
                 net.leases.release(addr)
                 removed.append(key)
+    temps = remove_temps(net)
+    # The node-wide files under the state dir written the same way (the resolver's
+    # record, the Google ranges cache); billing/ and docker/ are swept by their owners.
+    for directory in ("policy", "ranges"):
+        temps += remove_stale_temps(Path(conf.state_dir) / directory)
+    if temps:
+        log.warning("gc removed temp files left by killed writers: %s", ", ".join(str(t) for t in temps))
     for key in removed:
         log.info("gc removed %s/%s from %s", key[0], key[1], conf.name)
     return sorted(set(removed))
-
-
-def restore_elements(state_dir: str) -> int:
-    """Put back the elements of every ready attachment whose veth exists: after a
-    deleted table (`nft flush ruleset`, a firewall reload) was loaded again, running
-    containers would otherwise be treated as spoofing. Their own addresses go back into
-    the pool sets too; the pools' full prefixes return with the network's next ADD.
-    Returns how many attachments were restored."""
-    ready = [att for att in all_attachments(state_dir) if att.state == READY and att.ipv4 and att.ipv6]
-    # A veth that is gone: its container is too; DEL or GC cleans up the rest.
-    links = netns.links([att.host_ifname for att in ready])
-    todo = [(Endpoint(att.host_ifname, links[att.host_ifname].index, att.ipv4, att.ipv6),
-             (f"{att.ipv4}/32", f"{att.ipv6}/128")) for att in ready if att.host_ifname in links]
-    # A reload is also what an upgrade brings: veths made by a sockgate that did not
-    # set the container interface group get it now, before the rules rely on it, and
-    # those that still resolve neighbours stop (the rules drop the container's ND).
-    netns.mark_container_links([ep.host_ifindex for ep, _ in todo])
-    for att in ready:
-        link = links.get(att.host_ifname)
-        if link is not None and not link.flags & rtnl.IFF_NOARP:
-            netns.stop_neighbour_resolution(link, att.netns, att.ipv4, att.ipv6)
-    nft.add_many(todo)
-    if todo:
-        log.warning("nft table was reloaded: restored the elements of %d attachment(s)", len(todo))
-    return len(todo)
 
 
 def status(conf: NetConf) -> None:

@@ -42,9 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+from netpolicy.ruleset import Endpoint
 from runtime import nft
 from runtime.errors import IO_FAILURE, KERNEL_FAILURE, SockgateError
-from runtime.fsutil import fsync_dir, locked, read_json
+from runtime.fsutil import atomic_write, fsync_dir, locked, read_json, remove_stale_temps
 from runtime.store import READY, Attachment
 
 log = logging.getLogger(__name__)
@@ -84,19 +85,23 @@ def parse_time(text: str) -> dt.datetime:
 
 @dataclass(frozen=True)
 class Counters:
-    """Cumulative counters of one attachment's set elements (tx4 + tx6, rx)."""
+    """Cumulative counters of one attachment's set elements (tx4 + tx6, rx), and their
+    generation: the token of the elements' creation ("" for elements of versions that
+    had none; "?" when they disagree). A counter of another generation was re-created
+    and counts from zero, whatever value it has reached."""
 
     tx_bytes: int = 0
     tx_packets: int = 0
     rx_bytes: int = 0
     rx_packets: int = 0
+    generation: str = ""
 
     @classmethod
     def of_record(cls, rec: Mapping[str, Any]) -> Counters:
-        return cls(*(int(rec[f"counter_{f}"]) for f in FIELDS))
+        return cls(*(int(rec[f"counter_{f}"]) for f in FIELDS), generation=rec.get("counter_generation", ""))
 
     def __bool__(self) -> bool:
-        return any(dataclasses.astuple(self))
+        return any(getattr(self, f) for f in FIELDS)
 
 
 FIELDS = ("tx_bytes", "tx_packets", "rx_bytes", "rx_packets")
@@ -113,8 +118,8 @@ def kernel_counters() -> dict[str, Counters]:
             return {}
         raise SockgateError(KERNEL_FAILURE, "cannot read the accounting counters",
                             "nft list set inet sockgate tx4/tx6/rx failed")
-    return {name: Counters(tx_bytes=tb, tx_packets=tp, rx_bytes=rb, rx_packets=rp)
-            for name, (tp, tb, rp, rb) in counted.items()}
+    return {name: Counters(c.tx_bytes, c.tx_packets, c.rx_bytes, c.rx_packets, c.generation)
+            for name, c in counted.items()}
 
 
 # --- records -----------------------------------------------------------------------
@@ -168,16 +173,21 @@ class Session:
 
     def bill(self, att: Attachment, cur: Counters | None, *, final: bool = False) -> dict | None:
         """Queue the record of `att` for the interval since its last record. Periodic
-        (final=False): only when something moved. Final: always, once the attachment
-        carried traffic or was billed before. cur None: the elements are gone."""
+        (final=False): only when something moved. Final: always, for every attachment
+        that was ready (a DEL's rollback of a failed ADD excepted). cur None: the
+        elements are gone."""
         key = attachment_key(att)
         mark = self.marks.get(key)
         notes: dict[str, bool] = {}
         base = Counters.of_record(mark) if mark else ZERO
         if cur is None:
-            # No elements: nothing to read. A final record still closes a billed key.
-            if not final or mark is None or mark.get("final"):
+            # No elements: nothing to read. A final record still closes the key: an
+            # attachment whose elements went behind sockgate's back (a flushed table
+            # that was never restored) may have carried traffic nobody can count now.
+            if not final or (mark is not None and mark.get("final")):
                 return None
+            if mark is None and att.state != READY:
+                return None  # a failed ADD's rollback: it never carried anything
             cur, notes["counters_missing"] = base, True
         if mark and mark.get("final"):
             if cur == base:
@@ -185,6 +195,17 @@ class Session:
             # Counters moved after a final record: the same key (same ids, `created`
             # in the same second) got a new element, which counts from zero.
             base, notes["counter_reset"] = ZERO, True
+        elif mark and cur.generation != base.generation:
+            # The elements were created again since the last record (a reloaded table
+            # restored them): their counters started from zero, whatever they show now.
+            # What was sent between that record and the reload is lost with the old
+            # elements.
+            base, notes["counter_reset"] = ZERO, True
+        elif not mark and att.generation and cur.generation and cur.generation != att.generation:
+            # The same before the first record: the elements are not the ones ADD
+            # created. The deltas count from zero anyway; what ADD's elements counted
+            # before the reload is lost, and the record must say so.
+            notes["counter_reset"] = True
         deltas = {}
         for d in ("tx", "rx"):
             # bytes and packets are one counter: either going down means it was re-created
@@ -193,7 +214,7 @@ class Session:
                 deltas[b], deltas[p], notes["counter_reset"] = getattr(cur, b), getattr(cur, p), True
             else:
                 deltas[b], deltas[p] = getattr(cur, b) - getattr(base, b), getattr(cur, p) - getattr(base, p)
-        if not any(deltas.values()) and not (final and (mark is not None or cur)):
+        if not any(deltas.values()) and not notes and not (final and (mark is not None or cur)):
             return None
         start = mark["end"] if mark else _created(att.created) or fmt_time(self.now)
         end = fmt_time(max(self.now, parse_time(start)))  # a clock step back never makes end < start
@@ -204,6 +225,8 @@ class Session:
         rec.update({k: att.labels[k] for k in LABELS if att.labels.get(k)})
         rec.update(deltas)
         rec.update({f"counter_{f}": getattr(cur, f) for f in FIELDS})
+        if cur.generation:
+            rec["counter_generation"] = cur.generation
         rec["final"] = final
         rec.update(notes)
         self._queue(rec)
@@ -483,20 +506,11 @@ class Ledger:
 
 
 def write_cache(path: Path, data: bytes) -> None:
-    """fsutil.atomic_write_json's protocol (temp, fsync, rename, fsync the dir) for
-    bytes encoded with json.dumps: json.dump to a file takes the pure-Python encoder,
-    ten times slower on a cache of a thousand attachments."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    """The checkpoint, atomically and durably (fsutil.atomic_write: temp, fsync,
+    rename, fsync the dir). A temp file left by a writer killed mid-write is removed
+    by the next checkpoint write. `data` is json.dumps' (json.dump to a file takes the
+    pure-Python encoder, ten times slower on a cache of a thousand attachments)."""
+    atomic_write(path, data, mode=0o600)
 
 
 def _line_start(fd: int, end: int) -> int:
@@ -570,8 +584,20 @@ def flush(state_dir: str | os.PathLike, billing_dir: str | os.PathLike | None = 
     return s.pending
 
 
+def attachment_counters(att: Attachment) -> Counters | None:
+    """One attachment's counters, reading only its own elements (a DEL's cost must not
+    grow with the node); None when its elements are gone. Without the veth's index (a
+    record that never got it) the sets are listed and searched by name."""
+    if not att.host_ifindex or not att.ipv4 or not att.ipv6:
+        return kernel_counters().get(att.host_ifname)
+    c = nft.endpoint_counters_of(Endpoint(att.host_ifname, att.host_ifindex, att.ipv4, att.ipv6))
+    if c is None:
+        return None
+    return Counters(c.tx_bytes, c.tx_packets, c.rx_bytes, c.rx_packets, c.generation)
+
+
 def final_record(conf: Any, att: Attachment, *,
-                 read_counters: Callable[[], Mapping[str, Counters]] = kernel_counters,
+                 read_counters: Callable[[], Mapping[str, Counters]] | None = None,
                  clock: Callable[[], dt.datetime] = utcnow) -> dict | None:
     """The last record of an attachment, at DEL, after its link is gone (no more
     packets) and before its elements (and their counters) are. Raises when it can't
@@ -584,7 +610,8 @@ def final_record(conf: Any, att: Attachment, *,
         return None  # rebuilt without its record (see attach._orphan): nothing to key it by
     try:
         with Ledger(directory, clock=clock).session(cache_lag=DEL_CACHE_LAG) as s:
-            return s.bill(att, read_counters().get(att.host_ifname), final=True)
+            cur = read_counters().get(att.host_ifname) if read_counters else attachment_counters(att)
+            return s.bill(att, cur, final=True)
     except (OSError, ValueError, SockgateError) as exc:
         if att.state != READY:
             log.warning("billing: no final record for %s (rollback): %s", attachment_key(att), exc)
@@ -625,6 +652,9 @@ class BillingFlusher:
             log.exception("billing: flush failed; retrying next interval")
 
     def run(self, stop: threading.Event) -> None:
+        # Checkpoint temp files that versions before fsutil's locked temp names left
+        # when killed mid-write (today's name is cleared by the next checkpoint).
+        remove_stale_temps(self.ledger.dir)
         while not stop.wait(self.interval - (time.time() % self.interval)):
             self._flush_logged()
         self._flush_logged()  # at shutdown

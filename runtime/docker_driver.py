@@ -56,7 +56,7 @@ from typing import Any, Callable
 
 from runtime import attach, netns
 from runtime.errors import SockgateError
-from runtime.fsutil import atomic_write_json, read_json, remove
+from runtime.fsutil import atomic_write_json, read_json, remove, remove_stale_temps
 from runtime.netconf import DEFAULT_IPV4_POOL, DEFAULT_IPV6_POOL, NetConf, parse_netconf
 from runtime.docker_firewall import ForwardAccept
 from runtime.store import READY
@@ -115,8 +115,13 @@ class DockerStore:
         self.root = Path(state_dir) / "docker"
         self.networks_dir = self.root / "networks"
         self.endpoints_dir = self.root / "endpoints"
-        # atomic_write_json's temp file is named after the pid: one writer at a time.
+        # One writer at a time in this process (fsutil's lock on the temp file is what
+        # keeps writers of one record apart across processes).
         self._write = threading.Lock()
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Temp files of record writes killed mid-write (kill -9 of the agent)."""
+        return [*remove_stale_temps(self.networks_dir), *remove_stale_temps(self.endpoints_dir)]
 
     @staticmethod
     def _check_id(value: Any, what: str) -> str:
@@ -626,11 +631,14 @@ class DockerDriver:
         Free their leases, records and set elements. Also attachments of this door
         whose endpoint record never got written (the agent died in CreateEndpoint)."""
         undone = []
+        self.store.remove_stale_temps()
         known = {ep.id: ep for ep in self.store.endpoints()}
         if not known and not self.store.networks():
             return undone
         links = _node_links()
         cores = {n.sockgate_network for n in self.store.networks()}
+        for name in cores:  # the core networks' records and leases (Docker sends no GC)
+            attach.remove_temps(attach.Network(self._conf_of(name)))
         orphans = {a.container_id for name in cores for a in attach.Network(self._conf_of(name)).attachments.all()
                    if a.container_id not in known and _DOCKER_ID.match(a.container_id)}
         for eid in sorted(set(known) | orphans):

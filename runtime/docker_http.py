@@ -80,6 +80,11 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         socketserver.TCPServer.server_bind(self)  # HTTPServer's would want (host, port)
         self.server_name, self.server_port = "sockgate", 0
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        # socketserver would print the traceback on stderr, in plain text (a client,
+        # dockerd, that went away mid-call is the usual one): one JSON log line instead.
+        log.warning("serving a Docker driver call failed", exc_info=True)
+
 
 def bind_socket(path: str, driver: DockerDriver) -> _Server:
     p = Path(path)

@@ -1,13 +1,39 @@
-"""Crash-safe file primitives: whole-file atomic writes and advisory locks."""
+"""Crash-safe file primitives: whole-file atomic writes and advisory locks.
+
+Temp files. An atomic write goes through one temp file per target, `.<name>.tmp`
+beside it (`temp_path`), which its writer holds an exclusive flock on from before
+it writes a byte until after the rename. A writer killed in between (kill -9, OOM)
+leaves that temp file behind, and the kernel drops its lock. So "nobody holds the
+lock" is exactly "no live writer will rename this file", whatever the clock says,
+however slow the writer, in whichever pid namespace it runs (a pid test would get
+containers and pid reuse wrong; an age test would get a stopped or starved writer
+wrong). `remove_temp` and `remove_stale_temps` remove only temp files in that state;
+the next write of the same target removes its own leftover too. A writer checks,
+once it holds the lock, that the name still leads to its file, and starts over if a
+remover got there between its create and its flock: the only window in which a
+remover can win the lock on a live writer's file.
+
+Temp files of earlier versions (`.<name>.<pid>.<thread>.tmp`, no lock) are removed
+once they are LEGACY_TEMP_AGE seconds old: those writers were done in milliseconds.
+"""
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import json
 import os
-import threading
+import re
+import stat
+import time
 from pathlib import Path
 from typing import Any, Iterator
+
+TEMP_SUFFIX = ".tmp"
+# What versions before the locked temp names wrote: `.<name>.<pid>.<thread id>.tmp`
+# (runtime/fsutil, billing), `.<name>.<pid>.tmp` (install) and the lease cursor's
+# `.last-v4.<pid>.<thread id>.tmp`.
+_LEGACY_TEMP = re.compile(r"\.\d+(\.\d+)?\.tmp\Z")
+LEGACY_TEMP_AGE = 60.0
 
 
 def fsync_dir(directory: Path) -> None:
@@ -18,20 +44,138 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_json(path: Path, data: Any, durable: bool = True) -> None:
+def temp_path(path: Path) -> Path:
+    """The temp file of an atomic write of `path` (see the module docstring)."""
+    return path.with_name(f".{path.name}{TEMP_SUFFIX}")
+
+
+def is_temp_name(name: str) -> bool:
+    """A name `temp_path` gives (or an earlier version gave) a temp file."""
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether `path` (not following a symlink) is the file open as `fd`."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    fst = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
+def _remove_unheld(tmp: Path, wait: bool) -> bool:
+    """Unlink the regular file `tmp` if no writer holds its lock (wait: until the one
+    holding it is done). False when it is held, gone, or was renamed meanwhile."""
+    try:
+        # O_NONBLOCK: a fifo planted under a temp name must not hang us.
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:  # ELOOP: a symlink; not a temp file of this protocol
+        raise FileExistsError(exc.errno, f"{tmp} is not a regular file") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FileExistsError(f"{tmp} is not a regular file")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a live writer's
+        # Holding the lock, the name can't move under us: writers rename only while
+        # holding it. If it names another file now, ours was renamed (done) already.
+        if not _names(tmp, fd):
+            return False
+        os.unlink(tmp)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _claim(tmp: Path, mode: int | None) -> int:
+    """A new, empty `tmp`, exclusively locked, open for writing."""
+    while True:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666 if mode is None else mode)
+        except FileExistsError:
+            # A writer of the same target (wait until it renamed), or the leftover of
+            # a dead one (remove it).
+            _remove_unheld(tmp, wait=True)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _names(tmp, fd):
+                if mode is not None:
+                    os.fchmod(fd, mode)  # whatever the umask
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # removed between our create and our flock: take a fresh one
+
+
+def atomic_write(path: Path, data: bytes, durable: bool = True, mode: int | None = None) -> None:
     """Write-to-temp, rename: readers see the old or the new content, never a torn
     one. durable: also fsync the file and the directory, so that this holds after a
     crash of the node too (billing needs that; records of kernel state, which a node
-    crash takes with it, don't)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, sort_keys=True)
+    crash takes with it, don't). mode: the file's; default 0o666 less the umask, as
+    open() gives."""
+    tmp = temp_path(path)
+    fd = _claim(tmp, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         if durable:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
+            os.fsync(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        # Still ours (we hold its lock): don't leave it for a sweep.
+        with contextlib.suppress(OSError):
+            if _names(tmp, fd):
+                os.unlink(tmp)
+        raise
+    finally:
+        os.close(fd)  # drops the lock, after the rename
     if durable:
         fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, data: Any, durable: bool = True) -> None:
+    """atomic_write of `data` as JSON (sorted keys)."""
+    # json.dumps, not json.dump to a file: the latter takes the pure-Python encoder.
+    atomic_write(path, json.dumps(data, sort_keys=True).encode(), durable)
+
+
+def remove_temp(path: Path) -> bool:
+    """Remove the temp file of `path` that a dead writer left; never a live writer's.
+    True when there was one."""
+    try:
+        return _remove_unheld(temp_path(path), wait=False)
+    except OSError:
+        return False
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Remove every temp file in `directory` that no live writer holds (see the module
+    docstring; earlier versions' once LEGACY_TEMP_AGE old). Returns those removed."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not is_temp_name(entry.name):
+            continue
+        path = Path(entry.path)
+        try:
+            if _LEGACY_TEMP.search(entry.name) and now - entry.stat(follow_symlinks=False).st_mtime < LEGACY_TEMP_AGE:
+                continue
+            if _remove_unheld(path, wait=False):
+                removed.append(path)
+        except OSError:
+            continue  # gone meanwhile, or not a regular file: not ours to judge
+    return removed
 
 
 def file_stamp(path: Path) -> tuple[int, int, int] | None:
@@ -61,13 +205,14 @@ def remove(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive flock on `path`. The kernel drops it when the process dies, so a
-    crashed plugin never leaves the network locked."""
+def locked(path: Path, shared: bool = False) -> Iterator[None]:
+    """An flock on `path`, exclusive unless `shared`. The kernel drops it when the
+    process dies, so a crashed plugin never leaves the network locked. (Each call opens
+    the file anew: threads of one process exclude each other too.)"""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

@@ -1,11 +1,11 @@
 """Install the CNI executable into a CNI bin dir."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import cni_plugin
+from runtime.fsutil import atomic_write
 
 CNI_NAME = "sockgate"
 
@@ -26,8 +26,8 @@ def install_cni(bin_dir: str, name: str = CNI_NAME) -> Path:
     directory = Path(bin_dir)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / name
-    tmp = directory / f".{name}.{os.getpid()}.tmp"
-    tmp.write_text(cni_launcher())
-    tmp.chmod(0o755)
-    os.replace(tmp, target)
+    # Through one temp name (`.sockgate.tmp`): what an install killed mid-write
+    # leaves is removed by the next install (runtime.fsutil), not left in a bin dir
+    # other plugins share.
+    atomic_write(target, cni_launcher().encode(), durable=False, mode=0o755)
     return target

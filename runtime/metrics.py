@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from runtime import nft
-from runtime.attach import all_attachments
+from runtime.store import all_attachments
 
 log = logging.getLogger(__name__)
 _ATT_LABELS = ["network", "container_id", "ifname", "pod_namespace", "pod_name", "container_name"]
@@ -35,9 +35,9 @@ class SockgateCollector:
         for att in atts:
             labels = [att.network, att.container_id, att.ifname, att.labels.get("pod_namespace", ""),
                       att.labels.get("pod_name", ""), att.labels.get("container_name", "")]
-            tp, tb, rp, rb = counted.get(att.host_ifname, (0, 0, 0, 0))
-            for name, value in (("tx_bytes", tb), ("tx_packets", tp), ("rx_bytes", rb), ("rx_packets", rp)):
-                families[name].add_metric(labels, value)
+            c = counted.get(att.host_ifname)
+            for name in ("tx_bytes", "tx_packets", "rx_bytes", "rx_packets"):
+                families[name].add_metric(labels, getattr(c, name) if c else 0)
         yield from families.values()
         drops = CounterMetricFamily("sockgate_policy_drops", "Packets refused or dropped, by reason",
                                     labels=["reason"])

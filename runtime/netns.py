@@ -95,6 +95,52 @@ def sysctl(key: str, value: str) -> None:
         fh.write(value)
 
 
+_conf_dirs: dict[str, tuple[int, int]] = {}  # family -> (netns inode, fd of /proc/sys/net/<family>/conf)
+_conf_lock = threading.Lock()
+
+
+def _own_conf_dir(family: str) -> int | None:
+    """An open /proc/sys/net/<family>/conf of the process's own netns (the node's, for
+    the agent and the plugin), when the calling thread is in it; None in any other
+    netns (a thread that joined a container's). That netns lives as long as the
+    process, so the descriptor can't come to name another one's."""
+    here = os.stat("/proc/thread-self/ns/net").st_ino
+    if here != os.stat("/proc/self/ns/net").st_ino:
+        return None
+    with _conf_lock:
+        cached = _conf_dirs.get(family)
+        if cached is not None and cached[0] == here:
+            return cached[1]
+        fd = os.open(f"/proc/sys/net/{family}/conf", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if cached is not None:
+            os.close(cached[1])
+        _conf_dirs[family] = (here, fd)
+        return fd
+
+
+def interface_sysctls(family: str, ifname: str, values: dict[str, str]) -> None:
+    """Write net.<family>.conf.<ifname>.<key> = value for each item, with at most one
+    path lookup under /proc/sys for all of them (none in the process's own netns).
+    That lookup is what costs on a busy node: /proc/sys/net holds one "ipv6" (and
+    "ipv4", ...) entry per network namespace that used it, all in one dentry hash
+    chain, so every path through it compares about as many names as there are
+    containers (~0.15 ms with a thousand; ~0.004 ms without)."""
+    base = _own_conf_dir(family)
+    if base is not None:
+        fd = os.open(ifname, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=base)
+    else:
+        fd = os.open(f"/proc/sys/net/{family}/conf/{ifname}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for key, value in values.items():
+            f = os.open(key, os.O_WRONLY | os.O_CLOEXEC, dir_fd=fd)
+            try:
+                os.write(f, value.encode())
+            finally:
+                os.close(f)
+    finally:
+        os.close(fd)
+
+
 def _kernel(action: str, exc: Exception) -> SockgateError:
     return SockgateError(KERNEL_FAILURE, f"failed to {action}", str(exc))
 
@@ -148,8 +194,7 @@ def configure_container(netns_path: str, ifname: str, ipv4: str, ipv6: str, gate
     container side's MAC."""
     def body() -> str:
         # No SLAAC, no router advertisements: the container's only v6 address is ours.
-        for key, value in (("accept_ra", "0"), ("autoconf", "0"), ("accept_dad", "0")):
-            sysctl(f"net.ipv6.conf.{ifname}.{key}", value)
+        interface_sysctls("ipv6", ifname, {"accept_ra": "0", "autoconf": "0", "accept_dad": "0"})
         with rtnl.Rtnl() as nl:
             link = rtnl.find(nl, ifname)
             if link is None:
@@ -176,20 +221,33 @@ def configure_container(netns_path: str, ifname: str, ipv4: str, ipv6: str, gate
 
 def enable_forwarding() -> None:
     """The node must route between veths and its uplink (what ptp does too). Note: with
-    IPv6 forwarding on, the node ignores router advertisements unless accept_ra=2."""
+    IPv6 forwarding on, the node ignores router advertisements unless accept_ra=2.
+    Read over rtnetlink and written only when off: a write of
+    net.ipv6.conf.all.forwarding walks every interface of the node under the RTNL
+    lock, even when the value doesn't change, and a path under /proc/sys costs a
+    lookup that grows with the number of containers (see interface_sysctls)."""
     try:
-        sysctl("net.ipv4.ip_forward", "1")
-        sysctl("net.ipv6.conf.all.forwarding", "1")
+        try:
+            with rtnl.Rtnl() as nl:
+                v4, v6_all, v6_default = nl.run(rtnl.get_netconf(socket.AF_INET),
+                                                rtnl.get_netconf(socket.AF_INET6),
+                                                rtnl.get_netconf(socket.AF_INET6, rtnl.NETCONFA_IFINDEX_DEFAULT))
+        except rtnl.RtnlError:
+            v4 = v6_all = v6_default = None  # can't tell: write them
+        if not (isinstance(v4, rtnl.Netconf) and v4.forwarding == 1):
+            sysctl("net.ipv4.ip_forward", "1")
+        # `all` also sets `default`, which new interfaces inherit.
+        if not all(isinstance(c, rtnl.Netconf) and c.forwarding == 1 for c in (v6_all, v6_default)):
+            sysctl("net.ipv6.conf.all.forwarding", "1")
     except OSError as exc:  # e.g. /proc/sys mounted read-only in an unprivileged container
         raise _kernel("enable IP forwarding", exc) from None
 
 
 def configure_host(host_ifname: str, host_ifindex: int, ipv4: str, ipv6: str) -> None:
     try:
-        sysctl(f"net.ipv6.conf.{host_ifname}.accept_ra", "0")
-        # fe80::1 is its link-local address; the one the shared MAC would give is the
-        # container end's.
-        sysctl(f"net.ipv6.conf.{host_ifname}.addr_gen_mode", "1")
+        # fe80::1 is its link-local address (addr_gen_mode 1: none generated); the one
+        # the shared MAC would give is the container end's.
+        interface_sysctls("ipv6", host_ifname, {"accept_ra": "0", "addr_gen_mode": "1"})
         with rtnl.Rtnl() as nl:
             nl.run(rtnl.new_addr(host_ifindex, GATEWAY_V6, 64, nodad=True),
                    rtnl.set_up(host_ifindex),

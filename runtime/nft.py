@@ -1,18 +1,23 @@
 """Talks to nftables: each script is one atomic transaction (`nft -f` semantics).
 
 Through libnftables (runtime/libnft.py) when it loads, else through the `nft`
-command. Not python-iptables: it drives the legacy iptables backend only.
+command; one attachment's elements (ADD, DEL, a DEL's counters) through
+runtime/nftnl.py, whose cost doesn't grow with the node. Not python-iptables: it
+drives the legacy iptables backend only.
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import logging
 import subprocess
+from dataclasses import dataclass
 
-from netpolicy.ruleset import (COUNTED_SETS, FAMILY, TABLE, EgressPolicy, Endpoint, add_endpoint, add_pools,
-                               assert_revision, endpoint_elements, remove_elements, remove_endpoint, render_table,
-                               revision)
+from netpolicy.ruleset import (COUNTED_SETS, FAMILY, REVISION_SET, TABLE, EgressPolicy, Endpoint, add_endpoint,
+                               add_pools, element_comment, endpoint_keys, parse_comment,
+                               remove_elements, render_table, revision, revision_key)
+from runtime import nftnl
 from runtime.errors import KERNEL_FAILURE, SockgateError
 from runtime.libnft import Nft, Unavailable
 
@@ -66,40 +71,65 @@ def table_exists() -> bool:
     return any(t.get("table", {}).get("name") == TABLE for t in _listing(f"list tables {FAMILY}"))
 
 
-def ensure_table(policy: EgressPolicy = EgressPolicy()) -> bool:
-    """Load the table if it is missing or was rendered from other rules; True if it
-    did. The rendering is idempotent, so two plugins racing here both succeed and
-    leave one table."""
+def table_current(policy: EgressPolicy = EgressPolicy()) -> bool:
+    """Whether the loaded table was rendered from `policy` (its first rule's stamp)."""
     rc, listed, _ = _nft(f"list chain {FAMILY} {TABLE} forward")
-    if rc != 0 or f"rev {revision(policy)}" not in listed:
-        run(render_table(policy))
-        return True
-    return False
+    return rc == 0 and f"rev {revision(policy)}" in listed
 
 
-def add(ep: Endpoint, pools: tuple[str, ...] = ()) -> None:
-    run(add_pools(pools) + add_endpoint(ep))
+def load_table(policy: EgressPolicy, endpoints: list[tuple[Endpoint, tuple[str, ...]]] = ()) -> None:
+    """The table and the elements of `endpoints` (each with its pools), in one
+    transaction: the table never exists without them. The rendering is idempotent
+    (elements already there stay), so a load racing another leaves one table."""
+    run(render_table(policy) + "".join(add_pools(pools) + add_endpoint(ep) for ep, pools in endpoints))
 
 
-def add_many(endpoints: list[tuple[Endpoint, tuple[str, ...]]], batch: int = 200) -> None:
-    """Elements of many endpoints (each with its pools), `batch` per transaction."""
-    for i in range(0, len(endpoints), batch):
-        run("".join(add_pools(pools) + add_endpoint(ep) for ep, pools in endpoints[i:i + batch]))
+def ensure_table(policy: EgressPolicy = EgressPolicy()) -> bool:
+    """Load the table (without restoring anything) if it is missing or was rendered
+    from other rules; True if it did."""
+    if table_current(policy):
+        return False
+    load_table(policy)
+    return True
+
+
+def _endpoint_ops(ep: Endpoint, op: str) -> list[nftnl.ElementOp]:
+    comment = element_comment(ep)
+    return [nftnl.ElementOp(op, s, key, comment if op == "add" and s in COUNTED_SETS else "")
+            for s, key in endpoint_keys(ep)]
 
 
 def add_if_current(ep: Endpoint, pools: tuple[str, ...], policy: EgressPolicy) -> bool:
     """Add the endpoint's elements in a transaction that asserts the loaded table was
-    rendered from `policy`. False, with nothing changed, when it wasn't (or is missing):
-    the caller loads the table and adds again. Saves an ADD the `list` that
-    ensure_table costs (~1.5 ms)."""
-    return _nft(assert_revision(policy) + add_pools(pools) + add_endpoint(ep))[0] == 0
+    rendered from `policy` (deleting and re-adding its revision element). False, with
+    nothing changed, when it wasn't (or is missing): the caller loads the table and
+    adds again. The pools go through libnftables first (interval sets, merged there);
+    they are the network's, harmless to add twice, and checked by the same assert."""
+    if pools and _nft(add_pools(pools))[0] != 0:
+        return False
+    mark = revision_key(policy)
+    ops = [nftnl.ElementOp("delete", REVISION_SET, mark), nftnl.ElementOp("add", REVISION_SET, mark),
+           *_endpoint_ops(ep, "add")]
+    try:
+        with nftnl.current() as sock:
+            sock.batch(TABLE, ops)
+    except nftnl.NftnlError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise SockgateError(KERNEL_FAILURE, "nftables transaction failed", str(exc)) from exc
+    return True
 
 
 def remove(ep: Endpoint) -> None:
     if ep.host_ifindex:
-        rc, _, err = _nft(remove_endpoint(ep))
-        if rc != 0 and table_exists():
-            raise SockgateError(KERNEL_FAILURE, "nftables transaction failed", err.strip())
+        # Idempotent: `delete` of a missing element would abort the transaction, so
+        # each element is first added (a no-op if it is there).
+        try:
+            with nftnl.current() as sock:
+                sock.batch(TABLE, _endpoint_ops(ep, "add") + _endpoint_ops(ep, "delete"))
+        except nftnl.NftnlError as exc:
+            if table_exists():
+                raise SockgateError(KERNEL_FAILURE, "nftables transaction failed", str(exc)) from exc
         return
     if not table_exists():
         return
@@ -109,7 +139,7 @@ def remove(ep: Endpoint) -> None:
     found = [("ifaces", f'"{ep.host_ifname}"')] if has_element("ifaces", f'"{ep.host_ifname}"') else []
     for set_name in COUNTED_SETS:
         for elem in _set_elements(set_name) or []:
-            if isinstance(elem, dict) and elem.get("elem", {}).get("comment") == ep.host_ifname:
+            if isinstance(elem, dict) and parse_comment(elem.get("elem", {}).get("comment", ""))[0] == ep.host_ifname:
                 found.append((set_name, _key_text(elem["elem"]["val"])))
     if found:
         run(remove_elements(found))
@@ -129,35 +159,75 @@ def has_element(set_name: str, element: str) -> bool:
 
 def endpoint_present(ep: Endpoint) -> list[str]:
     """Names of the sets missing one of the endpoint's elements (empty: all there)."""
-    return [name for name, element in endpoint_elements(ep) if not has_element(name, element)]
+    with nftnl.current() as sock:
+        return [name for name, key in endpoint_keys(ep) if sock.get(TABLE, name, key) is None]
 
 
-def counters(set_name: str) -> dict[str, tuple[int, int]] | None:
-    """(packets, bytes) per host veth name (the element's comment) of a counted set
-    (tx4, tx6, rx), one nft call; None when the set can't be read (billing must not
-    mistake that for zero)."""
+@dataclass(frozen=True)
+class Counted:
+    """What one counted element holds: its counter and its generation (the token of
+    its creation, from its comment)."""
+
+    packets: int
+    bytes: int
+    generation: str = ""
+
+
+@dataclass(frozen=True)
+class VethCounters:
+    """An endpoint's counters: tx sums its tx4 and tx6 elements. `generation` is that
+    of its elements, "?" when they disagree (one was re-created behind the others')."""
+
+    tx_packets: int
+    tx_bytes: int
+    rx_packets: int
+    rx_bytes: int
+    generation: str = ""
+
+
+def counters(set_name: str) -> dict[str, list[Counted]] | None:
+    """The counted elements of a set (tx4, tx6, rx) per host veth name, one nft call;
+    None when the set can't be read (billing must not mistake that for zero)."""
     elements = _set_elements(set_name)
     if elements is None:
         return None
-    out: dict[str, tuple[int, int]] = {}
+    out: dict[str, list[Counted]] = {}
     for elem in elements:
         if isinstance(elem, dict) and "comment" in elem.get("elem", {}):
+            name, generation = parse_comment(elem["elem"]["comment"])
             c = elem["elem"].get("counter", {})
-            p, b = out.get(elem["elem"]["comment"], (0, 0))
-            out[elem["elem"]["comment"]] = (p + int(c.get("packets", 0)), b + int(c.get("bytes", 0)))
+            out.setdefault(name, []).append(Counted(int(c.get("packets", 0)), int(c.get("bytes", 0)), generation))
     return out
 
 
-def endpoint_counters() -> dict[str, tuple[int, int, int, int]] | None:
-    """{host veth: (tx packets, tx bytes, rx packets, rx bytes)} for every endpoint with
-    an element in rx; tx sums v4 and v6. None when a set can't be read."""
+def endpoint_counters_of(ep: Endpoint) -> VethCounters | None:
+    """One endpoint's counters (see endpoint_counters), read element by element: what
+    a DEL needs, at the same cost whatever the size of the sets. None when it has no
+    rx element (its elements are gone)."""
+    with nftnl.current() as sock:
+        got = {s: sock.get(TABLE, s, key) for s, key in endpoint_keys(ep) if s in COUNTED_SETS}
+    rx = got.pop("rx")
+    if rx is None:
+        return None
+    tx = [e for e in got.values() if e is not None]
+    generations = {parse_comment(e.comment)[1] for e in [*tx, rx]}
+    return VethCounters(sum(e.packets for e in tx), sum(e.bytes for e in tx), rx.packets, rx.bytes,
+                        generations.pop() if len(generations) == 1 else "?")
+
+
+def endpoint_counters() -> dict[str, VethCounters] | None:
+    """{host veth: VethCounters} for every endpoint with an element in rx. None when a
+    set can't be read."""
     tx4, tx6, rx = (counters(s) for s in COUNTED_SETS)
     if tx4 is None or tx6 is None or rx is None:
         return None
     out = {}
-    for name, (rp, rb) in rx.items():
-        (p4, b4), (p6, b6) = tx4.get(name, (0, 0)), tx6.get(name, (0, 0))
-        out[name] = (p4 + p6, b4 + b6, rp, rb)
+    for name, rx_elems in rx.items():
+        tx = tx4.get(name, []) + tx6.get(name, [])
+        generations = {c.generation for c in tx + rx_elems}
+        out[name] = VethCounters(sum(c.packets for c in tx), sum(c.bytes for c in tx),
+                                 sum(c.packets for c in rx_elems), sum(c.bytes for c in rx_elems),
+                                 generations.pop() if len(generations) == 1 else "?")
     return out
 
 

@@ -7,15 +7,16 @@ import datetime as dt
 import ipaddress
 import json
 import logging
+import time
 from pathlib import Path
 
 from netpolicy.compile import Compiled, compile_policy
 from netpolicy.policy import Policy, PolicyError, parse_policy
 from netpolicy.ranges import IPNetwork, google_ranges
 from netpolicy.ruleset import EgressPolicy
-from runtime import nft
+from runtime import nft, restore
 from runtime.errors import INVALID_CONFIG, IO_FAILURE, NOT_AVAILABLE, SockgateError
-from runtime.fsutil import atomic_write_json, file_stamp, read_json
+from runtime.fsutil import atomic_write_json, file_stamp, locked, read_json
 
 log = logging.getLogger(__name__)
 
@@ -122,18 +123,35 @@ def compiled(policy_file: str, state_dir: str) -> Compiled:
 def apply(policy_file: str, state_dir: str) -> Compiled:
     """Compile, then load in one transaction. Any error before the load leaves the
     policy in force untouched. A table that had to be loaded gets the elements of
-    every recorded attachment back (see runtime.attach.restore_elements)."""
+    every recorded attachment back (see runtime.restore)."""
     result = compiled(policy_file, state_dir)
     ensure_loaded(result.egress, state_dir)
     return result
 
 
-def ensure_loaded(egress: EgressPolicy, state_dir: str) -> None:
-    """The table rendered from `egress` is loaded; if it had to be (re)loaded, the
-    attachments recorded under state_dir get their elements back."""
-    if nft.ensure_table(egress):
-        from runtime.attach import restore_elements  # attach imports this module
-        restore_elements(state_dir)
+def table_lock(state_dir: str, exclusive: bool = False):
+    """ADD and DEL hold it (shared, side by side) while they change an attachment's
+    elements and record; a reload holds it alone, so the attachments it restores are
+    exactly the ready ones, none half added or half removed."""
+    return locked(Path(state_dir) / "table.lock", shared=not exclusive)
+
+
+def ensure_loaded(egress: EgressPolicy, state_dir: str) -> bool:
+    """The table rendered from `egress` is loaded; if it had to be (re)loaded, with the
+    elements of every ready attachment recorded under state_dir in the same
+    transaction. True if it was. A failed load changes nothing and is retried by the
+    next call (the agent's check, the next ADD)."""
+    if nft.table_current(egress):
+        return False
+    started = time.monotonic()
+    with table_lock(state_dir, exclusive=True):
+        if nft.table_current(egress):
+            return False  # another process loaded it while we waited
+        endpoints = restore.ready_endpoints(state_dir)
+        nft.load_table(egress, endpoints)
+    log.warning("nft table was loaded with the elements of %d attachment(s) in %.0f ms",
+                len(endpoints), (time.monotonic() - started) * 1000)
+    return True
 
 
 # True while the agent's PolicyKeeper watches the loaded table (runtime.policy_watch).

@@ -67,17 +67,25 @@ class PolicyKeeper:
                 events.close()
 
     def _watch(self, stop: threading.Event, events: TableEvents | None) -> None:
+        # DNS never holds this loop: lookups run in the Refresher's own threads and
+        # their answers are collected here as they come, so a table check or a stop is
+        # never late by a lookup's timeout.
+        next_check = 0.0
         while not stop.is_set():
             if self.applied is False or file_stamp(Path(self.policy_file)) != self.applied:
                 self._apply()
-            else:
+                next_check = time.monotonic() + self.check_every
+            elif time.monotonic() >= next_check:
                 self._check_table()
+                next_check = time.monotonic() + self.check_every
+            wait = next_check - time.monotonic()
             if self.refresher is not None:
-                self.refresher.refresh_due()
-                wait = min(self.check_every, max(0.2, self.refresher.next_due() - time.monotonic()))
-            else:
-                wait = self.check_every
+                self.refresher.collect()
+                self.refresher.start_due()
+                wait = min(wait, self.refresher.wake_in())
+            wait = max(wait, 0.0)
             if events is None:
                 stop.wait(wait)
             elif events.wait(wait, stop):
                 log.debug("nf_tables announced a change to the table: checking it")
+                next_check = 0.0

@@ -113,7 +113,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETOBJ, NFT_MSG_NEWOBJ
 from netpolicy.ruleset import TABLE
 from runtime import netns
 from runtime.rtnl import attributes, messages
-from runtime.attach import all_attachments
+from runtime.store import all_attachments
 from runtime.errors import SockgateError
 from runtime.fsutil import atomic_write_json
 from runtime.store import Attachment

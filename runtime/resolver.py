@@ -15,6 +15,12 @@ answer opens anything it is screened against the node's internal networks
 (netpolicy.answers), so that DNS rebinding or a poisoned resolver can't turn an
 exception into a door to the inside. The node's side of that (its addresses, links,
 gateways, the container pools) is read here, in the node's netns.
+
+A lookup can take a while (the policy's resolver.timeout per family, with a resolver
+that doesn't answer), so each hostname is looked up in a daemon thread of its own and
+its answer applied by whoever drives the Refresher: the agent's policy keeper goes on
+checking the table meanwhile, and stops at once on SIGTERM, leaving a lookup still
+under way behind (nothing it learns is applied then).
 """
 from __future__ import annotations
 
@@ -39,6 +45,9 @@ log = logging.getLogger(__name__)
 GRACE_S = 2
 MAX_BACKOFF_S = 60
 FAMILIES = ("A", "AAAA")
+# While lookups are under way their answers are collected this often: the delay before
+# an answer opens anything, and before a stop is noticed.
+POLL_S = 0.2
 _SETS = {"A": "allow4_dns", "AAAA": "allow6_dns"}
 # resolved.json: {hostname: [addresses open now], ...}, the shape `policy explain` reads.
 # Dropped answers go under this key, which can't be a hostname (policy._HOSTNAME).
@@ -247,8 +256,33 @@ def elements_script(elements: Iterable[tuple[str, str, int]], timeout: int) -> s
     return "\n".join(lines) + "\n" if lines else ""
 
 
+class _Pending:
+    """One hostname's lookups (the families due) under way in a daemon thread. Nobody
+    has to wait for it: abandoned (at shutdown, or when a new policy replaced the
+    Refresher), it finishes within the resolver's lifetime and its answer is dropped."""
+
+    def __init__(self, host: str, rdtypes: tuple[str, ...], settings: ResolverSettings, started: float) -> None:
+        self.host, self.rdtypes, self.started = host, rdtypes, started
+        self.lookups: tuple[Lookup, ...] = ()
+        self.done = threading.Event()
+        threading.Thread(target=self._run, args=(settings,), name=f"resolve {host}", daemon=True).start()
+
+    def _run(self, settings: ResolverSettings) -> None:
+        try:
+            self.lookups = resolve(self.host, settings, self.rdtypes)
+        except Exception as exc:  # noqa: BLE001 - a socket error too is a failed lookup, retried with backoff
+            self.lookups = tuple(Lookup(t, error=f"{type(exc).__name__}: {exc}") for t in self.rdtypes)
+        finally:
+            self.done.set()
+
+
 class Refresher:
-    """Keeps every exception hostname resolved, each family on its own TTL."""
+    """Keeps every exception hostname resolved, each family on its own TTL.
+
+    Driven either a round at a time (refresh_due: start what is due, wait for the
+    answers, apply them) or without ever waiting for DNS (run, and the agent's policy
+    keeper: start_due, then collect what has come in, every POLL_S while lookups are
+    under way)."""
 
     def __init__(self, policy: Policy, record: Path | None = None,
                  view: Callable[[], NodeView] = node_view) -> None:
@@ -260,21 +294,40 @@ class Refresher:
         self.failures = {key: 0 for key in keys}
         self.held: dict[tuple[str, str], _Held] = {}
         self.last: dict[str, Resolution] = {}
+        self.pending: dict[str, _Pending] = {}  # by hostname: at most one lookup each at a time
 
     def _internal(self) -> tuple[Internal, ...]:
         return internal_networks(self.policy.blocked, self.view())
 
     def refresh_due(self, now: float | None = None) -> list[Resolution]:
+        """One round: look up what is due, wait for the answers, apply them."""
+        self.start_due(now)
+        for pending in list(self.pending.values()):
+            pending.done.wait()
+        return self.collect()
+
+    def start_due(self, now: float | None = None) -> None:
+        """Start looking up the families that are due, of hostnames not being looked up
+        already. Their schedule counts from now (the start, as a TTL does)."""
         now = time.monotonic() if now is None else now
         by_host: dict[str, list[str]] = {}
         for (host, rdtype), due in sorted(self.due.items()):
-            if due <= now:
+            if due <= now and host not in self.pending:
                 by_host.setdefault(host, []).append(rdtype)
-        internal: tuple[Internal, ...] | None = None  # read once per round, when needed
-        done = []
         for host, rdtypes in by_host.items():
+            self.pending[host] = _Pending(host, tuple(rdtypes), self.policy.resolver, now)
+
+    def collect(self) -> list[Resolution]:
+        """Apply the answers of the lookups that have finished (screened, into the nft
+        sets, resolved.json); the others stay under way."""
+        finished = sorted((p for p in self.pending.values() if p.done.is_set()), key=lambda p: p.host)
+        internal: tuple[Internal, ...] | None = None  # read once per batch, when needed
+        done = []
+        for pending in finished:
+            host = pending.host
+            del self.pending[host]
             lookups, opened, dropped = [], [], []
-            for lk in resolve(host, self.policy.resolver, rdtypes):
+            for lk in pending.lookups:
                 if not lk.error:
                     try:
                         if internal is None and lk.addresses:
@@ -285,7 +338,7 @@ class Refresher:
                     else:
                         opened += opening.opened
                         dropped += opening.dropped
-                self._schedule(host, lk, now)
+                self._schedule(host, lk, pending.started)
                 lookups.append(lk)
             res = Resolution(host, tuple(lookups), tuple(opened), tuple(dropped))
             self.last[host] = res
@@ -345,7 +398,16 @@ class Refresher:
     def next_due(self) -> float:
         return min(self.due.values(), default=time.monotonic() + 3600)
 
+    def wake_in(self) -> float:
+        """Seconds until there is something to do: answers to collect (polled while
+        lookups are under way) or a lookup to start."""
+        if self.pending:
+            return POLL_S
+        return max(POLL_S, self.next_due() - time.monotonic())
+
     def run(self, stop: threading.Event) -> None:
+        """Until stop is set, which ends it within POLL_S whatever DNS does."""
         while not stop.is_set():
-            self.refresh_due()
-            stop.wait(max(0.2, self.next_due() - time.monotonic()))
+            self.collect()
+            self.start_due()
+            stop.wait(self.wake_in())

@@ -28,6 +28,7 @@ from typing import Iterator
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_GETLINK, RTM_SETLINK = 16, 18, 19
 RTM_NEWADDR, RTM_NEWROUTE, RTM_NEWNEIGH = 20, 24, 28
+RTM_NEWNETCONF, RTM_GETNETCONF = 80, 82
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x100, 0x200, 0x400
 # attributes
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_GROUP, IFLA_NET_NS_FD = 1, 3, 4, 18, 27, 28
@@ -35,6 +36,8 @@ IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 NDA_DST, NDA_LLADDR = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY = 1, 4, 5, 6
+NETCONFA_IFINDEX, NETCONFA_FORWARDING = 1, 2
+NETCONFA_IFINDEX_ALL, NETCONFA_IFINDEX_DEFAULT = -1, -2
 # values
 IFF_UP, IFF_NOARP = 0x1, 0x80
 IFA_F_NODAD = 0x02
@@ -164,6 +167,22 @@ def new_route(dst: str, oif: int, gateway: str = "", scope: int = RT_SCOPE_UNIVE
                    f"add route {dst}" + (f" via {gateway}" if gateway else ""))
 
 
+def get_netconf(family: int, ifindex: int = NETCONFA_IFINDEX_ALL) -> Request:
+    """A family's netconf (forwarding, ...) of an interface, or of `all`/`default`:
+    what /proc/sys/net/ipv{4,6}/conf/*/forwarding say, without a path lookup under
+    /proc/sys (whose top level holds a "net" entry per network namespace that used
+    it: with a thousand containers, each lookup compares a thousand names)."""
+    body = struct.pack("=Bxxx", family) + _attr(NETCONFA_IFINDEX, struct.pack("=i", ifindex))
+    return Request(RTM_GETNETCONF, 0, body, f"get netconf family {family} ifindex {ifindex}")
+
+
+@dataclass(frozen=True)
+class Netconf:
+    family: int
+    ifindex: int
+    forwarding: int | None
+
+
 @dataclass(frozen=True)
 class Link:
     index: int
@@ -185,12 +204,13 @@ class Rtnl:
     def __exit__(self, *exc: object) -> None:
         self.sock.close()
 
-    def run(self, *requests: Request) -> list[Link | None]:
+    def run(self, *requests: Request) -> list[Link | Netconf | None]:
         """Send the requests in batches of BATCH; the kernel handles them in order.
         Raises RtnlError for the first one refused (those after it are still handled,
         as they would be if sent one by one and the error ignored: callers roll back
-        the whole attachment anyway). Returns, per request, the Link a get_link found."""
-        out: list[Link | None] = []
+        the whole attachment anyway). Returns, per request, the Link a get_link found
+        (the Netconf a get_netconf did)."""
+        out: list[Link | Netconf | None] = []
         error: RtnlError | None = None
         for start in range(0, len(requests), BATCH):
             links, failed = self._batch(requests[start:start + BATCH])
@@ -200,9 +220,9 @@ class Rtnl:
             raise error
         return out
 
-    def _batch(self, requests: tuple[Request, ...]) -> tuple[list[Link | None], RtnlError | None]:
+    def _batch(self, requests: tuple[Request, ...]) -> tuple[list[Link | Netconf | None], RtnlError | None]:
         seqs = {}
-        out: list[Link | None] = [None] * len(requests)
+        out: list[Link | Netconf | None] = [None] * len(requests)
         buf = bytearray()
         for i, req in enumerate(requests):
             seq = next(_seq)
@@ -223,6 +243,8 @@ class Rtnl:
                         error = RtnlError(code, requests[i].what)
                 elif kind == RTM_NEWLINK:
                     out[i] = _parse_link(payload)
+                elif kind == RTM_NEWNETCONF:
+                    out[i] = parse_netconf(payload)
                 elif kind == NLMSG_DONE:
                     pending.discard(seq)
         return out, error
@@ -254,6 +276,18 @@ def _parse_link(body: bytes) -> Link:
     _, _, index, flags, _ = _IFINFO.unpack_from(body)
     mac = next((value.hex(":") for kind, value in attributes(body[_IFINFO.size:]) if kind == IFLA_ADDRESS), "")
     return Link(index, mac, flags)
+
+
+def parse_netconf(body: bytes) -> Netconf:
+    """An RTM_NEWNETCONF message's payload (struct netconfmsg, then attributes)."""
+    family = body[0] if body else 0
+    ifindex, forwarding = 0, None
+    for kind, value in attributes(body[4:]):
+        if kind == NETCONFA_IFINDEX and len(value) >= 4:
+            ifindex = struct.unpack_from("=i", value)[0]
+        elif kind == NETCONFA_FORWARDING and len(value) >= 4:
+            forwarding = struct.unpack_from("=i", value)[0]
+    return Netconf(family, ifindex, forwarding)
 
 
 def find(rtnl: Rtnl, name: str) -> Link | None:

@@ -4,14 +4,18 @@ it again after a crash of the plugin or the agent.
 Records are written atomically (rename) but not fsynced: they describe veths, routes
 and nft elements, all of which a crash of the node takes with it. A record torn by
 such a crash is unreadable; it is treated as absent, and GC removes it (see
-`scan`). An fsync here cost ~3 ms of every ADD."""
+`scan`). An fsync here cost ~3 ms of every ADD.
+
+A writer killed in the middle of a write leaves the record's temp file
+(`.<container>--<ifname>.json.tmp`, see runtime.fsutil): DEL removes that record's,
+GC every one that no live writer holds."""
 from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from runtime.fsutil import atomic_write_json, read_json, remove
+from runtime.fsutil import atomic_write_json, read_json, remove, remove_stale_temps, remove_temp
 
 ADDING = "adding"
 READY = "ready"
@@ -44,6 +48,9 @@ class Attachment:
     runtime_config: dict = field(default_factory=dict)
     state: str = ADDING
     created: str = ""
+    # The token of the elements ADD created (runtime.restore.new_generation): billing
+    # tells by it that a table reload re-created them before the first record.
+    generation: str = ""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -76,6 +83,14 @@ class AttachmentStore:
     def delete(self, container_id: str, ifname: str) -> None:
         remove(self._path(container_id, ifname))
 
+    def remove_temp(self, container_id: str, ifname: str) -> bool:
+        """The temp file a writer of this record died with (never a live writer's)."""
+        return remove_temp(self._path(container_id, ifname))
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Every record's temp file that no live writer holds."""
+        return remove_stale_temps(self.directory)
+
     def all(self) -> list[Attachment]:
         return self.scan()[0]
 
@@ -92,3 +107,11 @@ class AttachmentStore:
                 else:
                     found.append(att)
         return found, unreadable
+
+
+def all_attachments(state_dir: str) -> list[Attachment]:
+    """Every attachment of every network under a state dir."""
+    root = Path(state_dir) / "networks"
+    if not root.is_dir():
+        return []
+    return [att for net in sorted(root.iterdir()) for att in AttachmentStore(net / "attachments").all()]

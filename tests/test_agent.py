@@ -2,16 +2,24 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from netpolicy.ruleset import CONTAINER_IFGROUP
 from runtime.lab import LAB
+from runtime.lab.policy import write_lab_policy
 from runtime.store import host_ifname
 from tests.support.plugin import node_links
 
@@ -231,3 +239,228 @@ def test_agent_says_whether_the_conntrack_table_holds_every_container_at_its_bou
         plugin.delete("big", ns)
     finally:
         agent.stop()
+
+
+# --- stopping while DNS is down; clients that hang up ---------------------------------
+
+# TEST-NET-1: no lab server has it, and _dns_dropped makes the internet netns discard
+# what is sent there, without the ICMP error that could end a lookup early.
+DEAF_DNS = "192.0.2.53"
+# SIGTERM must stop the agent within 1 s; the margin covers the interpreter's exit and
+# a busy 2-core machine (others run tests concurrently), not a lookup's timeout (5 s).
+STOP_BOUND_S = 1.0
+STOP_MARGIN_S = 0.5
+
+
+@contextmanager
+def _dns_dropped(lab, addr: str) -> Iterator[None]:
+    table = f"sgtest_deaf_dns_{os.getpid()}"
+    lab.run(lab.internet, ["nft", "-f", "-"],
+            input=f"table ip {table} {{\n chain pre {{\n type filter hook prerouting priority -300\n"
+                  f" ip daddr {addr} drop\n }}\n}}\n")
+    try:
+        yield
+    finally:
+        lab.run(lab.internet, ["nft", "delete", "table", "ip", table], check=False)
+
+
+def _log_entries(log: Path) -> list[dict]:
+    """Every line of the agent's stdout+stderr, parsed: a line that isn't JSON (a
+    traceback, a stray print) fails the test here."""
+    entries = []
+    for line in log.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"agent wrote a line that is not JSON: {line!r}\n{log.read_text()[-3000:]}")
+    return entries
+
+
+def _when(entry: dict) -> datetime:
+    return datetime.strptime(entry["ts"], "%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _wait_for_log(agent, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in agent.log.read_text():
+        assert agent.proc.poll() is None, agent.log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no {text!r} in the agent's log: {agent.log.read_text()[-3000:]}"
+        time.sleep(0.05)
+
+
+class _Vanishing(threading.Thread):
+    """Watches the ready file and the socket (1 ms polls) until both are gone: when
+    each went, and whether the socket was ever gone while the ready file was not."""
+
+    def __init__(self, ready: Path, sock: Path) -> None:
+        super().__init__(daemon=True)
+        self.ready, self.sock = ready, sock
+        self.gone: dict[str, float] = {}
+        self.socket_first = False
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set() and len(self.gone) < 2:
+            # The socket first: a ready file seen after a missing socket was there when
+            # the socket was missing (it never comes back).
+            sock = self.sock.exists()
+            ready = self.ready.exists()
+            now = time.monotonic()
+            if not ready:
+                self.gone.setdefault("ready", now)
+            if not sock:
+                self.gone.setdefault("socket", now)
+                self.socket_first |= ready
+            time.sleep(0.001)
+
+
+def test_sigterm_stops_within_a_second_while_dns_does_not_answer(plugin, lab, tmp_path):
+    """Lookups of the exception hostnames hang (a resolver that drops every query,
+    5 s per try) and a client is connected without sending its request: SIGTERM still
+    stops the agent within a second, and the ready file goes before the socket."""
+    from tests.conftest import AgentProcess
+    policy = write_lab_policy(tmp_path / "deaf.json",
+                              resolver={"nameservers": [DEAF_DNS], "minTtl": 1, "timeout": 5})
+    plugin.conf = dict(plugin.conf, policyFile=str(policy))
+    with _dns_dropped(lab, DEAF_DNS):
+        agent = AgentProcess(lab, plugin, tmp_path).start()
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            _wait_for_log(agent, "policy applied", 20)
+            time.sleep(0.5)
+            # The lookups are under way and none has timed out yet.
+            assert "failed" not in agent.log.read_text(), agent.log.read_text()[-3000:]
+            sock = Path(plugin.conf["runDir"]) / "agent.sock"
+            silent.connect(str(sock))
+            watch = _Vanishing(agent.ready, sock)
+            watch.start()
+            signalled = time.monotonic()
+            agent.proc.send_signal(signal.SIGTERM)
+            rc = agent.proc.wait(30)
+            took = time.monotonic() - signalled
+            watch.done.set()
+            watch.join(5)
+        finally:
+            silent.close()
+            agent.stop(signal.SIGKILL)
+    print(f"SIGTERM to exit: {took:.3f} s")
+    assert rc == 0, agent.log.read_text()[-3000:]
+    assert took < STOP_BOUND_S + STOP_MARGIN_S, f"SIGTERM took {took:.2f} s: {agent.log.read_text()[-3000:]}"
+    assert not agent.ready.exists() and not sock.exists()
+    assert set(watch.gone) == {"ready", "socket"} and watch.gone["ready"] <= watch.gone["socket"]
+    assert not watch.socket_first, "the socket was gone while the ready file still said ready"
+    entries = _log_entries(agent.log)
+    msgs = [e["msg"] for e in entries]
+    # The agent's own account: from the signal to the last line within the bound.
+    down = next(e for e in entries if e["msg"].startswith("shutting down"))
+    stopped = next(e for e in entries if e["msg"].startswith("stopped"))
+    assert (_when(stopped) - _when(down)).total_seconds() < STOP_BOUND_S, msgs
+    assert any("no request" in m and "shutting down" in m for m in msgs), msgs
+
+
+def _hang_up_after(lab, sock: Path, request: bytes) -> None:
+    """A client process sends `request` (without closing its side, so the agent waits
+    for the rest) and is killed before it reads an answer."""
+    script = ("import socket, sys, time\n"
+              "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+              f"s.connect({str(sock)!r})\n"
+              "s.sendall(sys.stdin.buffer.read())\n"
+              "print('sent', flush=True)\n"
+              "time.sleep(60)\n")
+    client = lab.popen(lab.node, [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        client.stdin.write(request)
+        client.stdin.close()
+        assert client.stdout.readline() == b"sent\n"
+    finally:
+        client.kill()
+        client.wait(10)
+
+
+def _scrape(lab) -> str:
+    return lab.run(lab.node, [sys.executable, "-c", "import urllib.request; print(urllib.request.urlopen("
+                              "'http://127.0.0.1:9464/metrics', timeout=5).read().decode())"]).stdout
+
+
+def test_a_client_killed_mid_request_is_logged_and_counted_without_a_traceback(plugin, agent, app, lab):
+    from cni_plugin import wire
+    sock = Path(plugin.conf["runDir"]) / "agent.sock"
+    ns = app()
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "gone", "CNI_NETNS": ns, "CNI_IFNAME": "eth0",
+           "CNI_ARGS": "IgnoreUnknown=1", "CNI_PATH": str(Path(plugin.exe).parent)}
+    full = wire.encode_request(env, json.dumps(plugin.conf).encode())
+    # Killed mid-send: the agent gets a truncated request, and nobody to answer.
+    _hang_up_after(lab, sock, full[:30])
+    # Killed after sending: the ADD is done, its answer has nowhere to go.
+    _hang_up_after(lab, sock, full)
+    deadline = time.monotonic() + 20
+    while len([e for e in agent.served() if "not delivered" in e["msg"]]) < 2:
+        assert time.monotonic() < deadline, agent.log.read_text()[-3000:]
+        time.sleep(0.1)
+    lost = [e for e in agent.served() if "not delivered" in e["msg"]]
+    assert lost[0]["msg"].startswith("malformed request") and " rc=1 " in lost[0]["msg"], lost
+    assert lost[1]["msg"].startswith("ADD gone/eth0 rc=0 "), lost
+    assert all(e["level"] == "warning" for e in lost)
+    # The ADD happened: the runtime that hung up will DEL it, as here.
+    assert plugin("CHECK", "gone", ns).rc == 0
+    plugin.delete("gone", ns)
+    scrape = _scrape(lab)
+    assert 'sockgate_cni_requests_total{command="ADD",result="client_gone"} 1.0' in scrape, scrape
+    assert 'sockgate_cni_requests_total{command="other",result="client_gone"} 1.0' in scrape, scrape
+    assert 'sockgate_cni_requests_total{command="DEL",result="ok"} 1.0' in scrape, scrape
+    entries = _log_entries(agent.log)
+    assert not any("Traceback" in json.dumps(e) for e in entries), entries
+
+
+def test_the_plugin_answers_in_process_when_the_agent_socket_path_is_unusable(plugin, app, tmp_path):
+    """A runDir too long for a unix socket's address: connecting fails before anything
+    was sent, so the request runs in-process, and the output is the result, never a
+    traceback."""
+    conf = dict(plugin.conf, runDir=str(tmp_path / ("r" * 120)))
+    ns = app()
+    add = plugin("ADD", "longrun", ns, conf=conf)
+    assert add.rc == 0, add.stdout + add.stderr
+    assert add.json["ips"] and "Traceback" not in add.stdout + add.stderr
+    gone = plugin("DEL", "longrun", ns, conf=conf)
+    assert gone.rc == 0 and gone.stdout.strip() == "" and "Traceback" not in gone.stderr
+
+
+def test_requests_queued_at_sigterm_are_answered(plugin, agent):
+    """Clients that connected before the socket went away get their answer, also those
+    the agent had not accepted yet when SIGTERM came (else: a reset, code 11, a retry)."""
+    from cni_plugin import wire
+    sock = Path(plugin.conf["runDir"]) / "agent.sock"
+    request = wire.encode_request({"CNI_COMMAND": "VERSION", "CNI_CONTAINERID": "", "CNI_IFNAME": ""},
+                                  json.dumps(plugin.conf).encode())
+    clients: list[socket.socket] = []
+    try:
+        for n in range(60):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                client.connect(str(sock))
+            except FileNotFoundError:  # the stop removed the socket: the shim would run in-process
+                client.close()
+                break
+            clients.append(client)
+            client.sendall(request)
+            client.shutdown(socket.SHUT_WR)
+            if n == 20:
+                agent.proc.send_signal(signal.SIGTERM)
+        answers = []
+        for client in clients:
+            client.settimeout(20)
+            data = b""
+            try:
+                while chunk := client.recv(65536):
+                    data += chunk
+            except OSError as exc:
+                data = f"{type(exc).__name__}".encode()
+            answers.append(data)
+    finally:
+        for client in clients:
+            client.close()
+    assert agent.proc.wait(30) == 0
+    assert len(clients) > 20
+    unanswered = [a[:80] for a in answers if not a.startswith(b"0\n") or b"supportedVersions" not in a]
+    assert not unanswered, unanswered
+    assert len([e for e in agent.served() if e["msg"].startswith("VERSION")]) == len(clients)

@@ -4,12 +4,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
+from runtime.lab.builder import PROJECT_ROOT
 from runtime.store import host_ifname
-from tests.support.plugin import node_links, nft_set
+from tests.support.plugin import node_links, nft_set, temp_files, wait_until_ready
+from tests.support.stop_at_replace import wait_stopped
 
 pytestmark = pytest.mark.lab
 
@@ -151,6 +156,121 @@ def test_killed_add_leaves_nothing_after_del(plugin, app, lab):
         host = host_ifname(plugin.conf["name"], "killed", "eth0")
         assert host not in node_links(plugin.node_netns)
         assert not [e for s in ("ifaces", "tx4", "tx6", "rx") for e in nft_set(plugin.node_netns, s) if host in e]
+
+
+def _attachments_dir(plugin) -> Path:
+    return plugin.state_dir / "networks" / plugin.conf["name"] / "attachments"
+
+
+def _valid(*cids: str) -> dict:
+    return {"cni.dev/valid-attachments": [{"containerID": c, "ifname": "eth0"} for c in cids]}
+
+
+def _nothing_left(plugin, cid: str) -> None:
+    # leases() and records() list the temp files of their directories too.
+    assert plugin.leases() == [] and plugin.records() == []
+    host = host_ifname(plugin.conf["name"], cid, "eth0")
+    assert host not in node_links(plugin.node_netns)
+    assert not [e for s in ("ifaces", "tx4", "tx6", "rx") for e in nft_set(plugin.node_netns, s) if host in e]
+
+
+def _start_add(plugin, cid: str, ns: str, argv: list[str] | None = None) -> subprocess.Popen:
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": "ADD", "CNI_CONTAINERID": cid,
+           "CNI_NETNS": ns, "CNI_IFNAME": "eth0", "CNI_ARGS": "IgnoreUnknown=1",
+           "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = subprocess.Popen(["nsenter", f"--net={plugin.node_netns}", *(argv or [plugin.exe])], env=env,
+                            cwd=PROJECT_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(json.dumps(plugin.conf).encode())
+    proc.stdin.close()
+    return proc
+
+
+@pytest.mark.parametrize("cleanup", ["DEL", "GC"])
+def test_agent_killed_in_a_record_write_leaves_nothing(plugin, app, lab, tmp_path, cleanup):
+    """kill -9 of the agent between writing an attachment record's temp file and renaming
+    it (it stops itself there: tests/support/stop_at_replace). While it is stopped, a
+    GC from another process leaves that temp file alone (a live writer's); once it is
+    killed, DEL or GC leaves no file behind, nor veth nor element."""
+    record = "k--eth0.json"
+    c = plugin.conf
+    log, ready = tmp_path / "agent.log", tmp_path / "agent.ready"
+    # The record's second write: ADD's "ready" one, made after the veth and elements,
+    # outside the network lock (the first is under it, and would hold GC up).
+    agent = lab.popen(lab.node, [sys.executable, "-m", "tests.support.stop_at_replace", record, "2",
+                                 "runtime.cli", "agent", "--state-dir", c["stateDir"], "--run-dir", c["runDir"],
+                                 "--policy", c["policyFile"], "--ready-file", str(ready)], log=log)
+    add = None
+    try:
+        wait_until_ready(agent, ready, log, 30)
+        ns = app()
+        add = _start_add(plugin, "k", ns)
+        wait_stopped(agent.pid)
+        attachments = _attachments_dir(plugin)
+        assert temp_files(attachments) == [f".{record}.tmp"]
+        # Stopped right between the two: the ready record is written, not yet renamed.
+        assert json.loads((attachments / f".{record}.tmp").read_text())["state"] == "ready"
+        assert json.loads((attachments / record).read_text())["state"] == "adding"
+        # In-process (no agent at this runDir): the stopped agent can't answer.
+        offline = dict(c, runDir=str(tmp_path / "no-agent"), **_valid("k"))
+        gc = plugin("GC", conf=offline)
+        assert gc.rc == 0, gc.stdout
+        assert temp_files(attachments) == [f".{record}.tmp"]
+        agent.kill()
+        agent.wait(timeout=30)
+        assert add.wait(timeout=60) != 0  # the ADD never got its answer
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(timeout=30)
+        if add is not None and add.poll() is None:
+            add.kill()
+            add.wait(timeout=30)
+    assert temp_files(_attachments_dir(plugin)) == [f".{record}.tmp"]
+    if cleanup == "DEL":
+        plugin.delete("k", ns)
+    else:
+        gc = plugin("GC", conf=dict(c, **_valid()))
+        assert gc.rc == 0, gc.stdout
+    _nothing_left(plugin, "k")
+
+
+def test_plugin_killed_in_its_first_record_write_leaves_nothing_after_del(plugin, app):
+    """The in-process plugin (no agent), stopped then killed in the record's first
+    write, under the network lock: the kernel drops both locks with it, and DEL
+    finds and removes the temp file, the leases and the record."""
+    ns = app()
+    add = _start_add(plugin, "p", ns, [sys.executable, "-m", "tests.support.stop_at_replace", "p--eth0.json", "1",
+                                       "cni_plugin"])
+    try:
+        wait_stopped(add.pid)
+        assert plugin.records() == [".p--eth0.json.tmp"]  # no record yet, only its temp file
+        assert len(plugin.leases()) == 2
+    finally:
+        add.kill()
+        add.wait(timeout=30)
+    plugin.delete("p", ns)
+    _nothing_left(plugin, "p")
+
+
+def test_gc_removes_an_earlier_version_s_crash_leftovers(plugin, app):
+    """What the issue found after a kill -9 of an earlier version: a zero-byte
+    `.<record>.<pid>.<thread>.tmp`; and a lease cursor's temp symlink, and a lease left
+    empty by a kill between its create and its write. GC removes them (a record's temp
+    once it is a minute old: those writers took no lock to ask)."""
+    plugin.add("live", app())
+    attachments = _attachments_dir(plugin)
+    old = attachments / ".gone--eth0.json.4242.139871.tmp"
+    young = attachments / ".young--eth0.json.4243.139871.tmp"
+    old.touch()
+    young.touch()
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    leases = attachments.parent / "leases"
+    (leases / "10.77.250.250").touch()
+    os.symlink("10.77.0.9", leases / ".last-v4.4242.139871.tmp")  # the cursor's, any age: written under the lock
+    gc = plugin("GC", conf=dict(plugin.conf, **_valid("live")))
+    assert gc.rc == 0, gc.stdout
+    assert plugin.records() == ["live--eth0.json", young.name]
+    assert len(plugin.leases()) == 2 and "10.77.250.250" not in plugin.leases()
 
 
 @pytest.mark.parametrize("link", ["kept", "gone"])

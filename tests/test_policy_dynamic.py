@@ -3,6 +3,7 @@ invalid policies that must change nothing."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -145,7 +146,13 @@ def test_invalid_policy_is_rejected_and_the_policy_in_force_stays(lab, plugin, a
     r = _cli(lab, "policy", "apply", "--policy", str(path), "--state-dir", str(plugin.state_dir))
     assert r.returncode != 0 and field in r.stderr, r.stderr
     after = lab.run(lab.node, ["nft", "-s", "list", "table", "inet", "sockgate"]).stdout
-    strip = lambda text: "\n".join(line for line in text.splitlines() if "expires" not in line)  # noqa: E731
+    # Elements of the DNS sets run out by themselves: an earlier test's 2 s answers may
+    # expire between the two listings (the sooner, the faster lookups go); so do the
+    # per-container bounds (flow_count/flow_rate) once a container's flows end. Compare
+    # the rest.
+    transient = re.compile(r"\. (tcp|udp) \. \d+ timeout |ct count over|limit rate")
+    strip = lambda text: "\n".join(line for line in text.splitlines()  # noqa: E731
+                                    if "expires" not in line and not transient.search(line))
     assert strip(after) == strip(before)
     # An ADD under a broken policy file is refused, naming the field, and leaves nothing.
     call = plugin("ADD", "badpolicy", app(), conf=dict(plugin.conf, policyFile=str(path)))

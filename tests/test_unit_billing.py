@@ -2,6 +2,7 @@
 checkpoints, torn writes, rotation, reports, and kill -9 at chosen points of a flush."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -19,7 +20,7 @@ from runtime.billing import Counters, Ledger, final_record, flush
 from runtime.cli import main as cli_main
 from runtime.errors import SockgateError
 from runtime.netconf import parse_netconf
-from runtime.store import READY, Attachment, AttachmentStore, host_ifname
+from runtime.store import ADDING, READY, Attachment, AttachmentStore, host_ifname
 
 PROJECT = Path(__file__).resolve().parents[1]
 T0 = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
@@ -185,7 +186,60 @@ def test_final_record_for_idle_billed_and_never_billed(env):
     assert env.final(never) is None
     # Its elements gone (an ADD rolled back before nft.add): nothing either.
     del env.kernel.c[never.host_ifname]
-    assert env.final(never) is None
+    assert env.final(dataclasses.replace(never, state=ADDING)) is None
+
+
+def test_final_record_says_counters_missing_for_a_ready_attachment_without_elements(env):
+    """Elements deleted behind sockgate's back and never restored (a flushed table):
+    whether or not it was billed before, its end is on the ledger, with what is known."""
+    never, billed = make_att(env.state, "never"), make_att(env.state, "billed")
+    env.kernel.send(billed, tx=40)
+    env.flush()
+    env.kernel.c.clear()
+    for att, counter in ((never, 0), (billed, 40)):
+        rec = env.final(att)
+        assert rec["final"] and rec["counters_missing"] and rec["tx_bytes"] == 0
+        assert rec["counter_tx_bytes"] == counter
+    by_key = {r["attachment"]: r for r in all_records(env.dir) if r["final"]}
+    assert len(by_key) == 2 and all(r["seq"] == (1 if "never" in k else 2) for k, r in by_key.items())
+
+
+def test_a_recreated_counter_is_a_reset_whatever_value_it_reached(env):
+    """The table was reloaded between two flushes: the elements are new (another
+    generation) and their counters started from zero, even where they have already
+    climbed past the value of the last record."""
+    att = make_att(env.state, "c1")
+    env.kernel.c[att.host_ifname] = Counters(tx_bytes=100, tx_packets=2, generation="aaaa")
+    first = env.flush()[0]
+    assert first["counter_generation"] == "aaaa" and first["tx_bytes"] == 100
+    env.kernel.c[att.host_ifname] = Counters(tx_bytes=150, tx_packets=3, generation="bbbb")
+    env.clock.tick(60)
+    rec = env.flush()[0]
+    assert rec["counter_reset"] and (rec["tx_bytes"], rec["tx_packets"]) == (150, 3)
+    assert rec["counter_generation"] == "bbbb"
+    # Same generation again: an ordinary delta.
+    env.kernel.c[att.host_ifname] = Counters(tx_bytes=170, tx_packets=4, generation="bbbb")
+    env.clock.tick(60)
+    rec = env.flush()[0]
+    assert "counter_reset" not in rec and rec["tx_bytes"] == 20
+
+
+def test_a_reload_before_the_first_record_is_a_reset(env):
+    """The table was reloaded before the attachment's first record (found by
+    scripts/soak: an nft flush between ADD and DEL): its elements are not the ones ADD
+    created, and what those counted is lost. The first record says so."""
+    att = make_att(env.state, "c1")
+    att.generation = "aaaa"
+    AttachmentStore(env.state / "networks" / "net" / "attachments").save(att)
+    env.kernel.c[att.host_ifname] = Counters(tx_bytes=40, tx_packets=1, generation="bbbb")
+    rec = env.final(att)
+    assert rec["counter_reset"] and (rec["tx_bytes"], rec["tx_packets"]) == (40, 1)
+    # The elements ADD created, or a record of a version that kept no generation: no reset.
+    for cid, created_gen, counter_gen in (("c2", "cccc", "cccc"), ("c3", "", "dddd")):
+        other = make_att(env.state, cid)
+        other.generation = created_gen
+        env.kernel.c[other.host_ifname] = Counters(tx_bytes=40, tx_packets=1, generation=counter_gen)
+        assert "counter_reset" not in env.final(other)
 
 
 def test_final_record_disabled_and_orphan(env, tmp_path):

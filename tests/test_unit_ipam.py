@@ -57,3 +57,50 @@ def test_concurrent_allocation_never_duplicates(tmp_path):
         t.join()
     assert len(got) == 50 and len(set(got)) == 50
     assert len(store.leases()) == 50
+
+
+def test_release_owner_with_addresses_reads_only_those(tmp_path, monkeypatch):
+    store = LeaseStore(tmp_path)
+    v4, v6 = ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("fd00::/64")
+    mine = Owner("c1", "eth0")
+    a4, a6 = store.allocate(v4, mine), store.allocate(v6, mine)
+    other = store.allocate(v4, Owner("c2", "eth0"))
+    monkeypatch.setattr(LeaseStore, "leases", lambda self: pytest.fail("listed every lease"))
+    assert sorted(map(str, store.release_owner(mine, (str(a4), str(a6))))) == sorted([str(a4), str(a6)])
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [str(other)]
+
+
+def test_release_owner_never_frees_another_owners_lease_and_falls_back_to_a_scan(tmp_path):
+    store = LeaseStore(tmp_path)
+    pool = ipaddress.ip_network("10.0.0.0/24")
+    mine = store.allocate(pool, Owner("c1", "eth0"))
+    theirs = store.allocate(pool, Owner("c2", "eth0"))
+    # The record names an address that is now someone else's (or none at all, or junk):
+    # only c1's own lease goes, found by the scan.
+    assert store.release_owner(Owner("c1", "eth0"), (str(theirs), "not-an-address", "10.0.0.200")) == [mine]
+    assert list(store.leases()) == [theirs]
+    assert store.release_owner(Owner("c1", "eth0"), (str(theirs),)) == []
+
+
+def test_allocate_probes_after_the_cursor_before_listing(tmp_path, monkeypatch):
+    store = LeaseStore(tmp_path)
+    pool = ipaddress.ip_network("10.0.0.0/24")
+    first = store.allocate(pool, Owner("c0", "eth0"))
+    listed = []
+    real = __import__("os").listdir
+    monkeypatch.setattr("runtime.ipam.os.listdir", lambda d: listed.append(d) or real(d))
+    assert store.allocate(pool, Owner("c1", "eth0")) == first + 1
+    assert listed == []
+
+
+def test_allocate_lists_once_past_taken_addresses(tmp_path, monkeypatch):
+    from runtime import ipam
+    store = LeaseStore(tmp_path)
+    pool = ipaddress.ip_network("10.0.0.0/24")
+    for i in range(ipam.PROBES_BEFORE_LISTING + 5):     # taken behind the cursor's back
+        (tmp_path / f"10.0.0.{i + 1}").write_bytes(b"x\neth0\n")
+    listed = []
+    real = __import__("os").listdir
+    monkeypatch.setattr("runtime.ipam.os.listdir", lambda d: listed.append(d) or real(d))
+    got = store.allocate(pool, Owner("c1", "eth0"))
+    assert str(got) == f"10.0.0.{ipam.PROBES_BEFORE_LISTING + 6}" and len(listed) == 1

@@ -1,5 +1,8 @@
 """The table rendering (pure)."""
-from netpolicy.ruleset import EgressPolicy, Endpoint, FlowBounds, add_endpoint, remove_endpoint, render_table
+import sys
+
+from netpolicy.ruleset import (EgressPolicy, Endpoint, FlowBounds, add_endpoint, endpoint_elements, endpoint_keys,
+                               render_table)
 
 
 def test_render_is_deterministic_and_idempotent_in_form():
@@ -19,17 +22,21 @@ def test_policy_plugs_into_egress_chain():
     assert "add rule inet sockgate egress_policy ip daddr @blocked4 drop" in text
 
 
-def test_endpoint_elements_and_idempotent_removal():
+def test_endpoint_elements_as_text_and_as_kernel_keys():
     ep = Endpoint("sgabc", 42, "10.77.0.5", "fd77::5")
     add = add_endpoint(ep)
     # Keyed by interface index; counted elements name their veth for billing.
     assert 'add element inet sockgate tx4 { 42 . 10.77.0.5 comment "sgabc" }' in add
     assert 'add element inet sockgate rx { 42 comment "sgabc" }' in add
     assert 'add element inet sockgate ifaces { "sgabc" }' in add
-    rm = remove_endpoint(ep)
-    # add-then-delete in one transaction: succeeds whether or not the element exists.
-    assert rm.startswith(add) and rm.count("delete element") == 4
-    assert "delete element inet sockgate tx6 { 42 . fd77::5 }" in rm
+    # The binary keys (runtime.nftnl) are the same elements, in the same order: a
+    # host-order u32 index, then the address in network order; names NUL-padded.
+    keys = dict(endpoint_keys(ep))
+    assert [s for s, _ in endpoint_keys(ep)] == [s for s, _ in endpoint_elements(ep)]
+    assert keys["tx4"] == (42).to_bytes(4, sys.byteorder) + bytes([10, 77, 0, 5])
+    assert keys["tx6"] == (42).to_bytes(4, sys.byteorder) + bytes.fromhex("fd77" + "00" * 12 + "0005")
+    assert keys["rx"] == (42).to_bytes(4, sys.byteorder)
+    assert keys["ifaces"] == b"sgabc" + b"\0" * 11
 
 
 def test_busy_path_is_one_lookup_before_any_jump():

@@ -1,6 +1,7 @@
 """CNI control-plane benchmark: how long a runtime waits for ADD and DEL.
 
     scripts/bench-cni [--containers 50] [--parallel 8] [--rounds 1] [--json]
+    scripts/bench-cni --attached 1000 [--containers 30] [--parallel 4] [--rounds 2] [--json]
 
 A benchmark, not a timed test: it always exits 0 once it measured, whatever the ratios
 (non-zero only when it could not measure). On one lab (runtime/lab/: node netns plus
@@ -34,6 +35,10 @@ background; the agent is started before and stopped (SIGTERM, which waits for th
 reaper to drain) after each of its scenarios, so no scenario inherits another's
 work. After each ADD phase and each scenario the benchmark checks, untimed, that all
 containers were attached and that nothing (link, lease, container interface) is left.
+
+With --attached N the benchmark measures something else: sockgate+agent alone, ADD
+and DEL with 10 and with N containers attached to the node, and the ratios of the two
+(runtime/bench/cni_scale.py says how).
 
 Latencies on a 2-CPU machine move a lot with anything else running: for each scenario
 the report gives the share of the CPUs used by processes other than this benchmark's
@@ -610,6 +615,11 @@ to stdout. Takes about 2 minutes with the defaults on 2 CPUs.""")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat all six scenarios, rotating the plugin order; samples are pooled (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object instead of tables")
+    p.add_argument("--attached", type=int, default=0, metavar="N",
+                   help="instead of the scenarios above: sockgate+agent ADD and DEL latency with 10 and with N "
+                        "containers attached to the node (each with its netns, attached through the same agent), "
+                        "blocks of the two alternating (--rounds 2: 10, N, N, 10); prints the ratios at N / at 10 "
+                        "(target <= 1.2). With --containers 30 --parallel 4 --rounds 2 and N=1000 about 5 minutes")
     return p
 
 
@@ -620,10 +630,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--containers, --parallel and --rounds must be >= 1")
     if args.containers > 9999:
         parser.error("--containers must be <= 9999")
+    if args.attached and not 10 < args.attached <= 20000:
+        parser.error("--attached must be more than 10 (the baseline) and at most 20000")
     if os.geteuid() != 0:
         print("bench-cni: needs root (it builds network namespaces)", file=sys.stderr)
         return 2
     try:
+        if args.attached:
+            from runtime.bench import cni_scale
+            cni_scale.main(args)
+            return 0
         rep = run(args)
     except KeyboardInterrupt:
         print("bench-cni: interrupted; lab torn down", file=sys.stderr)

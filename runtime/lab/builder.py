@@ -37,6 +37,8 @@ from pathlib import Path
 from types import FrameType, MappingProxyType
 from typing import Any, Iterator, Mapping, Sequence
 
+from runtime.fsutil import atomic_write, remove_stale_temps
+
 NETNS_DIR = Path("/run/netns")
 RUN_DIR = Path("/run/sockgate-lab")
 PKG_DIR = Path(__file__).resolve().parent
@@ -174,9 +176,7 @@ class LabCommandError(subprocess.CalledProcessError):
 # --- small helpers -------------------------------------------------------------
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text.encode(), durable=False)
 
 
 def _proc_start(pid: int) -> int | None:
@@ -556,6 +556,7 @@ class Lab:
             return []
         cleaned = []
         with _global_lock():
+            remove_stale_temps(RUN_DIR)  # records of labs whose creator died mid-write
             claimed: set[str] = set()
             for path in sorted(RUN_DIR.glob("*.pid")):
                 rec = _Record.load(path)

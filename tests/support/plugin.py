@@ -3,10 +3,13 @@ variables plus config on stdin, run inside the lab's node netns."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from runtime.fsutil import is_temp_name
 
 
 @dataclass
@@ -86,12 +89,21 @@ def wait_until_ready(proc: subprocess.Popen, ready: Path, log: Path, timeout: fl
 
 def state_leftovers(state_dir: Path, network: str) -> dict[str, list[str]]:
     """The leases and attachment records of `network` under a state dir (empty lists
-    when clean)."""
+    when clean). Each list also holds the temp files (`.….tmp`: an atomic write that
+    never got renamed) in its directory, so that "nothing left" means none of those
+    either; the lease cursor (`.last-v4`, `.last-v6`) is not a leftover."""
     base = state_dir / "networks" / network
 
     def names(d: Path, pattern: str) -> list[str]:
-        return sorted(p.name for p in d.glob(pattern) if not p.name.startswith(".")) if d.is_dir() else []
+        if not d.is_dir():
+            return []
+        return sorted(p.name for p in d.glob(pattern) if not p.name.startswith(".")) + temp_files(d)
     return {"leases": names(base / "leases", "*"), "records": names(base / "attachments", "*.json")}
+
+
+def temp_files(directory: Path) -> list[str]:
+    """Names of the temp files in `directory` (runtime.fsutil.is_temp_name)."""
+    return sorted(name for name in os.listdir(directory) if is_temp_name(name)) if directory.is_dir() else []
 
 
 def nft_set(node_netns: str, name: str) -> list[str]:
