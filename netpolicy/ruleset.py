@@ -386,10 +386,19 @@ def add_endpoint(ep: Endpoint) -> str:
                    for s, e in endpoint_elements(ep))
 
 
-def add_pools(pools: tuple[str, ...]) -> str:
-    """A network's pools as destinations no container may reach (sets pools4/pools6,
-    which auto-merge, so every ADD may add them again)."""
-    return "".join(f"add element {FAMILY} {TABLE} pools{6 if ':' in p else 4} {{ {p} }}\n" for p in pools)
+def add_pools(pools: tuple[str, ...] | list[str]) -> str:
+    """Prefixes as destinations no container may reach (sets pools4/pools6, which
+    auto-merge, so every ADD may add its network's pools again). One command per
+    family, the prefixes collapsed: libnftables' auto-merge fails a transaction
+    ("File exists") that adds adjacent prefixes to a new set in separate commands, as
+    a reload restoring many containers' addresses would."""
+    nets = [ipaddress.ip_network(p, strict=False) for p in pools]
+    out = []
+    for version, set_name in ((4, "pools4"), (6, "pools6")):
+        mine = list(ipaddress.collapse_addresses(n for n in nets if n.version == version))
+        if mine:
+            out.append(f"add element {FAMILY} {TABLE} {set_name} {{ {', '.join(map(str, mine))} }}\n")
+    return "".join(out)
 
 
 def remove_elements(elements: list[tuple[str, str]]) -> str:

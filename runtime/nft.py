@@ -81,7 +81,8 @@ def load_table(policy: EgressPolicy, endpoints: list[tuple[Endpoint, tuple[str, 
     """The table and the elements of `endpoints` (each with its pools), in one
     transaction: the table never exists without them. The rendering is idempotent
     (elements already there stay), so a load racing another leaves one table."""
-    run(render_table(policy) + "".join(add_pools(pools) + add_endpoint(ep) for ep, pools in endpoints))
+    run(render_table(policy) + add_pools([p for _, pools in endpoints for p in pools])
+        + "".join(add_endpoint(ep) for ep, _ in endpoints))
 
 
 def ensure_table(policy: EgressPolicy = EgressPolicy()) -> bool:

@@ -39,7 +39,9 @@ def test_flush_during_churn_restores_every_attachment_and_bills_exactly(lab, plu
     agent = AgentProcess(lab, plugin, tmp_path, ("--metrics-address", "", "--billing-interval", "3600")).start()
     try:
         counted(lab.internet, internet_table(["a"]))
-        [a] = attach(plugin, app, ["a"])
+        # Two containers alive across the flushes, with adjacent addresses: a reload
+        # restores both in one transaction (their addresses merge in the pool sets).
+        a, b = attach(plugin, app, ["a", "b"])
         traffic(lab, a)
         cli_flush(lab, plugin)      # billed up to here; a sends nothing until the flushes are over
 
@@ -73,11 +75,13 @@ def test_flush_during_churn_restores_every_attachment_and_bills_exactly(lab, plu
         failed = [c for c in calls if c[1] != 0 or c[3] != 0]
         assert not failed, failed
 
-        # The container alive across the flushes has its elements and its traffic back.
-        _wait(lambda: plugin("CHECK", a.cid, a.ns).rc == 0, 10, "a's elements were not restored")
-        assert _counted_comments(lab) == {a.host}, "elements of a deleted container were left (or restored)"
+        # The containers alive across the flushes have their elements and traffic back.
+        for c in (a, b):
+            _wait(lambda: plugin("CHECK", c.cid, c.ns).rc == 0, 10, f"{c.cid}'s elements were not restored")
+        assert _counted_comments(lab) == {a.host, b.host}, "elements of a deleted container were left (or restored)"
         agent_log = agent.log.read_text()
-        assert "was loaded with the elements of 1 attachment(s)" in agent_log, agent_log[-2000:]
+        assert "was loaded with the elements of 2 attachment(s)" in agent_log, agent_log[-2000:]
+        assert "cannot reload" not in agent_log, agent_log[-2000:]
 
         # Twice the traffic billed before the flush: the new counter climbs past the
         # last billed value. It is a new one all the same.
@@ -86,6 +90,7 @@ def test_flush_during_churn_restores_every_attachment_and_bills_exactly(lab, plu
         cli_flush(lab, plugin)
         time.sleep(0.3)
         plugin.delete(a.cid, a.ns)
+        plugin.delete(b.cid, b.ns)
         recs = billed(plugin.state_dir / "billing")[a.cid]
         assert len(recs) == 3 and recs[1].get("counter_reset") and recs[1]["tx_bytes"] == recs[1]["counter_tx_bytes"]
         assert recs[0]["counter_generation"] != recs[1]["counter_generation"]

@@ -1,8 +1,8 @@
 """The table rendering (pure)."""
 import sys
 
-from netpolicy.ruleset import (EgressPolicy, Endpoint, FlowBounds, add_endpoint, endpoint_elements, endpoint_keys,
-                               render_table)
+from netpolicy.ruleset import (EgressPolicy, Endpoint, FlowBounds, add_endpoint, add_pools, endpoint_elements,
+                               endpoint_keys, render_table)
 
 
 def test_render_is_deterministic_and_idempotent_in_form():
@@ -136,3 +136,12 @@ def test_closing_flows_and_unreplied_udp_have_bounded_timeouts():
     assert "policy = { unreplied: 30, replied: 77 }" in text
     assert 'ct timeout set "idle_tcp_77_b"' in text and 'ct timeout set "idle_udp_77_b"' in text
     assert FlowBounds().entries == 1024 + 200 + 100 * 10
+
+
+def test_pools_are_one_collapsed_command_per_family():
+    # Adjacent prefixes in separate commands make libnftables' auto-merge fail a
+    # transaction that creates the set (a reload restoring many containers).
+    out = add_pools(["10.77.0.1/32", "10.77.0.2/32", "10.77.0.3/32", "fd77::1/128", "fd77::2/128", "10.78.0.0/16"])
+    assert out == ("add element inet sockgate pools4 { 10.77.0.1/32, 10.77.0.2/31, 10.78.0.0/16 }\n"
+                   "add element inet sockgate pools6 { fd77::1/128, fd77::2/128 }\n")
+    assert add_pools([]) == ""

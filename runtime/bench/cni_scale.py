@@ -375,7 +375,9 @@ class ScaleBench:
             deadline = time.monotonic() + 10
             while len(loads := loads_ms(self.agent.log.read_text().splitlines())) <= seen:
                 if time.monotonic() > deadline:
-                    raise BenchError(f"at {config} attachments: the agent logged no table load after a flush")
+                    tail = self.agent.log.read_text().splitlines()[-5:]
+                    raise BenchError(f"at {config} attachments: the agent logged no table load after a flush "
+                                     f"(probe: {got}; agent log ends: {tail})")
                 time.sleep(0.05)
             if got["window_ms"] is None or got["rx_elements"] != config:
                 raise BenchError(f"at {config} attachments: after a flush the table came back with "
