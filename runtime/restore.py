@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 
-from netpolicy.ruleset import Endpoint
+from netpolicy.ruleset import CONTAINER_IFGROUP, Endpoint
 from runtime import netns, rtnl
 from runtime.store import READY, all_attachments
 
@@ -34,7 +34,8 @@ def ready_endpoints(state_dir: str) -> list[tuple[Endpoint, tuple[str, ...]]]:
     # A reload is also what an upgrade brings: veths made by a sockgate that did not
     # set the container interface group get it now, before the rules rely on it, and
     # those that still resolve neighbours stop (the rules drop the container's ND).
-    netns.mark_container_links([link.index for link in links.values()])
+    # (Only those not in it yet: a link change costs ~0.2 ms, 200 ms on a node of 1,000.)
+    netns.mark_container_links([link.index for link in links.values() if link.group != CONTAINER_IFGROUP])
     for att in ready:
         link = links.get(att.host_ifname)
         if link is not None and not link.flags & rtnl.IFF_NOARP:

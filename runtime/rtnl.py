@@ -188,6 +188,7 @@ class Link:
     index: int
     mac: str
     flags: int = 0
+    group: int = 0  # IFLA_GROUP
 
 
 class Rtnl:
@@ -274,8 +275,13 @@ def attributes(body: bytes) -> Iterator[tuple[int, bytes]]:
 
 def _parse_link(body: bytes) -> Link:
     _, _, index, flags, _ = _IFINFO.unpack_from(body)
-    mac = next((value.hex(":") for kind, value in attributes(body[_IFINFO.size:]) if kind == IFLA_ADDRESS), "")
-    return Link(index, mac, flags)
+    mac, group = "", 0
+    for kind, value in attributes(body[_IFINFO.size:]):
+        if kind == IFLA_ADDRESS:
+            mac = value.hex(":")
+        elif kind == IFLA_GROUP and len(value) >= 4:
+            group = struct.unpack_from("=I", value)[0]
+    return Link(index, mac, flags, group)
 
 
 def parse_netconf(body: bytes) -> Netconf:

@@ -21,3 +21,12 @@ def test_parse_netconf_reads_forwarding_and_ifindex():
     assert rtnl.parse_netconf(body) == rtnl.Netconf(socket.AF_INET, -1, 1)
     assert rtnl.parse_netconf(bytes([socket.AF_INET6, 0, 0, 0])).forwarding is None
 
+
+
+def test_parse_link_reads_index_mac_flags_and_group():
+    body = (rtnl._IFINFO.pack(0, 0, 42, rtnl.IFF_UP | rtnl.IFF_NOARP, 0)
+            + rtnl._attr(rtnl.IFLA_ADDRESS, bytes.fromhex("0a0b0c0d0e0f"))
+            + rtnl._attr(rtnl.IFLA_GROUP, rtnl._u32(0x5347)))
+    assert rtnl._parse_link(body) == rtnl.Link(42, "0a:0b:0c:0d:0e:0f", rtnl.IFF_UP | rtnl.IFF_NOARP, 0x5347)
+    # No IFLA_GROUP (not in the answer): group 0, as the kernel defaults.
+    assert rtnl._parse_link(rtnl._IFINFO.pack(0, 0, 7, 0, 0)).group == 0
