@@ -33,7 +33,7 @@ def _agent(args: argparse.Namespace) -> int:
                       docker_socket=args.docker_socket, docker_host=args.docker_host)
     cfg.components.append(("policy", lambda c: PolicyKeeper(c.policy_file, c.state_dir,
                                                             check_every=args.table_check_interval)))
-    cfg.components.append(("reaper", lambda c: _reaper()))
+    cfg.components.append(("reaper", lambda c: _reaper(c.run_dir, c.state_dir)))
     cfg.components.append(("conntrack", lambda c: BudgetWatch(c.policy_file, c.state_dir)))
     cfg.components.append(("billing", lambda c: BillingFlusher(c.state_dir, interval=args.billing_interval)))
     reclaimer = Reclaimer(args.state_dir, nudge_interval=args.reclaim_nudge,
@@ -42,9 +42,15 @@ def _agent(args: argparse.Namespace) -> int:
     return run_agent(cfg, reclaims=reclaimer.counts)
 
 
-def _reaper():
+def _reaper(run_dir: str, state_dir: str):
+    from pathlib import Path
     from runtime import netns
-    reaper = netns.LinkReaper()
+    from runtime.store import all_attachments
+
+    def in_use() -> set[str]:
+        return {att.host_ifname for att in all_attachments(state_dir)}
+    # Under the run dir: the marks must outlive the agent, not the node (nor its veths).
+    reaper = netns.LinkReaper(Path(run_dir) / "retired", in_use)
     netns.use_reaper(reaper)
     return reaper
 

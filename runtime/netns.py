@@ -275,17 +275,45 @@ def delete_link(ifname: str) -> bool:
 class LinkReaper:
     """Deletes retired links in the background. Deleting a veth waits for an RCU grace
     period in the kernel (~40 ms here), which DEL need not wait for once the link is
-    down: a down link carries no packet, and its routes are gone with it."""
+    down: a down link carries no packet, and its routes are gone with it.
 
-    def __init__(self) -> None:
+    With `pending_dir`, the queue survives a `kill -9` of the agent: each retired link
+    is marked there (an empty file named after it, under /run) before it goes down and
+    unmarked once deleted; the next reaper deletes what is still marked. Without it a
+    killed agent's queued links stayed, down, for good: their DEL had returned 0 and
+    removed lease and record, so neither a DEL retry nor GC knew of them (found by
+    scripts/soak). `in_use` names the host veths that have an attachment record: a
+    marked link that is up again or recorded (the same container added again) is
+    someone's, and only unmarked."""
+
+    def __init__(self, pending_dir: str | os.PathLike[str] | None = None,
+                 in_use: Callable[[], set[str]] | None = None) -> None:
         self._queue: list[str] = []
         self._cond = threading.Condition()
+        self._pending = os.fspath(pending_dir) if pending_dir is not None else None
+        self._in_use = in_use
+        if self._pending is not None:
+            os.makedirs(self._pending, mode=0o700, exist_ok=True)
+
+    def _mark(self, ifname: str) -> None:
+        if self._pending is not None:
+            with open(os.path.join(self._pending, ifname), "w"):
+                pass
+
+    def _unmark(self, ifname: str) -> None:
+        if self._pending is not None:
+            try:
+                os.unlink(os.path.join(self._pending, ifname))
+            except FileNotFoundError:
+                pass
 
     def retire(self, ifname: str) -> bool:
+        self._mark(ifname)   # before the link goes down: a kill in between leaves the mark
         try:
             with rtnl.Rtnl() as nl:
                 nl.run(rtnl.set_down_by_name(ifname))
         except rtnl.RtnlError as exc:
+            self._unmark(ifname)
             if exc.errno == errno.ENODEV:
                 return False
             raise _kernel(f"set {ifname} down", exc) from None
@@ -294,8 +322,33 @@ class LinkReaper:
             self._cond.notify()
         return True
 
+    def recover(self) -> list[str]:
+        """Queue the links an earlier reaper marked and never deleted; returns them."""
+        if self._pending is None:
+            return []
+        marked = sorted(n for n in os.listdir(self._pending) if n.startswith("sg"))
+        if not marked:
+            return []
+        found = links(marked)
+        in_use = self._in_use() if self._in_use is not None else set()
+        queued = []
+        for name in marked:
+            link = found.get(name)
+            if link is None or link.flags & rtnl.IFF_UP or name in in_use:
+                self._unmark(name)
+            else:
+                queued.append(name)
+        if queued:
+            log.warning("deleting %d link(s) retired by an earlier agent and never deleted: %s",
+                        len(queued), ", ".join(queued))
+            with self._cond:
+                self._queue.extend(queued)
+                self._cond.notify()
+        return queued
+
     def run(self, stop: threading.Event) -> None:
         """Until stop is set and the queue is empty: nothing retired is left behind."""
+        self.recover()
         while True:
             with self._cond:
                 while not self._queue and not stop.is_set():
@@ -304,6 +357,7 @@ class LinkReaper:
                     return
                 ifname = self._queue.pop(0)
             delete_link(ifname)
+            self._unmark(ifname)
 
 
 _reaper: LinkReaper | None = None

@@ -151,6 +151,8 @@ def ensure_loaded(egress: EgressPolicy, state_dir: str) -> bool:
         nft.load_table(egress, endpoints)
     log.warning("nft table was loaded with the elements of %d attachment(s) in %.0f ms",
                 len(endpoints), (time.monotonic() - started) * 1000)
+    if endpoints:
+        restore.end_escaped_flows(endpoints)
     return True
 
 

@@ -150,7 +150,8 @@ TCP_CONNTRACK_ESTABLISHED = 3
 _CT_DESTROY_TYPE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
 _CT_NEW_TYPE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW     # also a GET's answer
 _NFGENMSG_LEN = 4
-CTA_TUPLE_ORIG, CTA_STATUS = 1, 3
+CTA_TUPLE_ORIG, CTA_STATUS, CTA_ID, CTA_STATUS_MASK = 1, 3, 12, 26
+IPS_SRC_NAT = 0x10
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
@@ -390,6 +391,30 @@ def parse_ct_status(payload: bytes) -> int | None:
     return None
 
 
+def parse_unmasqueraded(payload: bytes, sources: set[str]) -> bytes | None:
+    """The CTA_TUPLE_ORIG (and CTA_ID) attributes, ready for a DELETE, of a dumped
+    entry whose original source is one of `sources` and that was not source-NATed;
+    None for any other entry."""
+    attrs = dict(attributes(payload[_NFGENMSG_LEN:]))
+    status = attrs.get(CTA_STATUS, b"")
+    if len(status) < 4 or struct.unpack_from("!I", status)[0] & IPS_SRC_NAT:
+        return None
+    orig = attrs.get(CTA_TUPLE_ORIG)
+    if orig is None:
+        return None
+    ip = dict(attributes(dict(attributes(orig)).get(CTA_TUPLE_IP, b"")))
+    if CTA_IP_V4_SRC in ip:
+        src = socket.inet_ntop(socket.AF_INET, ip[CTA_IP_V4_SRC])
+    elif CTA_IP_V6_SRC in ip:
+        src = socket.inet_ntop(socket.AF_INET6, ip[CTA_IP_V6_SRC])
+    else:
+        return None
+    if src not in sources:
+        return None
+    ident = _nla(CTA_ID, attrs[CTA_ID]) if CTA_ID in attrs else b""
+    return _nla(CTA_TUPLE_ORIG, orig) + ident
+
+
 def parse_udp_idle_timeout(payload: bytes) -> int | None:
     """The `replied` timeout (s) of an nf_tables ct timeout object for UDP (payload of
     an NFT_MSG_NEWOBJ message); None for any other object."""
@@ -512,6 +537,38 @@ class Conntrack:
             log.debug("can't read the ct timeout objects of table inet %s: %s", table, os.strerror(err))
             return None
         return found
+
+    def purge_unmasqueraded(self, sources: set[str]) -> int:
+        """Delete the entries of flows from `sources` (containers' addresses) that were
+        not masqueraded: flows a container opened while sockgate's table was missing
+        (a flush, until the reload). They went out unfiltered with the container's own
+        address and without sockgate's idle timeout, and would otherwise live on,
+        accepted as established by the reloaded rules, for the kernel's 5 days.
+        Returns how many were deleted; -1 when the dump failed."""
+        # The kernel drops the masqueraded ones itself (status filter, Linux >= 5.19).
+        body = _nla(CTA_STATUS, struct.pack("!I", 0)) + _nla(CTA_STATUS_MASK, struct.pack("!I", IPS_SRC_NAT))
+        victims: list[tuple[int, bytes]] = []
+
+        def entry(mtype: int, payload: bytes) -> None:
+            if mtype == _CT_NEW_TYPE:
+                found = parse_unmasqueraded(payload, sources)
+                if found is not None:
+                    victims.append((payload[0], found))
+        try:
+            err = self._wait(self._request(body, IPCTNL_MSG_CT_GET, NLM_F_DUMP, socket.AF_UNSPEC), True, entry)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+        if err:
+            log.warning("conntrack dump for flows that escaped masquerading failed: %s", os.strerror(err))
+            return -1
+        deleted = 0
+        for family, attrs in victims:
+            try:
+                if self._wait(self._request(attrs, IPCTNL_MSG_CT_DELETE, NLM_F_ACK, family), False) == 0:
+                    deleted += 1
+            except OSError:
+                continue  # gone meanwhile, or no answer: the next reload's purge tries again
+        return deleted
 
     def nudge(self) -> None:
         """Walk the conntrack hash with a dump that matches nothing: the walk evicts

@@ -10,11 +10,14 @@ re-adds the elements of a container a DEL was removing.
 """
 from __future__ import annotations
 
+import logging
 import secrets
 
 from netpolicy.ruleset import CONTAINER_IFGROUP, Endpoint
 from runtime import netns, rtnl
 from runtime.store import READY, all_attachments
+
+log = logging.getLogger(__name__)
 
 
 def new_generation() -> str:
@@ -43,3 +46,21 @@ def ready_endpoints(state_dir: str) -> list[tuple[Endpoint, tuple[str, ...]]]:
     generation = new_generation()
     return [(Endpoint(att.host_ifname, links[att.host_ifname].index, att.ipv4, att.ipv6, generation),
              (f"{att.ipv4}/32", f"{att.ipv6}/128")) for att in ready if att.host_ifname in links]
+
+
+def end_escaped_flows(endpoints: list[tuple[Endpoint, tuple[str, ...]]]) -> int:
+    """After a reload: end the flows the containers opened while there was no table
+    (runtime.reclaim.Conntrack.purge_unmasqueraded). A container's next packet on such
+    a flow starts a new one, which the rules now see. Returns how many were ended."""
+    from runtime.reclaim import Conntrack  # the CNI executable's ADD path imports this module
+
+    sources = {addr for ep, _ in endpoints for addr in (ep.ipv4, ep.ipv6)}
+    ct = Conntrack()
+    try:
+        ended = ct.purge_unmasqueraded(sources)
+    finally:
+        ct.close()
+    if ended > 0:
+        log.warning("ended %d flow(s) that containers opened while the nft table was missing "
+                    "(not masqueraded, not filtered)", ended)
+    return ended

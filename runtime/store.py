@@ -12,7 +12,7 @@ GC every one that no live writer holds."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from runtime.fsutil import atomic_write_json, read_json, remove, remove_stale_temps, remove_temp
@@ -57,6 +57,9 @@ class Attachment:
         return (self.container_id, self.ifname)
 
 
+_FIELDS = {f.name for f in fields(Attachment)}
+
+
 class AttachmentStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -76,7 +79,12 @@ class AttachmentStore:
     def _read(path: Path) -> Attachment | None:
         try:
             data = read_json(path)
-            return Attachment(**data) if data else None
+            if not isinstance(data, dict) or not data:
+                return None
+            # Fields of a later version are left out, so that a downgrade still reads
+            # (and can DEL) what it wrote. (Versions before 2026-12-06 refused records
+            # with the `generation` field added then.)
+            return Attachment(**{k: v for k, v in data.items() if k in _FIELDS})
         except (ValueError, TypeError):
             return None
 

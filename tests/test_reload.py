@@ -111,3 +111,38 @@ def test_final_record_of_an_attachment_whose_elements_never_came_back(lab, plugi
     plugin.delete("gone", ns)
     recs = [r for r in billed(plugin.state_dir / "billing").get("gone", [])]
     assert len(recs) == 1 and recs[0]["final"] and recs[0]["counters_missing"] and recs[0]["tx_bytes"] == 0
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_flows_opened_while_the_table_was_missing_end_at_the_reload(lab, plugin, app, family):
+    """Without sockgate's table a container's packets go out unfiltered and
+    unmasqueraded; where something else keeps conntrack on in the node's netns (on a
+    real node: Docker's or kube-proxy's rules) each gets a conntrack entry, which the
+    reloaded rules would accept as established for the kernel's 5 days (found by
+    scripts/soak). The reload ends such flows: the container's next packet starts a
+    new flow, filtered and masqueraded."""
+    from tests.test_hostile import Holder
+    from runtime.lab import LAB
+    from tests.support.attacks import conntrack_entries
+
+    ns = app()
+    own = plugin.add("escape", ns)["ips"][0 if family == "ipv4" else 1]["address"].split("/")[0]
+    server = LAB.public_v4 if family == "ipv4" else LAB.public_v6
+    other = "table inet sgtest_ct {\n chain c {\n  type filter hook prerouting priority 0;\n  ct state new counter\n }\n}\n"
+    lab.run(lab.node, ["nft", "-f", "-"], input=other)
+    holder = None
+    try:
+        # Only sockgate's table goes (no agent: nothing reloads it yet).
+        lab.run(lab.node, ["nft", "delete", "table", "inet", "sockgate"])
+        holder = Holder(lab, ns, server, 9000)
+        first = holder.exchange("in the window")
+        assert first["reply"] and first["reply"]["peer"] == own, first   # unfiltered, not masqueraded
+        assert [p for p, _ in conntrack_entries(lab, own)] == ["udp"]
+        plugin.add("reloader", app())                   # an ADD finds no table and loads it
+        assert conntrack_entries(lab, own) == [], "the flow opened without the table outlived the reload"
+        again = holder.exchange("after the reload")
+        assert again["reply"] and again["reply"]["peer"] != own, again   # a new flow, masqueraded
+    finally:
+        if holder is not None:
+            holder.close()
+        lab.run(lab.node, ["nft", "delete", "table", "inet", "sgtest_ct"], check=False)

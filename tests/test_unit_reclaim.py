@@ -218,3 +218,22 @@ def test_request_tuple_is_what_pyroute2_encodes(flow):
     msg = nfct_msg.create_from(tuple_orig=NFCTAttrTuple(family=flow.family, saddr=flow.src, daddr=flow.dst,
                                                         proto=flow.proto, sport=flow.sport, dport=flow.dport))
     assert ct_tuple_orig(flow) == _payload(msg)[4:]
+
+
+def test_parse_unmasqueraded_picks_unnated_flows_of_the_given_sources():
+    from runtime.reclaim import (CTA_ID, CTA_STATUS, IPS_SRC_NAT, Flow, _nla, ct_tuple_orig,
+                                 parse_unmasqueraded)
+    import struct
+
+    def entry(src: str, status: int) -> bytes:
+        orig = ct_tuple_orig(Flow(17, src, 4000, "93.184.215.14", 9000))
+        return b"\x02\x00\x00\x00" + orig + _nla(CTA_STATUS, struct.pack("!I", status)) \
+            + _nla(CTA_ID, struct.pack("!I", 7))
+    ours = {"10.77.0.5", "fd77::5"}
+    found = parse_unmasqueraded(entry("10.77.0.5", 0x8), ours)
+    # What a DELETE needs: the original tuple as dumped, and the entry's id.
+    assert found == ct_tuple_orig(Flow(17, "10.77.0.5", 4000, "93.184.215.14", 9000)) \
+        + _nla(CTA_ID, struct.pack("!I", 7))
+    assert parse_unmasqueraded(entry("10.77.0.5", 0x8 | IPS_SRC_NAT), ours) is None   # masqueraded
+    assert parse_unmasqueraded(entry("10.77.0.6", 0x8), ours) is None                 # not a container's
+    assert parse_unmasqueraded(b"\x02\x00\x00\x00", ours) is None
