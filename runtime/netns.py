@@ -167,6 +167,29 @@ def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int, mac: s
     already taken in the container fails here, before anything else was done. Both
     ends get `mac` (default: veth_mac) and NOARP (see the module doc).
     Returns the MAC and the node end's index."""
+    try:
+        return _create_veth(host_ifname, netns_path, ifname, mtu, mac)
+    except SockgateError as exc:
+        # A DEL returns once its veth is down; the agent's reaper deletes it (and the
+        # container's end with it) later. An ADD into the same netns under the same
+        # ifname before then (a runtime re-attaching a container) finds the old end:
+        # delete that veth now, if it is one the reaper was to delete, and try again.
+        if exc.msg != "interface already exists" or _reaper is None:
+            raise
+        peer = in_netns(netns_path, lambda: _peer_index(ifname))
+        if peer is None or not _reaper.delete_now(peer):
+            raise
+        return _create_veth(host_ifname, netns_path, ifname, mtu, mac)
+
+
+def _peer_index(ifname: str) -> int | None:
+    """The index, in its own netns, of the veth peer of `ifname` (in this thread's netns)."""
+    with rtnl.Rtnl() as nl:
+        link = rtnl.find(nl, ifname)
+    return link.peer_index if link is not None and link.peer_index else None
+
+
+def _create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int, mac: str) -> tuple[str, int]:
     fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with rtnl.Rtnl() as nl:
@@ -289,6 +312,7 @@ class LinkReaper:
     def __init__(self, pending_dir: str | os.PathLike[str] | None = None,
                  in_use: Callable[[], set[str]] | None = None) -> None:
         self._queue: list[str] = []
+        self._deleting: str | None = None
         self._cond = threading.Condition()
         self._pending = os.fspath(pending_dir) if pending_dir is not None else None
         self._in_use = in_use
@@ -320,6 +344,22 @@ class LinkReaper:
         with self._cond:
             self._queue.append(ifname)
             self._cond.notify()
+        return True
+
+    def delete_now(self, index: int) -> bool:
+        """Delete at once the retired link with this index, if it is one this reaper
+        was to delete (queued or being deleted); True if it was."""
+        with self._cond:
+            candidates = [*self._queue, *([self._deleting] if self._deleting else [])]
+        name = next((n for n, link in links(candidates).items() if link.index == index), None)
+        if name is None:
+            return False
+        with self._cond:
+            if name in self._queue:
+                self._queue.remove(name)
+        delete_link(name)  # if the reaper is deleting it too, one of the two finds it gone
+        self._unmark(name)
+        log.info("deleted retired %s at once: an ADD needs its peer's name in the container", name)
         return True
 
     def recover(self) -> list[str]:
@@ -356,7 +396,10 @@ class LinkReaper:
                 if not self._queue:
                     return
                 ifname = self._queue.pop(0)
+                self._deleting = ifname
             delete_link(ifname)
+            with self._cond:
+                self._deleting = None
             self._unmark(ifname)
 
 

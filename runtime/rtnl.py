@@ -31,7 +31,7 @@ RTM_NEWADDR, RTM_NEWROUTE, RTM_NEWNEIGH = 20, 24, 28
 RTM_NEWNETCONF, RTM_GETNETCONF = 80, 82
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x100, 0x200, 0x400
 # attributes
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_GROUP, IFLA_NET_NS_FD = 1, 3, 4, 18, 27, 28
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_LINKINFO, IFLA_GROUP, IFLA_NET_NS_FD = 1, 3, 4, 5, 18, 27, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 NDA_DST, NDA_LLADDR = 1, 2
@@ -189,6 +189,7 @@ class Link:
     mac: str
     flags: int = 0
     group: int = 0  # IFLA_GROUP
+    peer_index: int = 0  # IFLA_LINK: a veth's peer, in the peer's netns
 
 
 class Rtnl:
@@ -275,13 +276,15 @@ def attributes(body: bytes) -> Iterator[tuple[int, bytes]]:
 
 def _parse_link(body: bytes) -> Link:
     _, _, index, flags, _ = _IFINFO.unpack_from(body)
-    mac, group = "", 0
+    mac, group, peer = "", 0, 0
     for kind, value in attributes(body[_IFINFO.size:]):
         if kind == IFLA_ADDRESS:
             mac = value.hex(":")
         elif kind == IFLA_GROUP and len(value) >= 4:
             group = struct.unpack_from("=I", value)[0]
-    return Link(index, mac, flags, group)
+        elif kind == IFLA_LINK and len(value) >= 4:
+            peer = struct.unpack_from("=i", value)[0]
+    return Link(index, mac, flags, group, peer)
 
 
 def parse_netconf(body: bytes) -> Netconf:

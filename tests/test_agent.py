@@ -94,6 +94,25 @@ def test_links_retired_by_an_agent_killed_before_its_reaper_ran_are_deleted_by_t
     assert "retired by an earlier agent" in agent.log.read_text()
 
 
+def test_add_into_the_netns_of_a_container_just_deleted_succeeds(plugin, agent, app):
+    """DEL returns once the veth is down; the reaper deletes it (and the container's
+    end) later. A runtime attaching again to the same netns and ifname meanwhile must
+    not get "interface already exists"."""
+    namespaces = [app() for _ in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        assert all(r.rc == 0 for r in pool.map(lambda i: plugin("ADD", f"q{i}", namespaces[i]), range(12)))
+    ns = app()
+    plugin.add("first", ns)
+    # Twelve retired links ahead of first's in the reaper's queue (~40 ms each).
+    with ThreadPoolExecutor(12) as pool:
+        assert all(r.rc == 0 for r in pool.map(lambda i: plugin("DEL", f"q{i}", namespaces[i]), range(12)))
+    plugin.delete("first", ns)
+    again = plugin("ADD", "second", ns)
+    assert again.rc == 0, again.stdout
+    assert "deleted retired" in agent.log.read_text()
+    plugin.delete("second", ns)
+
+
 def test_sigterm_is_clean_and_the_shim_falls_back_in_process(plugin, agent, app):
     sock = Path(plugin.conf["runDir"]) / "agent.sock"
     assert sock.exists() and oct(sock.stat().st_mode & 0o777) == "0o600"

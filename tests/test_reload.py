@@ -6,6 +6,7 @@ before the next flush: its elements are of a new generation, so it counts from z
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -80,7 +81,9 @@ def test_flush_during_churn_restores_every_attachment_and_bills_exactly(lab, plu
             _wait(lambda: plugin("CHECK", c.cid, c.ns).rc == 0, 10, f"{c.cid}'s elements were not restored")
         assert _counted_comments(lab) == {a.host, b.host}, "elements of a deleted container were left (or restored)"
         agent_log = agent.log.read_text()
-        assert "was loaded with the elements of 2 attachment(s)" in agent_log, agent_log[-2000:]
+        # a and b, and churn containers that were ready at that moment.
+        restored = [int(n) for n in re.findall(r"was loaded with the elements of (\d+) attachment", agent_log)]
+        assert restored and max(restored) >= 2, agent_log[-2000:]
         assert "cannot reload" not in agent_log, agent_log[-2000:]
 
         # Twice the traffic billed before the flush: the new counter climbs past the
@@ -123,11 +126,12 @@ def test_flows_opened_while_the_table_was_missing_end_at_the_reload(lab, plugin,
     new flow, filtered and masqueraded."""
     from tests.test_hostile import Holder
     from runtime.lab import LAB
-    from tests.support.attacks import conntrack_entries
+    from tests.support.attacks import conntrack_entries, forget_flows
 
     ns = app()
     own = plugin.add("escape", ns)["ips"][0 if family == "ipv4" else 1]["address"].split("/")[0]
     server = LAB.public_v4 if family == "ipv4" else LAB.public_v6
+    forget_flows(lab, own)  # entries of earlier tests' containers that had this address
     other = "table inet sgtest_ct {\n chain c {\n  type filter hook prerouting priority 0;\n  ct state new counter\n }\n}\n"
     lab.run(lab.node, ["nft", "-f", "-"], input=other)
     holder = None
