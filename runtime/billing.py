@@ -28,7 +28,6 @@ writes its final record in whatever process serves it (the agent, or the plugin)
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -118,8 +117,11 @@ def kernel_counters() -> dict[str, Counters]:
             return {}
         raise SockgateError(KERNEL_FAILURE, "cannot read the accounting counters",
                             "nft list set inet sockgate tx4/tx6/rx failed")
-    return {name: Counters(c.tx_bytes, c.tx_packets, c.rx_bytes, c.rx_packets, c.generation)
-            for name, c in counted.items()}
+    return {name: _from_kernel(c) for name, c in counted.items()}
+
+
+def _from_kernel(c: nft.VethCounters) -> Counters:
+    return Counters(c.tx_bytes, c.tx_packets, c.rx_bytes, c.rx_packets, c.generation)
 
 
 # --- records -----------------------------------------------------------------------
@@ -591,9 +593,7 @@ def attachment_counters(att: Attachment) -> Counters | None:
     if not att.host_ifindex or not att.ipv4 or not att.ipv6:
         return kernel_counters().get(att.host_ifname)
     c = nft.endpoint_counters_of(Endpoint(att.host_ifname, att.host_ifindex, att.ipv4, att.ipv6))
-    if c is None:
-        return None
-    return Counters(c.tx_bytes, c.tx_packets, c.rx_bytes, c.rx_packets, c.generation)
+    return _from_kernel(c) if c is not None else None
 
 
 def final_record(conf: Any, att: Attachment, *,

@@ -201,19 +201,24 @@ def counters(set_name: str) -> dict[str, list[Counted]] | None:
     return out
 
 
+def _summed(tx: list[Counted], rx: list[Counted]) -> VethCounters:
+    """An endpoint's counted elements as its VethCounters (tx: its tx4 and tx6)."""
+    generations = {c.generation for c in tx + rx}
+    return VethCounters(sum(c.packets for c in tx), sum(c.bytes for c in tx),
+                        sum(c.packets for c in rx), sum(c.bytes for c in rx),
+                        generations.pop() if len(generations) == 1 else "?")
+
+
 def endpoint_counters_of(ep: Endpoint) -> VethCounters | None:
     """One endpoint's counters (see endpoint_counters), read element by element: what
     a DEL needs, at the same cost whatever the size of the sets. None when it has no
     rx element (its elements are gone)."""
     with nftnl.current() as sock:
         got = {s: sock.get(TABLE, s, key) for s, key in endpoint_keys(ep) if s in COUNTED_SETS}
-    rx = got.pop("rx")
-    if rx is None:
+    counted = {s: Counted(e.packets, e.bytes, parse_comment(e.comment)[1]) for s, e in got.items() if e is not None}
+    if "rx" not in counted:
         return None
-    tx = [e for e in got.values() if e is not None]
-    generations = {parse_comment(e.comment)[1] for e in [*tx, rx]}
-    return VethCounters(sum(e.packets for e in tx), sum(e.bytes for e in tx), rx.packets, rx.bytes,
-                        generations.pop() if len(generations) == 1 else "?")
+    return _summed([c for s, c in counted.items() if s != "rx"], [counted["rx"]])
 
 
 def endpoint_counters() -> dict[str, VethCounters] | None:
@@ -222,14 +227,7 @@ def endpoint_counters() -> dict[str, VethCounters] | None:
     tx4, tx6, rx = (counters(s) for s in COUNTED_SETS)
     if tx4 is None or tx6 is None or rx is None:
         return None
-    out = {}
-    for name, rx_elems in rx.items():
-        tx = tx4.get(name, []) + tx6.get(name, [])
-        generations = {c.generation for c in tx + rx_elems}
-        out[name] = VethCounters(sum(c.packets for c in tx), sum(c.bytes for c in tx),
-                                 sum(c.packets for c in rx_elems), sum(c.bytes for c in rx_elems),
-                                 generations.pop() if len(generations) == 1 else "?")
-    return out
+    return {name: _summed(tx4.get(name, []) + tx6.get(name, []), rx_elems) for name, rx_elems in rx.items()}
 
 
 def drop_counters() -> dict[str, tuple[int, int]]:

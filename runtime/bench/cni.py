@@ -56,8 +56,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,28 @@ class Scenario:
     cpu: dict[str, float] = field(default_factory=dict)  # CpuMeter over the whole scenario
 
 
+def handled_ms(lines: Sequence[str]) -> dict[str, dict[str, float]]:
+    """From agent log lines: op -> container id -> handler time (ms) of the requests
+    that succeeded ("ADD cid/eth0 rc=0 in 12.3 ms")."""
+    out: dict[str, dict[str, float]] = {op: {} for op in OPS}
+    for line in lines:
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict) or entry.get("logger") != "sockgate.agent":
+            continue
+        words = str(entry.get("msg", "")).split()
+        if len(words) >= 6 and words[0] in out and words[2] == "rc=0" and words[3] == "in" and words[5] == "ms":
+            try:
+                out[words[0]][words[1].rsplit("/", 1)[0]] = float(words[4])
+            except ValueError:
+                continue
+    return out
+
+
 class Agent:
     """`sockgate agent` in the lab's node netns, for the sockgate network's dirs."""
 
@@ -216,20 +239,7 @@ class Agent:
 
     def handled_ms(self) -> dict[str, dict[str, float]]:
         """From the agent's log: op -> container id -> handler time (ms)."""
-        out: dict[str, dict[str, float]] = {op: {} for op in OPS}
-        for line in self.log.read_text().splitlines():
-            if not line.startswith("{"):
-                continue
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            words = entry.get("msg", "").split()
-            # "ADD cid/eth0 rc=0 in 12.3 ms"
-            if entry.get("logger") == "sockgate.agent" and len(words) == 6 and words[0] in out \
-                    and words[2] == "rc=0" and words[5] == "ms":
-                out[words[0]][words[1].rsplit("/", 1)[0]] = float(words[4])
-        return out
+        return handled_ms(self.log.read_text().splitlines())
 
 
 class Bench:
@@ -459,44 +469,52 @@ def other_labs(mine: str) -> list[str]:
     return sorted(p.stem for p in RUN_DIR.glob("*.pid") if p.stem != mine) if RUN_DIR.is_dir() else []
 
 
+@contextmanager
+def bench_lab(name: str, progress: Callable[[str], None]) -> Iterator[tuple[Lab, Path, list[str]]]:
+    """A temp dir and a lab for one benchmark run, both gone on the way out (also on
+    errors and Ctrl-C); yields (lab, temp dir, other lab runs on the machine at the
+    start), and says so when there are any: they compete for the CPUs."""
+    with tempfile.TemporaryDirectory(prefix=f"sockgate-{name}-") as tmp_name:
+        with Lab() as lab:
+            progress(f"lab {lab.prefix} up")
+            others = other_labs(lab.prefix)
+            if others:
+                progress(f"note: other lab runs exist on this machine (they compete for the CPUs): {others}")
+            yield lab, Path(tmp_name), others
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.monotonic()
     load_start = os.getloadavg()
     scenarios: list[Scenario] = []
     order = scenario_order(args.rounds)
-    with tempfile.TemporaryDirectory(prefix="sockgate-bench-cni-") as tmp_name:
-        tmp = Path(tmp_name)
-        # With the lab's servers: the agent's policy keeper resolves the exception
-        # hostnames through the lab's DNS, as it would on a node (without them its
-        # lookups time out and retry in the background).
-        with Lab() as lab:
-            _progress(f"lab {lab.prefix} up")
-            others = other_labs(lab.prefix)
-            if others:
-                _progress(f"note: other lab runs exist on this machine (they may compete for the CPUs; see the CPU gauge): {others}")
-            bench = Bench(lab, tmp, args)
-            info = bench.preflight()
-            bench.make_apps()
-            try:
-                for i, (rnd, plugin, mode) in enumerate(order, 1):
-                    t0 = time.monotonic()
-                    meter = CpuMeter()
-                    sc = bench.run_scenario(rnd, plugin, mode)
-                    sc.cpu = meter.read()
-                    scenarios.append(sc)
-                    s_add, s_del = stats(sc.seconds["ADD"]), stats(sc.seconds["DEL"])
-                    _progress(f"[{i}/{len(order)}] round {rnd + 1} {LABELS[plugin]:<34} {mode:<10} "
-                              f"ADD p50 {s_add['p50']:6.1f} ms  DEL p50 {s_del['p50']:6.1f} ms  "
-                              f"({time.monotonic() - t0:.1f} s"
-                              + (f", agent stop {sc.agent_stop_s:.1f} s" if sc.agent_stop_s is not None else "")
-                              + f", other processes {sc.cpu['other_share']:.0%} of the CPUs)")
-            finally:
-                if bench.agent is not None:
-                    bench.agent.kill()
-            bench.timings["scenarios_s"] = time.monotonic() - t_start - bench.timings["apps_s"]
-            others = sorted(set(others) | set(other_labs(lab.prefix)))
-            t_down = time.monotonic()
-        bench.timings["teardown_s"] = time.monotonic() - t_down
+    # With the lab's servers: the agent's policy keeper resolves the exception
+    # hostnames through the lab's DNS, as it would on a node (without them its lookups
+    # time out and retry in the background).
+    with bench_lab("bench-cni", _progress) as (lab, tmp, others):
+        bench = Bench(lab, tmp, args)
+        info = bench.preflight()
+        bench.make_apps()
+        try:
+            for i, (rnd, plugin, mode) in enumerate(order, 1):
+                t0 = time.monotonic()
+                meter = CpuMeter()
+                sc = bench.run_scenario(rnd, plugin, mode)
+                sc.cpu = meter.read()
+                scenarios.append(sc)
+                s_add, s_del = stats(sc.seconds["ADD"]), stats(sc.seconds["DEL"])
+                _progress(f"[{i}/{len(order)}] round {rnd + 1} {LABELS[plugin]:<34} {mode:<10} "
+                          f"ADD p50 {s_add['p50']:6.1f} ms  DEL p50 {s_del['p50']:6.1f} ms  "
+                          f"({time.monotonic() - t0:.1f} s"
+                          + (f", agent stop {sc.agent_stop_s:.1f} s" if sc.agent_stop_s is not None else "")
+                          + f", other processes {sc.cpu['other_share']:.0%} of the CPUs)")
+        finally:
+            if bench.agent is not None:
+                bench.agent.kill()
+        bench.timings["scenarios_s"] = time.monotonic() - t_start - bench.timings["apps_s"]
+        others = sorted(set(others) | set(other_labs(lab.prefix)))
+        t_down = time.monotonic()
+    bench.timings["teardown_s"] = time.monotonic() - t_down
     rep: dict[str, Any] = {
         "benchmark": "cni",
         "lab": lab.prefix,
@@ -508,7 +526,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "args": {"containers": args.containers, "parallel": args.parallel, "rounds": args.rounds},
         "tools": info,
         "cni_version": CNI_VERSION,
-        "conflists": {k: json.loads(json.dumps(v).replace(tmp_name, "$TMP")) for k, v in bench.conflists.items()},
+        "conflists": {k: json.loads(json.dumps(v).replace(str(tmp), "$TMP")) for k, v in bench.conflists.items()},
         "cni_args": CNI_ARGS, "capability_args": CAPABILITY_ARGS,
         "order": [f"r{rnd + 1}:{SHORT[p]}:{m}" for rnd, p, m in order],
         "scenarios": [{"round": s.round, "plugin": s.plugin, "mode": s.mode, "seconds": s.seconds,

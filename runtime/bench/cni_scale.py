@@ -47,7 +47,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +57,8 @@ from typing import Any
 from cni_plugin.shim import AGENT_SOCKET, forward
 from runtime.lab import Lab
 from runtime.bench.cni import (CNI_ARGS, CNI_VERSION, MODES, OPS, SEQUENTIAL, SG_AGENT, SG_NETWORK,
-                               Agent, Bench, BenchError, CpuMeter, other_labs, percentile, stats)
+                               Agent, Bench, BenchError, CpuMeter, bench_lab, handled_ms, other_labs, percentile,
+                               stats)
 from tests.support.cnitool import CNI
 
 BASELINE = 10
@@ -90,28 +90,6 @@ def block_order(rounds: int, n: int, baseline: int = BASELINE) -> list[int]:
 def mode_order(block: int) -> tuple[str, ...]:
     """Modes of a block, alternating between blocks."""
     return MODES if block % 2 == 0 else MODES[::-1]
-
-
-def handled_ms(lines: Sequence[str]) -> dict[str, dict[str, float]]:
-    """From agent log lines: op -> container id -> handler time (ms) of the requests
-    that succeeded ("ADD cid/eth0 rc=0 in 12.3 ms")."""
-    out: dict[str, dict[str, float]] = {op: {} for op in OPS}
-    for line in lines:
-        if not line.startswith("{"):
-            continue
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(entry, dict) or entry.get("logger") != "sockgate.agent":
-            continue
-        words = str(entry.get("msg", "")).split()
-        if len(words) >= 6 and words[0] in out and words[2] == "rc=0" and words[3] == "in" and words[5] == "ms":
-            try:
-                out[words[0]][words[1].rsplit("/", 1)[0]] = float(words[4])
-            except ValueError:
-                continue
-    return out
 
 
 def _ratio(a: float, b: float) -> float:
@@ -433,54 +411,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     order = block_order(args.rounds, args.attached)
     blocks: list[dict[str, Any]] = []
     reloads: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="sockgate-bench-cni-") as tmp_name:
-        tmp = Path(tmp_name)
-        with Lab() as lab:
-            _progress(f"lab {lab.prefix} up")
-            others = other_labs(lab.prefix)
-            if others:
-                _progress(f"note: other lab runs exist on this machine (they compete for the CPUs): {others}")
-            sb = ScaleBench(lab, tmp, args)
-            info = sb.preflight()
-            sb.make_apps()
-            sb.agent = Agent(lab, sb.conf, tmp, "scale").start()
-            try:
-                t0 = time.monotonic()
-                for cid, ns in sb.base:
-                    sb._request("ADD", cid, ns)
-                sb.attached_now = BASELINE
-                sb.settle("after attaching the base containers")
-                sb.quiesce()
-                _progress(f"{BASELINE} base containers attached in {time.monotonic() - t0:.1f} s")
-                k = 0
-                measured_reloads: set[int] = set()
-                for index, config in enumerate(order):
-                    sb.switch_to(config)
-                    if config not in measured_reloads:
-                        measured_reloads.add(config)
-                        reloads += sb.reloads(config)
-                        sb.settle(f"after the flushes at {config} attachments")
-                    for mode in mode_order(index):
-                        t0 = time.monotonic()
-                        b = sb.measure(k, config, mode)
-                        k += 1
-                        blocks.append(b)
-                        s_add, s_del = stats(b["seconds"]["ADD"]), stats(b["seconds"]["DEL"])
-                        _progress(f"[{k}/{len(order) * len(MODES)}] {config:>5} attached {mode:<10} "
-                                  f"ADD p50 {s_add['p50']:6.1f} ms  DEL p50 {s_del['p50']:6.1f} ms  "
-                                  f"({time.monotonic() - t0:.1f} s, other processes "
-                                  f"{b['cpu']['other_share']:.0%} of the CPUs)")
-                # Leave no fillers for the agent's SIGTERM to reap (the lab's teardown
-                # would take them anyway): drain, timed like any switch.
-                sb.switch_to(BASELINE)
-                agent, sb.agent = sb.agent, None
-                sb.timings["agent_stop_s"] = agent.stop()
-            finally:
-                if sb.agent is not None:
-                    sb.agent.kill()
-            others = sorted(set(others) | set(other_labs(lab.prefix)))
-            t_down = time.monotonic()
-        sb.timings["teardown_s"] = time.monotonic() - t_down
+    with bench_lab("bench-cni", _progress) as (lab, tmp, others):
+        sb = ScaleBench(lab, tmp, args)
+        info = sb.preflight()
+        sb.make_apps()
+        sb.agent = Agent(lab, sb.conf, tmp, "scale").start()
+        try:
+            t0 = time.monotonic()
+            for cid, ns in sb.base:
+                sb._request("ADD", cid, ns)
+            sb.attached_now = BASELINE
+            sb.settle("after attaching the base containers")
+            sb.quiesce()
+            _progress(f"{BASELINE} base containers attached in {time.monotonic() - t0:.1f} s")
+            k = 0
+            measured_reloads: set[int] = set()
+            for index, config in enumerate(order):
+                sb.switch_to(config)
+                if config not in measured_reloads:
+                    measured_reloads.add(config)
+                    reloads += sb.reloads(config)
+                    sb.settle(f"after the flushes at {config} attachments")
+                for mode in mode_order(index):
+                    t0 = time.monotonic()
+                    b = sb.measure(k, config, mode)
+                    k += 1
+                    blocks.append(b)
+                    s_add, s_del = stats(b["seconds"]["ADD"]), stats(b["seconds"]["DEL"])
+                    _progress(f"[{k}/{len(order) * len(MODES)}] {config:>5} attached {mode:<10} "
+                              f"ADD p50 {s_add['p50']:6.1f} ms  DEL p50 {s_del['p50']:6.1f} ms  "
+                              f"({time.monotonic() - t0:.1f} s, other processes "
+                              f"{b['cpu']['other_share']:.0%} of the CPUs)")
+            # Leave no fillers for the agent's SIGTERM to reap (the lab's teardown
+            # would take them anyway): drain, timed like any switch.
+            sb.switch_to(BASELINE)
+            agent, sb.agent = sb.agent, None
+            sb.timings["agent_stop_s"] = agent.stop()
+        finally:
+            if sb.agent is not None:
+                sb.agent.kill()
+        others = sorted(set(others) | set(other_labs(lab.prefix)))
+        t_down = time.monotonic()
+    sb.timings["teardown_s"] = time.monotonic() - t_down
     rep: dict[str, Any] = {
         "benchmark": "cni --attached",
         "lab": lab.prefix, "cpus": os.cpu_count(), "kernel": platform.release(),

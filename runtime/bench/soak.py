@@ -1135,37 +1135,31 @@ def build_report(soak: Soak, start: Start, au: Audit) -> dict[str, Any]:
 
 def run(opts: Options) -> dict[str, Any]:
     from runtime.billing import Ledger
-    from runtime.bench.cni import other_labs
-    from runtime.lab import Lab
+    from runtime.bench.cni import bench_lab
     from tests.test_billing import billed
 
     t_start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="sockgate-soak-") as tmp_name:
-        tmp = Path(tmp_name)
-        # The lab is torn down on the way out of `with`, also on errors and Ctrl-C
-        # (and on SIGTERM by the lab's own handler).
-        with Lab() as lab:
-            _progress(f"lab {lab.prefix} up")
-            if others := other_labs(lab.prefix):
-                _progress(f"note: other lab runs on this machine: {others}")
-            soak = Soak(lab, tmp, opts)
-            try:
-                soak.setup_far_end()
-                soak.start_agent()
-                start = warm_up(soak)
-                _progress(f"warm-up done; agent idle: RSS {start.rss_kib} KiB, {start.fds} fds; churn "
-                          f"{opts.minutes:g} min with {opts.workers} workers")
-                churn_s = churn(soak)
-                au = audit(soak, start, churn_s, billed, Ledger)
-                rep = build_report(soak, start, au)
-            finally:
-                soak.stop.set()
-                with soak.agent_lock:
-                    agent = soak.agent
-                if agent is not None:
-                    agent.stop(signal.SIGKILL, timeout=10)
-                log_dir = keep_logs(tmp, soak.state / "billing")
-                _progress(f"agent log, plugin log and ledger kept in {log_dir}")
+    # The lab is torn down on the way out of `with`, also on errors and Ctrl-C (and on
+    # SIGTERM by the lab's own handler).
+    with bench_lab("soak", _progress) as (lab, tmp, _):
+        soak = Soak(lab, tmp, opts)
+        try:
+            soak.setup_far_end()
+            soak.start_agent()
+            start = warm_up(soak)
+            _progress(f"warm-up done; agent idle: RSS {start.rss_kib} KiB, {start.fds} fds; churn "
+                      f"{opts.minutes:g} min with {opts.workers} workers")
+            churn_s = churn(soak)
+            au = audit(soak, start, churn_s, billed, Ledger)
+            rep = build_report(soak, start, au)
+        finally:
+            soak.stop.set()
+            with soak.agent_lock:
+                agent = soak.agent
+            if agent is not None:
+                agent.stop(signal.SIGKILL, timeout=10)
+            log_dir = keep_logs(tmp, soak.state / "billing")
+            _progress(f"agent log, plugin log and ledger kept in {log_dir}")
     rep["log_dir"] = log_dir
     rep["seconds"] = time.monotonic() - t_start
     return rep
