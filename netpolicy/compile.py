@@ -21,7 +21,7 @@ import bisect
 import ipaddress
 from dataclasses import dataclass
 
-from netpolicy.policy import Allow, Policy
+from netpolicy.policy import Allow, Ingress, Policy
 from netpolicy.ranges import Block, IPNetwork, collapse
 from netpolicy.ruleset import EgressPolicy, dropped
 
@@ -87,7 +87,7 @@ def _elements(name: str, items: list[str]) -> list[str]:
     return [f"add element inet sockgate {name} {{ {', '.join(items)} }}"] if items else []
 
 
-def _allow_elements(allows: tuple[Allow, ...], version: int, field: str = "dest") -> list[str]:
+def _allow_elements(allows: tuple[Allow | Ingress, ...], version: int, field: str = "dest") -> list[str]:
     """Elements of a concatenated interval set. The kernel refuses overlapping
     intervals there, so the networks of each (protocol, port) are merged first."""
     by_port: dict[tuple[str, int], list[IPNetwork]] = {}

@@ -115,7 +115,7 @@ _KEYS = {"googleRanges", "resolver", "blockedRanges", "blockedPorts", "exception
          "idleTimeout", "limits"}
 
 
-def _obj(value: Any, path: str, keys: set[str]) -> dict:
+def _obj(value: Any, path: str, keys: set[str]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise PolicyError(path, f"must be an object, got {type(value).__name__}")
     unknown = sorted(set(value) - keys)
@@ -125,7 +125,7 @@ def _obj(value: Any, path: str, keys: set[str]) -> dict:
     return value
 
 
-def _list(value: Any, path: str) -> list:
+def _list(value: Any, path: str) -> list[Any]:
     if not isinstance(value, list):
         raise PolicyError(path, f"must be a list, got {type(value).__name__}")
     return value
@@ -140,7 +140,7 @@ def _port(value: Any, path: str) -> int:
 def _proto(value: Any, path: str) -> str:
     if value not in PROTOCOLS:
         raise PolicyError(path, f"must be 'tcp' or 'udp', got {value!r}")
-    return value
+    return str(value)
 
 
 def _cidr(value: Any, path: str) -> str:

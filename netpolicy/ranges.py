@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -87,14 +87,14 @@ def subtract(base: Iterable[IPNetwork], remove: Iterable[IPNetwork]) -> list[IPN
             for piece in pieces:
                 if not piece.overlaps(cut):
                     next_pieces.append(piece)
-                elif not cut.supernet_of(piece):  # cut is inside piece
-                    next_pieces.extend(piece.address_exclude(cut))
+                elif not cut.supernet_of(piece):  # type: ignore[arg-type]  # same version, checked above
+                    next_pieces.extend(piece.address_exclude(cut))  # type: ignore[arg-type]
             pieces = next_pieces
         out.extend(pieces)
     return collapse(out)
 
 
-def _prefixes(published: dict, source: str) -> list[IPNetwork]:
+def _prefixes(published: dict[str, Any], source: str) -> list[IPNetwork]:
     if not isinstance(published, dict) or not isinstance(published.get("prefixes"), list):
         raise ValueError(f"{source}: not Google's IP ranges format (no 'prefixes' list)")
     nets = []
@@ -109,7 +109,7 @@ def _prefixes(published: dict, source: str) -> list[IPNetwork]:
     return nets
 
 
-def google_ranges(goog: dict, cloud: dict) -> list[IPNetwork]:
+def google_ranges(goog: dict[str, Any], cloud: dict[str, Any]) -> list[IPNetwork]:
     """Google's own ranges: goog.json minus cloud.json (Compute Engine customer
     addresses are not "Google ranges", contract row C9)."""
     return subtract(_prefixes(goog, "goog.json"), _prefixes(cloud, "cloud.json"))

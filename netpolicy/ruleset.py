@@ -395,7 +395,8 @@ def add_pools(pools: tuple[str, ...] | list[str]) -> str:
     nets = [ipaddress.ip_network(p, strict=False) for p in pools]
     out = []
     for version, set_name in ((4, "pools4"), (6, "pools6")):
-        mine = list(ipaddress.collapse_addresses(n for n in nets if n.version == version))
+        # One version per call, which mypy can't see through the filter.
+        mine = list(ipaddress.collapse_addresses(n for n in nets if n.version == version))  # type: ignore[type-var]
         if mine:
             out.append(f"add element {FAMILY} {TABLE} {set_name} {{ {', '.join(map(str, mine))} }}\n")
     return "".join(out)

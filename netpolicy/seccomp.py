@@ -248,11 +248,8 @@ def complement_conditions(index: int, allowed: Iterable[int]) -> list[dict[str, 
         raise ValueError("allowed values must be in 0 .. 2^64-2")
     out: list[dict[str, Any]] = []
     lo = 0
-    for v in values + [None]:
-        hi = (v - 1) if v is not None else None
-        if hi is None:
-            out.append(_arg(index, "SCMP_CMP_GT", values[-1]))
-            break
+    for v in values:
+        hi = v - 1
         while lo <= hi:
             size = lo & -lo if lo else 1 << 63
             while size > hi - lo + 1:
@@ -260,6 +257,7 @@ def complement_conditions(index: int, allowed: Iterable[int]) -> list[dict[str, 
             out.append(_eq(index, lo) if size == 1 else _masked_eq(index, U64 ^ (size - 1), lo))
             lo += size
         lo = v + 1
+    out.append(_arg(index, "SCMP_CMP_GT", values[-1]))
     return out
 
 
