@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from runtime.bench.cni import build_parser
+from runtime.bench.cni_cli import build_parser
 from runtime.bench.cni_scale import block_order, handled_ms, loads_ms, mode_order, summarize
 
 
