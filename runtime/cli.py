@@ -72,6 +72,16 @@ def _lab_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    """The installed distribution's version (setup.cfg), or "unknown" for a source
+    tree used without installing it."""
+    from importlib import metadata
+    try:
+        return metadata.version("sockgate")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sockgate",
@@ -79,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "nftables egress policy, idle-socket reclaim and outgoing-byte billing, "
                     "through a CNI plugin and a Docker network driver served by one node agent. "
                     "`sockgate COMMAND --help` explains each command.")
+    parser.add_argument("--version", action="version", version=f"sockgate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("install-cni", help="install the CNI executable into a CNI bin dir",
