@@ -100,7 +100,7 @@ def bind_socket(path: str, driver: DockerDriver) -> _Server:
             probe.close()
     old = os.umask(0o177)  # root-only: dockerd runs as root
     try:
-        server = _Server(path, _Handler)
+        server = _Server(path, _Handler)  # type: ignore[arg-type]  # AF_UNIX: the address is a path
     finally:
         os.umask(old)
     server.driver = driver

@@ -326,7 +326,9 @@ class Refresher:
         for pending in finished:
             host = pending.host
             del self.pending[host]
-            lookups, opened, dropped = [], [], []
+            lookups: list[Lookup] = []
+            opened: list[str] = []
+            dropped: list[Dropped] = []
             for lk in pending.lookups:
                 if not lk.error:
                     try:
@@ -381,6 +383,8 @@ class Refresher:
         """resolved.json: per hostname the addresses open now (a failed family's last
         answer until it times out), and what was dropped under DROPPED_KEY."""
         wall = time.time()
+        if self.record is None:
+            return
         record: dict[str, object] = {}
         dropped: dict[str, list[dict]] = {}
         for host in self.last:

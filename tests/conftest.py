@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import subprocess
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -81,7 +82,7 @@ class AgentProcess:
         self.extra_args = extra_args
         self.log = tmp / "agent.log"
         self.ready = tmp / "agent.ready"
-        self.proc = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> "AgentProcess":
         import sys

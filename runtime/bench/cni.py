@@ -253,7 +253,7 @@ class Bench:
         policy = write_lab_policy(tmp / "policy.json")
         self.sg_plugin = {"type": "sockgate", "stateDir": str(tmp / "sg-state"), "runDir": str(tmp / "sg-run"),
                           "logFile": str(tmp / "sockgate.log"), "policyFile": str(policy)}
-        self.conflists = {
+        self.conflists: dict[str, dict[str, Any]] = {
             "sockgate": {"cniVersion": CNI_VERSION, "name": SG_NETWORK, "plugins": [self.sg_plugin]},
             REFERENCE: {"cniVersion": CNI_VERSION, "name": REF_NETWORK, "plugins": [
                 {"type": "bridge", "bridge": self.bridge, "isGateway": True, "ipMasq": True, "hairpinMode": True,

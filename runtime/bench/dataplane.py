@@ -278,6 +278,8 @@ class Bench:
         if not on:
             return "".join(f"add chain {t} {name} {{ {decl} }}\ndelete chain {t} {name}\n"
                            for name, (decl, _) in ruleset.BASE_CHAINS.items())
+        if self.egress is None:
+            raise BenchError("sockgate's hook chains asked for before its policy was loaded")
         custom = self.args.forward_rules
         lines = []
         for line in ruleset.render_table(self.egress).splitlines():
@@ -302,13 +304,13 @@ class Bench:
             return
         t0 = time.monotonic()
         if config == BASELINE:
-            def body() -> list[str]:
+            def baseline() -> list[str]:
                 nft.run(BASELINE_SCRIPT + self._hook_chains(on=False))
                 return _hooked_chains() if verify else []
-            hooked = self.in_node(body)
-            if verify and hooked != [f"{FAMILY} {BASE_TABLE} post"]:
+            hooked_base = self.in_node(baseline)
+            if verify and hooked_base != [f"{FAMILY} {BASE_TABLE} post"]:
                 raise BenchError(f"baseline: expected only {BASE_TABLE}'s NAT chain hooked in the node netns, "
-                                 f"got {hooked}")
+                                 f"got {hooked_base}")
         else:
             def body() -> tuple[str, dict[str, int], list[str], dict[str, Any]]:
                 if self.egress is None:

@@ -496,12 +496,12 @@ class Lab:
         while b"READY\n" not in buf:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"lab server {proc.args} not ready: {log.read_text()[-2000:]}")
+                raise TimeoutError(f"lab server {proc.args!r} not ready: {log.read_text()[-2000:]}")
             if select.select([fd], [], [], left)[0]:
                 chunk = os.read(fd, 4096)
                 if not chunk:
                     proc.wait(5)
-                    raise RuntimeError(f"lab server {proc.args} exited {proc.returncode}: "
+                    raise RuntimeError(f"lab server {proc.args!r} exited {proc.returncode}: "
                                        f"{log.read_text()[-2000:]}")
                 buf += chunk
 

@@ -149,7 +149,7 @@ class PktinfoUDPServer(socketserver.UDPServer):
         enable_pktinfo(self.socket)
         super().server_bind()
 
-    def get_request(self) -> tuple[tuple[bytes, _PktinfoReplier], Any]:
+    def get_request(self) -> tuple[tuple[bytes, _PktinfoReplier], Any]:  # type: ignore[override]
         data, anc, _flags, addr = self.socket.recvmsg(self.max_packet_size, 256)
         return (data, _PktinfoReplier(self.socket, local_from_ancdata(self.socket, anc))), addr
 

@@ -59,7 +59,7 @@ def resolve(host: str) -> str:
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:
-        return socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)[0][4][0]
+        return str(socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)[0][4][0])
 
 
 def norm(addr: str) -> str:
