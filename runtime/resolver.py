@@ -132,8 +132,9 @@ def resolve(host: str, settings: ResolverSettings, rdtypes: Iterable[str] = FAMI
         except dns.exception.DNSException as exc:
             out.append(Lookup(rdtype, error=f"{type(exc).__name__}: {exc}"))
         else:
-            out.append(Lookup(rdtype, tuple(sorted({r.address for r in answer})),
-                              _clamp(answer.rrset.ttl, settings)))
+            # An Answer that did not raise NoAnswer has its rrset.
+            ttl = answer.rrset.ttl if answer.rrset is not None else settings.min_ttl
+            out.append(Lookup(rdtype, tuple(sorted({r.address for r in answer})), _clamp(ttl, settings)))
     return tuple(out)
 
 
