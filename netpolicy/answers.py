@@ -1,26 +1,8 @@
 """Screening the DNS answers for exception hostnames (pure: data in, verdicts out).
 
-The node resolves the exceptions' hostnames (smtp.gmail.com, an operator's
-api.example.com) and opens the answers on the exception's ports, ahead of the blocked
-ranges. An answer is data from outside, not trust (DESIGN.md, threat model): DNS
-rebinding or a poisoned resolver could name 169.254.169.254, a private host, the
-node itself or its gateway, and the exception would open it. So every answer is
-checked against the node's *internal* networks first:
-
-- the policy's blocked ranges except Google's (Gmail's hostnames resolve into
-  Google's ranges; opening those is what the exceptions are for): the special-purpose
-  blocks of netpolicy.ranges plus the policy file's blockedRanges;
-- the container pools;
-- the node's own addresses, its point-to-point peers and gateways, and the networks
-  on its own (non-container) links.
-
-An internal answer is dropped unless the exception's allowedAnswers holds it. The
-node's own addresses and the container pools stay dropped even then: no exception
-is meant to reach the node or another container, and a pool address with no
-container behind it would be routed out of the uplink.
-
-Like netpolicy.ranges, never ipaddress.is_private/is_global: their answers change
-between Python versions.
+An answer inside the node's internal networks is dropped unless the exception's
+allowedAnswers holds it; the node's own addresses and the container pools stay dropped
+even then. Design notes: docs/resolver.md.
 """
 from __future__ import annotations
 

@@ -1,19 +1,7 @@
 """Compile a Policy into the `egress_policy` chain and its sets, and explain verdicts
 by walking the very same rule list. Pure: data in, ruleset out.
 
-Evaluation order (first match wins), for every new flow a container starts (ICMP
-errors about its own flows are decided before, in netpolicy.ruleset):
-  1. Anything but TCP and UDP is refused (C3).
-  2. Exceptions pass, only on their protocols and ports (C8): by address, then by the
-     resolved addresses of their hostnames (kernel-expired at the DNS TTL).
-  3. Blocked ports are refused: 25 TCP/UDP, 21 TCP (C4, C6).
-  4. Blocked ranges are refused: special-purpose v4/v6, Google's ranges (C7, C9).
-  5. Container pools are refused (a pool address with no container behind it would
-     otherwise be routed to the uplink).
-  Everything else passes.
-Allowed means `return`: from_container counts the packet for billing and accepts it.
-Refused means an immediate TCP reset or ICMP admin-prohibited, so connect() fails at
-once instead of hanging.
+Evaluation order (first match wins): docs/dataplane.md, README "The egress policy".
 """
 from __future__ import annotations
 

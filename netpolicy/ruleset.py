@@ -1,12 +1,8 @@
 """The sockgate nft table, rendered as text for `nft -f` (pure: data in, text out).
 
-Shape, after kubernetes-sigs/knftables: static chains; everything per container is an
-element of a set. Attaching the 1,000th container adds three elements and never
-touches a rule.
-
-The rendering is idempotent: `add table/chain/set` are no-ops on existing objects,
-and every chain is flushed and refilled in the same transaction. Loading it twice, or
-from two processes at once, gives the same table and keeps every set element.
+Static chains; everything per container is an element of a set. The rendering is
+idempotent: loading it twice, or from two processes at once, gives the same table and
+keeps every set element. Design notes: docs/dataplane.md.
 """
 from __future__ import annotations
 

@@ -1,48 +1,8 @@
 """The seccomp profile for contract row C12, socket options (pure: data in, JSON out).
 
-What a container run with the profile gets:
-
-* setsockopt() and getsockopt() succeed only for the contract's options: SO_KEEPALIVE,
-  SO_DEBUG, TCP_NODELAY, SO_LINGER, SO_OOBINLINE, SO_SNDBUF, SO_RCVBUF, SO_REUSEADDR;
-  plus, unless ``contract_only``, IP_RECVERR/IPV6_RECVERR (glibc's stub resolver won't
-  send a DNS query over UDP without them) and, for getsockopt only, read-only options
-  that change nothing (SO_ERROR, which every non-blocking connect() reads, SO_TYPE,
-  SO_DOMAIN, SO_PROTOCOL, SO_ACCEPTCONN). Every other (level, option) pair fails with
-  ENOPROTOOPT, the kernel's own answer for an option it doesn't know.
-* socket(): AF_INET and AF_INET6 with SOCK_STREAM (protocol 0 or TCP) or SOCK_DGRAM
-  (protocol 0 or UDP), SOCK_NONBLOCK/SOCK_CLOEXEC allowed; AF_UNIX any type;
-  socketpair() AF_UNIX only. Anything else (raw, packet, netlink, ICMP "ping" sockets,
-  SCTP, MPTCP, ...) fails with EPERM, as it does for a process without CAP_NET_RAW.
-* ``strict``: listen() fails with EPERM (for every socket family: seccomp only sees
-  the file descriptor's number, not what it is).
-* Every other system call an ordinary program needs is allowed; the rest (mount,
-  namespaces, kernel modules, keyrings, bpf, io_uring, ...) fail with EPERM. The
-  allow-list is modelled on Docker's default profile, written here from the syscall
-  names, category by category.
-
-How. seccomp compares argument values only, and within one filter libseccomp gives
-each argument combination one action, so the profile is an allow-list: default action
-SCMP_ACT_ERRNO (EPERM), SCMP_ACT_ALLOW rules for the wanted calls and argument values,
-and for setsockopt/getsockopt explicit SCMP_ACT_ERRNO(ENOPROTOOPT) rules that cover
-exactly the complement of the allowed pairs. Each rule compares an argument once
-(EQ, MASKED_EQ on an aligned block, or GT), so it is valid for every libseccomp
-version; rules for the same syscall are ORed, comparisons within a rule ANDed. A value
-no rule covers falls to the default action: a mistake in the complement could only turn
-ENOPROTOOPT into EPERM, never let an option through. Arguments are compared as 64-bit
-values, so garbage in the upper half of an int argument never matches an allow rule.
-
-Architectures: x86_64 and aarch64 only, without their 32-bit companions. The i386 ABI
-multiplexes every socket call through socketcall(2), whose arguments are in memory
-where seccomp can't read them; x32 and arm32 are left out with it. Calls through an
-ABI the profile doesn't list are refused by the runtime. The option numbers below are
-the asm-generic ones both architectures use.
-
-Formats: ``docker`` (Docker's format: ``archMap``, as Docker's default profile) and
-``kubernetes`` (the same rules with a flat ``architectures`` list, the OCI runtime-spec
-shape that containerd's CRI and CRI-O read for a ``Localhost`` profile). containerd
-takes both (``ctr run --seccomp --seccomp-profile``; it ignores ``archMap`` and then
-filters the native architecture only); Docker's and podman's loaders take both too
-(checked here with the docker format, Docker 20.10 and podman 4.3).
+An allow-list (default EPERM; options outside the contract fail with ENOPROTOOPT), for
+x86_64 and aarch64, in Docker's or Kubernetes' format. What a container gets: README,
+"Socket options (seccomp)"; how the rules are built: docs/seccomp.md.
 """
 from __future__ import annotations
 

@@ -1,12 +1,9 @@
 """`sockgate agent`: the node agent. It serves CNI requests forwarded by the shim on a
 root-only unix socket (the same handler the shim would run in-process), and runs the
 node's background work: keeping exception hostnames resolved, idle reclaim, billing.
+Logs are JSON lines on stderr, and nothing else is.
 
-Foreground, for systemd (Type=notify) and containers: logs are JSON lines on stderr,
-and nothing else is (no traceback: every failure is a log line). Readiness is
-sd_notify READY=1 (and an optional ready file). SIGTERM removes the ready file first,
-then the socket, finishes the requests in flight, flushes what must be flushed and
-exits 0, within a second plus those requests, whatever DNS does.
+Overview: docs/architecture.md; README "The node agent".
 """
 from __future__ import annotations
 

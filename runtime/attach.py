@@ -1,11 +1,8 @@
 """The one core: attach, detach, check and gc of a container, whichever door (CNI,
 Docker, demo) the request came through.
 
-Crash safety rests on one ordering rule: the lease files and the attachment record
-are written before the kernel is touched, and removed only after the kernel state
-is gone. Whatever a crash of the plugin or agent interrupts, DEL or GC finds a record
-(or a lease) naming what to undo. (They are not fsynced: a crash of the node takes
-the veths, routes and elements they describe with it.)
+Invariant: the lease files and the attachment record are written before the kernel is
+touched, and removed only after the kernel state is gone. Overview: docs/architecture.md.
 """
 from __future__ import annotations
 

@@ -1,12 +1,8 @@
-"""Does the node's conntrack table hold every container at its bound?
+"""Does the node's conntrack table hold every container at its bound? The agent says so
+at start and whenever the number of attachments crosses the line; it never changes
+nf_conntrack_max itself.
 
-Each container can hold at most FlowBounds.entries conntrack entries (the policy's
-`limits`, README "Threat model"); that is what keeps one hostile container from
-filling the table. The bound only protects the others if the table has room for all
-of them at once, plus the node's own flows. nf_conntrack_max is one value for the
-whole host, writable only in the initial netns, so the agent doesn't change it: it
-says at start, and whenever the number of attachments crosses the line, how many
-containers fit and what to set.
+Design notes: docs/dataplane.md; README "Threat model".
 """
 from __future__ import annotations
 

@@ -1,45 +1,9 @@
 """The Docker door: Docker's remote network driver protocol (libnetwork's "remote"
 driver, plugin API v1) served by the node agent on a unix socket, by default
-/run/docker/plugins/sockgate.sock (Docker names the driver after the file: `sockgate`).
+/run/docker/plugins/sockgate.sock. The same core as CNI ADD/DEL makes and removes the
+attachment, keyed by the Docker endpoint id; every operation is bounded (OP_TIMEOUT_S).
 
-    docker network create -d sockgate --ipam-driver null [-o ipv4Pool=… -o ipv6Pool=…] NET
-    docker run --network NET …
-
-The same core as CNI ADD/DEL makes and removes the attachment (leases, record, veth,
-set elements, billing), keyed by the Docker endpoint id. What differs is who puts the
-container end into the container, because Docker asks the driver *before* the
-container's netns exists: runc creates it, and Docker's prestart hook
-(libnetwork-setkey) then moves the driver's interface in and configures it, before
-the container's process starts. So:
-
-- CreateEndpoint: runtime.attach.attach_unplaced leases the addresses and creates the
-  veth pair with the container end left, down, in the node netns (named
-  peer_ifname(endpoint)); the answer names the addresses (v4 /32, v6 /128), which
-  Docker sets on the interface. Docker's own IPAM must stay out of the way
-  (`--ipam-driver null`; with any other IPAM, Docker would set its address and
-  refuse ours), so CreateNetwork refuses other IPAM drivers with that advice.
-- Join: the answer names the interface (SrcName, DstPrefix "eth": it becomes ethN),
-  the gateways every sockgate container has (169.254.1.1 through a connected /32
-  route; fe80::1, an address of the node's end; reached without ARP or ND, since both
-  veth ends share one MAC and are NOARP, see runtime.netns) and DisableGatewayService (otherwise libnetwork would also connect the
-  container to the docker_gwbridge bridge network: a way out around the sandbox).
-  The SandboxKey is recorded as the attachment's netns (idle reclaim enters it).
-- Leave: Docker moves the interface back to the node netns; DeleteEndpoint removes
-  the attachment (runtime.attach.detach: the final billing record, elements, leases).
-
-Facts this module relies on (checked against dockerd 20.10):
-- requests are POSTs with a JSON body and no Content-Type; driver errors are
-  `{"Err": "…"}` (Docker shows them as "remote: …");
-- the network's name and labels are not sent: CreateNetwork carries the id, the `-o`
-  options (under "com.docker.network.generic") and the IPAM data;
-- Docker sets no timeout on these calls and a hung handler hangs dockerd, so every
-  operation here is bounded (OP_TIMEOUT_S); calls for different containers arrive
-  concurrently (one lock per endpoint here; the core locks per network);
-- Docker does not replay CreateNetwork/CreateEndpoint after a plugin restart:
-  networks and endpoints are persisted under STATE_DIR/docker/;
-- calling Docker's API from a handler can deadlock while dockerd starts: which
-  container owns an endpoint (id and name, for billing) is asked by a background
-  thread after Join and written into the attachment's labels.
+Design notes (the calls, the facts about dockerd relied on): docs/docker.md.
 """
 from __future__ import annotations
 

@@ -1,12 +1,7 @@
-"""Docker's firewall next to ours. dockerd sets the FORWARD policy of its iptables to
-DROP, which would drop the forwarded traffic that table inet sockgate accepted (a
-table's accept doesn't end evaluation in another table). The agent keeps ACCEPT rules
-for sockgate's veths in DOCKER-USER; our own drops still apply, since a drop in any
-table is final.
+"""Docker's firewall next to ours: the agent keeps ACCEPT rules for sockgate's veths
+where dockerd's iptables FORWARD policy would drop them; our own drops still apply.
 
-Through the iptables commands (`iptables-nft`/`iptables-legacy`, with -w for the
-xtables lock), not python-iptables: that drives the legacy backend only, sees empty
-chains on an iptables-nft host, and doesn't take the lock dockerd takes.
+Design notes: docs/docker.md.
 """
 from __future__ import annotations
 

@@ -1,16 +1,7 @@
 """Address leases on disk: one file per leased address, named by the address.
 
-Creating a lease is O_EXCL, so two allocators can never hand out the same address,
-and the lease survives a crash of the process that took it; DEL and GC find leases by
-their owner and release them (DEL reads only the lease files its attachment record
-names when it passes them, so its cost doesn't grow with the node). Leases are not fsynced: after a crash of the node no
-container holds an address any more, and a lease left empty by it (or by a kill
-between its create and its write) names no owner, so GC frees it.
-
-The round-robin cursor `.last-v4` is a symlink replaced through the temp name
-`..last-v4.tmp` (fsutil.temp_path; the same for v6). Its writers hold the network's
-lock, so whoever holds that lock may remove such a temp file: it is a dead
-allocator's (see `remove_temps`).
+Created O_EXCL (no address handed out twice), found by owner at DEL and GC, not
+fsynced (a lease with no owner is GC's). Design notes: docs/architecture.md.
 """
 from __future__ import annotations
 

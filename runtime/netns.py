@@ -1,21 +1,7 @@
-"""Namespace plumbing with pyroute2: the routed veth between the node and a container.
+"""Namespace plumbing with pyroute2: the routed veth between the node and a container
+(ptp style, no shared L2 between containers; both ends carry one MAC and NOARP).
 
-Layout per container (ptp style, no shared L2 between containers):
-
-  node netns                          container netns
-  sgXXXXXXXXXXXX  <──── veth ────>   <CNI_IFNAME>  10.77.0.5/32, fd77:…:5/128
-    fe80::1/64 (nodad)                 169.254.1.1 dev if scope link
-    route 10.77.0.5/32 dev sgX…        default via 169.254.1.1   (permanent neigh)
-    route fd77:…:5/128 dev sgX…        default via fe80::1       (permanent neigh)
-
-Both ends of the pair carry the same MAC and the NOARP flag: a NOARP link sends every
-frame to its own MAC, which is the other end's, so neither side ever resolves the
-other, and the node ignores ARP on it (nft drops neighbour discovery from containers,
-netpolicy.ruleset). Nothing a container sends reaches the node's neighbour tables,
-which all namespaces of a host share: forged ARP or solicitations can't overflow them
-(README, "Threat model"). The CNI door also sets permanent neighbour entries for the
-gateways in the container, so the gateway stays reachable if the container turns ARP
-back on. The Docker door can't enter the container, so there NOARP is what does it.
+Layout and why NOARP: docs/dataplane.md.
 """
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """Talks to nftables: each script is one atomic transaction (`nft -f` semantics).
 
 Through libnftables (runtime/libnft.py) when it loads, else through the `nft`
-command; one attachment's elements (ADD, DEL, a DEL's counters) through
-runtime/nftnl.py, whose cost doesn't grow with the node. Not python-iptables: it
-drives the legacy iptables backend only.
+command; one attachment's elements through runtime/nftnl.py. Notes: docs/dataplane.md.
 """
 from __future__ import annotations
 

@@ -1,82 +1,9 @@
 """Idle reclaim (C10): a container flow that saw no packet for the idle timeout loses its
-conntrack entry *and* its socket inside the container.
+conntrack entry *and* its socket inside the container. Acts on conntrack DESTROY events
+(the table's ct timeouts keep time) and on sweeps (periodic, and after lost events); an active flow is
+never reclaimed, and sockets are matched exactly and destroyed by their cookie.
 
-The kernel keeps time. The table gives every new container flow a ct timeout object
-(`idle_tcp_<N>`: established N s, `idle_udp_<N>`: replied N s), so an idle flow's entry
-expires by itself; its DESTROY event is what this module acts on. Conntrack counts from
-the last packet in either direction, so any activity restarts the clock, and an active
-flow never expires.
-
-Deleting the entry alone doesn't end a TCP connection (nf_conntrack_tcp_loose=1 would
-pick it up again; the table's SYN-only rule now refuses that, but the app would only
-learn on its next send, and never if it only reads). So for each DESTROY event of a
-flow whose original source is a container address and that died idle, the socket is
-aborted inside the container's netns with sock_diag SOCK_DESTROY (what `ss -K` does):
-the app's blocked or next recv/send fails with ECONNABORTED.
-
-- TCP: only entries destroyed in state ESTABLISHED (a closed connection passes through
-  FIN_WAIT/CLOSE_WAIT/TIME_WAIT/CLOSE first and is left alone).
-- UDP: only entries with IPS_ASSURED. The kernel applies the `replied` timeout only
-  once a flow has been active for 2 s; a short exchange (one query, one answer) keeps
-  the kernel's `unreplied` timeout (30 s by default), so its entry dying says nothing
-  about 10 minutes of idleness. Its socket keeps working; a later datagram starts a
-  new flow.
-- Who deleted it: a DESTROY the kernel sent on its own behalf (timeout, GC) carries
-  netlink port id 0; one caused by a process (`conntrack -D`, `-F`) carries that
-  process' port id. A TCP flow deleted that way is dead anyway (the SYN-only rule
-  resets its next packet), so its socket is aborted too, so the app learns now; it is
-  logged as "deleted" and not counted as an idle reclaim. A UDP flow deleted that way
-  is left alone (its next datagram simply starts a new flow).
-
-Sockets are matched exactly (protocol, local address and port, remote address and
-port; v4-mapped IPv6 sockets too) and destroyed by their sock_diag cookie, so a
-listener or an unconnected UDP socket that shares the local port is never hit.
-
-Why sock_diag in-process rather than `nsenter … ss -K`: no fork and exec per reclaim
-(a mass expiry can mean thousands), a definite answer (ENOENT: no such socket,
-EOPNOTSUPP: kernel without CONFIG_INET_DIAG_DESTROY) instead of parsing ss's output,
-and exact matching by cookie instead of ss's filter language. The socket is reached
-from a thread that joined the container's netns (runtime.netns.in_netns).
-
-Timeliness. The kernel's conntrack GC evicts an expired entry up to 60 s late
-(GC_SCAN_INTERVAL_MAX; measured here: 60.1 s), so by default a flow is reclaimed
-between N and N + 60 s after its last packet, which is what C10 asks ("may be
-reclaimed"). A conntrack dump evicts every expired entry it walks past, so with
-`nudge_interval` > 0 the reclaimer runs a dump that matches nothing that often, and
-reclaim follows within about that long (measured with 1 s and N = 3: 3.3-4.0 s after
-the last packet). Off by default: each walk covers the whole conntrack hash (every
-netns's; expired entries anywhere are evicted, as the GC would do) with softirqs off on
-that CPU: 12 ms for the 262144 buckets of an empty table here, more for a full one.
-
-Lost events. A full receive buffer drops events (ENOBUFS): counted, logged, and a
-sweep follows at once. A sweep also runs at start and every `sweep_interval` s. While
-overruns go on (a flood), sweeps after lost events are at least LOST_SWEEP_MIN_GAP s and
-LOST_SWEEP_DUTY times their own duration apart, so they take at most about a fifth of
-the loop's time and events keep being read in between; an overrun noticed during that
-gap still gets its sweep when the gap ends (SweepSchedule). A sweep starts after the
-overrun it answers was noticed, so every entry destroyed before that is gone by then.
-
-- TCP: the sweep lists each container's established sockets and aborts those whose
-  conntrack entry is gone. That also covers flows that expired while the reclaimer
-  wasn't running, and flows created while nobody listened (with
-  net.netfilter.nf_conntrack_events=2 such entries never produce events at all).
-- UDP: a connected UDP socket without an entry may simply not have sent anything yet,
-  so "no entry" alone means nothing. The sweep remembers, per socket (flow and socket
-  cookie), the connected UDP sockets whose entry it found ASSURED, i.e. under the idle
-  timeout; at the next sweep, such a socket whose entry is gone has expired (or was
-  deleted) and is aborted. An assured entry lives at least the idle timeout N after
-  it became assured, so if sweeps are less than N apart (sweep_interval plus a
-  sweep's duration < N), every assured flow is seen by some sweep before it can
-  expire: its expiry is caught even when its event is lost. The reclaimer reads the
-  UDP idle timeouts in force from the table's ct timeout objects and warns when the
-  sweep interval doesn't allow that. A UDP DESTROY event that arrives ends the memory
-  of that flow (an entry a process deleted is left alone, as on the event path). Not
-  covered: a UDP flow that expired while no reclaimer ran (nothing remembered it), and
-  an assured UDP flow whose entry a process deleted while events were being lost (the
-  sweep can't tell that from an expiry; the socket is aborted).
-
-Cost: a sweep enters each container's netns and asks conntrack about each of its
-established TCP and connected UDP sockets (one GET each).
+Design notes: docs/reclaim.md; operator's view: README, "Idle reclaim".
 """
 from __future__ import annotations
 

@@ -1,26 +1,9 @@
 """Resolve the exception hostnames (smtp/pop/imap.gmail.com, the policy file's own) on
-the node and keep their addresses in the nft sets allow4_dns / allow6_dns.
+the node and keep their addresses in the nft sets allow4_dns / allow6_dns. Elements
+expire in the kernel at the record's TTL (plus a grace) unless refreshed; every answer
+is screened (netpolicy.answers) before it opens anything.
 
-Every element carries a timeout of the record's TTL (clamped) plus a small grace, and
-each refresh re-arms it: an address the DNS stops returning expires in the kernel by
-itself.
-
-A and AAAA are looked up, scheduled and retried separately: a family whose lookup
-failed (timeout, SERVFAIL; an empty answer or NXDOMAIN is an answer, not a failure)
-adds nothing and is retried with backoff, so what it resolved before simply runs out
-by its timeout, while the other family's answer is still used.
-
-The resolver's answers are data from outside (DESIGN.md, threat model): before an
-answer opens anything it is screened against the node's internal networks
-(netpolicy.answers), so that DNS rebinding or a poisoned resolver can't turn an
-exception into a door to the inside. The node's side of that (its addresses, links,
-gateways, the container pools) is read here, in the node's netns.
-
-A lookup can take a while (the policy's resolver.timeout per family, with a resolver
-that doesn't answer), so each hostname is looked up in a daemon thread of its own and
-its answer applied by whoever drives the Refresher: the agent's policy keeper goes on
-checking the table meanwhile, and stops at once on SIGTERM, leaving a lookup still
-under way behind (nothing it learns is applied then).
+Design notes: docs/resolver.md.
 """
 from __future__ import annotations
 

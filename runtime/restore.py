@@ -1,12 +1,7 @@
-"""What a reloaded table must hold again: the elements of every ready attachment.
+"""What a reloaded table must hold again: the elements of every ready attachment,
+loaded in the same transaction as the table, under the table lock ADD and DEL hold.
 
-A table is reloaded when it is missing or was rendered from other rules: after `nft
-flush ruleset`, a firewall reload, an upgrade. Running containers would otherwise be
-treated as spoofing (no tx4/tx6 element) and lose their traffic. The reload and these
-elements go into one transaction (runtime.policy.ensure_loaded), taken under the
-table lock that ADD and DEL hold while they change elements: no window in which the
-table exists without a running container's elements, and no race in which a restore
-re-adds the elements of a container a DEL was removing.
+Why: docs/dataplane.md.
 """
 from __future__ import annotations
 

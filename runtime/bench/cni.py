@@ -3,46 +3,7 @@
     scripts/bench-cni [--containers 50] [--parallel 8] [--rounds 1] [--json]
     scripts/bench-cni --attached 1000 [--containers 30] [--parallel 4] [--rounds 2] [--json]
 
-A benchmark, not a timed test: it always exits 0 once it measured, whatever the ratios
-(non-zero only when it could not measure). On one lab (runtime/lab/: node netns plus
-one app netns per container; nothing leaves the lab's namespaces, the host's netns,
-/etc/cni, /opt/cni and /var/lib/cni are never touched) it measures the latency of ADD
-and DEL for three plugins:
-
-  sockgate-agent  the installed `sockgate` CNI executable, with `sockgate agent`
-                  running in the node netns (the executable forwards to its socket);
-  sockgate        the same executable and the very same network config, no agent
-                  (the request is handled in the plugin's own process);
-  reference       Debian's containernetworking-plugins (/usr/lib/cni) chained like
-                  podman's default network: bridge (+ host-local IPAM) -> portmap ->
-                  firewall (iptables backend), IPv4 only.
-
-Every plugin is driven the way a runtime drives it: a libcni-style runner
-(tests/support/cnitool.py) execs each plugin binary with the CNI_* environment and
-its config on stdin, inside the lab's node netns (`nsenter --net=...`), passing
-prevResult along and caching the result. A conflist ADD is timed from the runner's
-start until the last plugin's result (all plugins of the chain), a DEL likewise (the
-plugins in reverse order); sockgate is a one-plugin conflist run by the same runner,
-so the runner's overhead is the same for everyone.
-
-Each (plugin, mode) scenario: one warm-up ADD+DEL (not counted), then ADD of all
---containers containers, then DEL of all of them; in mode "sequential" one at a
-time, in mode "parallel" with --parallel workers. The app namespaces are created
-once, up front, and reused by every scenario. Scenarios of all three plugins run
-interleaved in one process (the plugin order rotates between modes and rounds).
-With the agent, DEL sets the host veth down and its reaper deletes it in the
-background; the agent is started before and stopped (SIGTERM, which waits for the
-reaper to drain) after each of its scenarios, so no scenario inherits another's
-work. After each ADD phase and each scenario the benchmark checks, untimed, that all
-containers were attached and that nothing (link, lease, container interface) is left.
-
-With --attached N the benchmark measures something else: sockgate+agent alone, ADD
-and DEL with 10 and with N containers attached to the node, and the ratios of the two
-(runtime/bench/cni_scale.py says how).
-
-Latencies on a 2-CPU machine move a lot with anything else running: for each scenario
-the report gives the share of the CPUs used by processes other than this benchmark's
-(/proc/stat minus our own and our children's CPU time) and flags those above 10%.
+Exits 0 once it measured, whatever the ratios. Method: docs/benchmarks.md.
 """
 from __future__ import annotations
 

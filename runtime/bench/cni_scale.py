@@ -2,43 +2,8 @@
 
     scripts/bench-cni --attached 1000 [--containers 30] [--parallel 4] [--rounds 2] [--json]
 
-In one run, on one lab node with one `sockgate agent`, it measures sockgate+agent ADD
-and DEL latency (p50, p90; one at a time and with --parallel workers) with BASELINE
-(10) containers attached to the node and with N attached, and prints the ratios
-p50 at N / p50 at BASELINE (target: <= TARGET for ADD and DEL).
-
-- The node's attachments are real: BASELINE "base" containers and, for the N
-  configuration, N - BASELINE "fillers", each with its own app netns, attached
-  through the same agent (a request on its socket, as the CNI executable forwards it),
-  so every veth, route, lease, record, nft element and billing checkpoint exists.
-  Switching to N attaches the fillers, switching back DELs them (the fill and drain
-  times are reported too: N - BASELINE ADDs or DELs with --parallel workers).
-- A measured sample is a runtime's container start and stop: the CNI executable
-  exec'd by the libcni-style runner (as in the default scenarios), ADD of one
-  container then its DEL, timed separately. "sequential": one container at a time
-  (the node holds its BASELINE or N attachments plus the one being measured);
-  "parallel": --parallel workers, each doing its share of the --containers.
-  One warm-up ADD+DEL per block and mode, not counted.
-- Blocks alternate the configurations in pairs (rounds 2: BASELINE, N, N, BASELINE),
-  so that a drift of the machine weighs on both, and each fill or drain serves two
-  blocks; the mode order alternates between blocks. With at least two blocks per
-  configuration the report gives the ratio of the two blocks of the same
-  configuration: how far identical measurements move on this machine (noise).
-- Before each measurement the benchmark waits until the agent's link reaper deleted
-  every retired veth (DEL sets the link down, the reaper deletes it in the background)
-  and checks the node holds exactly the configuration's attachments; after a fill or
-  drain it also waits (up to QUIET_MAX_S) until the rest of the machine, kernel
-  workers included, used less than QUIET_SHARE of the CPUs over a second: a thousand
-  interfaces coming up keep the kernel busy for seconds (router solicitations, MLD).
-- The reload window: the first time each configuration is reached, the node's
-  ruleset is flushed RELOADS times (`nft flush ruleset`, as a firewall reload does);
-  reported is the time from the flush until the agent has the table back, which comes
-  with every attachment's elements in the same transaction, and the agent's own time
-  for that load (its log).
-
-Everything runs in the throwaway lab (runtime/lab): node netns, app netns; the host's
-netns, /etc/cni, /opt/cni are never touched; the lab is torn down at the end, also on
-errors.
+ADD/DEL latency with BASELINE and with N containers really attached, and the ratios.
+Method: docs/benchmarks.md.
 """
 from __future__ import annotations
 

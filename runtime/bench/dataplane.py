@@ -2,42 +2,8 @@
 
     scripts/bench-dataplane [--duration 60] [--segment 2] [--containers 1000] [--ipv6] [--profile] [--json]
 
-A benchmark, not a timed test: it always exits 0 once it measured, whatever the ratio
-(non-zero only when it could not measure). On one lab (runtime/lab/, nothing leaves its
-namespaces) it measures iperf3 TCP throughput and UDP packet rate from one container
-to the lab internet in two configurations of the *same* namespaces, veths and routes:
-
-  A  baseline  no sockgate table on any hook (sockgate's hook chains deleted, so no
-               packet runs any of its rules); a one-rule table `inet benchbase`
-               masquerades (NAT is part of both paths, so only sockgate's filtering
-               differs);
-  B  sockgate  the sockgate table with the full policy (_load_full_policy) and the
-               per-container elements of all --containers attachments.
-
-The sets and their elements stay loaded in A: switching is adding or deleting the
-hook chains in one transaction (a few ms), where reloading the whole table took
-~300 ms of CPU on this machine, some of it deferred into the window after the switch.
-
-Each metric is one long iperf3 run during which the configuration alternates every
---segment seconds (A B A B ...), and iperf3 reports every INTERVAL_S; each report is
-labelled with the configuration that was in force for all of it (reports that
-overlap a switch or the SETTLE_S after it are dropped). On this kind of
-machine (2 vCPUs) throughput drifts by 10-20 % over seconds with the host's load,
-which separate runs per configuration (the first design: 7 rounds of 3 s) could not
-average out; slices seconds apart share the drift. The verdict is median(B reports) /
-median(A reports) against the target (>= 0.97); each B window against its A
-neighbours gives the paired ratios printed as a noise gauge.
-
---profile adds a steadier estimate (runtime/bench/profile.py): with each metric's
-traffic running under B, `perf` samples the sending CPU, and the share of its time
-inside the forward hook gives 1 - share as the expected ratio.
-
-The containers: by default all of them are attached through the real core
-(runtime.attach.attach, in-process, with this process's thread in the node netns),
-each with its own app netns, veth pair and routes: 1,000 take 1-1.5 minutes on 2 CPUs.
-`--fill elements` instead attaches only the measured container and adds the others'
-per-container state as nft elements only (no netns, no veth): per-container state
-is elements, never rules, so the table the packets traverse is the same.
+Exits 0 once it measured, whatever the ratio. Method (the A/B alternation, why,
+the containers): docs/benchmarks.md.
 """
 from __future__ import annotations
 

@@ -1,15 +1,7 @@
-"""What share of one CPU's time sockgate's hooks take, from `perf` samples.
+"""What share of one CPU's time sockgate's hooks take, from `perf` samples
+(bench-dataplane --profile): 1 - share estimates the throughput ratio.
 
-Throughput on a shared VM drifts by 10-20 % within seconds, so a few per cent of
-cost takes many alternations to see in iperf3's numbers. A profile is steadier: with
-the sender's CPU saturated, the share of its samples spent inside sockgate's hooks
-is the share of packets sockgate costs, so 1 - share estimates the throughput ratio:
-- the forward hook: nf_hook_slow called by ip_forward / ip6_forward, which only
-  sockgate's `forward` chain registers in the bench's node netns;
-- the `fragments` chain at prerouting: nft's inet hook function called by nf_hook_slow
-  from ip_rcv / ipv6_rcv (conntrack's own prerouting hooks are not nft, and run in
-  both configurations).
-perf's cpu-clock sampling needs no hardware counters (which VMs often lack).
+Which samples count and why: docs/benchmarks.md.
 """
 from __future__ import annotations
 

@@ -3,80 +3,8 @@
     scripts/soak [--minutes 20] [--workers 6] [--residents 2] [--fault-interval 120]
                  [--max-cycles 100000] [--json]      (--help: every option)
 
-A benchmark, not a test of the suite: it runs for minutes and its verdict is its exit
-status. On one throwaway lab (runtime/lab: node netns, "internet" netns with echo
-servers, app netns; nothing leaves the lab's namespaces, the host's netns, nft tables
-and processes are never touched) with `sockgate agent` running in the node netns:
-
-Churn. --workers threads, each in a loop until --minutes are up or --max-cycles
-cycles were done (all workers together): take one of its own app netns (a ring of
-RING per worker; a netns is reused only once the agent's reaper removed the last
-container's interface from it), ADD through the installed CNI executable (exec'd in
-the node netns like a runtime does), send a little TCP and UDP traffic, v4 and v6,
-to the worker's own destination on the lab's internet (two bursts, --hold seconds
-apart, so that containers live across the agent's periodic billing records), then
-DEL. A failed ADD is followed by DEL, retried until it returns 0 (for at most
---del-timeout seconds), as a runtime does. Every call's exit code and CNI error code is
-recorded. Besides, --residents long-lived containers are attached one after the
-other before the churn (so their addresses are adjacent, as on a node whose first
-containers stay), send a burst every RESIDENT_PERIOD s through every fault, and are
-deleted at the end: a node is never only short-lived containers, and a table reload
-must restore the elements of those that live on.
-
-Faults, one every --fault-interval seconds, kinds in rotation:
-  agent-kill   kill -9 of the agent, restarted RESTART_DELAY s later (as systemd
-               would); meanwhile the CNI executable handles requests in-process;
-  nft-flush    `nft flush ruleset` in the lab's node netns (only there); the agent
-               loads its table again;
-  plugin-kill  every worker's next ADD: the CNI executable is SIGKILLed after a random
-               share (PLUGIN_KILL_AFTER) of that worker's usual ADD time, i.e. while
-               it runs, before or after it forwarded the request to the agent (the
-               report says how many were still running); the worker then DELs that
-               container until DEL returns 0, as a runtime does after a failed ADD.
-
-Monitoring, every --sample-interval seconds: sockgate veths (`sg*`) in the node netns,
-leases, attachment records and temp files (`.<name>.tmp`) under the state dir,
-elements of the sets tx4/tx6/rx/ifaces, the agent's RSS and open fds, conntrack
-entries in the node netns. Reported as start/peak/end.
-
-At the end: churn stops (cycles in flight finish), the reaper is waited for, the
-state is taken ("after DELs"); then the network's GC (CNI GC with an empty
-cni.dev/valid-attachments list: nothing is attached any more) and the reaper again
-("after GC"). The agent stops (SIGTERM: its last billing flush) and the billing ledger
-is compared with the far end.
-
-Billing. The lab's internet netns holds a table of ours with one named counter per
-worker and per resident: every packet arriving from the node for the worker's destination addresses
-(any protocol; masqueraded or not). A worker works one container at a time, and
-after each cycle's DEL it reads and resets its counter (`nft reset counter`): what
-that container sent, counted on the far side of the wire. Per container, the sum of
-tx_bytes / tx_packets of its billing records must equal that, exactly. Documented
-exception (README, "Billing"): records flagged `counter_reset` or `counters_missing`
-declare that what was sent between the previous record and the counters' re-creation
-is unknown; for such a container billed <= far end is required, and the flag must be
-explained by an nft-flush during its life. Anything else is a billing difference.
-
-Verdict (exit 1 on any): a DEL that never returned 0; sockgate's table missing for
-more than RELOAD_BOUND s after an nft-flush (containers unfiltered, un-NATed,
-unbilled); anything left after GC beyond the start (veths, leases, records, temp
-files, set elements, interfaces in app netns);
-leases, records, veths or elements left after all DELs returned 0 (DEL must clean up
-without GC; temp files of killed writers are GC's job and only reported there);
-conntrack entries of the deleted containers that would outlive the kernel's closing
-timeouts (more on that below); agent RSS or fds grown beyond --rss-bound-mib /
---fd-bound from the idle agent after warm-up to the idle agent at the end; a billing
-difference; a broken ledger (a seq gap, a second final record, intervals that don't
-chain). Exit 2: bad usage; 3: the soak could not run (lab, agent).
-
-Conntrack: DEL does not delete a container's conntrack entries (README doesn't say it
-does); they expire by their timeouts. Fair: at the end, an entry of a container
-address may remain only if its remaining timeout is at most the longest timeout such
-an entry can legitimately have: the policy's idleTimeout (sockgate's ct timeout for
-containers' flows, 600 s by default) or the node netns' closing timeouts
-(nf_conntrack_tcp_timeout_time_wait / fin_wait / last_ack / close_wait,
-nf_conntrack_udp_timeout{,_stream}), whichever is longer; it will be gone within that
-time of the last DEL. An entry set to live longer (the kernel's 5-day ESTABLISHED: a
-flow that escaped sockgate's ct timeout) counts as a leak.
+What is churned, the faults, what is monitored and exactly what the verdict checks:
+docs/benchmarks.md ("soak").
 """
 from __future__ import annotations
 

@@ -1,19 +1,8 @@
 """The lab: node, internet and app network namespaces for tests, benchmarks and the demo.
 
-Safety model (nothing may leave the machine, the host must stay untouched):
-- Every command that configures a link, address, route or sysctl runs *inside* a lab
-  netns via `nsenter --net=/run/netns/<name>`; the only thing done from the root netns
-  is `ip netns add/del` of names carrying this run's prefix. Even the veth pair is
-  created inside the node netns with its peer sent straight to the internet netns,
-  so no lab link ever exists in the root netns.
-- The lab namespaces have no link to the root netns at all, so there is no path out.
-- Teardown kills every process inside our namespaces, then deletes them; it runs from
-  `with`, atexit and a SIGTERM/SIGHUP handler. A run killed with SIGKILL leaves a
-  record under /run/sockgate-lab/ that Lab.cleanup_stale() uses later; it deletes
-  only the namespaces recorded there (plus unrecorded `sgl-<6 hex>-*` orphans).
-
-No pyroute2 here on purpose: the lab checks the code under test (which uses pyroute2)
-with independent tools, and `ip -batch` is one process per netns anyway.
+Invariant: nothing leaves the machine and the host stays untouched (everything is
+configured inside lab namespaces, which have no link to the root netns; teardown also
+on SIGTERM, and Lab.cleanup_stale() after a SIGKILL). Safety model: docs/lab.md.
 """
 from __future__ import annotations
 

@@ -4,18 +4,9 @@
 
 Answers A/AAAA for the names in FILE, a JSON object
     {"smtp.gmail.com": {"ttl": 300, "addresses": ["142.250.10.108", "2607:f8b0:..."]}, ...}
-and NXDOMAIN for any other name. A record may also hold "fail": {"A": "servfail",
-"AAAA": "timeout"}: queries of that type get SERVFAIL, or no reply at all (the client
-times out), while the other type still answers. FILE is re-read when it changes (the lab replaces it
-atomically), so Lab.set_dns() takes effect for the next query. Nothing is ever
-forwarded: this server has no upstream.
-
-UDP and TCP on port 53 of each --listen address (default 0.0.0.0 and ::, i.e. every
-address). Sockets use SO_REUSEPORT so they can sit on specific addresses (the lab's
-8.8.8.8 & co) next to the echo server's wildcard port 53: the kernel prefers the exact
-address match. Replies leave from the address the query was sent to (pktinfo), which
-matters for wildcard binds. Prints "READY" on stdout once all sockets are bound; exits
-on SIGTERM/SIGINT.
+and NXDOMAIN for any other name; a record may hold "fail": {"A": "servfail", "AAAA":
+"timeout"}. FILE is re-read when it changes. Prints "READY" once all sockets are bound;
+exits on SIGTERM/SIGINT. Notes: docs/lab.md.
 """
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
 """One-shot network probe, run inside a lab netns (`nsenter --net=... python probe.py ...`).
 
 Prints exactly one JSON object on stdout and exits 0, whatever happened on the
-network; a non-zero exit means a usage error or a bug. Stdlib only and no package
-imports (not even typing), so the lab starts it with `python -I -S`: ~15-25 ms
-of interpreter and imports per probe on an idle 2-core machine.
+network; a non-zero exit means a usage error or a bug. Stdlib only, no package imports
+(started with `python -I -S`; docs/lab.md).
 
 Modes:
   tcp|udp HOST PORT [--payload STR|--payload-hex HEX|-] [--timeout S] [--bind ADDR]

@@ -2,22 +2,9 @@
 
     python -m runtime.lab.servers --ports 7,53,80,443 [--reuseport 53] [--events FILE]
 
-Protocol (what runtime/lab/probe.py expects):
-  TCP: on accept send one JSON line {"peer", "peer_port", "local", "port"}, then echo
-       everything until EOF.
-  UDP: answer each datagram with that JSON line followed by the datagram's payload.
-
-Every connection (open and close, with byte counts) and every datagram is appended to
---events as a JSON line, so tests can check what really arrived: the source address
-after masquerade, that a spoofed packet never got here, and the far-side byte total
-that billing must equal.
-
---reuseport ports are bound with SO_REUSEPORT so that a server bound to a *specific*
-address on the same port (the lab DNS server on 8.8.8.8:53) takes precedence there:
-the kernel matches listeners by exact address before the wildcard.
-
-Prints "READY" on stdout once every socket is bound, then never writes to stdout again
-(the lab stops reading that pipe). Exits on SIGTERM/SIGINT.
+TCP: on accept one JSON line {"peer", "peer_port", "local", "port"}, then an echo of
+everything until EOF. UDP: each datagram answered with that line plus its payload.
+Prints "READY" once every socket is bound; exits on SIGTERM/SIGINT. Notes: docs/lab.md.
 """
 from __future__ import annotations
 
