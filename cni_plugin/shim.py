@@ -24,6 +24,7 @@ if False:  # for type checkers only: importing typing costs ~5 ms of every conta
     from typing import Mapping
 
     from runtime.errors import SockgateError
+    from runtime.node import Node
 
 AGENT_SOCKET = "agent.sock"
 DEFAULT_RUN_DIR = "/run/sockgate"
@@ -79,9 +80,9 @@ def _error(config: object, err: "SockgateError") -> tuple[int, str]:
     return 1, json.dumps(err.to_cni(error_version(config)))
 
 
-def execute(env: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
+def execute(env: Mapping[str, str], stdin: bytes, node: Node | None = None) -> tuple[int, str]:
     """Handle one CNI request in this process: (exit code, stdout text). The agent
-    serves forwarded requests with this same function."""
+    serves forwarded requests with this same function, passing its runtime.node.Node."""
     import json
     import logging
 
@@ -98,7 +99,7 @@ def execute(env: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
         if req.command == "VERSION":  # podman asks at every start: answer it cheaply
             return 0, json.dumps(version_reply(req))
         from runtime.cni import handle  # deferred: pulls in pyroute2
-        out = handle(req)
+        out = handle(req, node)
         return 0, json.dumps(out) if out is not None else ""
     except SockgateError as exc:
         log.warning("%s failed: %s", env.get("CNI_COMMAND", "?"), exc)

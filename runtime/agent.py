@@ -24,6 +24,7 @@ from typing import Callable, Protocol
 
 from cni_plugin import wire
 from cni_plugin.shim import AGENT_SOCKET, execute
+from runtime.node import Node
 
 log = logging.getLogger("sockgate.agent")
 MAX_REQUEST_BYTES = 4 << 20
@@ -58,6 +59,9 @@ class AgentConfig:
     docker_socket: str = ""
     docker_host: str = "unix:///var/run/docker.sock"
     components: list[tuple[str, Callable[["AgentConfig"], Component]]] = field(default_factory=list)
+    # What the requests and the components share: the backends, the compiled policy,
+    # whether the table is watched (the caller gives it its link reaper).
+    node: Node = field(default_factory=Node.open)
 
 
 class JsonFormatter(logging.Formatter):
@@ -196,7 +200,7 @@ class _Handler(socketserver.BaseRequestHandler):
             rc, out = 1, json.dumps(_malformed(str(exc)))
         else:
             what = f"{env.get('CNI_COMMAND')} {env.get('CNI_CONTAINERID', '')}/{env.get('CNI_IFNAME', '')}"
-            rc, out = execute(env, stdin)
+            rc, out = execute(env, stdin, self.server.node)
         lost = self._send(wire.encode_reply(rc, out))
         ms = (time.monotonic() - started) * 1000
         command = _command_label(env)
@@ -256,8 +260,9 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     # socket's connect at once (EAGAIN) instead of queueing it.
     request_queue_size = 512
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, node: Node) -> None:
         self.stopping = threading.Event()
+        self.node = node
         super().__init__(path, _Handler)
 
     def handle_error(self, request: object, client_address: object) -> None:
@@ -294,7 +299,7 @@ def _notify(state: str) -> None:
             log.warning("sd_notify failed: %s", exc)
 
 
-def _bind(path: Path) -> _Server:
+def _bind(path: Path, node: Node) -> _Server:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path.parent, 0o700)
     if path.exists():
@@ -309,7 +314,7 @@ def _bind(path: Path) -> _Server:
             probe.close()
     old = os.umask(0o177)  # root-only socket
     try:
-        return _Server(str(path))
+        return _Server(str(path), node)
     finally:
         os.umask(old)
 
@@ -339,7 +344,7 @@ def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None) -> i
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     sock_path = Path(cfg.run_dir) / AGENT_SOCKET
-    server = _bind(sock_path)
+    server = _bind(sock_path, cfg.node)
     # Components stop only after the last request finished: a DEL in flight may still
     # hand work to them (a link to reap, a final billing record).
     background = threading.Event()

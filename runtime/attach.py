@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Callable
 
 from netpolicy.ruleset import Endpoint
-from runtime import billing, netns, nft, policy, restore
+from runtime import billing, netns, policy, restore
 from runtime.errors import ALREADY_ATTACHED, CHECK_FAILED, KERNEL_FAILURE, NOT_AVAILABLE, SockgateError
 from runtime.fsutil import locked, remove_stale_temps
 from runtime.ipam import LeaseStore, Owner
 from runtime.netconf import NetConf
+from runtime.node import Node
 from runtime.store import ADDING, READY, Attachment, AttachmentStore, host_ifname
 
 log = logging.getLogger(__name__)
@@ -77,73 +78,73 @@ def _reserve(net: Network, req: AttachRequest) -> Attachment:
     return att
 
 
-def attach(req: AttachRequest) -> Attachment:
+def attach(node: Node, req: AttachRequest) -> Attachment:
     """The CNI way: the container end is created and configured inside req.netns."""
     netns.check_netns(req.netns)
 
     def place(att: Attachment) -> None:
-        att.container_mac = netns.configure_container(req.netns, req.ifname, att.ipv4, att.ipv6, att.host_mac)
+        att.container_mac = node.links.configure_container(req.netns, req.ifname, att.ipv4, att.ipv6, att.host_mac)
 
-    return _attach(req, req.netns, place)
+    return _attach(node, req, req.netns, place)
 
 
-def _attach(req: AttachRequest, peer_netns: str, place: Callable[[Attachment], None]) -> Attachment:
+def _attach(node: Node, req: AttachRequest, peer_netns: str, place: Callable[[Attachment], None]) -> Attachment:
     net = Network(req.conf)
     att = _reserve(net, req)
     try:
         # Compiled (cached) before the kernel is touched: an invalid policy fails here.
-        egress = policy.compiled(req.conf.policy_file, req.conf.state_dir).egress
-        netns.enable_forwarding()
-        att.host_mac, att.host_ifindex = netns.create_veth(att.host_ifname, peer_netns, req.ifname, att.mtu,
-                                                           req.mac)
+        egress = node.policies.get(req.conf.policy_file, req.conf.state_dir).egress
+        node.links.enable_forwarding()
+        att.host_mac, att.host_ifindex = node.links.create_veth(att.host_ifname, peer_netns, req.ifname, att.mtu,
+                                                                req.mac)
         # Elements before the links come up: there is no moment when the container
         # can send while the table doesn't know it.
         ep, pools = _endpoint(att, restore.new_generation()), (str(req.conf.ipv4_pool), str(req.conf.ipv6_pool))
         att.generation = ep.generation if ep is not None else ""  # saved with the ready record
-        if not policy.watched():
+        if not node.watched:
             # No agent checks the rules: this ADD does (the transaction below only
             # asserts the revision).
-            policy.apply(req.conf.policy_file, req.conf.state_dir)
+            policy.apply(node, req.conf.policy_file, req.conf.state_dir)
         for _ in range(3):
             # Under the table lock until the record says ready: a reload restores the
             # ready attachments, so this one's elements are either added here, after
             # any reload, or restored by a reload that comes later.
             with policy.table_lock(req.conf.state_dir):
-                if nft.add_if_current(ep, pools, egress):
+                if node.table.add_if_current(ep, pools, egress):
                     place(att)
-                    netns.configure_host(att.host_ifname, att.host_ifindex, att.ipv4, att.ipv6)
+                    node.links.configure_host(att.host_ifname, att.host_ifindex, att.ipv4, att.ipv6)
                     att.state = READY
                     net.attachments.save(att)
                     break
             # The table is missing or outdated (flushed, upgraded): load it, then add.
-            policy.apply(req.conf.policy_file, req.conf.state_dir)
+            policy.apply(node, req.conf.policy_file, req.conf.state_dir)
         else:
             raise SockgateError(KERNEL_FAILURE, "nftables transaction failed",
                                 "the sockgate table changed under every attempt to add this container's elements")
     except BaseException:
         log.exception("attach of %s/%s failed; rolling back", req.container_id, req.ifname)
-        _teardown(net, att)
+        _teardown(node, net, att)
         raise
     log.info("attached %s/%s on %s: %s %s via %s", att.container_id, att.ifname,
              att.network, att.ipv4, att.ipv6, att.host_ifname)
     return att
 
 
-def _teardown(net: Network, att: Attachment) -> None:
+def _teardown(node: Node, net: Network, att: Attachment) -> None:
     """Undo an attachment, each step idempotent. The record goes last, so a crash here
     leaves it for the next DEL or GC. Under the table lock (shared): a reload can't
     restore the elements of an attachment half torn down."""
     with policy.table_lock(net.conf.state_dir):
-        _teardown_locked(net, att)
+        _teardown_locked(node, net, att)
 
 
-def _teardown_locked(net: Network, att: Attachment) -> None:
-    netns.retire_link(att.host_ifname)
+def _teardown_locked(node: Node, net: Network, att: Attachment) -> None:
+    node.links.retire_link(att.host_ifname)
     # The link is down (no more packets) and the counters still exist: bill the rest.
-    billing.final_record(net.conf, att)
+    billing.final_record(net.conf, att, table=node.table)
     ep = _endpoint(att)
     if ep is not None:
-        nft.remove(ep)
+        node.table.remove(ep)
     with net.lock():
         # The record names the addresses: only their two lease files are read.
         net.leases.release_owner(Owner(att.container_id, att.ifname), [a for a in (att.ipv4, att.ipv6) if a])
@@ -169,18 +170,18 @@ def _orphan(net: Network, container_id: str, ifname: str) -> Attachment:
     return att
 
 
-def detach(conf: NetConf, container_id: str, ifname: str) -> Attachment | None:
+def detach(node: Node, conf: NetConf, container_id: str, ifname: str) -> Attachment | None:
     """Idempotent: succeeds when the netns, the link, the leases or the record are
     already gone. Returns the record that was removed, if there was one."""
     net = Network(conf)
     att = net.attachments.load(container_id, ifname)
-    _teardown(net, att or _orphan(net, container_id, ifname))
+    _teardown(node, net, att or _orphan(net, container_id, ifname))
     if att:
         log.info("detached %s/%s from %s", container_id, ifname, conf.name)
     return att
 
 
-def check(conf: NetConf, container_id: str, ifname: str, netns_path: str) -> None:
+def check(node: Node, conf: NetConf, container_id: str, ifname: str, netns_path: str) -> None:
     net = Network(conf)
     att = net.attachments.load(container_id, ifname)
     if att is None or att.state != READY:
@@ -188,7 +189,7 @@ def check(conf: NetConf, container_id: str, ifname: str, netns_path: str) -> Non
                             f"no attachment for {container_id}/{ifname} on {conf.name}")
     netns.check_netns(netns_path)
     problems = []
-    view = netns.inspect_container(netns_path, ifname)
+    view = node.links.inspect_container(netns_path, ifname)
     if view is None:
         problems.append(f"interface {ifname} missing in {netns_path}")
     else:
@@ -200,13 +201,13 @@ def check(conf: NetConf, container_id: str, ifname: str, netns_path: str) -> Non
             problems.append("IPv4 default route missing")
         if not view.default_v6:
             problems.append("IPv6 default route missing")
-    if not netns.link_exists(att.host_ifname):
+    if not node.links.link_exists(att.host_ifname):
         problems.append(f"host interface {att.host_ifname} missing")
     else:
-        routes = netns.host_routes(att.host_ifname)
+        routes = node.links.host_routes(att.host_ifname)
         problems += [f"node route to {d} missing" for d in (f"{att.ipv4}/32", f"{att.ipv6}/128")
                      if d not in routes]
-    problems += [f"nft element missing from set {s}" for s in nft.endpoint_present(_endpoint(att))]
+    problems += [f"nft element missing from set {s}" for s in node.table.endpoint_present(_endpoint(att))]
     if problems:
         raise SockgateError(CHECK_FAILED, "attachment is damaged", "; ".join(problems))
 
@@ -219,14 +220,14 @@ def remove_temps(net: Network) -> list[Path]:
         return [*net.attachments.remove_stale_temps(), *net.leases.remove_temps(every=True)]
 
 
-def gc(conf: NetConf, valid: set[tuple[str, str]]) -> list[tuple[str, str]]:
+def gc(node: Node, conf: NetConf, valid: set[tuple[str, str]]) -> list[tuple[str, str]]:
     """Remove every attachment of this network not in `valid` (container id, ifname),
     and leases no attachment accounts for. Returns the keys removed."""
     net = Network(conf)
     removed = []
     for att in net.attachments.all():
         if att.key not in valid:
-            _teardown(net, att)
+            _teardown(node, net, att)
             removed.append(att.key)
     with net.lock():
         readable, torn = net.attachments.scan()
@@ -241,7 +242,7 @@ def gc(conf: NetConf, valid: set[tuple[str, str]]) -> list[tuple[str, str]]:
                 # A lease without a record: an ADD crashed between the two writes,
                 # or this is a leftover from an older layout.
                 orphan = _orphan(net, *key)
-                netns.delete_link(orphan.host_ifname)
+                node.links.delete_link(orphan.host_ifname)
                 net.leases.release(addr)
                 removed.append(key)
     temps = remove_temps(net)
@@ -256,14 +257,14 @@ def gc(conf: NetConf, valid: set[tuple[str, str]]) -> list[tuple[str, str]]:
     return sorted(set(removed))
 
 
-def status(conf: NetConf) -> None:
+def status(node: Node, conf: NetConf) -> None:
     """Ready when state can be written and nftables answers."""
     net = Network(conf)
     try:
         net.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not os.access(net.root, os.W_OK):
             raise OSError(f"{net.root} is not writable")
-        policy.apply(conf.policy_file, conf.state_dir)
+        policy.apply(node, conf.policy_file, conf.state_dir)
     except (OSError, SockgateError) as exc:
         raise SockgateError(NOT_AVAILABLE, "sockgate cannot serve ADD requests", str(exc)) from None
 
@@ -278,7 +279,7 @@ def status(conf: NetConf) -> None:
 # reaches the gateway without asking the node. Leases, record, elements, billing and
 # teardown are the same as attach()'s.
 
-def attach_unplaced(req: AttachRequest) -> Attachment:
+def attach_unplaced(node: Node, req: AttachRequest) -> Attachment:
     """For a runtime that moves the container end itself (Docker): the pair is made
     with both ends in the node netns, the container end left down."""
 
@@ -286,7 +287,7 @@ def attach_unplaced(req: AttachRequest) -> Attachment:
         att.container_mac = att.host_mac
 
     # thread-self: the calling thread may have joined the node netns with setns.
-    return _attach(req, "/proc/thread-self/ns/net", place)
+    return _attach(node, req, "/proc/thread-self/ns/net", place)
 
 
 def set_netns(conf: NetConf, container_id: str, ifname: str, netns_path: str) -> Attachment | None:

@@ -39,13 +39,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 from netpolicy.ruleset import Endpoint
 from runtime import nft
 from runtime.errors import IO_FAILURE, KERNEL_FAILURE, SockgateError
 from runtime.fsutil import atomic_write, fsync_dir, locked, read_json, remove_stale_temps
 from runtime.store import READY, Attachment
+
+if TYPE_CHECKING:
+    from runtime.node import TableBackend
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +110,15 @@ FIELDS = ("tx_bytes", "tx_packets", "rx_bytes", "rx_packets")
 ZERO = Counters()
 
 
-def kernel_counters() -> dict[str, Counters]:
+def kernel_counters(table: TableBackend | None = None) -> dict[str, Counters]:
     """{host veth: Counters} for every attachment with elements in the counted sets,
     read in this thread's netns (the node's). No table: {}. A table whose sets can't
-    be read is an error: "no counters" must never be mistaken for "nothing sent"."""
-    counted = nft.endpoint_counters()
+    be read is an error: "no counters" must never be mistaken for "nothing sent".
+    `table`: the node's (runtime.node); default runtime.nft."""
+    table = table if table is not None else nft
+    counted = table.endpoint_counters()
     if counted is None:
-        if not nft.table_exists():
+        if not table.table_exists():
             return {}
         raise SockgateError(KERNEL_FAILURE, "cannot read the accounting counters",
                             "nft list set inet sockgate tx4/tx6/rx failed")
@@ -586,19 +591,19 @@ def flush(state_dir: str | os.PathLike, billing_dir: str | os.PathLike | None = 
     return s.pending
 
 
-def attachment_counters(att: Attachment) -> Counters | None:
+def attachment_counters(att: Attachment, table: TableBackend | None = None) -> Counters | None:
     """One attachment's counters, reading only its own elements (a DEL's cost must not
     grow with the node); None when its elements are gone. Without the veth's index (a
     record that never got it) the sets are listed and searched by name."""
     if not att.host_ifindex or not att.ipv4 or not att.ipv6:
-        return kernel_counters().get(att.host_ifname)
-    c = nft.endpoint_counters_of(Endpoint(att.host_ifname, att.host_ifindex, att.ipv4, att.ipv6))
+        return kernel_counters(table).get(att.host_ifname)
+    c = (table if table is not None else nft).endpoint_counters_of(Endpoint(att.host_ifname, att.host_ifindex, att.ipv4, att.ipv6))
     return _from_kernel(c) if c is not None else None
 
 
 def final_record(conf: Any, att: Attachment, *,
                  read_counters: Callable[[], Mapping[str, Counters]] | None = None,
-                 clock: Callable[[], dt.datetime] = utcnow) -> dict | None:
+                 clock: Callable[[], dt.datetime] = utcnow, table: TableBackend | None = None) -> dict | None:
     """The last record of an attachment, at DEL, after its link is gone (no more
     packets) and before its elements (and their counters) are. Raises when it can't
     be written, so DEL fails and the runtime's retry bills it; only a failed ADD's
@@ -610,7 +615,7 @@ def final_record(conf: Any, att: Attachment, *,
         return None  # rebuilt without its record (see attach._orphan): nothing to key it by
     try:
         with Ledger(directory, clock=clock).session(cache_lag=DEL_CACHE_LAG) as s:
-            cur = read_counters().get(att.host_ifname) if read_counters else attachment_counters(att)
+            cur = read_counters().get(att.host_ifname) if read_counters else attachment_counters(att, table)
             return s.bill(att, cur, final=True)
     except (OSError, ValueError, SockgateError) as exc:
         if att.state != READY:

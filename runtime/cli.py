@@ -27,14 +27,17 @@ def _agent(args: argparse.Namespace) -> int:
     from runtime.conntrack_budget import BudgetWatch
     from runtime.reclaim import Reclaimer
     from runtime.policy_watch import PolicyKeeper
+    from runtime.node import Node
     setup_logging()
+    reaper = _reaper(args.run_dir, args.state_dir)
     cfg = AgentConfig(state_dir=args.state_dir, run_dir=args.run_dir, policy_file=args.policy,
                       ready_file=args.ready_file, metrics_address=args.metrics_address,
-                      docker_socket=args.docker_socket, docker_host=args.docker_host)
-    cfg.components.append(("policy", lambda c: PolicyKeeper(c.policy_file, c.state_dir,
+                      docker_socket=args.docker_socket, docker_host=args.docker_host, node=Node.open(reaper))
+    cfg.components.append(("policy", lambda c: PolicyKeeper(c.node, c.policy_file, c.state_dir,
                                                             check_every=args.table_check_interval)))
-    cfg.components.append(("reaper", lambda c: _reaper(c.run_dir, c.state_dir)))
-    cfg.components.append(("conntrack", lambda c: BudgetWatch(c.policy_file, c.state_dir)))
+    cfg.components.append(("reaper", lambda c: reaper))
+    cfg.components.append(("conntrack", lambda c: BudgetWatch(c.policy_file, c.state_dir,
+                                                              policies=c.node.policies)))
     cfg.components.append(("billing", lambda c: BillingFlusher(c.state_dir, interval=args.billing_interval)))
     reclaimer = Reclaimer(args.state_dir, nudge_interval=args.reclaim_nudge,
                           sweep_interval=args.reclaim_sweep_interval, rcvbuf=args.reclaim_rcvbuf)
@@ -50,9 +53,7 @@ def _reaper(run_dir: str, state_dir: str):
     def in_use() -> set[str]:
         return {att.host_ifname for att in all_attachments(state_dir)}
     # Under the run dir: the marks must outlive the agent, not the node (nor its veths).
-    reaper = netns.LinkReaper(Path(run_dir) / "retired", in_use)
-    netns.use_reaper(reaper)
-    return reaper
+    return netns.LinkReaper(Path(run_dir) / "retired", in_use)
 
 
 def _positive(text: str) -> float:

@@ -40,8 +40,9 @@ def _policy_check(args: argparse.Namespace) -> int:
 
 def _policy_apply(args: argparse.Namespace) -> int:
     from runtime import policy
+    from runtime.node import Node
     from netpolicy.ruleset import revision
-    compiled = policy.apply(args.policy, args.state_dir)
+    compiled = policy.apply(Node.open(), args.policy, args.state_dir)
     print(f"policy applied: table inet sockgate, revision {revision(compiled.egress)}, "
           f"{len(compiled.blocked)} merged blocked ranges")
     return 0

@@ -12,30 +12,31 @@ from runtime import attach as core
 from runtime.cni_result import build_result
 from runtime.errors import INVALID_CONFIG, SockgateError
 from runtime.netconf import NetConf, parse_netconf
+from runtime.node import Node
 
 # Labels kept with the attachment (billing needs to know whose traffic it is).
 _LABEL_ARGS = {"K8S_POD_NAMESPACE": "pod_namespace", "K8S_POD_NAME": "pod_name",
                "K8S_POD_UID": "pod_uid"}
 
 
-def cmd_add(req: CNIRequest, conf: NetConf) -> dict:
+def cmd_add(node: Node, req: CNIRequest, conf: NetConf) -> dict:
     labels = {_LABEL_ARGS[k]: v for k, v in req.args.items() if k in _LABEL_ARGS}
-    att = core.attach(core.AttachRequest(conf=conf, container_id=req.container_id,
+    att = core.attach(node, core.AttachRequest(conf=conf, container_id=req.container_id,
                                          ifname=req.ifname, netns=req.netns, labels=labels,
                                          runtime_config=conf.runtime_config))
     return build_result(att, conf, req.cni_version)
 
 
-def cmd_del(req: CNIRequest, conf: NetConf) -> None:
-    core.detach(conf, req.container_id, req.ifname)
+def cmd_del(node: Node, req: CNIRequest, conf: NetConf) -> None:
+    core.detach(node, conf, req.container_id, req.ifname)
 
 
-def cmd_check(req: CNIRequest, conf: NetConf) -> None:
-    core.check(conf, req.container_id, req.ifname, req.netns)
+def cmd_check(node: Node, req: CNIRequest, conf: NetConf) -> None:
+    core.check(node, conf, req.container_id, req.ifname, req.netns)
 
 
-def cmd_status(req: CNIRequest, conf: NetConf) -> None:
-    core.status(conf)
+def cmd_status(node: Node, req: CNIRequest, conf: NetConf) -> None:
+    core.status(node, conf)
 
 
 def _valid_attachments(config: dict) -> set[tuple[str, str]]:
@@ -51,16 +52,17 @@ def _valid_attachments(config: dict) -> set[tuple[str, str]]:
     return {(a["containerID"], a["ifname"]) for a in raw}
 
 
-def cmd_gc(req: CNIRequest, conf: NetConf) -> None:
-    core.gc(conf, _valid_attachments(req.config))
+def cmd_gc(node: Node, req: CNIRequest, conf: NetConf) -> None:
+    core.gc(node, conf, _valid_attachments(req.config))
 
 
-HANDLERS: dict[str, Callable[[CNIRequest, NetConf], dict | None]] = {
+HANDLERS: dict[str, Callable[[Node, CNIRequest, NetConf], dict | None]] = {
     "ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc,
 }
 
 
-def handle(req: CNIRequest) -> dict | None:
+def handle(req: CNIRequest, node: Node | None = None) -> dict | None:
+    """`node`: the agent's; a plugin running the request in-process opens its own."""
     config = {k: v for k, v in req.config.items() if not k.startswith("cni.dev/")}
     conf = parse_netconf(config)
-    return HANDLERS[req.command](req, conf)
+    return HANDLERS[req.command](node if node is not None else Node.open(), req, conf)

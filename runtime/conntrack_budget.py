@@ -70,14 +70,17 @@ def read_table_max(path: Path = CONNTRACK_MAX) -> int | None:
 class BudgetWatch:
     """Agent component: logs the budget at start, warns when attachments outgrow it."""
 
-    def __init__(self, policy_file: str, state_dir: str, every: float = CHECK_EVERY_S) -> None:
+    def __init__(self, policy_file: str, state_dir: str, every: float = CHECK_EVERY_S,
+                 policies: policy.CompiledPolicies | None = None) -> None:
         self.policy_file, self.state_dir, self.every = policy_file, state_dir, every
+        # The agent's (its Node's): the policy is compiled once for ADD and this check.
+        self.policies = policies if policies is not None else policy.CompiledPolicies()
         self.last: Budget | None = None
 
     def check(self) -> Budget | None:
         table_max = read_table_max()
         try:
-            bounds = policy.compiled(self.policy_file, self.state_dir).egress.bounds
+            bounds = self.policies.get(self.policy_file, self.state_dir).egress.bounds
         except SockgateError:
             return None  # the policy keeper logs why
         if table_max is None:

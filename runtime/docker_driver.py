@@ -22,6 +22,7 @@ from runtime import attach, netns
 from runtime.errors import SockgateError
 from runtime.fsutil import atomic_write_json, read_json, remove, remove_stale_temps
 from runtime.netconf import DEFAULT_IPV4_POOL, DEFAULT_IPV6_POOL, NetConf, parse_netconf
+from runtime.node import Node
 from runtime.docker_firewall import ForwardAccept
 from runtime.store import READY
 
@@ -306,8 +307,9 @@ class _Op:
 
 
 class DockerDriver:
-    def __init__(self, cfg: DriverConfig, firewall: ForwardAccept | None = None) -> None:
+    def __init__(self, cfg: DriverConfig, firewall: ForwardAccept | None = None, node: Node | None = None) -> None:
         self.cfg = cfg
+        self.node = node if node is not None else Node.open()  # the agent's, when it runs this door
         self.store = DockerStore(cfg.state_dir)
         self.firewall = firewall
         self.identity = IdentityResolver(self)
@@ -455,19 +457,20 @@ class DockerDriver:
             if att is not None:  # a repeated CreateEndpoint: same answer
                 return self._interface(att)
             if ep is not None:
-                attach.detach(conf, eid, peer_ifname(eid))
+                attach.detach(self.node, conf, eid, peer_ifname(eid))
             labels = {"docker_network_id": rec.id, "docker_endpoint_id": eid}
             if rec.name:
                 labels["docker_network"] = rec.name
             # A MAC asked for with `docker run --mac-address` is the one Docker sets on
             # the interface; both veth ends must have it.
             mac = iface.get("MacAddress") if isinstance(iface.get("MacAddress"), str) else ""
-            att = attach.attach_unplaced(attach.AttachRequest(conf=conf, container_id=eid, ifname=peer_ifname(eid),
-                                                              netns="", labels=labels, mac=mac))
+            request = attach.AttachRequest(conf=conf, container_id=eid, ifname=peer_ifname(eid), netns="",
+                                           labels=labels, mac=mac)
+            att = attach.attach_unplaced(self.node, request)
             if op.abandoned:
                 # Docker got a timeout error for this call and will never delete it.
                 log.warning("endpoint %s finished after Docker gave up; undoing it", eid[:12])
-                attach.detach(conf, eid, peer_ifname(eid))
+                attach.detach(self.node, conf, eid, peer_ifname(eid))
                 return {}
             self.store.save_endpoint(EndpointRecord(network_id=rec.id, id=eid, ifname=att.ifname,
                                                     created=time.time()))
@@ -559,7 +562,7 @@ class DockerDriver:
         else:
             confs = [self._conf_of(name) for name in sorted({n.sockgate_network for n in self.store.networks()})]
         for conf in confs:
-            attach.detach(conf, eid, peer_ifname(eid))
+            attach.detach(self.node, conf, eid, peer_ifname(eid))
 
     def _conf_of(self, core_name: str) -> NetConf:
         for n in self.store.networks():

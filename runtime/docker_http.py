@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.docker_driver import DockerDriver, DriverConfig
+from runtime.node import Node
 from runtime.docker_firewall import ForwardAccept
 
 log = logging.getLogger("sockgate.docker")
@@ -112,10 +113,10 @@ class DockerDoor:
     resolver and the periodic sweep. Binds and reconciles in the constructor, so the
     agent reports ready only once Docker can reach the driver."""
 
-    def __init__(self, cfg: DriverConfig) -> None:
+    def __init__(self, cfg: DriverConfig, node: Node | None = None) -> None:
         self.cfg = cfg
         self.firewall = ForwardAccept()
-        self.driver = DockerDriver(cfg, self.firewall)
+        self.driver = DockerDriver(cfg, self.firewall, node)
         try:
             self.firewall.ensure()
         except Exception:
@@ -156,4 +157,4 @@ class DockerDoor:
 def docker_component(cfg: Any) -> DockerDoor:
     """Factory for runtime.agent: an AgentConfig with docker_socket set."""
     return DockerDoor(DriverConfig(state_dir=cfg.state_dir, run_dir=cfg.run_dir, policy_file=cfg.policy_file,
-                                   socket_path=cfg.docker_socket, docker_host=cfg.docker_host))
+                                   socket_path=cfg.docker_socket, docker_host=cfg.docker_host), cfg.node)

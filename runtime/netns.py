@@ -147,11 +147,13 @@ def veth_mac(host_ifname: str) -> str:
     return ":".join(["02", *(f"{b:02x}" for b in hashlib.sha256(host_ifname.encode()).digest()[:5])])
 
 
-def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int, mac: str = "") -> tuple[str, int]:
+def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int, mac: str = "",
+                reaper: LinkReaper | None = None) -> tuple[str, int]:
     """Create the pair with the peer born inside the container netns under its final
     name: no window where it sits in the node under a temporary name, and an ifname
     already taken in the container fails here, before anything else was done. Both
-    ends get `mac` (default: veth_mac) and NOARP (see the module doc).
+    ends get `mac` (default: veth_mac) and NOARP (see the module doc). `reaper`: the
+    one retire_link hands links to, if any.
     Returns the MAC and the node end's index."""
     try:
         return _create_veth(host_ifname, netns_path, ifname, mtu, mac)
@@ -160,10 +162,10 @@ def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int, mac: s
         # container's end with it) later. An ADD into the same netns under the same
         # ifname before then (a runtime re-attaching a container) finds the old end:
         # delete that veth now, if it is one the reaper was to delete, and try again.
-        if exc.msg != "interface already exists" or _reaper is None:
+        if exc.msg != "interface already exists" or reaper is None:
             raise
         peer = in_netns(netns_path, lambda: _peer_index(ifname))
-        if peer is None or not _reaper.delete_now(peer):
+        if peer is None or not reaper.delete_now(peer):
             raise
         return _create_veth(host_ifname, netns_path, ifname, mtu, mac)
 
@@ -389,20 +391,12 @@ class LinkReaper:
             self._unmark(ifname)
 
 
-_reaper: LinkReaper | None = None
-
-
-def use_reaper(reaper: LinkReaper | None) -> None:
-    """The agent installs a reaper; a plugin process deletes links synchronously."""
-    global _reaper
-    _reaper = reaper
-
-
-def retire_link(ifname: str) -> bool:
+def retire_link(ifname: str, reaper: LinkReaper | None = None) -> bool:
     """Take a node-side link out of service: deleted now, or set down and deleted in
-    the background when a reaper runs. True if it existed."""
-    if _reaper is not None:
-        return _reaper.retire(ifname)
+    the background by `reaper` (the agent's; a plugin process has none). True if it
+    existed."""
+    if reaper is not None:
+        return reaper.retire(ifname)
     return delete_link(ifname)
 
 
@@ -497,3 +491,29 @@ def host_routes(host_ifname: str) -> set[str]:
             return set()
         return {f"{r.get('RTA_DST')}/{r['dst_len']}" for r in ipr.get_routes(oif=idx, family=socket.AF_INET)
                 } | {f"{r.get('RTA_DST')}/{r['dst_len']}" for r in ipr.get_routes(oif=idx, family=socket.AF_INET6)}
+
+
+class NetlinkLinks:
+    """The LinkBackend (runtime.node) over this module. With a reaper (the agent's),
+    retired links are set down and deleted in the background."""
+
+    def __init__(self, reaper: LinkReaper | None = None) -> None:
+        self.reaper = reaper
+
+    def create_veth(self, host_ifname: str, netns_path: str, ifname: str, mtu: int,
+                    mac: str = "") -> tuple[str, int]:
+        return create_veth(host_ifname, netns_path, ifname, mtu, mac, self.reaper)
+
+    def retire_link(self, ifname: str) -> bool:
+        return retire_link(ifname, self.reaper)
+
+    enable_forwarding = staticmethod(enable_forwarding)
+    configure_container = staticmethod(configure_container)
+    configure_host = staticmethod(configure_host)
+    delete_link = staticmethod(delete_link)
+    link_exists = staticmethod(link_exists)
+    links = staticmethod(links)
+    inspect_container = staticmethod(inspect_container)
+    host_routes = staticmethod(host_routes)
+    mark_container_links = staticmethod(mark_container_links)
+    stop_neighbour_resolution = staticmethod(stop_neighbour_resolution)

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 NFT = "nft"
 
 
+# A per-process resource, never rebound: libnftables contexts (one per netns) behind
+# one lock, shared by every caller in the process (the core through NftTable, billing,
+# metrics, the resolver and the commands through this module's functions).
 try:
     _LIB: Nft | None = Nft()
 except Unavailable as exc:  # pragma: no cover - Debian's nftables package ships it
@@ -263,3 +266,16 @@ def prefixes(set_name: str) -> list[str]:
 def delete_table() -> None:
     if table_exists():
         run(f"delete table {FAMILY} {TABLE}\n")
+
+
+class NftTable:
+    """The TableBackend (runtime.node) over this module: what the core does to the table."""
+
+    table_exists = staticmethod(table_exists)
+    table_current = staticmethod(table_current)
+    load_table = staticmethod(load_table)
+    add_if_current = staticmethod(add_if_current)
+    remove = staticmethod(remove)
+    endpoint_present = staticmethod(endpoint_present)
+    endpoint_counters_of = staticmethod(endpoint_counters_of)
+    endpoint_counters = staticmethod(endpoint_counters)

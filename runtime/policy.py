@@ -9,14 +9,18 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from netpolicy.compile import Compiled, compile_policy
 from netpolicy.policy import Policy, PolicyError, parse_policy
 from netpolicy.ranges import IPNetwork, google_ranges
 from netpolicy.ruleset import EgressPolicy
-from runtime import nft, restore
+from runtime import restore
 from runtime.errors import INVALID_CONFIG, IO_FAILURE, NOT_AVAILABLE, SockgateError
 from runtime.fsutil import atomic_write_json, file_stamp, locked, read_json
+
+if TYPE_CHECKING:
+    from runtime.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -104,28 +108,37 @@ def load_ranges(policy: Policy, state_dir: str) -> list[IPNetwork]:
     return [ipaddress.ip_network(c) for c in cache["ipv4"] + cache["ipv6"]]
 
 
-# The agent compiles once per change of the policy file or the ranges cache, not on
-# every ADD (compiling takes ~15 ms; checking two stats takes microseconds).
-_compiled_cache: dict[tuple, Compiled] = {}
-
-
 def compiled(policy_file: str, state_dir: str) -> Compiled:
-    key = (policy_file, state_dir, file_stamp(Path(policy_file)), file_stamp(ranges_cache(state_dir)))
-    if key[3] is not None and key in _compiled_cache:
-        return _compiled_cache[key]
+    """The policy compiled now (a one-shot command); a serving process goes through
+    its Node's CompiledPolicies."""
     policy = load_policy(policy_file)
-    result = compile_policy(policy, load_ranges(policy, state_dir))
-    _compiled_cache.clear()
-    _compiled_cache[key] = result
-    return result
+    return compile_policy(policy, load_ranges(policy, state_dir))
 
 
-def apply(policy_file: str, state_dir: str) -> Compiled:
+class CompiledPolicies:
+    """The last compiled policy of a process, valid until the policy file or the ranges
+    cache changes: the agent compiles once per change, not on every ADD (compiling
+    takes ~15 ms; checking two stats takes microseconds)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, Compiled] = {}
+
+    def get(self, policy_file: str, state_dir: str) -> Compiled:
+        key = (policy_file, state_dir, file_stamp(Path(policy_file)), file_stamp(ranges_cache(state_dir)))
+        if key[3] is not None and key in self._cache:
+            return self._cache[key]
+        result = compiled(policy_file, state_dir)
+        self._cache.clear()
+        self._cache[key] = result
+        return result
+
+
+def apply(node: Node, policy_file: str, state_dir: str) -> Compiled:
     """Compile, then load in one transaction. Any error before the load leaves the
     policy in force untouched. A table that had to be loaded gets the elements of
     every recorded attachment back (see runtime.restore)."""
-    result = compiled(policy_file, state_dir)
-    ensure_loaded(result.egress, state_dir)
+    result = node.policies.get(policy_file, state_dir)
+    ensure_loaded(node, result.egress, state_dir)
     return result
 
 
@@ -136,37 +149,21 @@ def table_lock(state_dir: str, exclusive: bool = False):
     return locked(Path(state_dir) / "table.lock", shared=not exclusive)
 
 
-def ensure_loaded(egress: EgressPolicy, state_dir: str) -> bool:
+def ensure_loaded(node: Node, egress: EgressPolicy, state_dir: str) -> bool:
     """The table rendered from `egress` is loaded; if it had to be (re)loaded, with the
     elements of every ready attachment recorded under state_dir in the same
     transaction. True if it was. A failed load changes nothing and is retried by the
     next call (the agent's check, the next ADD)."""
-    if nft.table_current(egress):
+    if node.table.table_current(egress):
         return False
     started = time.monotonic()
     with table_lock(state_dir, exclusive=True):
-        if nft.table_current(egress):
+        if node.table.table_current(egress):
             return False  # another process loaded it while we waited
-        endpoints = restore.ready_endpoints(state_dir)
-        nft.load_table(egress, endpoints)
+        endpoints = restore.ready_endpoints(node.links, state_dir)
+        node.table.load_table(egress, endpoints)
     log.warning("nft table was loaded with the elements of %d attachment(s) in %.0f ms",
                 len(endpoints), (time.monotonic() - started) * 1000)
     if endpoints:
-        restore.end_escaped_flows(endpoints)
+        restore.end_escaped_flows(node.flows, endpoints)
     return True
-
-
-# True while the agent's PolicyKeeper watches the loaded table (runtime.policy_watch).
-_watched = False
-
-
-def watched(on: bool | None = None) -> bool:
-    """Whether a watcher keeps the table's rules in shape (set by the agent). Then an
-    ADD need not check them itself: its element transaction asserts the table's
-    revision (nft.add_if_current), which catches a missing or outdated table at no
-    extra cost, and the watcher catches the rest (say, a flushed chain) when
-    nf_tables announces it. Without one, every ADD checks the rules."""
-    global _watched
-    if on is not None:
-        _watched = on
-    return _watched

@@ -3,7 +3,7 @@ changes (an invalid file is logged and the policy in force stays), keep exceptio
 hostnames resolved, and check that the loaded table still is the one in force
 (reloading it if someone flushed or replaced it): at once when nf_tables announces a
 change to it (runtime.nft_events), and every CHECK_EVERY_S in any case. That check
-is what lets an ADD served by the agent skip its own (see runtime.policy.watched)."""
+is what lets an ADD served by the agent skip its own (see runtime.node.Node.watched)."""
 from __future__ import annotations
 
 import logging
@@ -16,6 +16,7 @@ from runtime import policy
 from runtime.errors import SockgateError
 from runtime.fsutil import file_stamp
 from runtime.nft_events import TableEvents
+from runtime.node import Node
 from runtime.resolver import Refresher
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,8 @@ CHECK_EVERY_S = 2.0
 
 
 class PolicyKeeper:
-    def __init__(self, policy_file: str, state_dir: str, check_every: float = CHECK_EVERY_S) -> None:
+    def __init__(self, node: Node, policy_file: str, state_dir: str, check_every: float = CHECK_EVERY_S) -> None:
+        self.node = node
         self.policy_file = policy_file
         self.state_dir = state_dir
         self.check_every = check_every
@@ -34,7 +36,7 @@ class PolicyKeeper:
     def _apply(self) -> None:
         stamp = file_stamp(Path(self.policy_file))
         try:
-            compiled = policy.apply(self.policy_file, self.state_dir)
+            compiled = policy.apply(self.node, self.policy_file, self.state_dir)
         except SockgateError as exc:
             log.error("policy not applied, the policy in force stays: %s", exc)
         else:
@@ -47,7 +49,7 @@ class PolicyKeeper:
         if self.in_force is None:
             return
         try:
-            policy.ensure_loaded(self.in_force, self.state_dir)
+            policy.ensure_loaded(self.node, self.in_force, self.state_dir)
         except SockgateError as exc:
             log.error("cannot reload the nft table: %s", exc)
 
@@ -58,11 +60,11 @@ class PolicyKeeper:
             log.warning("no nftables notifications (%s): the table is checked every %.0f s only",
                         exc, self.check_every)
             events = None
-        policy.watched(True)
+        self.node.watched = True
         try:
             self._watch(stop, events)
         finally:
-            policy.watched(False)
+            self.node.watched = False
             if events is not None:
                 events.close()
 

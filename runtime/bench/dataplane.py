@@ -30,6 +30,7 @@ from runtime.attach import AttachRequest, attach
 from runtime.lab import LAB, Lab
 from runtime.lab.builder import PROJECT_ROOT
 from runtime.netconf import parse_netconf
+from runtime.node import Node
 from runtime.store import host_ifname
 
 T = TypeVar("T")
@@ -183,6 +184,7 @@ class Bench:
         self.table: dict[str, Any] = {}
         self.checks: dict[str, dict[str, str]] = {}
         self.timings: dict[str, float] = {}
+        self.node = Node.open()  # this process's: runtime.attach.attach is called in-process
 
     def in_node(self, fn: Callable[[], T]) -> T:
         """fn in a thread inside the node netns: nft and pyroute2 (and the threads and
@@ -205,7 +207,7 @@ class Bench:
     def _attach(self, container_id: str, app: str) -> Endpoint:
         ns = self.lab.ns_path(self.lab.add_app(app))
         req = AttachRequest(conf=self.conf, container_id=container_id, ifname="eth0", netns=ns)
-        att = self.in_node(lambda: attach(req))
+        att = self.in_node(lambda: attach(self.node, req))
         return Endpoint(att.host_ifname, att.host_ifindex, att.ipv4, att.ipv6)
 
     def setup_containers(self) -> None:
