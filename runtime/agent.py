@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from cni_plugin import wire
-from cni_plugin.shim import AGENT_SOCKET, execute
+from runtime import defaults, wire
+from runtime.cni.entry import execute
+from runtime.cni.request import COMMANDS
 from runtime.node import Node
 
 log = logging.getLogger("sockgate.agent")
@@ -37,7 +38,7 @@ SEND_TIMEOUT_S = 10.0
 # How often a handler waiting for a request looks whether the agent is stopping, and
 # how often the accept loop does: both bound how late a SIGTERM is acted upon.
 SLICE_S = 0.1
-CNI_COMMANDS = frozenset({"ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION"})
+CNI_COMMANDS = frozenset(COMMANDS)
 
 
 class Component(Protocol):
@@ -48,16 +49,16 @@ class Component(Protocol):
 
 @dataclass
 class AgentConfig:
-    state_dir: str = "/var/lib/sockgate"
-    run_dir: str = "/run/sockgate"
-    policy_file: str = "/etc/sockgate/policy.json"
+    state_dir: str = defaults.STATE_DIR
+    run_dir: str = defaults.RUN_DIR
+    policy_file: str = defaults.POLICY_FILE
     ready_file: str = ""
-    metrics_address: str = "127.0.0.1:9464"
+    metrics_address: str = defaults.METRICS_ADDRESS
     # The Docker door (runtime/docker_driver.py, served by docker_http.py): Docker's remote network driver
     # protocol on this socket ("" = off; production: /run/docker/plugins/sockgate.sock),
     # and dockerd's API, asked in the background who owns an endpoint.
     docker_socket: str = ""
-    docker_host: str = "unix:///var/run/docker.sock"
+    docker_host: str = defaults.DOCKER_HOST
     components: list[tuple[str, Callable[["AgentConfig"], Component]]] = field(default_factory=list)
     # What the requests and the components share: the backends, the compiled policy,
     # whether the table is watched (the caller gives it its link reaper).
@@ -158,7 +159,7 @@ class _NoRequest(Exception):
 
 
 def _malformed(details: str) -> dict:
-    return {"cniVersion": "1.1.0", "code": 6, "msg": "malformed request to the agent", "details": details}
+    return {"cniVersion": defaults.CNI_VERSION, "code": 6, "msg": "malformed request to the agent", "details": details}
 
 
 def _command_label(env: dict[str, str]) -> str:
@@ -343,7 +344,7 @@ def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None) -> i
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    sock_path = Path(cfg.run_dir) / AGENT_SOCKET
+    sock_path = Path(wire.agent_socket(cfg.run_dir))
     server = _bind(sock_path, cfg.node)
     # Components stop only after the last request finished: a DEL in flight may still
     # hand work to them (a link to reap, a final billing record).

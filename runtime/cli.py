@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from runtime import defaults
 from runtime.cli_billing import add_billing_commands
 from runtime.cli_policy import add_policy_commands, run_guarded
 from runtime.cli_seccomp import add_seccomp_commands
@@ -107,10 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "resolved. Logs JSON lines on stderr; signals readiness with sd_notify "
                                    "and --ready-file; SIGTERM finishes requests in flight and exits 0. "
                                    "Networks whose CNI config names another runDir are not served.")
-    p.add_argument("--state-dir", default="/var/lib/sockgate", help="state dir (default: %(default)s)")
-    p.add_argument("--run-dir", default="/run/sockgate",
+    p.add_argument("--state-dir", default=defaults.STATE_DIR, help="state dir (default: %(default)s)")
+    p.add_argument("--run-dir", default=defaults.RUN_DIR,
                    help="runtime dir; must match the CNI config's runDir (default: %(default)s)")
-    p.add_argument("--policy", default="/etc/sockgate/policy.json", help="policy file (default: %(default)s)")
+    p.add_argument("--policy", default=defaults.POLICY_FILE, help="policy file (default: %(default)s)")
     p.add_argument("--ready-file", default="", help="write the agent's pid here once it serves requests")
     p.add_argument("--billing-interval", type=float, default=60.0,
                    help="seconds between billing records; one more at shutdown (default: %(default)s)")
@@ -129,14 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between checks that the nft table is the one in force (reloaded if "
                         "not); a change announced by nf_tables (say, `nft flush ruleset`) is checked "
                         "at once anyway (default: %(default)s)")
-    p.add_argument("--metrics-address", default="127.0.0.1:9464",
+    p.add_argument("--metrics-address", default=defaults.METRICS_ADDRESS,
                    help="Prometheus endpoint host:port, loopback by default; empty to disable "
                         "(default: %(default)s)")
     p.add_argument("--docker-socket", default="", metavar="PATH",
                    help="also serve Docker's remote network driver protocol on PATH (driver name: the "
                         "file name without .sock); production: /run/docker/plugins/sockgate.sock "
                         "(default: off)")
-    p.add_argument("--docker-host", default="unix:///var/run/docker.sock", metavar="URL",
+    p.add_argument("--docker-host", default=defaults.DOCKER_HOST, metavar="URL",
                    help="dockerd's API, asked in the background which container owns an endpoint "
                         "(default: %(default)s)")
     p.set_defaults(func=_agent)

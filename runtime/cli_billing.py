@@ -9,10 +9,10 @@ import signal
 import threading
 from dataclasses import asdict
 
+from runtime import defaults
 from runtime.errors import INVALID_CONFIG, SockgateError
-from runtime.netconf import DEFAULT_STATE_DIR
 
-DEFAULT_BILLING_DIR = f"{DEFAULT_STATE_DIR}/billing"
+DEFAULT_BILLING_DIR = f"{defaults.STATE_DIR}/billing"
 
 
 def _time(text: str):
@@ -76,7 +76,7 @@ def add_billing_commands(sub: argparse._SubParsersAction) -> None:
                                     "one record per attachment of STATE_DIR whose counters moved since its "
                                     "last record. With --every, keep doing so every N seconds until "
                                     "SIGTERM, and once more at exit (what the node agent does).")
-    f.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="sockgate state dir (default: %(default)s)")
+    f.add_argument("--state-dir", default=defaults.STATE_DIR, help="sockgate state dir (default: %(default)s)")
     f.add_argument("--dir", default=None, help="billing directory (default: STATE_DIR/billing)")
     f.add_argument("--every", type=float, default=0, metavar="SECONDS", help="flush periodically")
     f.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,

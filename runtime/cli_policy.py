@@ -9,14 +9,14 @@ import signal
 import sys
 import threading
 
+from runtime import defaults
 from runtime.errors import SockgateError
-from runtime.netconf import DEFAULT_POLICY_FILE, DEFAULT_STATE_DIR
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy", default=DEFAULT_POLICY_FILE,
+    p.add_argument("--policy", default=defaults.POLICY_FILE,
                    help="policy file (JSON; missing = the default contract) (default: %(default)s)")
-    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+    p.add_argument("--state-dir", default=defaults.STATE_DIR,
                    help="where the Google ranges cache lives (default: %(default)s)")
 
 

@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime import defaults
 from runtime.lab import LAB, Lab
 from runtime.lab.policy import write_lab_policy
 
@@ -93,7 +94,7 @@ def run_demo() -> int:
         return 2
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="sockgate-demo-") as tmp:
         policy = write_lab_policy(Path(tmp) / "policy.json")
-        conf = {"cniVersion": "1.1.0", "name": "demo", "type": "sockgate", "stateDir": f"{tmp}/state",
+        conf = {"cniVersion": defaults.CNI_VERSION, "name": "demo", "type": "sockgate", "stateDir": f"{tmp}/state",
                 "runDir": f"{tmp}/run", "logFile": f"{tmp}/cni.log", "policyFile": str(policy)}
         print(f"lab {lab.prefix}: node uplink {LAB.node_uplink_v4} / {LAB.node_uplink_v6}; "
               f"internet hosts {LAB.public_v4} / {LAB.public_v6}")

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from runtime import attach, netns
+from runtime import attach, defaults, netns
 from runtime.errors import SockgateError
 from runtime.fsutil import atomic_write_json, read_json, remove, remove_stale_temps
 from runtime.netconf import DEFAULT_IPV4_POOL, DEFAULT_IPV6_POOL, NetConf, parse_netconf
@@ -29,7 +29,6 @@ from runtime.store import READY
 log = logging.getLogger("sockgate.docker")
 
 DEFAULT_PLUGIN_SOCKET = "/run/docker/plugins/sockgate.sock"
-DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 OP_TIMEOUT_S = 60.0        # longest a handler makes Docker wait
 IDENTITY_GIVE_UP_S = 600.0
 GENERIC = "com.docker.network.generic"
@@ -169,12 +168,12 @@ class DriverConfig:
     run_dir: str
     policy_file: str
     socket_path: str = DEFAULT_PLUGIN_SOCKET
-    docker_host: str = DEFAULT_DOCKER_HOST
+    docker_host: str = defaults.DOCKER_HOST
     op_timeout: float = OP_TIMEOUT_S
 
 
 def network_conf(cfg: DriverConfig, rec_options: dict[str, str], name: str) -> NetConf:
-    conf: dict[str, Any] = {"cniVersion": "1.1.0", "name": name, "type": "sockgate",
+    conf: dict[str, Any] = {"cniVersion": defaults.CNI_VERSION, "name": name, "type": "sockgate",
                             "stateDir": cfg.state_dir, "runDir": cfg.run_dir, "policyFile": cfg.policy_file}
     for key in ("ipv4Pool", "ipv6Pool"):
         if key in rec_options:

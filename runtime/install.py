@@ -4,10 +4,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import cni_plugin
 from runtime.fsutil import atomic_write
 
 CNI_NAME = "sockgate"
+# The directory holding the packages `runtime` and `cni_plugin` (the shim the launcher
+# runs): found from here, since the runtime never imports the CNI executable's package.
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 
 def cni_launcher(python: str = sys.executable) -> str:
@@ -15,8 +17,7 @@ def cni_launcher(python: str = sys.executable) -> str:
     change what the plugin imports. -S: no site-packages scan at start-up (the shim
     adds it only when it runs the request in-process), so the path to this
     installation's sources is set here."""
-    root = Path(cni_plugin.__file__).resolve().parent.parent
-    return (f"#!{python} -IS\nimport sys\nsys.path.insert(0, {str(root)!r})\n"
+    return (f"#!{python} -IS\nimport sys\nsys.path.insert(0, {str(SOURCE_ROOT)!r})\n"
             "from cni_plugin.shim import main\nraise SystemExit(main())\n")
 
 

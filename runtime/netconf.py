@@ -8,15 +8,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime import defaults
 from runtime.errors import INVALID_CONFIG, UNSUPPORTED_FIELD, SockgateError
 
 DEFAULT_IPV4_POOL = "10.77.0.0/16"
 DEFAULT_IPV6_POOL = "fd77:5067:6174::/64"
 # Google Public DNS, the resolver App Engine apps are allowed to reach (C8).
 DEFAULT_NAMESERVERS = ("8.8.8.8", "8.8.4.4", "2001:4860:4860::8888", "2001:4860:4860::8844")
-DEFAULT_STATE_DIR = "/var/lib/sockgate"
-DEFAULT_RUN_DIR = "/run/sockgate"
-DEFAULT_POLICY_FILE = "/etc/sockgate/policy.json"
 
 # Keys the CNI spec or runtimes put into a plugin's config; we accept them silently.
 _STANDARD_KEYS = {"cniVersion", "name", "type", "args", "prevResult", "runtimeConfig",
@@ -47,15 +45,15 @@ class Dns:
 @dataclass(frozen=True)
 class NetConf:
     name: str
-    cni_version: str = "1.1.0"
+    cni_version: str = defaults.CNI_VERSION
     ipv4_pool: ipaddress.IPv4Network = ipaddress.IPv4Network(DEFAULT_IPV4_POOL)
     ipv6_pool: ipaddress.IPv6Network = ipaddress.IPv6Network(DEFAULT_IPV6_POOL)
     dns: Dns = field(default_factory=Dns)
     mtu: int = 1500
-    state_dir: str = DEFAULT_STATE_DIR
-    run_dir: str = DEFAULT_RUN_DIR
+    state_dir: str = defaults.STATE_DIR
+    run_dir: str = defaults.RUN_DIR
     log_file: str = ""
-    policy_file: str = DEFAULT_POLICY_FILE
+    policy_file: str = defaults.POLICY_FILE
     # Billing ledger; None: <state_dir>/billing (so a custom stateDir keeps billing
     # with it), "": no billing records at DEL.
     billing_dir: str | None = None
@@ -130,18 +128,18 @@ def parse_netconf(conf: dict) -> NetConf:
     prev = conf.get("prevResult")
     if prev is not None and not isinstance(prev, dict):
         raise _bad("prevResult", "must be an object")
-    state_dir = _typed(conf, "stateDir", str, DEFAULT_STATE_DIR)
+    state_dir = _typed(conf, "stateDir", str, defaults.STATE_DIR)
     return NetConf(
         name=name,
-        cni_version=_typed(conf, "cniVersion", str, "1.1.0"),
+        cni_version=_typed(conf, "cniVersion", str, defaults.CNI_VERSION),
         ipv4_pool=_pool(conf, "ipv4Pool", DEFAULT_IPV4_POOL, 4),
         ipv6_pool=_pool(conf, "ipv6Pool", DEFAULT_IPV6_POOL, 6),
         dns=_dns(conf),
         mtu=mtu,
         state_dir=state_dir,
-        run_dir=_typed(conf, "runDir", str, DEFAULT_RUN_DIR),
+        run_dir=_typed(conf, "runDir", str, defaults.RUN_DIR),
         log_file=_typed(conf, "logFile", str, ""),
-        policy_file=_typed(conf, "policyFile", str, DEFAULT_POLICY_FILE),
+        policy_file=_typed(conf, "policyFile", str, defaults.POLICY_FILE),
         billing_dir=_typed(conf, "billingDir", str, os.path.join(state_dir, "billing")),
         prev_result=prev,
         runtime_config=_typed(conf, "runtimeConfig", dict, {}),

@@ -38,7 +38,7 @@ from pyroute2.netlink.nfnetlink.nfctsocket import (
 from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETOBJ, NFT_MSG_NEWOBJ
 
 from netpolicy.ruleset import TABLE
-from runtime import netns
+from runtime import defaults, netns
 from runtime.rtnl import attributes, messages
 from runtime.store import all_attachments
 from runtime.errors import SockgateError
@@ -983,7 +983,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m runtime.reclaim",
                                 description="Idle reclaim on its own (the node agent runs the same "
                                             "thing). Run it in the node's netns.")
-    p.add_argument("--state-dir", default="/var/lib/sockgate", help="the plugin's stateDir")
+    p.add_argument("--state-dir", default=defaults.STATE_DIR, help="the plugin's stateDir")
     p.add_argument("--nudge-interval", type=float, default=DEFAULT_NUDGE_INTERVAL,
                    help="seconds between conntrack walks that evict expired entries (default 0: "
                         "leave it to the kernel GC, up to 60 s late)")

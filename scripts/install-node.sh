@@ -164,7 +164,7 @@ fi
 conflist_text=$("$python" -I - "$cni_version" "$network" "$ipv4_pool" "$ipv6_pool" "$state_dir" \
                   "$run_dir" "$policy_file" <<'PY'
 import json, sys
-from cni_plugin.request import SUPPORTED_VERSIONS
+from runtime.defaults import SUPPORTED_VERSIONS
 from runtime.errors import SockgateError
 from runtime.netconf import parse_netconf
 version, name, v4, v6, state, run, policy = sys.argv[1:]

@@ -428,7 +428,7 @@ def _scrape(lab) -> str:
 
 
 def test_a_client_killed_mid_request_is_logged_and_counted_without_a_traceback(plugin, agent, app, lab):
-    from cni_plugin import wire
+    from runtime import wire
     sock = Path(plugin.conf["runDir"]) / "agent.sock"
     ns = app()
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "gone", "CNI_NETNS": ns, "CNI_IFNAME": "eth0",
@@ -473,7 +473,7 @@ def test_the_plugin_answers_in_process_when_the_agent_socket_path_is_unusable(pl
 def test_requests_queued_at_sigterm_are_answered(plugin, agent):
     """Clients that connected before the socket went away get their answer, also those
     the agent had not accepted yet when SIGTERM came (else: a reset, code 11, a retry)."""
-    from cni_plugin import wire
+    from runtime import wire
     sock = Path(plugin.conf["runDir"]) / "agent.sock"
     request = wire.encode_request({"CNI_COMMAND": "VERSION", "CNI_CONTAINERID": "", "CNI_IFNAME": ""},
                                   json.dumps(plugin.conf).encode())

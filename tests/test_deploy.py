@@ -23,7 +23,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cni_plugin.request import SUPPORTED_VERSIONS
+from runtime.defaults import SUPPORTED_VERSIONS
 from netpolicy.policy import parse_policy
 from runtime.lab import LAB
 from runtime.lab.builder import PROJECT_ROOT

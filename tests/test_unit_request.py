@@ -3,7 +3,7 @@ import ipaddress
 
 import pytest
 
-from cni_plugin.request import parse_cni_args, parse_request
+from runtime.cni.request import parse_cni_args, parse_request
 from runtime import errors
 from runtime.errors import SockgateError
 from runtime.netconf import parse_netconf
@@ -105,7 +105,7 @@ def test_netconf_errors_name_the_field(field, value, code):
 
 
 def test_wire_round_trip_and_run_dir_without_json():
-    from cni_plugin import wire
+    from runtime import wire
     env = {"CNI_COMMAND": "ADD", "CNI_ARGS": "A=b;C=d", "PATH": "/bin"}
     stdin = b'{"cniVersion": "1.1.0", "runDir": "/tmp/x y", "name": "n"}'
     got_env, got_stdin = wire.decode_request(wire.encode_request(env, stdin))

@@ -1,5 +1,5 @@
 """CNI result building (pure)."""
-from runtime.cni_result import build_result
+from runtime.cni.result import build_result
 from runtime.netconf import parse_netconf
 from runtime.store import Attachment
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime import wire
 from runtime.install import install_cni
 from runtime.lab import Lab
 from runtime.lab.builder import RUN_DIR
@@ -301,7 +302,7 @@ class Bench:
             raise BenchError(f"{where}: not clean: {'; '.join(left)}")
 
     def ensure_no_agent(self) -> None:
-        sock = Path(self.sg_plugin["runDir"]) / "agent.sock"
+        sock = Path(wire.agent_socket(self.sg_plugin["runDir"]))
         if sock.exists():
             raise BenchError(f"{sock} exists: an agent would serve the no-agent scenario")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cni_plugin.shim import AGENT_SOCKET, forward
+from runtime import wire
 from runtime.lab import Lab
 from runtime.bench.cni import (CNI_ARGS, CNI_VERSION, MODES, OPS, SEQUENTIAL, SG_AGENT, SG_NETWORK,
                                Agent, Bench, BenchError, CpuMeter, bench_lab, handled_ms, other_labs, percentile,
@@ -192,7 +192,7 @@ class ScaleBench:
         self.lab, self.tmp, self.args = lab, tmp, args
         self.bench = Bench(lab, tmp, args)  # the CNI executable, the network config, the measured apps
         self.conf = self.bench.sg_plugin
-        self.sock = str(Path(self.conf["runDir"]) / AGENT_SOCKET)
+        self.sock = wire.agent_socket(self.conf["runDir"])
         self.base: list[tuple[str, str]] = []     # (container id, netns path)
         self.fillers: list[tuple[str, str]] = []
         self.agent: Agent | None = None
@@ -229,11 +229,16 @@ class ScaleBench:
                "CNI_PATH": os.pathsep.join(map(str, self.bench.path))}
         conf = dict(self.conf, name=SG_NETWORK, cniVersion=CNI_VERSION)
         t0 = time.perf_counter()
-        reply = forward(self.sock, env, json.dumps(conf).encode())
-        took = time.perf_counter() - t0
-        if reply is None:
+        sock = wire.connect(self.sock)
+        if sock is None:
             raise BenchError(f"no agent on {self.sock}")
-        rc, out = reply
+        try:
+            rc, out = wire.exchange(sock, env, json.dumps(conf).encode())
+        except (OSError, ValueError) as exc:
+            raise BenchError(f"{command} {cid}: the agent did not answer ({type(exc).__name__}: {exc})") from None
+        finally:
+            sock.close()
+        took = time.perf_counter() - t0
         if rc != 0:
             raise BenchError(f"{command} {cid} through the agent failed (exit {rc}): {out[:500]}")
         return took

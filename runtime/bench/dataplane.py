@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from netpolicy import ruleset
 from netpolicy.ruleset import FAMILY, TABLE, Endpoint
-from runtime import netns, nft
+from runtime import defaults, netns, nft
 from runtime.bench import profile as perf_profile
 from runtime import policy as runtime_policy
 from runtime.attach import AttachRequest, attach
@@ -174,7 +174,7 @@ class Bench:
         Path(self.policy_file).write_text(json.dumps({"googleRanges": {
             "goog": str(self.ranges_dir / "goog.json"), "cloud": str(self.ranges_dir / "cloud.json")}}))
         self.conf = parse_netconf({
-            "cniVersion": "1.1.0", "name": NETWORK, "type": "sockgate", "stateDir": self.state_dir,
+            "cniVersion": defaults.CNI_VERSION, "name": NETWORK, "type": "sockgate", "stateDir": self.state_dir,
             "runDir": str(tmp / "run"), "logFile": str(tmp / "sockgate.log"), "policyFile": self.policy_file})
         self.measured_ns = ""
         self.endpoints: list[Endpoint] = []

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from cni_plugin.request import CNIRequest
 from runtime import attach as core
-from runtime.cni_result import build_result
+from runtime.cni.request import CNIRequest
+from runtime.cni.result import build_result
 from runtime.errors import INVALID_CONFIG, SockgateError
 from runtime.netconf import NetConf, parse_netconf
 from runtime.node import Node

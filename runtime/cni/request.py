@@ -1,6 +1,6 @@
 """Parse one CNI invocation (environment + stdin) into a request record.
 
-Stdlib only: this runs on the shim's start path before anything heavy is imported.
+Stdlib only: the shim's in-process path and error replies load it before anything heavy.
 """
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from runtime.defaults import CNI_VERSION, SUPPORTED_VERSIONS
 from runtime.errors import (DECODE_FAILURE, INCOMPATIBLE_VERSION, INVALID_CONFIG,
                             INVALID_ENV, SockgateError)
 
-SPEC_VERSION = "1.1.0"
-SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 COMMANDS = ("ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION")
 
 # Which variables each command cannot do without. DEL may come with an empty
@@ -40,14 +39,14 @@ class CNIRequest:
 
     @property
     def cni_version(self) -> str:
-        return str(self.config.get("cniVersion", SPEC_VERSION))
+        return str(self.config.get("cniVersion", CNI_VERSION))
 
 
 def error_version(config: object) -> str:
     """The cniVersion an error reply should carry: the caller's, when we speak it."""
     if isinstance(config, dict) and config.get("cniVersion") in SUPPORTED_VERSIONS:
         return config["cniVersion"]
-    return SPEC_VERSION
+    return CNI_VERSION
 
 
 def decode_config(stdin: bytes) -> dict:
@@ -99,7 +98,7 @@ def _validate_ifname(name: str) -> None:
 
 def version_reply(req: CNIRequest) -> dict:
     asked = req.config.get("cniVersion")
-    return {"cniVersion": asked if asked in SUPPORTED_VERSIONS else SPEC_VERSION,
+    return {"cniVersion": asked if asked in SUPPORTED_VERSIONS else CNI_VERSION,
             "supportedVersions": list(SUPPORTED_VERSIONS)}
 
 
