@@ -22,7 +22,7 @@ from runtime.errors import ALREADY_ATTACHED, CHECK_FAILED, KERNEL_FAILURE, NOT_A
 from runtime.fsutil import locked, remove_stale_temps
 from runtime.ipam import LeaseStore, Owner
 from runtime.netconf import NetConf
-from runtime.store import ADDING, READY, Attachment, AttachmentStore, host_ifname
+from runtime.store import ADDING, READY, Attachment, AttachmentStore, attachments, host_ifname
 
 log = logging.getLogger(__name__)
 
@@ -227,12 +227,13 @@ def gc(conf: NetConf, valid: set[tuple[str, str]]) -> list[tuple[str, str]]:
     and leases no attachment accounts for. Returns the keys removed."""
     net = Network(conf)
     removed = []
-    for att in net.attachments.all():
+    for att in attachments(conf.state_dir, conf.name).records:
         if att.key not in valid:
             _teardown(net, att)
             removed.append(att.key)
     with net.lock():
-        readable, torn = net.attachments.scan()
+        listing = attachments(conf.state_dir, conf.name)
+        readable, torn = listing.records, listing.unreadable
         for path in torn:
             # Torn by a crash of the node, which also took what it described.
             log.warning("gc removes unreadable attachment record %s", path)

@@ -45,10 +45,10 @@ def _agent(args: argparse.Namespace) -> int:
 def _reaper(run_dir: str, state_dir: str):
     from pathlib import Path
     from runtime import netns
-    from runtime.store import all_attachments
+    from runtime.store import attachments
 
     def in_use() -> set[str]:
-        return {att.host_ifname for att in all_attachments(state_dir)}
+        return {att.host_ifname for att in attachments(state_dir).records}
     # Under the run dir: the marks must outlive the agent, not the node (nor its veths).
     reaper = netns.LinkReaper(Path(run_dir) / "retired", in_use)
     netns.use_reaper(reaper)

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from runtime import nft
-from runtime.store import all_attachments
+from runtime import store
 
 log = logging.getLogger(__name__)
 _ATT_LABELS = ["network", "container_id", "ifname", "pod_namespace", "pod_name", "container_name"]
@@ -22,7 +22,7 @@ class SockgateCollector:
         self.reclaims = reclaims
 
     def collect(self) -> Iterator[Metric]:
-        atts = all_attachments(self.state_dir)
+        atts = store.attachments(self.state_dir).records
         yield GaugeMetricFamily("sockgate_attachments", "Containers attached on this node", value=len(atts))
         counted = nft.endpoint_counters() or {}
         families = {

@@ -15,7 +15,7 @@ import secrets
 
 from netpolicy.ruleset import CONTAINER_IFGROUP, Endpoint
 from runtime import netns, rtnl
-from runtime.store import READY, all_attachments
+from runtime.store import READY, attachments
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def ready_endpoints(state_dir: str) -> list[tuple[Endpoint, tuple[str, ...]]]:
     exists. Their elements get a new generation: they are created again. Each
     container's own addresses stand in for its network's pools (the records don't name
     them); the full prefixes return with the network's next ADD."""
-    ready = [att for att in all_attachments(state_dir) if att.state == READY and att.ipv4 and att.ipv6]
+    ready = [att for att in attachments(state_dir).records if att.state == READY and att.ipv4 and att.ipv6]
     # A veth that is gone: its container is too; DEL or GC cleans up the rest.
     links = netns.links([att.host_ifname for att in ready])
     # A reload is also what an upgrade brings: veths made by a sockgate that did not
