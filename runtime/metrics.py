@@ -36,13 +36,13 @@ class SockgateCollector:
             labels = [att.network, att.container_id, att.ifname, att.labels.get("pod_namespace", ""),
                       att.labels.get("pod_name", ""), att.labels.get("container_name", "")]
             c = counted.get(att.host_ifname)
-            for name in ("tx_bytes", "tx_packets", "rx_bytes", "rx_packets"):
+            for name in nft.COUNTER_FIELDS:
                 families[name].add_metric(labels, getattr(c, name) if c else 0)
         yield from families.values()
         drops = CounterMetricFamily("sockgate_policy_drops", "Packets refused or dropped, by reason",
                                     labels=["reason"])
-        for reason, (packets, _) in sorted(nft.drop_counters().items()):
-            drops.add_metric([reason], packets)
+        for reason, count in sorted(nft.drop_counters().items()):
+            drops.add_metric([reason], count.packets)
         yield drops
         reclaims = CounterMetricFamily("sockgate_reclaims", "Idle flows reclaimed",
                                        labels=["network", "container_id", "ifname"])
