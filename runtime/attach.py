@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from netpolicy.ruleset import Endpoint
-from runtime import billing, netns, nft, policy, restore
+from runtime import netns, nft, policy, restore
+from runtime.billing.flush import final_record
 from runtime.errors import ALREADY_ATTACHED, CHECK_FAILED, KERNEL_FAILURE, NOT_AVAILABLE, SockgateError
 from runtime.fsutil import locked, remove_stale_temps
 from runtime.ipam import LeaseStore, Owner
@@ -143,7 +144,7 @@ def _teardown(net: Network, att: Attachment) -> None:
 def _teardown_locked(net: Network, att: Attachment) -> None:
     netns.retire_link(att.host_ifname)
     # The link is down (no more packets) and the counters still exist: bill the rest.
-    billing.final_record(net.conf, att)
+    final_record(net.conf, att)
     ep = _endpoint(att)
     if ep is not None:
         nft.remove(ep)

@@ -23,7 +23,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _agent(args: argparse.Namespace) -> int:
     from runtime.agent import AgentConfig, run_agent, setup_logging
-    from runtime.billing import BillingFlusher
+    from runtime.billing.flush import BillingFlusher
     from runtime.conntrack_budget import BudgetWatch
     from runtime.reclaim import Reclaimer
     from runtime.policy_watch import PolicyKeeper

@@ -1131,7 +1131,7 @@ def build_report(soak: Soak, start: Start, au: Audit) -> dict[str, Any]:
 
 
 def run(opts: Options) -> dict[str, Any]:
-    from runtime.billing import Ledger
+    from runtime.billing.ledger import Ledger
     from runtime.bench.cni import bench_lab
     from tests.test_billing import billed
 
