@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Callable
 
 from netpolicy.ruleset import Endpoint
-from runtime import billing, netns, policy, restore
+from runtime import netns, policy, restore
+from runtime.billing.flush import final_record
 from runtime.errors import ALREADY_ATTACHED, CHECK_FAILED, KERNEL_FAILURE, NOT_AVAILABLE, SockgateError
 from runtime.fsutil import locked, remove_stale_temps
 from runtime.ipam import LeaseStore, Owner
 from runtime.netconf import NetConf
 from runtime.node import Node
-from runtime.store import ADDING, READY, Attachment, AttachmentStore, host_ifname
+from runtime.store import ADDING, READY, Attachment, AttachmentStore, attachments, host_ifname
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def _teardown(node: Node, net: Network, att: Attachment) -> None:
 def _teardown_locked(node: Node, net: Network, att: Attachment) -> None:
     node.links.retire_link(att.host_ifname)
     # The link is down (no more packets) and the counters still exist: bill the rest.
-    billing.final_record(net.conf, att, table=node.table)
+    final_record(net.conf, att, table=node.table)
     ep = _endpoint(att)
     if ep is not None:
         node.table.remove(ep)
@@ -225,12 +226,13 @@ def gc(node: Node, conf: NetConf, valid: set[tuple[str, str]]) -> list[tuple[str
     and leases no attachment accounts for. Returns the keys removed."""
     net = Network(conf)
     removed = []
-    for att in net.attachments.all():
+    for att in attachments(conf.state_dir, conf.name).records:
         if att.key not in valid:
             _teardown(node, net, att)
             removed.append(att.key)
     with net.lock():
-        readable, torn = net.attachments.scan()
+        listing = attachments(conf.state_dir, conf.name)
+        readable, torn = listing.records, listing.unreadable
         for path in torn:
             # Torn by a crash of the node, which also took what it described.
             log.warning("gc removes unreadable attachment record %s", path)

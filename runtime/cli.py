@@ -24,7 +24,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _agent(args: argparse.Namespace) -> int:
     from runtime.agent import AgentConfig, run_agent, setup_logging
-    from runtime.billing import BillingFlusher
+    from runtime.billing.flush import BillingFlusher
     from runtime.conntrack_budget import BudgetWatch
     from runtime.reclaim import Reclaimer
     from runtime.policy_watch import PolicyKeeper
@@ -49,10 +49,10 @@ def _agent(args: argparse.Namespace) -> int:
 def _reaper(run_dir: str, state_dir: str):
     from pathlib import Path
     from runtime import netns
-    from runtime.store import all_attachments
+    from runtime.store import attachments
 
     def in_use() -> set[str]:
-        return {att.host_ifname for att in all_attachments(state_dir)}
+        return {att.host_ifname for att in attachments(state_dir).records}
     # Under the run dir: the marks must outlive the agent, not the node (nor its veths).
     return netns.LinkReaper(Path(run_dir) / "retired", in_use)
 

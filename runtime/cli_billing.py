@@ -16,7 +16,7 @@ DEFAULT_BILLING_DIR = f"{defaults.STATE_DIR}/billing"
 
 
 def _time(text: str):
-    from runtime.billing import parse_time
+    from runtime.billing.schema import parse_time
     try:
         return parse_time(text)
     except ValueError:
@@ -24,7 +24,8 @@ def _time(text: str):
 
 
 def _report(args: argparse.Namespace) -> int:
-    from runtime.billing import Ledger, format_report, report
+    from runtime.billing.ledger import Ledger
+    from runtime.billing.report import format_report, report
     from pathlib import Path
     if not Path(args.dir).is_dir():
         raise SockgateError(INVALID_CONFIG, f"no billing directory {args.dir}")
@@ -39,7 +40,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _flush(args: argparse.Namespace) -> int:
-    from runtime.billing import BillingFlusher
+    from runtime.billing.flush import BillingFlusher
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flusher = BillingFlusher(args.state_dir, args.dir, args.every or 60.0, max_bytes=args.max_bytes)
     if not args.every:
@@ -54,7 +55,8 @@ def _flush(args: argparse.Namespace) -> int:
 
 
 def add_billing_commands(sub: argparse._SubParsersAction) -> None:
-    from runtime.billing import DEFAULT_MAX_BYTES, GROUPINGS
+    from runtime.billing.ledger import DEFAULT_MAX_BYTES
+    from runtime.billing.report import GROUPINGS
     p = sub.add_parser("billing", help="the billing ledger (JSON Lines): report and flush")
     bsub = p.add_subparsers(dest="billing_command", required=True, metavar="COMMAND")
 

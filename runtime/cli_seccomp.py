@@ -3,24 +3,10 @@ options) inside containers, for Docker, podman, containerd and Kubernetes."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
+from pathlib import Path
 
-
-def _write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+from runtime.fsutil import atomic_write
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -29,7 +15,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.output in (None, "-"):
         sys.stdout.write(text)
     else:
-        _write_atomic(args.output, text)
+        atomic_write(Path(args.output), text.encode(), mode=0o644)
         print(f"wrote {args.format} seccomp profile{' (strict)' if args.strict else ''} to {args.output}",
               file=sys.stderr)
     return 0

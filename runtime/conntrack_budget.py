@@ -15,6 +15,7 @@ from pathlib import Path
 from netpolicy.ruleset import CLOSING_S, FlowBounds
 from runtime import policy
 from runtime.errors import SockgateError
+from runtime.store import record_paths
 
 log = logging.getLogger(__name__)
 CONNTRACK_MAX = Path("/proc/sys/net/netfilter/nf_conntrack_max")
@@ -56,8 +57,7 @@ class Budget:
 def count_attachments(state_dir: str) -> int:
     """Attachment records under the state dir, counted without reading them (cheap
     enough to run every few seconds on a node with a thousand containers)."""
-    root = Path(state_dir) / "networks"
-    return sum(1 for _ in root.glob("*/attachments/*.json")) if root.is_dir() else 0
+    return len(record_paths(state_dir))
 
 
 def read_table_max(path: Path = CONNTRACK_MAX) -> int | None:

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime import defaults
+from runtime import defaults, textable
 from runtime.lab import LAB, Lab
 from runtime.lab.policy import write_lab_policy
 
@@ -83,9 +83,7 @@ def _print_table(checks: list[Check]) -> None:
     rows = [(c.what, c.src, c.dst, "open" if c.expect_open else "refused",
              "open" if c.got_open else "refused", c.note, "ok" if c.passed else "MISMATCH")
             for c in checks]
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    for row in [head, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+    print(textable.render(head, rows))
 
 
 def run_demo() -> int:

@@ -24,7 +24,7 @@ from runtime.fsutil import atomic_write_json, read_json, remove, remove_stale_te
 from runtime.netconf import DEFAULT_IPV4_POOL, DEFAULT_IPV6_POOL, NetConf, parse_netconf
 from runtime.node import Node
 from runtime.docker_firewall import ForwardAccept
-from runtime.store import READY
+from runtime.store import READY, attachments
 
 log = logging.getLogger("sockgate.docker")
 
@@ -605,7 +605,7 @@ class DockerDriver:
         cores = {n.sockgate_network for n in self.store.networks()}
         for name in cores:  # the core networks' records and leases (Docker sends no GC)
             attach.remove_temps(attach.Network(self._conf_of(name)))
-        orphans = {a.container_id for name in cores for a in attach.Network(self._conf_of(name)).attachments.all()
+        orphans = {a.container_id for name in cores for a in attachments(self.cfg.state_dir, name).records
                    if a.container_id not in known and _DOCKER_ID.match(a.container_id)}
         for eid in sorted(set(known) | orphans):
             with self._lock(eid):

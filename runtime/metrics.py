@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from runtime import nft
-from runtime.store import all_attachments
+from runtime import store
 
 log = logging.getLogger(__name__)
 _ATT_LABELS = ["network", "container_id", "ifname", "pod_namespace", "pod_name", "container_name"]
@@ -22,7 +22,7 @@ class SockgateCollector:
         self.reclaims = reclaims
 
     def collect(self) -> Iterator[Metric]:
-        atts = all_attachments(self.state_dir)
+        atts = store.attachments(self.state_dir).records
         yield GaugeMetricFamily("sockgate_attachments", "Containers attached on this node", value=len(atts))
         counted = nft.endpoint_counters() or {}
         families = {
@@ -36,13 +36,13 @@ class SockgateCollector:
             labels = [att.network, att.container_id, att.ifname, att.labels.get("pod_namespace", ""),
                       att.labels.get("pod_name", ""), att.labels.get("container_name", "")]
             c = counted.get(att.host_ifname)
-            for name in ("tx_bytes", "tx_packets", "rx_bytes", "rx_packets"):
+            for name in nft.COUNTER_FIELDS:
                 families[name].add_metric(labels, getattr(c, name) if c else 0)
         yield from families.values()
         drops = CounterMetricFamily("sockgate_policy_drops", "Packets refused or dropped, by reason",
                                     labels=["reason"])
-        for reason, (packets, _) in sorted(nft.drop_counters().items()):
-            drops.add_metric([reason], packets)
+        for reason, count in sorted(nft.drop_counters().items()):
+            drops.add_metric([reason], count.packets)
         yield drops
         reclaims = CounterMetricFamily("sockgate_reclaims", "Idle flows reclaimed",
                                        labels=["network", "container_id", "ifname"])

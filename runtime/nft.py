@@ -175,16 +175,34 @@ class Counted:
     generation: str = ""
 
 
-@dataclass(frozen=True)
-class VethCounters:
-    """An endpoint's counters: tx sums its tx4 and tx6 elements. `generation` is that
-    of its elements, "?" when they disagree (one was re-created behind the others')."""
+# An endpoint's counters, in the order billing records them.
+COUNTER_FIELDS = ("tx_bytes", "tx_packets", "rx_bytes", "rx_packets")
 
-    tx_packets: int
-    tx_bytes: int
-    rx_packets: int
-    rx_bytes: int
+
+@dataclass(frozen=True)
+class Counters:
+    """An endpoint's cumulative counters: tx sums its tx4 and tx6 elements. What
+    billing and the metrics read. `generation` is that of its elements ("" for
+    elements of versions that had none; "?" when they disagree: one was re-created
+    behind the others'). A counter of another generation was re-created and counts
+    from zero, whatever value it has reached."""
+
+    tx_bytes: int = 0
+    tx_packets: int = 0
+    rx_bytes: int = 0
+    rx_packets: int = 0
     generation: str = ""
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, f) for f in COUNTER_FIELDS)
+
+
+@dataclass(frozen=True)
+class Count:
+    """Packets and bytes of nft counters summed (the rules of one drop reason)."""
+
+    packets: int = 0
+    bytes: int = 0
 
 
 def counters(set_name: str) -> dict[str, list[Counted]] | None:
@@ -202,15 +220,15 @@ def counters(set_name: str) -> dict[str, list[Counted]] | None:
     return out
 
 
-def _summed(tx: list[Counted], rx: list[Counted]) -> VethCounters:
-    """An endpoint's counted elements as its VethCounters (tx: its tx4 and tx6)."""
+def _summed(tx: list[Counted], rx: list[Counted]) -> Counters:
+    """An endpoint's counted elements as its Counters (tx: its tx4 and tx6)."""
     generations = {c.generation for c in tx + rx}
-    return VethCounters(sum(c.packets for c in tx), sum(c.bytes for c in tx),
-                        sum(c.packets for c in rx), sum(c.bytes for c in rx),
-                        generations.pop() if len(generations) == 1 else "?")
+    return Counters(tx_bytes=sum(c.bytes for c in tx), tx_packets=sum(c.packets for c in tx),
+                    rx_bytes=sum(c.bytes for c in rx), rx_packets=sum(c.packets for c in rx),
+                    generation=generations.pop() if len(generations) == 1 else "?")
 
 
-def endpoint_counters_of(ep: Endpoint) -> VethCounters | None:
+def endpoint_counters_of(ep: Endpoint) -> Counters | None:
     """One endpoint's counters (see endpoint_counters), read element by element: what
     a DEL needs, at the same cost whatever the size of the sets. None when it has no
     rx element (its elements are gone)."""
@@ -222,8 +240,8 @@ def endpoint_counters_of(ep: Endpoint) -> VethCounters | None:
     return _summed([c for s, c in counted.items() if s != "rx"], [counted["rx"]])
 
 
-def endpoint_counters() -> dict[str, VethCounters] | None:
-    """{host veth: VethCounters} for every endpoint with an element in rx. None when a
+def endpoint_counters() -> dict[str, Counters] | None:
+    """{host veth: Counters} for every endpoint with an element in rx. None when a
     set can't be read."""
     tx4, tx6, rx = (counters(s) for s in COUNTED_SETS)
     if tx4 is None or tx6 is None or rx is None:
@@ -231,10 +249,10 @@ def endpoint_counters() -> dict[str, VethCounters] | None:
     return {name: _summed(tx4.get(name, []) + tx6.get(name, []), rx_elems) for name, rx_elems in rx.items()}
 
 
-def drop_counters() -> dict[str, tuple[int, int]]:
-    """(packets, bytes) refused or dropped per reason, summed over the rules whose
+def drop_counters() -> dict[str, Count]:
+    """Packets and bytes refused or dropped per reason, summed over the rules whose
     comment is "drop:<reason>"."""
-    out: dict[str, tuple[int, int]] = {}
+    out: dict[str, Count] = {}
     for item in _listing(f"list table {FAMILY} {TABLE}"):
         rule = item.get("rule")
         if not rule or not str(rule.get("comment", "")).startswith("drop:"):
@@ -242,8 +260,8 @@ def drop_counters() -> dict[str, tuple[int, int]]:
         reason = rule["comment"][5:]
         for expr in rule.get("expr", []):
             if isinstance(expr, dict) and isinstance(expr.get("counter"), dict):
-                p, b = out.get(reason, (0, 0))
-                out[reason] = (p + expr["counter"]["packets"], b + expr["counter"]["bytes"])
+                seen = out.get(reason, Count())
+                out[reason] = Count(seen.packets + expr["counter"]["packets"], seen.bytes + expr["counter"]["bytes"])
     return out
 
 

@@ -18,7 +18,7 @@ from runtime.policy import CompiledPolicies
 if TYPE_CHECKING:
     from netpolicy.ruleset import EgressPolicy, Endpoint
     from runtime.netns import ContainerView, LinkReaper
-    from runtime.nft import VethCounters
+    from runtime.nft import Counters
     from runtime.rtnl import Link
 
 
@@ -42,9 +42,9 @@ class TableBackend(Protocol):
     def endpoint_present(self, ep: Endpoint) -> list[str]:
         """The sets missing one of the endpoint's elements."""
 
-    def endpoint_counters_of(self, ep: Endpoint) -> VethCounters | None: ...
+    def endpoint_counters_of(self, ep: Endpoint) -> Counters | None: ...
 
-    def endpoint_counters(self) -> dict[str, VethCounters] | None: ...
+    def endpoint_counters(self) -> dict[str, Counters] | None: ...
 
 
 class LinkBackend(Protocol):

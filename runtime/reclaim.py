@@ -40,7 +40,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETOBJ, NFT_MSG_NEWOBJ
 from netpolicy.ruleset import TABLE
 from runtime import defaults, netns
 from runtime.rtnl import attributes, messages
-from runtime.store import all_attachments
+from runtime.store import attachments
 from runtime.errors import SockgateError
 from runtime.fsutil import atomic_write_json
 from runtime.store import Attachment
@@ -713,7 +713,7 @@ class Reclaimer:
     # -- attachments --
     def _refresh(self) -> None:
         by_addr = {}
-        for att in all_attachments(self.state_dir):
+        for att in attachments(self.state_dir).records:
             for a in (att.ipv4, att.ipv6):
                 if a:
                     by_addr[ipaddress.ip_address(a)] = att

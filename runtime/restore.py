@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from netpolicy.ruleset import CONTAINER_IFGROUP, Endpoint
 from runtime import rtnl
-from runtime.store import READY, all_attachments
+from runtime.store import READY, attachments
 
 if TYPE_CHECKING:
     from runtime.node import FlowBackend, LinkBackend
@@ -30,7 +30,7 @@ def ready_endpoints(links: LinkBackend, state_dir: str) -> list[tuple[Endpoint, 
     exists. Their elements get a new generation: they are created again. Each
     container's own addresses stand in for its network's pools (the records don't name
     them); the full prefixes return with the network's next ADD."""
-    ready = [att for att in all_attachments(state_dir) if att.state == READY and att.ipv4 and att.ipv6]
+    ready = [att for att in attachments(state_dir).records if att.state == READY and att.ipv4 and att.ipv6]
     # A veth that is gone: its container is too; DEL or GC cleans up the rest.
     found = links.links([att.host_ifname for att in ready])
     # A reload is also what an upgrade brings: veths made by a sockgate that did not

@@ -4,7 +4,7 @@ it again after a crash of the plugin or the agent.
 Records are written atomically (rename) but not fsynced: they describe veths, routes
 and nft elements, all of which a crash of the node takes with it. A record torn by
 such a crash is unreadable; it is treated as absent, and GC removes it (see
-`scan`). An fsync here cost ~3 ms of every ADD.
+`attachments`). An fsync here cost ~3 ms of every ADD.
 
 A writer killed in the middle of a write leaves the record's temp file
 (`.<container>--<ifname>.json.tmp`, see runtime.fsutil): DEL removes that record's,
@@ -12,6 +12,7 @@ GC every one that no live writer holds."""
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -60,6 +61,19 @@ class Attachment:
 _FIELDS = {f.name for f in fields(Attachment)}
 
 
+def _read(path: Path) -> Attachment | None:
+    try:
+        data = read_json(path)
+        if not isinstance(data, dict) or not data:
+            return None
+        # Fields of a later version are left out, so that a downgrade still reads
+        # (and can DEL) what it wrote. (Versions before 2026-12-06 refused records
+        # with the `generation` field added then.)
+        return Attachment(**{k: v for k, v in data.items() if k in _FIELDS})
+    except (ValueError, TypeError):
+        return None
+
+
 class AttachmentStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -73,20 +87,7 @@ class AttachmentStore:
         atomic_write_json(self._path(att.container_id, att.ifname), asdict(att), durable=False)
 
     def load(self, container_id: str, ifname: str) -> Attachment | None:
-        return self._read(self._path(container_id, ifname))
-
-    @staticmethod
-    def _read(path: Path) -> Attachment | None:
-        try:
-            data = read_json(path)
-            if not isinstance(data, dict) or not data:
-                return None
-            # Fields of a later version are left out, so that a downgrade still reads
-            # (and can DEL) what it wrote. (Versions before 2026-12-06 refused records
-            # with the `generation` field added then.)
-            return Attachment(**{k: v for k, v in data.items() if k in _FIELDS})
-        except (ValueError, TypeError):
-            return None
+        return _read(self._path(container_id, ifname))
 
     def delete(self, container_id: str, ifname: str) -> None:
         remove(self._path(container_id, ifname))
@@ -99,27 +100,53 @@ class AttachmentStore:
         """Every record's temp file that no live writer holds."""
         return remove_stale_temps(self.directory)
 
-    def all(self) -> list[Attachment]:
-        return self.scan()[0]
 
-    def scan(self) -> tuple[list[Attachment], list[Path]]:
-        """The readable records, and the paths of those that aren't (torn by a crash
-        of the node: see the module's docstring)."""
-        found: list[Attachment] = []
-        unreadable: list[Path] = []
-        if self.directory.is_dir():
-            for path in sorted(self.directory.glob("*.json")):
-                att = self._read(path)
-                if att is None:
-                    unreadable.append(path)
-                else:
-                    found.append(att)
-        return found, unreadable
+@dataclass(frozen=True)
+class Listing:
+    """What `attachments` found: the readable records, the paths of those that aren't
+    (torn by a crash of the node: see the module's docstring), and the networks
+    listed."""
+
+    records: list[Attachment]
+    unreadable: list[Path]
+    networks: list[str]
+
+    def complete(self) -> set[str]:
+        """The networks none of whose records is unreadable."""
+        return set(self.networks) - {path.parent.parent.name for path in self.unreadable}
 
 
-def all_attachments(state_dir: str) -> list[Attachment]:
-    """Every attachment of every network under a state dir."""
+def _network_dirs(state_dir: str | os.PathLike, network: str | None) -> list[Path]:
     root = Path(state_dir) / "networks"
-    if not root.is_dir():
-        return []
-    return [att for net in sorted(root.iterdir()) for att in AttachmentStore(net / "attachments").all()]
+    if network is not None:
+        return [root / network]
+    return sorted(root.iterdir()) if root.is_dir() else []
+
+
+def record_paths(state_dir: str | os.PathLike, network: str | None = None) -> list[Path]:
+    """The attachment records' paths (of one network, or of all) by network then
+    name, without reading them: cheap enough to count every few seconds on a node of
+    a thousand."""
+    return _paths(_network_dirs(state_dir, network))
+
+
+def _paths(nets: list[Path]) -> list[Path]:
+    return [path for net in nets for path in sorted((net / "attachments").glob("*.json"))]
+
+
+def attachments(state_dir: str | os.PathLike, network: str | None = None) -> Listing:
+    """Every attachment record under a state dir (of one network, or of all), by
+    network then file name. The one way to list them."""
+    found: list[Attachment] = []
+    unreadable: list[Path] = []
+    nets = _network_dirs(state_dir, network)
+    for path in _paths(nets):
+        try:
+            att = _read(path)
+        except OSError:  # e.g. not a file: as unreadable as a torn one
+            att = None
+        if att is None:
+            unreadable.append(path)
+        else:
+            found.append(att)
+    return Listing(found, unreadable, [net.name for net in nets])

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from runtime.billing import Ledger
+from runtime.billing.ledger import Ledger
 from runtime.lab import LAB
 from tests.conftest import AgentProcess
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.billing import Ledger, report
+from runtime.billing.ledger import Ledger
+from runtime.billing.report import report
 from runtime.lab import LAB
 from runtime.store import host_ifname
 from tests.test_unit_billing import CHILD, PROJECT

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import pytest
 
 from netpolicy.ruleset import FlowBounds
-from runtime.billing import Ledger
+from runtime.billing.ledger import Ledger
 from runtime.lab import LAB
 from runtime.lab.policy import write_lab_policy
 from tests.support import attacks as atk

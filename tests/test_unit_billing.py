@@ -15,10 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from runtime import billing
-from runtime.billing import Counters, Ledger, final_record, flush
+from runtime.billing.flush import BillingFlusher, final_record, flush
+from runtime.billing.ledger import Ledger
+from runtime.billing.report import report
+from runtime.billing.schema import FIELDS, attachment_key, parse_time
 from runtime.cli import main as cli_main
 from runtime.errors import SockgateError
+from runtime.nft import Counters
 from runtime.netconf import parse_netconf
 from runtime.store import ADDING, READY, Attachment, AttachmentStore, host_ifname
 
@@ -106,7 +109,7 @@ def check_ledger(bdir: Path, expected: dict[str, Counters]) -> dict[str, list[di
     got = {}
     for key, recs in by_key.items():
         host = recs[-1]["host_ifname"]
-        got[host] = Counters(*(sum(r[f] for r in recs) for f in billing.FIELDS))
+        got[host] = Counters(*(sum(r[f] for r in recs) for f in FIELDS))
     assert got == {h: c for h, c in expected.items() if c}, "billed totals differ from the counters"
     return by_key
 
@@ -314,7 +317,7 @@ def test_vanished_attachment_is_closed_then_forgotten(env):
     env.clock.tick()
     assert env.flush() == []
     cache = json.loads((env.dir / "checkpoint.json").read_text())
-    assert set(cache["marks"]) == {billing.attachment_key(stays)}  # finished keys leave the cache
+    assert set(cache["marks"]) == {attachment_key(stays)}  # finished keys leave the cache
     # ... but not the files: a rebuild still knows the key is final.
     (env.dir / "checkpoint.json").unlink()
     assert env.flush() == []
@@ -465,12 +468,13 @@ def test_concurrent_writers_never_duplicate(env):
 CHILD = r"""
 import json, os, signal, sys
 sys.path.insert(0, sys.argv[1])
-from runtime import billing
+from runtime.billing import flush, ledger
+from runtime.nft import Counters
 state, bdir, counters_file, point, max_bytes = sys.argv[2:7]
 # "-": the real nft counters of this netns (the lab's node, in tests/test_billing.py)
 counters = None if counters_file == "-" else {
-    k: billing.Counters(*v) for k, v in json.load(open(counters_file)).items()}
-real_write, real_fsync, real_fsync_dir = os.write, os.fsync, billing.fsync_dir
+    k: Counters(*v) for k, v in json.load(open(counters_file)).items()}
+real_write, real_fsync, real_fsync_dir = os.write, os.fsync, ledger.fsync_dir
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
@@ -501,23 +505,23 @@ elif point == "before_fsync":
         real_fsync(fd)
     proxy.fsync = fsync
 elif point == "before_cache":
-    billing.write_cache = lambda path, data: die()
+    ledger.write_cache = lambda path, data: die()
 elif point == "mid_cache":
     def write_cache(path, data):
         tmp = path.with_name("." + path.name + ".%d.tmp" % os.getpid())
         tmp.write_bytes(data[:100]); die()
-    billing.write_cache = write_cache
+    ledger.write_cache = write_cache
 elif point == "after_rotate":
     def fsync_dir(d):
         real_fsync_dir(d)
         if any(p.name.startswith("billing-") for p in d.iterdir()):
             die()
-    billing.fsync_dir = fsync_dir
+    ledger.fsync_dir = fsync_dir
 elif point != "none":
     raise SystemExit("unknown point " + point)
-billing.os = proxy
-read = read if point == "counters" else billing.kernel_counters if counters is None else (lambda: counters)
-billing.flush(state, ledger=billing.Ledger(bdir, max_bytes=int(max_bytes)), read_counters=read)
+ledger.os = proxy
+read = read if point == "counters" else flush.kernel_counters if counters is None else (lambda: counters)
+flush.flush(state, ledger=ledger.Ledger(bdir, max_bytes=int(max_bytes)), read_counters=read)
 """
 
 POINTS = ["counters", "before_write", "torn_first", "mid_write", "before_fsync", "before_cache", "mid_cache",
@@ -595,7 +599,7 @@ def test_rotation_by_size_keeps_old_files_intact(env):
         assert p.stat().st_size <= 4096
         first = json.loads(p.read_text().splitlines()[0])
         if p in rotated:
-            stamp = billing.parse_time(first["end"]).strftime("%Y%m%dT%H%M%SZ")
+            stamp = parse_time(first["end"]).strftime("%Y%m%dT%H%M%SZ")
             assert p.name.startswith(f"billing-{stamp}"), (p.name, first["end"])
     assert len({p.name for p in rotated}) == len(rotated)
     check_ledger(env.dir, env.kernel.c)
@@ -653,15 +657,15 @@ def test_report_sums_groups_and_time_window(env, capsys):
     env.kernel.send(d1, tx=3)
     env.flush(max_bytes=600)  # 13:00
     assert Ledger(env.dir).rotated()
-    rows, dups = billing.report(Ledger(env.dir).records(), by="pod")
+    rows, dups = report(Ledger(env.dir).records(), by="pod")
     assert dups == 0
     assert [(r.group, r.tx_bytes, r.tx_packets, r.rx_bytes, r.rx_packets, r.records) for r in rows] == [
         ("db", 10, 2, 1, 1, 2), ("shop/web-0", 1100, 7, 110, 7, 2)]
-    rows, _ = billing.report(Ledger(env.dir).records(), by="container")
+    rows, _ = report(Ledger(env.dir).records(), by="container")
     assert {r.group: r.tx_bytes for r in rows} == {"d1": 10, "p1": 100, "p2": 1000}
-    rows, _ = billing.report(Ledger(env.dir).records(), by="pod", since=billing.parse_time("2024-05-01T12:30:00"))
+    rows, _ = report(Ledger(env.dir).records(), by="pod", since=parse_time("2024-05-01T12:30:00"))
     assert {r.group: r.tx_bytes for r in rows} == {"db": 3, "shop/web-0": 1000}
-    rows, _ = billing.report(Ledger(env.dir).records(), by="pod", until=billing.parse_time("2024-05-01T12:00:00Z"))
+    rows, _ = report(Ledger(env.dir).records(), by="pod", until=parse_time("2024-05-01T12:00:00Z"))
     assert {r.group: r.tx_bytes for r in rows} == {"db": 7, "shop/web-0": 100}
 
     assert cli_main(["billing", "report", "--dir", str(env.dir), "--by", "pod"]) == 0
@@ -683,7 +687,7 @@ def test_report_ignores_duplicates_and_a_torn_tail(env):
     with open(env.dir / "billing.jsonl", "a") as fh:
         fh.write(json.dumps(rec) + "\n")  # a copy (e.g. concatenated exports)
         fh.write(json.dumps(dict(rec, seq=2))[:40])  # an append in progress
-    rows, dups = billing.report(Ledger(env.dir).records(), by="attachment")
+    rows, dups = report(Ledger(env.dir).records(), by="attachment")
     assert dups == 1 and [(r.tx_bytes, r.records) for r in rows] == [(100, 1)]
 
 
@@ -699,7 +703,7 @@ def test_report_reads_a_read_only_copy(env, tmp_path):
         (copy / "billing.lock").mkdir()  # root ignores the mode: make the lock impossible instead
     copy.chmod(0o555)
     try:
-        rows, _ = billing.report(Ledger(copy).records(), by="container")
+        rows, _ = report(Ledger(copy).records(), by="container")
         assert [(r.group, r.tx_bytes) for r in rows] == [("c1", 100)]
     finally:
         copy.chmod(0o755)
@@ -730,7 +734,7 @@ def test_billing_dir_config():
 
 def test_flusher_flushes_periodically_and_at_stop(env):
     att = make_att(env.state, "c1")
-    flusher = billing.BillingFlusher(env.state, env.dir, interval=0.05, read_counters=env.kernel)
+    flusher = BillingFlusher(env.state, env.dir, interval=0.05, read_counters=env.kernel)
     stop = threading.Event()
     t = threading.Thread(target=flusher.run, args=(stop,))
     t.start()
@@ -760,7 +764,7 @@ def test_flusher_survives_a_failing_flush(env):
             raise SockgateError(102, "cannot read the accounting counters")
         return env.kernel()
 
-    flusher = billing.BillingFlusher(env.state, env.dir, interval=0.02, read_counters=flaky)
+    flusher = BillingFlusher(env.state, env.dir, interval=0.02, read_counters=flaky)
     stop = threading.Event()
     t = threading.Thread(target=flusher.run, args=(stop,))
     t.start()
@@ -772,6 +776,6 @@ def test_flusher_survives_a_failing_flush(env):
 
 
 def test_flush_of_an_empty_state_dir_writes_nothing(tmp_path):
-    flusher = billing.BillingFlusher(tmp_path / "state", read_counters=lambda: {})
+    flusher = BillingFlusher(tmp_path / "state", read_counters=lambda: {})
     assert flusher.flush() == []
     assert os.listdir(tmp_path / "state" / "billing") == ["billing.lock"]

@@ -14,7 +14,7 @@ from runtime.errors import (ALREADY_ATTACHED, CHECK_FAILED, INVALID_CONFIG, KERN
 from runtime.ipam import Owner
 from runtime.netconf import NetConf, parse_netconf
 from runtime.policy import CompiledPolicies
-from runtime.store import ADDING, READY, host_ifname
+from runtime.store import ADDING, READY, attachments, host_ifname
 from tests.support.fakes import NODE_NETNS, FakeNode, fake_node
 
 NETWORK = "unit"
@@ -51,7 +51,8 @@ class Env:
     def leftovers(self) -> dict:
         """Everything an attachment can leave: records, leases, links, routes, elements."""
         net = self.net
-        return {"records": sorted(a.key for a in net.attachments.all()),
+        listing = attachments(self.conf.state_dir, self.conf.name)
+        return {"records": sorted(a.key for a in listing.records) + [str(p) for p in listing.unreadable],
                 "leases": sorted({(o.container_id, o.ifname) for o in net.leases.leases().values()}),
                 **self.fake.links.dump(),
                 "elements": self.fake.table.dump()["elements"]}

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime import wire
+from runtime import textable, wire
 from runtime.install import install_cni
 from runtime.lab import Lab
 from runtime.lab.builder import RUN_DIR
@@ -532,10 +532,7 @@ def print_report(rep: dict[str, Any]) -> None:
                     detail += f", in agent {r['agent_side_p50_ms']:.1f}"
                 rows.append([LABELS[plugin], mode, op, str(r["n"]), f"{r['p50']:.1f}", f"{r['p90']:.1f}",
                              f"{r['mean']:.1f}", f"{r['max']:.1f}", f"{r['phase_s']:.2f}", detail])
-    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
-    for row in [head, ["-" * w for w in widths], *rows]:
-        print("  ".join(v.ljust(w) if i < 3 or i == len(head) - 1 else v.rjust(w)
-                        for i, (v, w) in enumerate(zip(row, widths))).rstrip())
+    print(textable.render(head, rows, left=(0, 1, 2, -1)))
     print()
     print(f"ratios of p50 against {LABELS[REFERENCE]} (target: {LABELS[SG_AGENT]} <= {TARGET})")
     for plugin in (SG_AGENT, SG_INPROC):

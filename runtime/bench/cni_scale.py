@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime import wire
+from runtime import textable, wire
 from runtime.lab import Lab
 from runtime.bench.cni import (CNI_ARGS, CNI_VERSION, MODES, OPS, SEQUENTIAL, SG_AGENT, SG_NETWORK,
                                Agent, Bench, BenchError, CpuMeter, bench_lab, handled_ms, other_labs, percentile,
@@ -462,10 +462,7 @@ def print_report(rep: dict[str, Any]) -> None:
                 rows.append([str(config), mode, op, str(r["n"]), f"{r['p50']:.1f}", f"{r['p90']:.1f}",
                              f"{r['mean']:.1f}", f"{r['max']:.1f}", f"{r['agent_p50']:.1f} / {r['agent_p90']:.1f}",
                              " ".join(f"{v:.1f}" for v in r["blocks_p50"])])
-    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
-    for row in [head, ["-" * w for w in widths], *rows]:
-        print("  ".join(v.ljust(w) if i in (1, 2) or i == len(head) - 1 else v.rjust(w)
-                        for i, (v, w) in enumerate(zip(row, widths))).rstrip())
+    print(textable.render(head, rows, left=(1, 2, -1)))
     print()
     print(f"ratios at {n} / at {base} attachments (target: p50 <= {rep['target']['max_ratio']})")
     for mode in MODES:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from netpolicy import ruleset
 from netpolicy.ruleset import FAMILY, TABLE, Endpoint
-from runtime import defaults, netns, nft
+from runtime import defaults, netns, nft, textable
 from runtime.bench import profile as perf_profile
 from runtime import policy as runtime_policy
 from runtime.attach import AttachRequest, attach
@@ -524,10 +524,7 @@ def print_report(rep: dict[str, Any], tests: list[Test], samples: list[Sample]) 
         extra = rep["totals"][t.key]
         rows.append(["", "  whole run: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in extra.items()),
                      "", "", "", "", ""])
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    for row in [head, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(v).ljust(w) if i < 3 else str(v).rjust(w)
-                        for i, (v, w) in enumerate(zip(row, widths))).rstrip())
+    print(textable.render(head, rows, left=(0, 1, 2)))
     print()
     print(f"ratio {SOCKGATE}/{BASELINE} = median B / median A of the intervals   "
           f"(paired: each B window against its A neighbours)")

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime import textable
+
 FAULT_KINDS = ("agent-kill", "nft-flush", "plugin-kill")
 NETWORK = "sgsoak"
 FAR_TABLE = "sgsoak_far"
@@ -396,12 +398,6 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def _table(head: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    return ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))).rstrip()
-            for r in [head, ["-" * w for w in widths], *rows]]
-
-
 def render(rep: dict[str, Any]) -> str:
     a = rep["args"]
     out = [f"sockgate soak: lab {rep['lab']}, {rep['cpus']} CPUs, kernel {rep['kernel']}; "
@@ -418,13 +414,14 @@ def render(rep: dict[str, Any]) -> str:
     ct = rep["conntrack"]
     rows.append(["conntrack (node)", _fmt(ct["start"]), _fmt(ct["after_dels"]), _fmt(ct["end"])])
     rows.append([f"  of deleted containers, > {ct['fair_s']} s left", "-", "-", str(len(ct["leftover"]))])
-    out += ["  " + line for line in _table(["what", "start", "after DELs", "after GC"], rows)]
+    out += ["  " + line for line in textable.lines(["what", "start", "after DELs", "after GC"], rows, left=(0,))]
     if ct.get("by_state"):
         out.append("  conntrack entries of deleted containers at the end, by state (longest remaining s): "
                    + ", ".join(f"{k} {v} ({ct['longest_by_state'].get(k, '?')})" for k, v in ct["by_state"].items()))
     out.append("")
     out.append("CNI calls by outcome")
-    out += ["  " + line for line in _table(["call", "count"], [[k, str(v)] for k, v in rep["calls"].items()])]
+    out += ["  " + line for line in textable.lines(["call", "count"], [[k, str(v)] for k, v in rep["calls"].items()],
+                                                        left=(0,))]
     if rep["del_retries"]:
         out.append(f"  DELs that needed retries: {rep['del_retries']['containers']} container(s), "
                    f"max {rep['del_retries']['max_attempts']} attempts, longest {rep['del_retries']['max_s']:.1f} s; "
@@ -439,8 +436,8 @@ def render(rep: dict[str, Any]) -> str:
             ["counter_reset/missing", str(dl["containers"]), str(dl["billed_bytes"]), str(dl["far_bytes"]),
              str(-dl["unbilled_bytes"]), str(dl["billed_packets"]), str(dl["far_packets"]),
              str(-dl["unbilled_packets"])]]
-    out += ["  " + line for line in _table(["containers", "n", "billed B", "far-end B", "diff B", "billed pkts",
-                                            "far-end pkts", "diff pkts"], rows)]
+    out += ["  " + line for line in textable.lines(["containers", "n", "billed B", "far-end B", "diff B", "billed pkts",
+                                                        "far-end pkts", "diff pkts"], rows, left=(0,))]
     problems = len(b["problems"]) + len(rep["ledger_problems"])
     out.append(f"  ledger: {rep['ledger_records']} records; problems: {problems}")
     out.append("")
@@ -460,7 +457,7 @@ def render(rep: dict[str, Any]) -> str:
             for name, key in (("veths", "veths"), ("leases", "leases"), ("records", "records"),
                               ("temp files", "temps"), ("set elements", "elements"), ("agent RSS KiB", "rss_kib"),
                               ("agent fds", "fds"), ("conntrack", "conntrack"))]
-    out += ["  " + line for line in _table(["metric", "start", "peak", "end"], rows)]
+    out += ["  " + line for line in textable.lines(["metric", "start", "peak", "end"], rows, left=(0,))]
     out.append(f"  agent idle after warm-up: RSS {_fmt(ag['rss_start_kib'])} KiB, {_fmt(ag['fds_start'])} fds; "
                f"idle at the end: RSS {_fmt(ag['rss_end_kib'])} KiB, {_fmt(ag['fds_end'])} fds "
                f"(bounds +{a['rss_bound_mib']:g} MiB, +{a['fd_bound']} fds)")
@@ -1062,7 +1059,7 @@ def build_report(soak: Soak, start: Start, au: Audit) -> dict[str, Any]:
 
 
 def run(opts: Options) -> dict[str, Any]:
-    from runtime.billing import Ledger
+    from runtime.billing.ledger import Ledger
     from runtime.bench.cni import bench_lab
     from tests.test_billing import billed
 

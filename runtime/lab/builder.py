@@ -145,7 +145,7 @@ class _Record:
     created: float
 
     def save(self) -> None:
-        _atomic_write(RUN_DIR / f"{self.prefix}.pid", json.dumps(self.__dict__))
+        atomic_write(RUN_DIR / f"{self.prefix}.pid", json.dumps(self.__dict__).encode(), durable=False)
 
     @classmethod
     def load(cls, path: Path) -> _Record | None:
@@ -163,10 +163,6 @@ class LabCommandError(subprocess.CalledProcessError):
 
 
 # --- small helpers -------------------------------------------------------------
-
-def _atomic_write(path: Path, text: str) -> None:
-    atomic_write(path, text.encode(), durable=False)
-
 
 def _proc_start(pid: int) -> int | None:
     try:
@@ -700,7 +696,7 @@ class Lab:
 
     # --- lab DNS and server-side evidence ---
     def _write_records(self, records: dict[str, Any]) -> None:
-        _atomic_write(self.dns_records, json.dumps(records, indent=1))
+        atomic_write(self.dns_records, json.dumps(records, indent=1).encode(), durable=False)
 
     def set_dns(self, name: str, addresses: Sequence[str], ttl: int,
                 fail: Mapping[str, str] | None = None) -> None:

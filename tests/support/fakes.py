@@ -17,7 +17,7 @@ from netpolicy.ruleset import (CONTAINER_IFGROUP, COUNTED_SETS, EgressPolicy, En
 from runtime import rtnl
 from runtime.errors import KERNEL_FAILURE, SockgateError
 from runtime.netns import GATEWAY_V4, GATEWAY_V6, ContainerView, veth_mac
-from runtime.nft import VethCounters
+from runtime.nft import Counters
 from runtime.node import Node
 from runtime.policy import CompiledPolicies
 
@@ -136,12 +136,12 @@ class FakeTable:
         self.faults.hit("table.endpoint_present")
         return [name for name, key in endpoint_keys(ep) if key not in self.sets.get(name, {})]
 
-    def endpoint_counters_of(self, ep: Endpoint) -> VethCounters | None:
+    def endpoint_counters_of(self, ep: Endpoint) -> Counters | None:
         self.faults.hit("table.endpoint_counters_of")
         got = {name: self.sets.get(name, {}).get(key) for name, key in endpoint_keys(ep) if name in COUNTED_SETS}
         return self._summed([e for e in got.values() if e is not None], got.get("rx"))
 
-    def endpoint_counters(self) -> dict[str, VethCounters] | None:
+    def endpoint_counters(self) -> dict[str, Counters] | None:
         self.faults.hit("table.endpoint_counters")
         if self.revision is None:
             return None
@@ -152,13 +152,14 @@ class FakeTable:
         return out
 
     @staticmethod
-    def _summed(elems: list[FakeElement], rx: FakeElement | None) -> VethCounters | None:
+    def _summed(elems: list[FakeElement], rx: FakeElement | None) -> Counters | None:
         if rx is None:
             return None
         tx = [e for e in elems if e is not rx]
         generations = {e.generation for e in elems}
-        return VethCounters(sum(e.packets for e in tx), sum(e.bytes for e in tx), rx.packets, rx.bytes,
-                            generations.pop() if len(generations) == 1 else "?")
+        return Counters(tx_bytes=sum(e.bytes for e in tx), tx_packets=sum(e.packets for e in tx),
+                        rx_bytes=rx.bytes, rx_packets=rx.packets,
+                        generation=generations.pop() if len(generations) == 1 else "?")
 
 
 @dataclass
