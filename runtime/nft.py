@@ -2,7 +2,7 @@
 
 Through libnftables (runtime/libnft.py) when it loads, else through the `nft`
 command; one attachment's elements (ADD, DEL, a DEL's counters) through
-runtime/nftnl.py, whose cost doesn't grow with the node. Not python-iptables: it
+runtime/netlink/nftables.py, whose cost doesn't grow with the node. Not python-iptables: it
 drives the legacy iptables backend only.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from netpolicy.ruleset import (COUNTED_SETS, FAMILY, REVISION_SET, TABLE, EgressPolicy, Endpoint, add_endpoint,
                                add_pools, element_comment, endpoint_keys, parse_comment,
                                remove_elements, render_table, revision, revision_key)
-from runtime import nftnl
+from runtime.netlink import nftables as nftnl
 from runtime.errors import KERNEL_FAILURE, SockgateError
 from runtime.libnft import Nft, Unavailable
 

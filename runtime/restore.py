@@ -14,7 +14,8 @@ import logging
 import secrets
 
 from netpolicy.ruleset import CONTAINER_IFGROUP, Endpoint
-from runtime import netns, rtnl
+from runtime import netns
+from runtime.netlink import route as rtnl
 from runtime.store import READY, all_attachments
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,9 @@ def ready_endpoints(state_dir: str) -> list[tuple[Endpoint, tuple[str, ...]]]:
 
 def end_escaped_flows(endpoints: list[tuple[Endpoint, tuple[str, ...]]]) -> int:
     """After a reload: end the flows the containers opened while there was no table
-    (runtime.reclaim.Conntrack.purge_unmasqueraded). A container's next packet on such
+    (runtime.netlink.conntrack.Conntrack.purge_unmasqueraded). A container's next packet on such
     a flow starts a new one, which the rules now see. Returns how many were ended."""
-    from runtime.reclaim import Conntrack  # the CNI executable's ADD path imports this module
+    from runtime.netlink.conntrack import Conntrack  # the CNI executable's ADD path imports this module
 
     sources = {addr for ep, _ in endpoints for addr in (ep.ipv4, ep.ipv6)}
     ct = Conntrack()
