@@ -349,7 +349,7 @@ def endpoint_elements(ep: Endpoint) -> list[tuple[str, str]]:
             ("rx", f"{ep.host_ifindex}")]
 
 
-# The same keys as the kernel stores them, for runtime.nftnl (which talks nf_tables'
+# The same keys as the kernel stores them, for runtime.netlink.nftables (which talks nf_tables'
 # netlink without libnftables). Each field of a concatenation takes a multiple of 4
 # bytes; `meta iif`/`meta oif`/`meta mark` are host-order u32s, addresses network
 # order, `iifname` a NUL-padded IFNAMSIZ (16) array.

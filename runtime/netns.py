@@ -20,7 +20,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from netpolicy.ruleset import CONTAINER_IFGROUP
-from runtime import rtnl
+from runtime.netlink import route as rtnl
 from runtime.errors import KERNEL_FAILURE, UNKNOWN_CONTAINER, SockgateError
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Talks to nftables: each script is one atomic transaction (`nft -f` semantics).
 
 Through libnftables (runtime/libnft.py) when it loads, else through the `nft`
-command; one attachment's elements through runtime/nftnl.py. Notes: docs/dataplane.md.
+command; one attachment's elements through runtime/netlink/nftables.py. Notes: docs/dataplane.md.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from netpolicy.ruleset import (COUNTED_SETS, FAMILY, REVISION_SET, TABLE, EgressPolicy, Endpoint, add_endpoint,
                                add_pools, element_comment, endpoint_keys, parse_comment,
                                remove_elements, render_table, revision, revision_key)
-from runtime import nftnl
+from runtime.netlink import nftables as nftnl
 from runtime.errors import KERNEL_FAILURE, SockgateError
 from runtime.libnft import Nft, Unavailable
 

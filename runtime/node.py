@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from netpolicy.ruleset import EgressPolicy, Endpoint
     from runtime.netns import ContainerView, LinkReaper
     from runtime.nft import Counters
-    from runtime.rtnl import Link
+    from runtime.netlink.route import Link
 
 
 class TableBackend(Protocol):

@@ -2,7 +2,7 @@
 changes (an invalid file is logged and the policy in force stays), keep exception
 hostnames resolved, and check that the loaded table still is the one in force
 (reloading it if someone flushed or replaced it): at once when nf_tables announces a
-change to it (runtime.nft_events), and every CHECK_EVERY_S in any case. That check
+change to it (runtime.netlink.nfnotify), and every CHECK_EVERY_S in any case. That check
 is what lets an ADD served by the agent skip its own (see runtime.node.Node.watched)."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from netpolicy.ruleset import EgressPolicy
 from runtime import policy
 from runtime.errors import SockgateError
 from runtime.fsutil import file_stamp
-from runtime.nft_events import TableEvents
+from runtime.netlink.nfnotify import TableEvents
 from runtime.node import Node
 from runtime.resolver import Refresher
 

@@ -10,7 +10,7 @@ import secrets
 from typing import TYPE_CHECKING
 
 from netpolicy.ruleset import CONTAINER_IFGROUP, Endpoint
-from runtime import rtnl
+from runtime.netlink import route as rtnl
 from runtime.store import READY, attachments
 
 if TYPE_CHECKING:
@@ -48,10 +48,10 @@ def ready_endpoints(links: LinkBackend, state_dir: str) -> list[tuple[Endpoint, 
 
 
 class ConntrackFlows:
-    """The FlowBackend over runtime.reclaim.Conntrack, opened for each call (reloads are rare)."""
+    """The FlowBackend over runtime.netlink.conntrack.Conntrack, opened for each call (reloads are rare)."""
 
     def purge_unmasqueraded(self, sources: set[str]) -> int:
-        from runtime.reclaim import Conntrack  # the CNI executable's ADD path imports this module
+        from runtime.netlink.conntrack import Conntrack  # the CNI executable's ADD path imports this module
 
         ct = Conntrack()
         try:
@@ -62,7 +62,7 @@ class ConntrackFlows:
 
 def end_escaped_flows(flows: FlowBackend, endpoints: list[tuple[Endpoint, tuple[str, ...]]]) -> int:
     """After a reload: end the flows the containers opened while there was no table
-    (runtime.reclaim.Conntrack.purge_unmasqueraded). A container's next packet on such
+    (runtime.netlink.conntrack.Conntrack.purge_unmasqueraded). A container's next packet on such
     a flow starts a new one, which the rules now see. Returns how many were ended."""
     ended = flows.purge_unmasqueraded({addr for ep, _ in endpoints for addr in (ep.ipv4, ep.ipv6)})
     if ended > 0:

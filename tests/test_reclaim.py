@@ -22,7 +22,8 @@ import pytest
 
 from runtime.lab import LAB
 from runtime.lab.policy import write_lab_policy
-from runtime.reclaim import LOST_SWEEP_MIN_GAP, Destroyed, Flow, verdict
+from runtime.netlink.conntrack import Destroyed, Flow
+from runtime.reclaim import LOST_SWEEP_MIN_GAP, verdict
 
 pytestmark = pytest.mark.lab
 IDLE = 3            # s: the policy's idleTimeout in these tests
@@ -525,7 +526,8 @@ print(json.dumps({"made": made, "refused": refused, "peers": peers}), flush=True
 # reclaimer reads from the table.
 SWEEPER = r"""
 import json, logging, sys
-from runtime.reclaim import Conntrack, Reclaimer
+from runtime.netlink.conntrack import Conntrack
+from runtime.reclaim import Reclaimer
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 r, ct = Reclaimer(sys.argv[1]), Conntrack()
 for line in sys.stdin:

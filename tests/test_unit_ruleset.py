@@ -29,7 +29,7 @@ def test_endpoint_elements_as_text_and_as_kernel_keys():
     assert 'add element inet sockgate tx4 { 42 . 10.77.0.5 comment "sgabc" }' in add
     assert 'add element inet sockgate rx { 42 comment "sgabc" }' in add
     assert 'add element inet sockgate ifaces { "sgabc" }' in add
-    # The binary keys (runtime.nftnl) are the same elements, in the same order: a
+    # The binary keys (runtime.netlink.nftables) are the same elements, in the same order: a
     # host-order u32 index, then the address in network order; names NUL-padded.
     keys = dict(endpoint_keys(ep))
     assert [s for s, _ in endpoint_keys(ep)] == [s for s, _ in endpoint_elements(ep)]

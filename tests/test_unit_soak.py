@@ -237,7 +237,8 @@ def test_reaper_marks_survive_a_killed_agent(tmp_path, monkeypatch):
     that is up again, or recorded again (the same container added anew), is spared."""
     import threading
 
-    from runtime import netns, rtnl
+    from runtime import netns
+    from runtime.netlink import route as rtnl
     pending = tmp_path / "retired"
     kernel = {"sgaaaaaaaaaaaa": rtnl.Link(5, "m", 0), "sgbbbbbbbbbbbb": rtnl.Link(6, "m", rtnl.IFF_UP),
               "sgcccccccccccc": rtnl.Link(7, "m", 0), "sgdddddddddddd": rtnl.Link(8, "m", 0)}

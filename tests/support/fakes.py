@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from netpolicy.ruleset import (CONTAINER_IFGROUP, COUNTED_SETS, EgressPolicy, Endpoint, endpoint_keys,
                                revision)
-from runtime import rtnl
+from runtime.netlink import route as rtnl
 from runtime.errors import KERNEL_FAILURE, SockgateError
 from runtime.netns import GATEWAY_V4, GATEWAY_V6, ContainerView, veth_mac
 from runtime.nft import Counters
