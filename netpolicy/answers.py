@@ -25,7 +25,7 @@ class Internal:
 
 @dataclass(frozen=True)
 class NodeView:
-    """What the node's netns looks like (gathered by runtime.resolver.node_view).
+    """What the node's netns looks like (gathered by runtime.agent.resolver.node_view).
     Each entry pairs an address or CIDR with the interface it belongs to."""
 
     addresses: tuple[tuple[str, str], ...] = ()   # the node's own addresses

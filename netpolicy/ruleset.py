@@ -56,7 +56,7 @@ LEGACY_SETS = {
 }
 
 # Neighbour discovery from a container is never needed: both ends of a container's veth
-# carry one MAC and the NOARP flag (runtime.netns.create_veth), so neither side asks.
+# carry one MAC and the NOARP flag (runtime.kernel.netns.create_veth), so neither side asks.
 # What a container sends must not reach the node's neighbour tables, which all
 # namespaces of a host share (gc_thresh3): a burst of forged solicitations would
 # overflow address resolution host-wide. (ARP never gets that far: the kernel ignores
@@ -349,7 +349,7 @@ def endpoint_elements(ep: Endpoint) -> list[tuple[str, str]]:
             ("rx", f"{ep.host_ifindex}")]
 
 
-# The same keys as the kernel stores them, for runtime.netlink.nftables (which talks nf_tables'
+# The same keys as the kernel stores them, for runtime.kernel.netlink.nftables (which talks nf_tables'
 # netlink without libnftables). Each field of a concatenation takes a multiple of 4
 # bytes; `meta iif`/`meta oif`/`meta mark` are host-order u32s, addresses network
 # order, `iifname` a NUL-padded IFNAMSIZ (16) array.

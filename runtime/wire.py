@@ -7,12 +7,11 @@ reply:   b"<exit code>\\n" + stdout
 Also the agent's socket path and the client's connect. No `from __future__`: one
 module more at every start (annotations naming typing's types are strings).
 """
-import os
-import time
-
 # The C module under `socket`: socket.py itself imports enum and selectors and builds
 # IntEnums at import, ~14 ms of every container start on the development machine.
 import _socket
+import os
+import time
 
 from runtime.defaults import AGENT_SOCKET, RUN_DIR
 

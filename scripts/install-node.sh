@@ -166,7 +166,7 @@ conflist_text=$("$python" -I - "$cni_version" "$network" "$ipv4_pool" "$ipv6_poo
 import json, sys
 from runtime.defaults import SUPPORTED_VERSIONS
 from runtime.errors import SockgateError
-from runtime.netconf import parse_netconf
+from runtime.core.netconf import parse_netconf
 version, name, v4, v6, state, run, policy = sys.argv[1:]
 plugin = {"type": "sockgate", "ipv4Pool": v4, "ipv6Pool": v6,
           "stateDir": state, "runDir": run, "policyFile": policy}

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from runtime.install import install_cni
+from runtime.cli.install import install_cni
 from runtime.lab import Lab
 from runtime.lab.policy import write_lab_policy
 from tests.support.plugin import Plugin, wait_until_ready
@@ -88,7 +88,7 @@ class AgentProcess:
         import sys
         self.ready.unlink(missing_ok=True)
         c = self.plugin.conf
-        self.proc = self.lab.popen(self.lab.node, [sys.executable, "-m", "runtime.cli", "agent",
+        self.proc = self.lab.popen(self.lab.node, [sys.executable, "-m", "runtime.cli.main", "agent",
                                                    "--state-dir", c["stateDir"], "--run-dir", c["runDir"],
                                                    "--policy", c["policyFile"], "--ready-file", str(self.ready),
                                                    *self.extra_args],

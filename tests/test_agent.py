@@ -20,7 +20,7 @@ import pytest
 from netpolicy.ruleset import CONTAINER_IFGROUP
 from runtime.lab import LAB
 from runtime.lab.policy import write_lab_policy
-from runtime.store import host_ifname
+from runtime.state.store import host_ifname
 from tests.support.plugin import node_links
 
 pytestmark = pytest.mark.lab

@@ -18,7 +18,7 @@ import pytest
 from runtime.billing.ledger import Ledger
 from runtime.billing.report import report
 from runtime.lab import LAB
-from runtime.store import host_ifname
+from runtime.state.store import host_ifname
 from tests.test_unit_billing import CHILD, PROJECT
 
 pytestmark = pytest.mark.lab
@@ -132,7 +132,7 @@ def traffic(lab, a: App, sizes_tcp=TCP_SIZES, sizes_udp=UDP_SIZES) -> None:
 
 
 def cli_flush(lab, plugin) -> subprocess.CompletedProcess:
-    cp = lab.run(lab.node, [sys.executable, "-m", "runtime.cli", "billing", "flush",
+    cp = lab.run(lab.node, [sys.executable, "-m", "runtime.cli.main", "billing", "flush",
                             "--state-dir", str(plugin.state_dir)], check=False)
     assert cp.returncode == 0, cp.stdout + cp.stderr
     return cp
@@ -209,7 +209,7 @@ def test_billed_bytes_equal_what_the_internet_saw(lab, plugin, app, counted):
     assert {(r["pod_namespace"], r["pod_name"], r["pod_uid"]) for r in recs[apps["a"].cid]} == {("shop", "web-0", "u-a")}
 
     # The report sums the same numbers.
-    cp = lab.run(lab.node, [sys.executable, "-m", "runtime.cli", "billing", "report", "--dir", str(bdir),
+    cp = lab.run(lab.node, [sys.executable, "-m", "runtime.cli.main", "billing", "report", "--dir", str(bdir),
                             "--by", "pod", "--json"])
     rows = {r["group"]: r for r in json.loads(cp.stdout)["rows"]}
     assert rows["shop/web-0"]["tx_bytes"] == far["a_tx"][1]
@@ -227,7 +227,7 @@ def test_kill_9_of_the_flusher_loses_nothing_and_bills_nothing_twice(lab, plugin
     apps = attach(plugin, app, names)
     bdir = plugin.state_dir / "billing"
     state = str(plugin.state_dir)
-    flusher_cmd = [sys.executable, "-m", "runtime.cli", "billing", "flush", "--state-dir", state,
+    flusher_cmd = [sys.executable, "-m", "runtime.cli.main", "billing", "flush", "--state-dir", state,
                    "--every", "0.01", "--max-bytes", "3000"]  # tiny files: rotations happen too
     rng = random.Random(4242)
 

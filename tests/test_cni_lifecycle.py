@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from runtime.lab.builder import PROJECT_ROOT
-from runtime.store import host_ifname
-from tests.support.plugin import node_links, nft_set, temp_files, wait_until_ready
+from runtime.state.store import host_ifname
+from tests.support.plugin import nft_set, node_links, temp_files, wait_until_ready
 from tests.support.stop_at_replace import wait_stopped
 
 pytestmark = pytest.mark.lab
@@ -197,7 +197,7 @@ def test_agent_killed_in_a_record_write_leaves_nothing(plugin, app, lab, tmp_pat
     # The record's second write: ADD's "ready" one, made after the veth and elements,
     # outside the network lock (the first is under it, and would hold GC up).
     agent = lab.popen(lab.node, [sys.executable, "-m", "tests.support.stop_at_replace", record, "2",
-                                 "runtime.cli", "agent", "--state-dir", c["stateDir"], "--run-dir", c["runDir"],
+                                 "runtime.cli.main", "agent", "--state-dir", c["stateDir"], "--run-dir", c["runDir"],
                                  "--policy", c["policyFile"], "--ready-file", str(ready)], log=log)
     add = None
     try:

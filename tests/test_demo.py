@@ -8,7 +8,7 @@ pytestmark = pytest.mark.lab
 
 
 def test_demo_runs_and_leaves_nothing():
-    proc = subprocess.run([sys.executable, "-m", "runtime.cli", "demo"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "runtime.cli.main", "demo"], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all checks as expected" in proc.stdout

@@ -23,12 +23,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from runtime.defaults import SUPPORTED_VERSIONS
 from netpolicy.policy import parse_policy
+from runtime.core.netconf import parse_netconf
+from runtime.defaults import SUPPORTED_VERSIONS
 from runtime.lab import LAB
 from runtime.lab.builder import PROJECT_ROOT
 from runtime.lab.policy import GOOGLE_RANGES_DIR, lab_policy, write_lab_policy
-from runtime.netconf import parse_netconf
 from tests.support import cnitool, images
 from tests.support.containerd import Containerd, ctr_run_cni, private_mounts
 from tests.support.plugin import Plugin, node_links

@@ -431,7 +431,7 @@ def test_legacy_iptables_backend(tmp_path, image_cache):
 # --- unit tests (no root, no dockerd) ---------------------------------------------------
 
 def test_unit_network_options():
-    from runtime.docker_driver import DriverError, parse_options, sockgate_network_name
+    from runtime.docker.driver import DriverError, parse_options, sockgate_network_name
     generic = "com.docker.network.generic"
     assert parse_options({generic: {"ipv4Pool": "10.9.0.0/16", "com.docker.network.driver.mtu": "1400",
                                     "com.docker.network.bridge.name": "ignored"}}) == \
@@ -449,7 +449,7 @@ def test_unit_network_options():
 
 
 def test_unit_bounded_calls_and_ipam_refusal(tmp_path):
-    from runtime.docker_driver import DockerDriver, DriverConfig
+    from runtime.docker.driver import DockerDriver, DriverConfig
     d = DockerDriver(DriverConfig(state_dir=str(tmp_path), run_dir=str(tmp_path), policy_file="", op_timeout=0.2))
     nid = "a" * 64
     status, body = d.dispatch("/NetworkDriver.CreateNetwork", {
@@ -474,7 +474,7 @@ def test_unit_bounded_calls_and_ipam_refusal(tmp_path):
 
 
 def test_unit_firewall_rule_placement():
-    from runtime.docker_firewall import ForwardAccept
+    from runtime.docker.firewall import ForwardAccept
 
     class FakeIptables:
         """iptables-nft with Docker's v4 chains; ip6tables-nft with a DROP policy only."""

@@ -84,7 +84,7 @@ def test_php_fsockopen_follows_the_contract(lab, cni_exe, php, tmp_path):
         v = ctr_run_cni(ctd, images.BUSYBOX_REF, "php-version", [php, "-n", "-v"], conf_dir,
                         bin_dir, extra_args=php_mounts())
         assert v.rc == 0 and v.stdout.startswith("PHP "), (v.stdout, v.stderr)
-        lab.run(lab.node, [sys.executable, "-m", "runtime.cli", "policy", "refresh", "--once",
+        lab.run(lab.node, [sys.executable, "-m", "runtime.cli.main", "policy", "refresh", "--once",
                            "--policy", plugin["policyFile"], "--state-dir", plugin["stateDir"]])
 
         cmd = [php, "-n", "/app/fsock.php", json.dumps(CHECKS)]

@@ -85,7 +85,7 @@ def sandbox(lab, cni_exe, policy_file, tmp_path_factory):
         _lo(lab, "add", addr)
     try:
         plugin.add("contract", ns)
-        refresh = lab.run(lab.node, [sys.executable, "-m", "runtime.cli", "policy", "refresh", "--once",
+        refresh = lab.run(lab.node, [sys.executable, "-m", "runtime.cli.main", "policy", "refresh", "--once",
                                      "--policy", policy_file, "--state-dir", str(tmp / "state")], check=False)
         assert refresh.returncode == 0, refresh.stdout + refresh.stderr
         yield {"ns": ns, "plugin": plugin, "state": str(tmp / "state")}
@@ -168,7 +168,7 @@ def test_no_ftp_helper(lab, sandbox):
 
 def test_policy_explain_names_the_rule(lab, sandbox, policy_file):
     def explain(*args: str) -> subprocess.CompletedProcess:
-        return lab.run(lab.node, [sys.executable, "-m", "runtime.cli", "policy", "explain", *args,
+        return lab.run(lab.node, [sys.executable, "-m", "runtime.cli.main", "policy", "explain", *args,
                                   "--policy", policy_file, "--state-dir", sandbox["state"]], check=False)
 
     r = explain("8.8.8.8", "53", "udp")

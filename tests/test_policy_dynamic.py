@@ -21,7 +21,7 @@ NEW = ("142.250.10.201", "2607:f8b0:400e:c00::c9")
 
 
 def _cli(lab, *args: str) -> subprocess.CompletedProcess:
-    return lab.run(lab.node, [sys.executable, "-m", "runtime.cli", *args], check=False)
+    return lab.run(lab.node, [sys.executable, "-m", "runtime.cli.main", *args], check=False)
 
 
 def _wait_for(predicate, timeout: float) -> float:
@@ -54,7 +54,7 @@ def baits(lab):
 
 def test_changed_dns_answer_takes_effect_after_ttl(lab, plugin, attached, baits):
     lab.set_dns(SMTP, OLD, ttl=2)
-    refresher = lab.popen(lab.node, [sys.executable, "-m", "runtime.cli", "policy", "refresh",
+    refresher = lab.popen(lab.node, [sys.executable, "-m", "runtime.cli.main", "policy", "refresh",
                                      "--policy", plugin.conf["policyFile"], "--state-dir", str(plugin.state_dir)])
     try:
         def reachable(addr: str) -> bool:

@@ -1,4 +1,4 @@
-"""Idle reclaim (runtime/reclaim.py) on the real lab: a policy with a 3 s idle timeout,
+"""Idle reclaim (runtime/agent/reclaim.py) on the real lab: a policy with a 3 s idle timeout,
 the reclaimer running in the node netns, apps holding real sockets to the lab's echo
 server, and evidence from both ends (what the app's socket says, what the server got,
 what reached the internet netns, what conntrack holds)."""
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from runtime.agent.reclaim import LOST_SWEEP_MIN_GAP, verdict
+from runtime.kernel.netlink.conntrack import Destroyed, Flow
 from runtime.lab import LAB
 from runtime.lab.policy import write_lab_policy
-from runtime.netlink.conntrack import Destroyed, Flow
-from runtime.reclaim import LOST_SWEEP_MIN_GAP, verdict
 
 pytestmark = pytest.mark.lab
 IDLE = 3            # s: the policy's idleTimeout in these tests
@@ -163,11 +163,11 @@ class App:
 
 
 class ReclaimerProcess:
-    """`python -m runtime.reclaim` in the node netns (what the agent will run)."""
+    """`python -m runtime.agent.reclaim` in the node netns (what the agent will run)."""
 
     def __init__(self, lab, state_dir: Path, tmp: Path, *extra: str) -> None:
         self.log_path, self.counts_path = tmp / "reclaim.log", tmp / "reclaim-counts.json"
-        self.proc = lab.popen(lab.node, [sys.executable, "-m", "runtime.reclaim", "--state-dir", str(state_dir),
+        self.proc = lab.popen(lab.node, [sys.executable, "-m", "runtime.agent.reclaim", "--state-dir", str(state_dir),
                                          "--nudge-interval", NUDGE, "--counts-file", str(self.counts_path),
                                          *extra], log=self.log_path)
         deadline = time.monotonic() + 20
@@ -188,7 +188,7 @@ class ReclaimerProcess:
 
 
 def _cli(lab, *args: str) -> subprocess.CompletedProcess:
-    return lab.run(lab.node, [sys.executable, "-m", "runtime.cli", *args], check=False)
+    return lab.run(lab.node, [sys.executable, "-m", "runtime.cli.main", *args], check=False)
 
 
 def _apply(lab, plugin, policy: str) -> None:
@@ -526,8 +526,8 @@ print(json.dumps({"made": made, "refused": refused, "peers": peers}), flush=True
 # reclaimer reads from the table.
 SWEEPER = r"""
 import json, logging, sys
-from runtime.netlink.conntrack import Conntrack
-from runtime.reclaim import Reclaimer
+from runtime.kernel.netlink.conntrack import Conntrack
+from runtime.agent.reclaim import Reclaimer
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 r, ct = Reclaimer(sys.argv[1]), Conntrack()
 for line in sys.stdin:

@@ -1,6 +1,6 @@
 """A table reload on a busy node: `nft flush ruleset` while ADDs and DELs run. The
 agent loads the table again with every ready attachment's elements in the same
-transaction; ADD and DEL can't slip between (runtime.policy.table_lock). Billing stays
+transaction; ADD and DEL can't slip between (runtime.core.policy.table_lock). Billing stays
 exact across the reload, also for a counter that climbs past its last billed value
 before the next flush: its elements are of a new generation, so it counts from zero."""
 from __future__ import annotations
@@ -124,9 +124,9 @@ def test_flows_opened_while_the_table_was_missing_end_at_the_reload(lab, plugin,
     reloaded rules would accept as established for the kernel's 5 days (found by
     scripts/soak). The reload ends such flows: the container's next packet starts a
     new flow, filtered and masqueraded."""
-    from tests.test_hostile import Holder
     from runtime.lab import LAB
     from tests.support.attacks import conntrack_entries, forget_flows
+    from tests.test_hostile import Holder
 
     ns = app()
     own = plugin.add("escape", ns)["ips"][0 if family == "ipv4" else 1]["address"].split("/")[0]

@@ -18,9 +18,9 @@ from typing import Callable, Iterator
 
 import pytest
 
+from runtime.core.policy import resolved_record
 from runtime.lab import LAB
 from runtime.lab.policy import write_lab_policy
-from runtime.policy import resolved_record
 
 pytestmark = pytest.mark.lab
 SMTP = "smtp.gmail.com"
@@ -115,7 +115,7 @@ def lab_hosts(lab) -> Iterator[None]:
 
 
 def _cli(lab, *args: str) -> subprocess.CompletedProcess:
-    return lab.run(lab.node, [sys.executable, "-m", "runtime.cli", *args], check=False, timeout=60)
+    return lab.run(lab.node, [sys.executable, "-m", "runtime.cli.main", *args], check=False, timeout=60)
 
 
 def _refresh_once(lab, plugin, policy: str) -> subprocess.CompletedProcess:
@@ -228,7 +228,7 @@ def test_one_family_failing_keeps_the_other(lab, plugin, attached, more_hosts, t
     bad, ok = (1, 0) if failing == "AAAA" else (0, 1)  # index into (v4, v6)
     log = tmp_path / "refresh.log"
     lab.set_dns(SMTP, OLD, ttl=2)
-    refresher = lab.popen(lab.node, [sys.executable, "-m", "runtime.cli", "policy", "refresh",
+    refresher = lab.popen(lab.node, [sys.executable, "-m", "runtime.cli.main", "policy", "refresh",
                                      "--policy", plugin.conf["policyFile"], "--state-dir", str(plugin.state_dir)],
                           log=log)
     try:
@@ -262,7 +262,7 @@ def test_one_family_failing_keeps_the_other(lab, plugin, attached, more_hosts, t
 def test_node_view_in_the_node(lab, plugin, attached):
     """What the refresher reads of the node: its uplink address, gateway and network,
     the pools in the table; not the container veths' routes."""
-    code = ("import json, dataclasses; from runtime.resolver import node_view; "
+    code = ("import json, dataclasses; from runtime.agent.resolver import node_view; "
             "print(json.dumps(dataclasses.asdict(node_view())))")
     view = json.loads(lab.run(lab.node, [sys.executable, "-c", code]).stdout)
     own = {a for a, _ in view["addresses"]}

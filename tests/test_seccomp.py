@@ -220,7 +220,7 @@ class Runner:
     def profile(self, *args: str) -> Path:
         """`sockgate seccomp generate ARGS -o FILE` through the real CLI."""
         path = self.workdir / f"profile-{len(list(self.workdir.glob('profile-*')))}.json"
-        subprocess.run([sys.executable, "-m", "runtime.cli", "seccomp", "generate", *args, "-o", str(path)],
+        subprocess.run([sys.executable, "-m", "runtime.cli.main", "seccomp", "generate", *args, "-o", str(path)],
                        check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
         return path
 

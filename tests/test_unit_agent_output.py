@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import logging, sys, threading, traceback, warnings
-from runtime.agent import setup_logging
+from runtime.agent.service import setup_logging
 setup_logging()
 logging.getLogger("t").info("plain record")
 def boom():
@@ -61,6 +61,6 @@ def test_every_line_on_the_agents_stderr_is_json():
 
 
 def test_a_last_line_without_newline_is_not_lost():
-    rc, entries = _child_stderr("import sys\nfrom runtime.agent import setup_logging\nsetup_logging()\n"
+    rc, entries = _child_stderr("import sys\nfrom runtime.agent.service import setup_logging\nsetup_logging()\n"
                                 "sys.stderr.write('no newline at exit')\n")
     assert rc == 0 and [e["msg"] for e in entries] == ["no newline at exit"]

@@ -1,5 +1,5 @@
 """Screening of DNS answers for exception hostnames (netpolicy.answers, pure), the
-per-exception screening and per-family bookkeeping of runtime.resolver's Refresher
+per-exception screening and per-family bookkeeping of runtime.agent.resolver's Refresher
 (with the DNS lookups, the node's view and nft replaced by fakes), and how
 `policy explain` reads the dropped answers."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 
 from netpolicy.answers import Internal, NodeView, internal_networks, screen
 from netpolicy.policy import Policy, parse_policy
-from runtime import resolver
-from runtime.cli_policy import _resolved_for
-from runtime.resolver import DROPPED_KEY, Lookup, Refresher, screen_answer
+from runtime.agent import resolver
+from runtime.agent.resolver import DROPPED_KEY, Lookup, Refresher, screen_answer
+from runtime.cli.policy import _resolved_for
 
 SMTP = "smtp.gmail.com"
 NODE = NodeView(
@@ -191,7 +191,7 @@ def test_one_family_failing_keeps_the_other(rig, caplog):
     _only(ref)
     dns.answers[(SMTP, "A")] = Lookup("A", ("142.250.10.108",), 60)
     dns.answers[(SMTP, "AAAA")] = Lookup("AAAA", error="LifetimeTimeout: timed out")
-    with caplog.at_level(logging.INFO, logger="runtime.resolver"):
+    with caplog.at_level(logging.INFO, logger="runtime.agent.resolver"):
         (res,) = ref.refresh_due(now=100.0)
     assert res.addresses == ("142.250.10.108",) and "AAAA: LifetimeTimeout" in res.error
     assert len(scripts) == 1 and "allow4_dns" in scripts[0] and "allow6_dns" not in scripts[0]
@@ -238,7 +238,7 @@ def test_dropped_answers_open_nothing_and_are_recorded(rig, caplog):
     _only(ref)
     dns.answers[(SMTP, "A")] = Lookup("A", ("142.250.10.108", "169.254.169.254", "198.18.0.2"), 60)
     dns.answers[(SMTP, "AAAA")] = Lookup("AAAA", ("fd00:ec2::254",), 60)
-    with caplog.at_level(logging.WARNING, logger="runtime.resolver"):
+    with caplog.at_level(logging.WARNING, logger="runtime.agent.resolver"):
         (res,) = ref.refresh_due(now=0.0)
     assert res.error == "" and res.addresses == ("142.250.10.108",)
     assert "169.254.169.254" not in "".join(scripts) and "fd00:ec2" not in "".join(scripts)
@@ -251,7 +251,7 @@ def test_dropped_answers_open_nothing_and_are_recorded(rig, caplog):
     assert {d["address"] for d in rec[DROPPED_KEY][SMTP]} == {"169.254.169.254", "198.18.0.2", "fd00:ec2::254"}
     # The same drop again is not warned about at every TTL.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="runtime.resolver"):
+    with caplog.at_level(logging.WARNING, logger="runtime.agent.resolver"):
         ref.refresh_due(now=60.0)
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 

@@ -19,11 +19,11 @@ from runtime.billing.flush import BillingFlusher, final_record, flush
 from runtime.billing.ledger import Ledger
 from runtime.billing.report import report
 from runtime.billing.schema import FIELDS, attachment_key, parse_time
-from runtime.cli import main as cli_main
+from runtime.cli.main import main as cli_main
+from runtime.core.netconf import parse_netconf
 from runtime.errors import SockgateError
-from runtime.nft import Counters
-from runtime.netconf import parse_netconf
-from runtime.store import ADDING, READY, Attachment, AttachmentStore, host_ifname
+from runtime.kernel.nft import Counters
+from runtime.state.store import ADDING, READY, Attachment, AttachmentStore, host_ifname
 
 PROJECT = Path(__file__).resolve().parents[1]
 T0 = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
@@ -469,7 +469,7 @@ CHILD = r"""
 import json, os, signal, sys
 sys.path.insert(0, sys.argv[1])
 from runtime.billing import flush, ledger
-from runtime.nft import Counters
+from runtime.kernel.nft import Counters
 state, bdir, counters_file, point, max_bytes = sys.argv[2:7]
 # "-": the real nft counters of this netns (the lab's node, in tests/test_billing.py)
 counters = None if counters_file == "-" else {

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cli import build_parser
+from runtime.cli.main import build_parser
 
 
 def test_version_is_the_one_setup_cfg_declares(capsys):

@@ -1,6 +1,6 @@
 """The conntrack budget the agent reports (pure arithmetic on the policy's limits)."""
 from netpolicy.ruleset import CLOSING_S, FlowBounds
-from runtime.conntrack_budget import CONTAINER_SHARE, Budget
+from runtime.agent.conntrack_budget import CONTAINER_SHARE, Budget
 
 
 def test_a_container_at_its_bound_includes_its_closing_flows():

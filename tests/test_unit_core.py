@@ -1,4 +1,4 @@
-"""The core (runtime.attach with runtime.policy and runtime.restore) on fake backends
+"""The core (runtime.core.attach with runtime.core.policy and runtime.core.restore) on fake backends
 (tests/support/fakes.py): ADD, DEL, CHECK, GC and their rollbacks, without root."""
 from __future__ import annotations
 
@@ -8,13 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from runtime import attach as core
-from runtime.errors import (ALREADY_ATTACHED, CHECK_FAILED, INVALID_CONFIG, KERNEL_FAILURE, NOT_AVAILABLE,
-                            UNKNOWN_CONTAINER, SockgateError)
-from runtime.ipam import Owner
-from runtime.netconf import NetConf, parse_netconf
-from runtime.policy import CompiledPolicies
-from runtime.store import ADDING, READY, attachments, host_ifname
+from runtime.core import attach as core
+from runtime.core.netconf import NetConf, parse_netconf
+from runtime.core.policy import CompiledPolicies
+from runtime.errors import (
+    ALREADY_ATTACHED,
+    CHECK_FAILED,
+    INVALID_CONFIG,
+    KERNEL_FAILURE,
+    NOT_AVAILABLE,
+    UNKNOWN_CONTAINER,
+    SockgateError,
+)
+from runtime.state.ipam import Owner
+from runtime.state.store import ADDING, READY, attachments, host_ifname
 from tests.support.fakes import NODE_NETNS, FakeNode, fake_node
 
 NETWORK = "unit"

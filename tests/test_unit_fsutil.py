@@ -20,8 +20,8 @@ import pytest
 
 from runtime import fsutil
 from runtime.fsutil import atomic_write, atomic_write_json, remove_stale_temps, remove_temp, temp_path
-from runtime.ipam import LeaseStore, Owner
-from runtime.store import Attachment, AttachmentStore
+from runtime.state.ipam import LeaseStore, Owner
+from runtime.state.store import Attachment, AttachmentStore
 from tests.support.stop_at_replace import wait_stopped
 
 PROJECT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ import pytest
 
 from runtime import errors
 from runtime.errors import SockgateError
-from runtime.ipam import LeaseStore, Owner, candidates
+from runtime.state.ipam import LeaseStore, Owner, candidates
 
 
 def test_candidates_skip_network_and_broadcast():
@@ -88,19 +88,19 @@ def test_allocate_probes_after_the_cursor_before_listing(tmp_path, monkeypatch):
     first = store.allocate(pool, Owner("c0", "eth0"))
     listed = []
     real = __import__("os").listdir
-    monkeypatch.setattr("runtime.ipam.os.listdir", lambda d: listed.append(d) or real(d))
+    monkeypatch.setattr("runtime.state.ipam.os.listdir", lambda d: listed.append(d) or real(d))
     assert store.allocate(pool, Owner("c1", "eth0")) == first + 1
     assert listed == []
 
 
 def test_allocate_lists_once_past_taken_addresses(tmp_path, monkeypatch):
-    from runtime import ipam
+    from runtime.state import ipam
     store = LeaseStore(tmp_path)
     pool = ipaddress.ip_network("10.0.0.0/24")
     for i in range(ipam.PROBES_BEFORE_LISTING + 5):     # taken behind the cursor's back
         (tmp_path / f"10.0.0.{i + 1}").write_bytes(b"x\neth0\n")
     listed = []
     real = __import__("os").listdir
-    monkeypatch.setattr("runtime.ipam.os.listdir", lambda d: listed.append(d) or real(d))
+    monkeypatch.setattr("runtime.state.ipam.os.listdir", lambda d: listed.append(d) or real(d))
     got = store.allocate(pool, Owner("c1", "eth0"))
     assert str(got) == f"10.0.0.{ipam.PROBES_BEFORE_LISTING + 6}" and len(listed) == 1

@@ -1,4 +1,4 @@
-"""runtime.netlink.conntrack's requests and parsing (pure; the lab tests in
+"""runtime.kernel.netlink.conntrack's requests and parsing (pure; the lab tests in
 test_reclaim.py run them against the kernel)."""
 from __future__ import annotations
 
@@ -8,9 +8,18 @@ import struct
 import pytest
 from pyroute2.netlink.nfnetlink.nfctsocket import nfct_msg
 
-from runtime.netlink.conntrack import (CTA_ID, CTA_STATUS, IPS_SRC_NAT, CtEntry, Flow, ct_tuple_orig,
-                                       parse_ct_status, parse_udp_idle_timeout, parse_unmasqueraded)
-from runtime.netlink.core import attr
+from runtime.kernel.netlink.conntrack import (
+    CTA_ID,
+    CTA_STATUS,
+    IPS_SRC_NAT,
+    CtEntry,
+    Flow,
+    ct_tuple_orig,
+    parse_ct_status,
+    parse_udp_idle_timeout,
+    parse_unmasqueraded,
+)
+from runtime.kernel.netlink.core import attr
 
 UDP = socket.IPPROTO_UDP
 

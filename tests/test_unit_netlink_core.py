@@ -1,13 +1,23 @@
-"""runtime.netlink.core: attributes, messages, acks and computed layouts (pure)."""
+"""runtime.kernel.netlink.core: attributes, messages, acks and computed layouts (pure)."""
 import errno
 import socket
 import struct
 
 import pytest
 
-from runtime.netlink import core
-from runtime.netlink.core import (NLA_F_NESTED, NLMSG_DONE, NLMSG_ERROR, Layout, attr, attr_map, attributes,
-                                  error_code, message, messages)
+from runtime.kernel.netlink import core
+from runtime.kernel.netlink.core import (
+    NLA_F_NESTED,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    Layout,
+    attr,
+    attr_map,
+    attributes,
+    error_code,
+    message,
+    messages,
+)
 
 
 def test_attribute_round_trip_with_padding():

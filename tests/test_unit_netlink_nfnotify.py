@@ -1,7 +1,7 @@
 """Which nf_tables notifications wake the agent's table check (pure parsing)."""
 import struct
 
-from runtime.netlink.nfnotify import NFNL_SUBSYS_NFTABLES, concerns
+from runtime.kernel.netlink.nfnotify import NFNL_SUBSYS_NFTABLES, concerns
 
 INET, IP = 1, 2
 NEWTABLE, DELTABLE, NEWCHAIN, DELCHAIN, NEWRULE, DELRULE, NEWSETELEM, NEWGEN = 0, 2, 3, 5, 6, 8, 12, 15

@@ -1,9 +1,9 @@
-"""runtime.netlink.route's requests and answers (pure encoding, no kernel)."""
+"""runtime.kernel.netlink.route's requests and answers (pure encoding, no kernel)."""
 import socket
 import struct
 
-from runtime.netlink import route
-from runtime.netlink.core import attr, attributes, u32
+from runtime.kernel.netlink import route
+from runtime.kernel.netlink.core import attr, attributes, u32
 
 
 def test_get_netconf_encodes_family_and_ifindex():

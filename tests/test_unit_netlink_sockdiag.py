@@ -1,10 +1,10 @@
-"""runtime.netlink.sockdiag: layouts match the kernel's structs; answers parse (pure)."""
+"""runtime.kernel.netlink.sockdiag: layouts match the kernel's structs; answers parse (pure)."""
 import socket
 import struct
 
-from runtime.netlink import sockdiag
-from runtime.netlink.conntrack import Flow
-from runtime.netlink.core import attr
+from runtime.kernel.netlink import sockdiag
+from runtime.kernel.netlink.conntrack import Flow
+from runtime.kernel.netlink.core import attr
 
 
 def test_layout_sizes_and_offsets_are_the_kernels():

@@ -13,9 +13,8 @@ import pytest
 
 from netpolicy.compile import DYNAMIC_SETS, STATIC_SETS, compile_policy, explain
 from netpolicy.policy import Policy, PolicyError, parse_policy
-from netpolicy.ruleset import FlowBounds
 from netpolicy.ranges import SPECIAL_PURPOSE_V4, SPECIAL_PURPOSE_V6, collapse, google_ranges, subtract
-from netpolicy.ruleset import render_table
+from netpolicy.ruleset import FlowBounds, render_table
 
 RANGES_DIR = Path(os.environ.get("SOCKGATE_GOOGLE_RANGES_DIR",
                                  Path(__file__).resolve().parents[2] / "shared/data/google-ip-ranges"))

@@ -1,4 +1,4 @@
-"""Pure logic of runtime/reclaim.py: which UDP sockets a sweep aborts or watches, and
+"""Pure logic of runtime/agent/reclaim.py: which UDP sockets a sweep aborts or watches, and
 when the loop sweeps after lost events (the netlink parsing behind both:
 test_unit_netlink_conntrack.py). The lab tests in test_reclaim.py check the same
 against the kernel."""
@@ -9,8 +9,8 @@ import socket
 import pytest
 from pyroute2.netlink.nfnetlink.nfctsocket import IPS_ASSURED, IPS_CONFIRMED, IPS_SEEN_REPLY
 
-from runtime.netlink.conntrack import CtEntry, Flow
-from runtime.reclaim import SweepSchedule, sweep_covers_udp, sweep_udp
+from runtime.agent.reclaim import SweepSchedule, sweep_covers_udp, sweep_udp
+from runtime.kernel.netlink.conntrack import CtEntry, Flow
 
 UDP = socket.IPPROTO_UDP
 A = Flow(UDP, "10.77.0.5", 40001, "93.184.215.14", 9000)

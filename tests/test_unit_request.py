@@ -3,10 +3,10 @@ import ipaddress
 
 import pytest
 
-from runtime.cni.request import parse_cni_args, parse_request
 from runtime import errors
+from runtime.cni.request import parse_cni_args, parse_request
+from runtime.core.netconf import parse_netconf
 from runtime.errors import SockgateError
-from runtime.netconf import parse_netconf
 
 CONF = b'{"cniVersion": "1.1.0", "name": "n", "type": "sockgate"}'
 ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc", "CNI_NETNS": "/run/netns/x", "CNI_IFNAME": "eth0"}

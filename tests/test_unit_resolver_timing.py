@@ -1,4 +1,4 @@
-"""runtime.resolver's Refresher never makes its driver wait for DNS (issue #11: SIGTERM
+"""runtime.agent.resolver's Refresher never makes its driver wait for DNS (issue #11: SIGTERM
 waited for a round of lookups against a resolver that was down): lookups run in
 daemon threads, answers are applied when they come, and a stop leaves a hung lookup
 behind. DNS, the node's view and nft are fakes here; tests/test_agent.py has the real
@@ -13,8 +13,8 @@ import pytest
 
 from netpolicy.answers import NodeView
 from netpolicy.policy import parse_policy
-from runtime import resolver
-from runtime.resolver import POLL_S, Lookup, Refresher
+from runtime.agent import resolver
+from runtime.agent.resolver import POLL_S, Lookup, Refresher
 
 SMTP, POP, IMAP = "smtp.gmail.com", "pop.gmail.com", "imap.gmail.com"
 NODE = NodeView(addresses=(("198.18.0.2", "uplink"),), peers=(), on_link=(("198.18.0.0/24", "uplink"),),

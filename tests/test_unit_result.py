@@ -1,7 +1,7 @@
 """CNI result building (pure)."""
 from runtime.cni.result import build_result
-from runtime.netconf import parse_netconf
-from runtime.store import Attachment
+from runtime.core.netconf import parse_netconf
+from runtime.state.store import Attachment
 
 ATT = Attachment(network="n", container_id="c", ifname="eth0", netns="/run/netns/x",
                  host_ifname="sg0123456789ab", ipv4="10.77.0.5", ipv6="fd77::5",

@@ -1,8 +1,16 @@
 """The table rendering (pure)."""
 import sys
 
-from netpolicy.ruleset import (EgressPolicy, Endpoint, FlowBounds, add_endpoint, add_pools, endpoint_elements,
-                               endpoint_keys, render_table)
+from netpolicy.ruleset import (
+    EgressPolicy,
+    Endpoint,
+    FlowBounds,
+    add_endpoint,
+    add_pools,
+    endpoint_elements,
+    endpoint_keys,
+    render_table,
+)
 
 
 def test_render_is_deterministic_and_idempotent_in_form():
@@ -29,7 +37,7 @@ def test_endpoint_elements_as_text_and_as_kernel_keys():
     assert 'add element inet sockgate tx4 { 42 . 10.77.0.5 comment "sgabc" }' in add
     assert 'add element inet sockgate rx { 42 comment "sgabc" }' in add
     assert 'add element inet sockgate ifaces { "sgabc" }' in add
-    # The binary keys (runtime.netlink.nftables) are the same elements, in the same order: a
+    # The binary keys (runtime.kernel.netlink.nftables) are the same elements, in the same order: a
     # host-order u32 index, then the address in network order; names NUL-padded.
     keys = dict(endpoint_keys(ep))
     assert [s for s, _ in endpoint_keys(ep)] == [s for s, _ in endpoint_elements(ep)]

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from netpolicy import seccomp
-from netpolicy.seccomp import EPERM, ENOPROTOOPT, ENOSYS, U64
-from runtime.cli import build_parser
+from netpolicy.seccomp import ENOPROTOOPT, ENOSYS, EPERM, U64
+from runtime.cli.main import build_parser
 
 ACTIONS = {"SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO"}
 OPS = {"SCMP_CMP_EQ", "SCMP_CMP_MASKED_EQ", "SCMP_CMP_GT"}

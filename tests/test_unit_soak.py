@@ -7,11 +7,29 @@ import random
 
 import pytest
 
-from runtime.bench.soak import (FAULT_KINDS, PLUGIN_KILL_AFTER, PLUGIN_KILL_DEFAULT_S, CniCall, Cycle, Leftovers,
-                                Sample, calls_by_outcome, compare_billing, conntrack_leftovers, fault_schedule,
-                                far_table, incarnations, kill_delay, log_summary, metric_summary, parse_conntrack, parse_options,
-                                render, sample_summary, verdict)
-
+from runtime.bench.soak import (
+    FAULT_KINDS,
+    PLUGIN_KILL_AFTER,
+    PLUGIN_KILL_DEFAULT_S,
+    CniCall,
+    Cycle,
+    Leftovers,
+    Sample,
+    calls_by_outcome,
+    compare_billing,
+    conntrack_leftovers,
+    far_table,
+    fault_schedule,
+    incarnations,
+    kill_delay,
+    log_summary,
+    metric_summary,
+    parse_conntrack,
+    parse_options,
+    render,
+    sample_summary,
+    verdict,
+)
 
 # --- options --------------------------------------------------------------------------
 
@@ -237,8 +255,8 @@ def test_reaper_marks_survive_a_killed_agent(tmp_path, monkeypatch):
     that is up again, or recorded again (the same container added anew), is spared."""
     import threading
 
-    from runtime import netns
-    from runtime.netlink import route as rtnl
+    from runtime.kernel import netns
+    from runtime.kernel.netlink import route as rtnl
     pending = tmp_path / "retired"
     kernel = {"sgaaaaaaaaaaaa": rtnl.Link(5, "m", 0), "sgbbbbbbbbbbbb": rtnl.Link(6, "m", rtnl.IFF_UP),
               "sgcccccccccccc": rtnl.Link(7, "m", 0), "sgdddddddddddd": rtnl.Link(8, "m", 0)}

@@ -2,7 +2,7 @@
 import json
 from dataclasses import asdict
 
-from runtime.store import Attachment, AttachmentStore, attachments, record_paths
+from runtime.state.store import Attachment, AttachmentStore, attachments, record_paths
 
 
 def test_a_record_with_fields_of_a_later_version_still_loads(tmp_path):

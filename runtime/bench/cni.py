@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from runtime import textable, wire
-from runtime.install import install_cni
+from runtime.cli.install import install_cni
 from runtime.lab import Lab
 from runtime.lab.builder import RUN_DIR
 from runtime.lab.policy import write_lab_policy
-from runtime.store import host_ifname
+from runtime.state.store import host_ifname
 from tests.support.cnitool import CNI, CNIError
 
 TARGET = 0.5
@@ -160,7 +160,7 @@ class Agent:
     def start(self, timeout: float = 30.0) -> Agent:
         self.ready.unlink(missing_ok=True)
         c = self.conf
-        self.proc = self.lab.popen(self.lab.node, [sys.executable, "-m", "runtime.cli", "agent",
+        self.proc = self.lab.popen(self.lab.node, [sys.executable, "-m", "runtime.cli.main", "agent",
                                                    "--state-dir", c["stateDir"], "--run-dir", c["runDir"],
                                                    "--policy", c["policyFile"], "--ready-file", str(self.ready)],
                                    log=self.log)

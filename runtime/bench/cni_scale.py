@@ -20,10 +20,25 @@ from pathlib import Path
 from typing import Any
 
 from runtime import textable, wire
+from runtime.bench.cni import (
+    CNI_ARGS,
+    CNI_VERSION,
+    MODES,
+    OPS,
+    SEQUENTIAL,
+    SG_AGENT,
+    SG_NETWORK,
+    Agent,
+    Bench,
+    BenchError,
+    CpuMeter,
+    bench_lab,
+    handled_ms,
+    other_labs,
+    percentile,
+    stats,
+)
 from runtime.lab import Lab
-from runtime.bench.cni import (CNI_ARGS, CNI_VERSION, MODES, OPS, SEQUENTIAL, SG_AGENT, SG_NETWORK,
-                               Agent, Bench, BenchError, CpuMeter, bench_lab, handled_ms, other_labs, percentile,
-                               stats)
 from tests.support.cnitool import CNI
 
 BASELINE = 10
@@ -106,7 +121,7 @@ def reload_probe() -> None:
     millisecond until sockgate's table is back; print JSON: the window (flush done ->
     table back, ms) and how many rx elements it came back with. One libnftables
     context, so a poll costs ~0.1 ms rather than an exec."""
-    from runtime.libnft import Nft
+    from runtime.kernel.libnft import Nft
     nft = Nft()
     rc, _, err = nft.cmd("flush ruleset")
     if rc != 0:

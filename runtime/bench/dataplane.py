@@ -23,15 +23,16 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from netpolicy import ruleset
 from netpolicy.ruleset import FAMILY, TABLE, Endpoint
-from runtime import defaults, netns, nft, textable
+from runtime import defaults, textable
 from runtime.bench import profile as perf_profile
-from runtime import policy as runtime_policy
-from runtime.attach import AttachRequest, attach
+from runtime.core import policy as runtime_policy
+from runtime.core.attach import AttachRequest, attach
+from runtime.core.netconf import parse_netconf
+from runtime.core.node import Node
+from runtime.kernel import netns, nft
 from runtime.lab import LAB, Lab
 from runtime.lab.builder import PROJECT_ROOT
-from runtime.netconf import parse_netconf
-from runtime.node import Node
-from runtime.store import host_ifname
+from runtime.state.store import host_ifname
 
 T = TypeVar("T")
 
@@ -134,13 +135,13 @@ def _load_full_policy(bench: Bench) -> str:
     added afterwards by the caller.
 
     Now: the default contract, compiled and loaded as an ADD does it
-    (runtime.policy.compiled, nft.ensure_table), with Google's ranges from the
-    snapshot (--google-ranges). Not runtime.policy.apply: that would also restore
+    (runtime.core.policy.compiled, nft.ensure_table), with Google's ranges from the
+    snapshot (--google-ranges). Not runtime.core.policy.apply: that would also restore
     the recorded attachments' elements, which the caller adds itself.
     """
     bench.egress = runtime_policy.compiled(bench.policy_file, bench.state_dir).egress
     nft.ensure_table(bench.egress)
-    return (f"the default contract compiled by runtime.policy, Google ranges = goog minus cloud "
+    return (f"the default contract compiled by runtime.core.policy, Google ranges = goog minus cloud "
             f"from {bench.ranges_dir}")
 
 
@@ -184,7 +185,7 @@ class Bench:
         self.table: dict[str, Any] = {}
         self.checks: dict[str, dict[str, str]] = {}
         self.timings: dict[str, float] = {}
-        self.node = Node.open()  # this process's: runtime.attach.attach is called in-process
+        self.node = Node.open()  # this process's: runtime.core.attach.attach is called in-process
 
     def in_node(self, fn: Callable[[], T]) -> T:
         """fn in a thread inside the node netns: nft and pyroute2 (and the threads and
@@ -217,7 +218,7 @@ class Bench:
         self.measured_ns = self.lab.ns_path("measured")
         self.endpoints = [measured]
         if mode == "attach":
-            _progress(f"attaching {n - 1} more containers through runtime.attach.attach ...")
+            _progress(f"attaching {n - 1} more containers through runtime.core.attach.attach ...")
             for i in range(1, n):
                 self.endpoints.append(self._attach(f"filler-{i:04d}", f"f{i:04d}"))
                 if i % 100 == 0:
@@ -334,7 +335,8 @@ class Bench:
             # -J: the server's own per-interval JSON reaches the client (--get-server-output),
             # which is where the UDP packets *received* per interval are.
             argv = ["iperf3", "-s", "-J", "-i", str(INTERVAL_S), "-B", host, "-p", str(LAB.iperf_port)]
-            self.lab.popen(self.lab.internet, argv, log=self.lab.run_dir / f"iperf3-server-v{6 if ':' in host else 4}.log",
+            log = self.lab.run_dir / f"iperf3-server-v{6 if ':' in host else 4}.log"
+            self.lab.popen(self.lab.internet, argv, log=log,
                            die_with_parent=True)
         want = {f"{h}:{LAB.iperf_port}" if ":" not in h else f"[{h}]:{LAB.iperf_port}" for h in hosts}
         deadline = time.monotonic() + 10
@@ -509,7 +511,8 @@ def print_report(rep: dict[str, Any], tests: list[Test], samples: list[Sample]) 
     print(f"iperf3: server in the internet netns, client in the measured container; one run per metric of "
           f"{a['duration']} s, reports every {INTERVAL_S} s; the configuration alternates every "
           f"{a['segment']} s during the run (a switch takes {rep['timings'].get('switch_mean_ms', 0):.0f} ms "
-          f"on average); intervals overlapping a switch or the {SETTLE_S} s after it, and the first {WARMUP_S:.0f} s, are dropped")
+          f"on average); intervals overlapping a switch or the {SETTLE_S} s after it, and the first "
+          f"{WARMUP_S:.0f} s, are dropped")
     print(f"  TCP `-C cubic`, CPUs (client,server) {_pin(a['tcp_cpus'])}; "
           f"UDP `-u -b 0 -l {UDP_LEN}`, CPUs {_pin(a['udp_cpus'])}")
     print()
@@ -603,9 +606,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test], list[Samp
                  "forward_rules": args.forward_rules, "tcp_cpus": args.tcp_cpus, "udp_cpus": args.udp_cpus},
         "containers": {
             "count": args.containers, "fill": args.fill, "seconds": bench.timings["containers_s"],
-            "how": ("all attached through runtime.attach.attach (each with its own netns, veth pair, "
+            "how": ("all attached through runtime.core.attach.attach (each with its own netns, veth pair, "
                     "routes and set elements)" if args.fill == "attach" else
-                    f"1 attached through runtime.attach.attach, {args.containers - 1} more as set "
+                    f"1 attached through runtime.core.attach.attach, {args.containers - 1} more as set "
                     "elements only (no netns/veth)"),
             "measured": dataclasses.asdict(measured),
         },

@@ -540,7 +540,7 @@ def far_table(workers: int) -> str:
 
 class Soak:
     def __init__(self, lab: Any, tmp: Path, opts: Options) -> None:
-        from runtime.install import install_cni
+        from runtime.cli.install import install_cni
         from runtime.lab.policy import write_lab_policy
         from tests.conftest import network_conf
         from tests.support.plugin import Plugin
@@ -1059,8 +1059,8 @@ def build_report(soak: Soak, start: Start, au: Audit) -> dict[str, Any]:
 
 
 def run(opts: Options) -> dict[str, Any]:
-    from runtime.billing.ledger import Ledger
     from runtime.bench.cni import bench_lab
+    from runtime.billing.ledger import Ledger
     from tests.test_billing import billed
 
     t_start = time.monotonic()

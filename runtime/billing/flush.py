@@ -13,16 +13,16 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from netpolicy.ruleset import Endpoint
-from runtime import nft
 from runtime.billing.ledger import DEFAULT_MAX_BYTES, Ledger
 from runtime.billing.schema import attachment_key, utcnow
 from runtime.errors import IO_FAILURE, KERNEL_FAILURE, SockgateError
 from runtime.fsutil import remove_stale_temps
-from runtime.nft import Counters
-from runtime.store import READY, Attachment, attachments
+from runtime.kernel import nft
+from runtime.kernel.nft import Counters
+from runtime.state.store import READY, Attachment, attachments
 
 if TYPE_CHECKING:
-    from runtime.node import TableBackend
+    from runtime.core.node import TableBackend
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def kernel_counters(table: TableBackend | None = None) -> dict[str, Counters]:
     """{host veth: Counters} for every attachment with elements in the counted sets,
     read in this thread's netns (the node's). No table: {}. A table whose sets can't
     be read is an error: "no counters" must never be mistaken for "nothing sent".
-    `table`: the node's (runtime.node); default runtime.nft."""
+    `table`: the node's (runtime.core.node); default runtime.kernel.nft."""
     reader = table if table is not None else nft
     counted = reader.endpoint_counters()
     if counted is None:

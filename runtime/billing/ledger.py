@@ -36,8 +36,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from runtime.billing.schema import (CHECKPOINT, CURRENT, LOCK, MARK_KEYS, ROTATED_PREFIX, SCHEMA_VERSION, encode,
-                                    parse_line, parse_time, utcnow)
+from runtime.billing.schema import (
+    CHECKPOINT,
+    CURRENT,
+    LOCK,
+    MARK_KEYS,
+    ROTATED_PREFIX,
+    SCHEMA_VERSION,
+    encode,
+    parse_line,
+    parse_time,
+    utcnow,
+)
 from runtime.billing.session import Session
 from runtime.fsutil import atomic_write, fsync_dir, locked, read_json
 
@@ -97,7 +107,7 @@ class Ledger:
         """Complete, valid records of a file from `offset`; an unterminated last line
         (an append in progress, or torn) is not a record."""
         own = fd is None
-        if own:
+        if fd is None:
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:

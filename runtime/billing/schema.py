@@ -8,8 +8,8 @@ import datetime as dt
 import json
 from typing import Any, Mapping
 
-from runtime.nft import COUNTER_FIELDS, Counters
-from runtime.store import Attachment
+from runtime.kernel.nft import COUNTER_FIELDS, Counters
+from runtime.state.store import Attachment
 
 SCHEMA_VERSION = 1
 CURRENT = "billing.jsonl"
@@ -45,7 +45,9 @@ def parse_time(text: str) -> dt.datetime:
 
 def counters_of_record(rec: Mapping[str, Any]) -> Counters:
     """The cumulative counters a record was computed from."""
-    return Counters(*(int(rec[f"counter_{f}"]) for f in FIELDS), generation=rec.get("counter_generation", ""))
+    return Counters(tx_bytes=int(rec["counter_tx_bytes"]), tx_packets=int(rec["counter_tx_packets"]),
+                    rx_bytes=int(rec["counter_rx_bytes"]), rx_packets=int(rec["counter_rx_packets"]),
+                    generation=rec.get("counter_generation", ""))
 
 
 # --- records -----------------------------------------------------------------------

@@ -7,10 +7,19 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from runtime.billing.schema import (FIELDS, LABELS, SCHEMA_VERSION, ZERO, attachment_key, counters_of_record,
-                                    created_time, fmt_time, parse_time)
-from runtime.nft import Counters
-from runtime.store import READY, Attachment
+from runtime.billing.schema import (
+    FIELDS,
+    LABELS,
+    SCHEMA_VERSION,
+    ZERO,
+    attachment_key,
+    counters_of_record,
+    created_time,
+    fmt_time,
+    parse_time,
+)
+from runtime.kernel.nft import Counters
+from runtime.state.store import READY, Attachment
 
 
 class Session:

@@ -14,7 +14,7 @@ from runtime.cni.request import error_version, parse_request, version_reply
 from runtime.errors import INTERNAL, TRY_AGAIN_LATER, SockgateError
 
 if TYPE_CHECKING:
-    from runtime.node import Node
+    from runtime.core.node import Node
 
 
 def error_reply(config: object, err: SockgateError) -> tuple[int, str]:
@@ -23,7 +23,7 @@ def error_reply(config: object, err: SockgateError) -> tuple[int, str]:
 
 def execute(env: Mapping[str, str], stdin: bytes, node: Node | None = None) -> tuple[int, str]:
     """Handle one CNI request: never raises, never a traceback on stdout. `node`: the
-    agent's runtime.node.Node; in-process, the handler opens one."""
+    agent's runtime.core.node.Node; in-process, the handler opens one."""
     import logging  # here: the shim's error replies need none of it
     log = logging.getLogger("sockgate.cni")
     config: object = None

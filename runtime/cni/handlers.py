@@ -1,4 +1,4 @@
-"""CNI commands, one function each, all calling the core in runtime.attach.
+"""CNI commands, one function each, all calling the core in runtime.core.attach.
 
 Each handler takes a parsed request and returns the JSON to print (or None for
 commands whose success prints nothing). Errors are SockgateError with the spec's code.
@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from runtime import attach as core
 from runtime.cni.request import CNIRequest
 from runtime.cni.result import build_result
+from runtime.core import attach as core
+from runtime.core.netconf import NetConf, parse_netconf
+from runtime.core.node import Node
 from runtime.errors import INVALID_CONFIG, SockgateError
-from runtime.netconf import NetConf, parse_netconf
-from runtime.node import Node
 
 # Labels kept with the attachment (billing needs to know whose traffic it is).
 _LABEL_ARGS = {"K8S_POD_NAMESPACE": "pod_namespace", "K8S_POD_NAME": "pod_name",

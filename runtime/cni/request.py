@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from runtime.defaults import CNI_VERSION, SUPPORTED_VERSIONS
-from runtime.errors import (DECODE_FAILURE, INCOMPATIBLE_VERSION, INVALID_CONFIG,
-                            INVALID_ENV, SockgateError)
+from runtime.errors import DECODE_FAILURE, INCOMPATIBLE_VERSION, INVALID_CONFIG, INVALID_ENV, SockgateError
 
 COMMANDS = ("ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION")
 

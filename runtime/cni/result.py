@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import copy
 
-from runtime.netconf import NetConf
-from runtime.netns import GATEWAY_V4, GATEWAY_V6
-from runtime.store import Attachment
+from runtime.core.netconf import NetConf
+from runtime.kernel.netns import GATEWAY_V4, GATEWAY_V6
+from runtime.state.store import Attachment
 
 
 def _legacy(version: str) -> bool:

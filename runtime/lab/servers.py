@@ -76,7 +76,8 @@ def local_from_ancdata(sock: socket.socket, ancdata: list[tuple[int, int, bytes]
 def pktinfo_cmsg(family: int, local: str) -> list[tuple[int, int, bytes]]:
     if family == socket.AF_INET:
         return [(SOL_IP, IP_PKTINFO, struct.pack("i4s4s", 0, socket.inet_aton(local), b"\0" * 4))]
-    return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, struct.pack("16si", socket.inet_pton(socket.AF_INET6, local), 0))]
+    info = struct.pack("16si", socket.inet_pton(socket.AF_INET6, local), 0)
+    return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, info)]
 
 
 def bound_socket(family: int, kind: int, port: int, reuseport: bool = False) -> socket.socket:

@@ -337,7 +337,7 @@ class DockerAgent:
         project = Path(__file__).resolve().parents[2]
         env = dict(os.environ)
         env["PYTHONPATH"] = str(project)
-        self.proc = self.host.popen([sys.executable, "-m", "runtime.cli", "agent", "--state-dir", self.state_dir,
+        self.proc = self.host.popen([sys.executable, "-m", "runtime.cli.main", "agent", "--state-dir", self.state_dir,
                                      "--run-dir", self.run_dir, "--policy", self.policy_file, "--ready-file", self.ready,
                                      "--metrics-address", "", "--docker-socket", f"{PLUGIN_DIR}/sockgate.sock",
                                      "--docker-host", self.host.base_url],

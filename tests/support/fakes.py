@@ -1,5 +1,5 @@
-"""In-memory stand-ins for the node's kernel: the backends of runtime.node (the nft
-table, the links, conntrack), so that the core (runtime.attach, policy, restore) runs
+"""In-memory stand-ins for the node's kernel: the backends of runtime.core.node (the nft
+table, the links, conntrack), so that the core (runtime.core.attach, policy, restore) runs
 in unit tests without root.
 
 Each fake keeps a model of what the kernel would hold (sets with their elements and
@@ -12,14 +12,13 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from netpolicy.ruleset import (CONTAINER_IFGROUP, COUNTED_SETS, EgressPolicy, Endpoint, endpoint_keys,
-                               revision)
-from runtime.netlink import route as rtnl
+from netpolicy.ruleset import CONTAINER_IFGROUP, COUNTED_SETS, EgressPolicy, Endpoint, endpoint_keys, revision
+from runtime.core.node import Node
+from runtime.core.policy import CompiledPolicies
 from runtime.errors import KERNEL_FAILURE, SockgateError
-from runtime.netns import GATEWAY_V4, GATEWAY_V6, ContainerView, veth_mac
-from runtime.nft import Counters
-from runtime.node import Node
-from runtime.policy import CompiledPolicies
+from runtime.kernel.netlink import route as rtnl
+from runtime.kernel.netns import GATEWAY_V4, GATEWAY_V6, ContainerView, veth_mac
+from runtime.kernel.nft import Counters
 
 NODE_NETNS = "node"
 # What the core names the node's own netns by (the Docker door's unplaced veths).

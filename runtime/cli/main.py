@@ -1,0 +1,169 @@
+"""The `sockgate` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from runtime import defaults
+from runtime.cli.billing import add_billing_commands
+from runtime.cli.install import install_cni
+from runtime.cli.policy import add_policy_commands, run_guarded
+from runtime.cli.seccomp import add_seccomp_commands
+
+
+def _install_cni(args: argparse.Namespace) -> int:
+    path = install_cni(args.bin_dir)
+    print(f"installed CNI plugin at {path}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from runtime.cli.demo import run_demo
+    return run_demo()
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from runtime.agent.conntrack_budget import BudgetWatch
+    from runtime.agent.policy_watch import PolicyKeeper
+    from runtime.agent.reclaim import Reclaimer
+    from runtime.agent.service import AgentConfig, run_agent, setup_logging
+    from runtime.billing.flush import BillingFlusher
+    from runtime.core.node import Node
+    setup_logging()
+    reaper = _reaper(args.run_dir, args.state_dir)
+    cfg = AgentConfig(state_dir=args.state_dir, run_dir=args.run_dir, policy_file=args.policy,
+                      ready_file=args.ready_file, metrics_address=args.metrics_address,
+                      docker_socket=args.docker_socket, docker_host=args.docker_host, node=Node.open(reaper))
+    cfg.components.append(("policy", lambda c: PolicyKeeper(c.node, c.policy_file, c.state_dir,
+                                                            check_every=args.table_check_interval)))
+    cfg.components.append(("reaper", lambda c: reaper))
+    cfg.components.append(("conntrack", lambda c: BudgetWatch(c.policy_file, c.state_dir,
+                                                              policies=c.node.policies)))
+    cfg.components.append(("billing", lambda c: BillingFlusher(c.state_dir, interval=args.billing_interval)))
+    reclaimer = Reclaimer(args.state_dir, nudge_interval=args.reclaim_nudge,
+                          sweep_interval=args.reclaim_sweep_interval, rcvbuf=args.reclaim_rcvbuf)
+    cfg.components.append(("reclaim", lambda c: reclaimer))
+    return run_agent(cfg, reclaims=reclaimer.counts)
+
+
+def _reaper(run_dir: str, state_dir: str):
+    from pathlib import Path
+
+    from runtime.kernel import netns
+    from runtime.state.store import attachments
+
+    def in_use() -> set[str]:
+        return {att.host_ifname for att in attachments(state_dir).records}
+    # Under the run dir: the marks must outlive the agent, not the node (nor its veths).
+    return netns.LinkReaper(Path(run_dir) / "retired", in_use)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text!r}")
+    return value
+
+
+def _lab_cleanup(args: argparse.Namespace) -> int:
+    from runtime.lab import Lab
+    removed = Lab.cleanup_stale()
+    print(f"removed {len(removed)} stale lab namespace(s)" + (": " + ", ".join(removed) if removed else ""))
+    return 0
+
+
+def _version() -> str:
+    """The installed distribution's version (setup.cfg), or "unknown" for a source
+    tree used without installing it."""
+    from importlib import metadata
+    try:
+        return metadata.version("sockgate")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sockgate",
+        description="Outbound-only socket sandbox for containers: egress-only NAT, an "
+                    "nftables egress policy, idle-socket reclaim and outgoing-byte billing, "
+                    "through a CNI plugin and a Docker network driver served by one node agent. "
+                    "`sockgate COMMAND --help` explains each command.")
+    parser.add_argument("--version", action="version", version=f"sockgate {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("install-cni", help="install the CNI executable into a CNI bin dir",
+                       description="Write the `sockgate` CNI executable (a launcher for this "
+                                   "installation's Python) into BIN_DIR, atomically.")
+    p.add_argument("--bin-dir", default="/opt/cni/bin",
+                   help="CNI plugin directory (default: %(default)s)")
+    p.set_defaults(func=_install_cni)
+
+    p = sub.add_parser("agent", help="run the node agent (foreground)",
+                       description="Serve CNI requests forwarded by the `sockgate` CNI executable on "
+                                   "RUN_DIR/agent.sock (root only), load and keep the egress policy "
+                                   "(re-applied when the policy file changes), keep exception hostnames "
+                                   "resolved. Logs JSON lines on stderr; signals readiness with sd_notify "
+                                   "and --ready-file; SIGTERM finishes requests in flight and exits 0. "
+                                   "Networks whose CNI config names another runDir are not served.")
+    p.add_argument("--state-dir", default=defaults.STATE_DIR, help="state dir (default: %(default)s)")
+    p.add_argument("--run-dir", default=defaults.RUN_DIR,
+                   help="runtime dir; must match the CNI config's runDir (default: %(default)s)")
+    p.add_argument("--policy", default=defaults.POLICY_FILE, help="policy file (default: %(default)s)")
+    p.add_argument("--ready-file", default="", help="write the agent's pid here once it serves requests")
+    p.add_argument("--billing-interval", type=float, default=60.0,
+                   help="seconds between billing records; one more at shutdown (default: %(default)s)")
+    p.add_argument("--reclaim-nudge", type=float, default=0.0,
+                   help="seconds between conntrack walks that make the kernel evict expired flows "
+                        "promptly; 0 leaves it to the kernel's GC, which may take up to 60 s longer "
+                        "(default: %(default)s)")
+    p.add_argument("--reclaim-sweep-interval", type=_positive, default=300.0, metavar="SECONDS",
+                   help="seconds between sweeps for idle flows whose conntrack event was lost (a sweep "
+                        "also runs at start and right after lost events); keep it well below the "
+                        "policy's idleTimeout (the agent warns otherwise), or an expired UDP flow whose "
+                        "event was lost can escape reclaim (default: %(default)s)")
+    p.add_argument("--reclaim-rcvbuf", type=int, default=8 << 20, metavar="BYTES",
+                   help="receive buffer for conntrack DESTROY events (default: %(default)s)")
+    p.add_argument("--table-check-interval", type=_positive, default=2.0, metavar="SECONDS",
+                   help="seconds between checks that the nft table is the one in force (reloaded if "
+                        "not); a change announced by nf_tables (say, `nft flush ruleset`) is checked "
+                        "at once anyway (default: %(default)s)")
+    p.add_argument("--metrics-address", default=defaults.METRICS_ADDRESS,
+                   help="Prometheus endpoint host:port, loopback by default; empty to disable "
+                        "(default: %(default)s)")
+    p.add_argument("--docker-socket", default="", metavar="PATH",
+                   help="also serve Docker's remote network driver protocol on PATH (driver name: the "
+                        "file name without .sock); production: /run/docker/plugins/sockgate.sock "
+                        "(default: off)")
+    p.add_argument("--docker-host", default=defaults.DOCKER_HOST, metavar="URL",
+                   help="dockerd's API, asked in the background which container owns an endpoint "
+                        "(default: %(default)s)")
+    p.set_defaults(func=_agent)
+
+    p = sub.add_parser("demo", help="show the sandbox on a throwaway lab (needs root)",
+                       description="Build the lab (node, internet and app network namespaces; "
+                                   "nothing leaves this machine), attach two containers through "
+                                   "the CNI plugin, print what they can and cannot reach, and "
+                                   "tear everything down.")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("lab-cleanup", help="remove lab namespaces left by crashed runs",
+                       description="Delete lab network namespaces whose creating process is dead. "
+                                   "Touches only namespaces carrying the lab's name prefix.")
+    p.set_defaults(func=_lab_cleanup)
+    add_policy_commands(sub)
+    add_seccomp_commands(sub)
+    add_billing_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Talks to nftables: each script is one atomic transaction (`nft -f` semantics).
+
+Through libnftables (runtime/kernel/libnft.py) when it loads, else through the `nft`
+command; one attachment's elements through runtime/kernel/netlink/nftables.py. Notes: docs/dataplane.md.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import logging
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from netpolicy.ruleset import (
+    COUNTED_SETS,
+    FAMILY,
+    REVISION_SET,
+    TABLE,
+    EgressPolicy,
+    Endpoint,
+    add_endpoint,
+    add_pools,
+    element_comment,
+    endpoint_keys,
+    parse_comment,
+    remove_elements,
+    render_table,
+    revision,
+    revision_key,
+)
+from runtime.errors import KERNEL_FAILURE, SockgateError
+from runtime.kernel.libnft import Nft, Unavailable
+from runtime.kernel.netlink import nftables as nftnl
+
+log = logging.getLogger(__name__)
+NFT = "nft"
+
+
+# A per-process resource, never rebound: libnftables contexts (one per netns) behind
+# one lock, shared by every caller in the process (the core through NftTable, billing,
+# metrics, the resolver and the commands through this module's functions).
+try:
+    _LIB: Nft | None = Nft()
+except Unavailable as exc:  # pragma: no cover - Debian's nftables package ships it
+    log.warning("libnftables unavailable (%s); using the nft command", exc)
+    _LIB = None
+
+
+def _nft(script: str, json_output: bool = False) -> tuple[int, str, str]:
+    if _LIB is not None:
+        return _LIB.cmd(script, json_output)
+    proc = subprocess.run([NFT, *(["-j"] if json_output else []), "-f", "-"], input=script,
+                          text=True, capture_output=True)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def run(script: str) -> None:
+    rc, _, err = _nft(script)
+    if rc != 0:
+        log.error("nft transaction failed: %s\n%s", err.strip(), script)
+        raise SockgateError(KERNEL_FAILURE, "nftables transaction failed",
+                            err.strip().splitlines()[0] if err.strip() else "")
+
+
+def _ok(command: str) -> bool:
+    """Whether a read-only command (list/get) succeeds; failures are answers here."""
+    return _nft(command)[0] == 0
+
+
+def _listing(command: str) -> list[dict]:
+    """The JSON objects of a list command; [] when it fails (e.g. no table)."""
+    rc, out, _ = _nft(command, json_output=True)
+    return json.loads(out).get("nftables", []) if rc == 0 else []
+
+
+def _set_elements(set_name: str) -> list | None:
+    rc, out, _ = _nft(f"list set {FAMILY} {TABLE} {set_name}", json_output=True)
+    if rc != 0:
+        return None
+    return [e for item in json.loads(out).get("nftables", []) for e in item.get("set", {}).get("elem", [])]
+
+
+def table_exists() -> bool:
+    # `list tables` names them; `list table` would fetch every element of every set.
+    return any(t.get("table", {}).get("name") == TABLE for t in _listing(f"list tables {FAMILY}"))
+
+
+def table_current(policy: EgressPolicy = EgressPolicy()) -> bool:
+    """Whether the loaded table was rendered from `policy` (its first rule's stamp)."""
+    rc, listed, _ = _nft(f"list chain {FAMILY} {TABLE} forward")
+    return rc == 0 and f"rev {revision(policy)}" in listed
+
+
+def load_table(policy: EgressPolicy, endpoints: Sequence[tuple[Endpoint, tuple[str, ...]]] = ()) -> None:
+    """The table and the elements of `endpoints` (each with its pools), in one
+    transaction: the table never exists without them. The rendering is idempotent
+    (elements already there stay), so a load racing another leaves one table."""
+    run(render_table(policy) + add_pools([p for _, pools in endpoints for p in pools])
+        + "".join(add_endpoint(ep) for ep, _ in endpoints))
+
+
+def ensure_table(policy: EgressPolicy = EgressPolicy()) -> bool:
+    """Load the table (without restoring anything) if it is missing or was rendered
+    from other rules; True if it did."""
+    if table_current(policy):
+        return False
+    load_table(policy)
+    return True
+
+
+def _endpoint_ops(ep: Endpoint, op: str) -> list[nftnl.ElementOp]:
+    comment = element_comment(ep)
+    return [nftnl.ElementOp(op, s, key, comment if op == "add" and s in COUNTED_SETS else "")
+            for s, key in endpoint_keys(ep)]
+
+
+def add_if_current(ep: Endpoint, pools: tuple[str, ...], policy: EgressPolicy) -> bool:
+    """Add the endpoint's elements in a transaction that asserts the loaded table was
+    rendered from `policy` (deleting and re-adding its revision element). False, with
+    nothing changed, when it wasn't (or is missing): the caller loads the table and
+    adds again. The pools go through libnftables first (interval sets, merged there);
+    they are the network's, harmless to add twice, and checked by the same assert."""
+    if pools and _nft(add_pools(pools))[0] != 0:
+        return False
+    mark = revision_key(policy)
+    ops = [nftnl.ElementOp("delete", REVISION_SET, mark), nftnl.ElementOp("add", REVISION_SET, mark),
+           *_endpoint_ops(ep, "add")]
+    try:
+        with nftnl.current() as sock:
+            sock.batch(TABLE, ops)
+    except nftnl.NftnlError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise SockgateError(KERNEL_FAILURE, "nftables transaction failed", str(exc)) from exc
+    return True
+
+
+def remove(ep: Endpoint) -> None:
+    if ep.host_ifindex:
+        # Idempotent: `delete` of a missing element would abort the transaction, so
+        # each element is first added (a no-op if it is there).
+        try:
+            with nftnl.current() as sock:
+                sock.batch(TABLE, _endpoint_ops(ep, "add") + _endpoint_ops(ep, "delete"))
+        except nftnl.NftnlError as exc:
+            if table_exists():
+                raise SockgateError(KERNEL_FAILURE, "nftables transaction failed", str(exc)) from exc
+        return
+    if not table_exists():
+        return
+    # The index never reached the record (a crash between creating the veth and the
+    # record's last write, or a DEL rebuilt from leases): find the elements by the
+    # comment they carry, and delete them by the key nft lists them under.
+    found = [("ifaces", f'"{ep.host_ifname}"')] if has_element("ifaces", f'"{ep.host_ifname}"') else []
+    for set_name in COUNTED_SETS:
+        for elem in _set_elements(set_name) or []:
+            if isinstance(elem, dict) and parse_comment(elem.get("elem", {}).get("comment", ""))[0] == ep.host_ifname:
+                found.append((set_name, _key_text(elem["elem"]["val"])))
+    if found:
+        run(remove_elements(found))
+
+
+def _key_text(val: object) -> str:
+    """A listed element key back in nft syntax: names quoted, concatenations joined."""
+    if isinstance(val, dict) and "concat" in val:
+        return " . ".join(_key_text(v) for v in val["concat"])
+    text = str(val)
+    return text if text.isdigit() or ":" in text or text.replace(".", "").isdigit() else f'"{text}"'
+
+
+def has_element(set_name: str, element: str) -> bool:
+    return _ok(f"get element {FAMILY} {TABLE} {set_name} {{ {element} }}")
+
+
+def endpoint_present(ep: Endpoint) -> list[str]:
+    """Names of the sets missing one of the endpoint's elements (empty: all there)."""
+    with nftnl.current() as sock:
+        return [name for name, key in endpoint_keys(ep) if sock.get(TABLE, name, key) is None]
+
+
+@dataclass(frozen=True)
+class Counted:
+    """What one counted element holds: its counter and its generation (the token of
+    its creation, from its comment)."""
+
+    packets: int
+    bytes: int
+    generation: str = ""
+
+
+# An endpoint's counters, in the order billing records them.
+COUNTER_FIELDS = ("tx_bytes", "tx_packets", "rx_bytes", "rx_packets")
+
+
+@dataclass(frozen=True)
+class Counters:
+    """An endpoint's cumulative counters: tx sums its tx4 and tx6 elements. What
+    billing and the metrics read. `generation` is that of its elements ("" for
+    elements of versions that had none; "?" when they disagree: one was re-created
+    behind the others'). A counter of another generation was re-created and counts
+    from zero, whatever value it has reached."""
+
+    tx_bytes: int = 0
+    tx_packets: int = 0
+    rx_bytes: int = 0
+    rx_packets: int = 0
+    generation: str = ""
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, f) for f in COUNTER_FIELDS)
+
+
+@dataclass(frozen=True)
+class Count:
+    """Packets and bytes of nft counters summed (the rules of one drop reason)."""
+
+    packets: int = 0
+    bytes: int = 0
+
+
+def counters(set_name: str) -> dict[str, list[Counted]] | None:
+    """The counted elements of a set (tx4, tx6, rx) per host veth name, one nft call;
+    None when the set can't be read (billing must not mistake that for zero)."""
+    elements = _set_elements(set_name)
+    if elements is None:
+        return None
+    out: dict[str, list[Counted]] = {}
+    for elem in elements:
+        if isinstance(elem, dict) and "comment" in elem.get("elem", {}):
+            name, generation = parse_comment(elem["elem"]["comment"])
+            c = elem["elem"].get("counter", {})
+            out.setdefault(name, []).append(Counted(int(c.get("packets", 0)), int(c.get("bytes", 0)), generation))
+    return out
+
+
+def _summed(tx: list[Counted], rx: list[Counted]) -> Counters:
+    """An endpoint's counted elements as its Counters (tx: its tx4 and tx6)."""
+    generations = {c.generation for c in tx + rx}
+    return Counters(tx_bytes=sum(c.bytes for c in tx), tx_packets=sum(c.packets for c in tx),
+                    rx_bytes=sum(c.bytes for c in rx), rx_packets=sum(c.packets for c in rx),
+                    generation=generations.pop() if len(generations) == 1 else "?")
+
+
+def endpoint_counters_of(ep: Endpoint) -> Counters | None:
+    """One endpoint's counters (see endpoint_counters), read element by element: what
+    a DEL needs, at the same cost whatever the size of the sets. None when it has no
+    rx element (its elements are gone)."""
+    with nftnl.current() as sock:
+        got = {s: sock.get(TABLE, s, key) for s, key in endpoint_keys(ep) if s in COUNTED_SETS}
+    counted = {s: Counted(e.packets, e.bytes, parse_comment(e.comment)[1]) for s, e in got.items() if e is not None}
+    if "rx" not in counted:
+        return None
+    return _summed([c for s, c in counted.items() if s != "rx"], [counted["rx"]])
+
+
+def endpoint_counters() -> dict[str, Counters] | None:
+    """{host veth: Counters} for every endpoint with an element in rx. None when a
+    set can't be read."""
+    tx4, tx6, rx = (counters(s) for s in COUNTED_SETS)
+    if tx4 is None or tx6 is None or rx is None:
+        return None
+    return {name: _summed(tx4.get(name, []) + tx6.get(name, []), rx_elems) for name, rx_elems in rx.items()}
+
+
+def drop_counters() -> dict[str, Count]:
+    """Packets and bytes refused or dropped per reason, summed over the rules whose
+    comment is "drop:<reason>"."""
+    out: dict[str, Count] = {}
+    for item in _listing(f"list table {FAMILY} {TABLE}"):
+        rule = item.get("rule")
+        if not rule or not str(rule.get("comment", "")).startswith("drop:"):
+            continue
+        reason = rule["comment"][5:]
+        for expr in rule.get("expr", []):
+            if isinstance(expr, dict) and isinstance(expr.get("counter"), dict):
+                seen = out.get(reason, Count())
+                out[reason] = Count(seen.packets + expr["counter"]["packets"], seen.bytes + expr["counter"]["bytes"])
+    return out
+
+
+def prefixes(set_name: str) -> list[str]:
+    """The CIDRs in an interval set of single-type elements (e.g. pools4), as text. An
+    auto-merge set lists adjacent prefixes as one range (10.77.0.0-10.78.255.255): that
+    comes back as the CIDRs covering it."""
+    out = []
+    for elem in _set_elements(set_name) or []:
+        if isinstance(elem, dict) and "prefix" in elem:
+            out.append(f"{elem['prefix']['addr']}/{elem['prefix']['len']}")
+        elif isinstance(elem, dict) and "range" in elem:
+            low, high = (ipaddress.ip_address(a) for a in elem["range"])
+            out += [str(n) for n in ipaddress.summarize_address_range(low, high)]
+        elif isinstance(elem, str):
+            out.append(elem)
+    return out
+
+
+def delete_table() -> None:
+    if table_exists():
+        run(f"delete table {FAMILY} {TABLE}\n")
+
+
+class NftTable:
+    """The TableBackend (runtime.core.node) over this module: what the core does to the table."""
+
+    table_exists = staticmethod(table_exists)
+    table_current = staticmethod(table_current)
+    load_table = staticmethod(load_table)
+    add_if_current = staticmethod(add_if_current)
+    remove = staticmethod(remove)
+    endpoint_present = staticmethod(endpoint_present)
+    endpoint_counters_of = staticmethod(endpoint_counters_of)
+    endpoint_counters = staticmethod(endpoint_counters)
