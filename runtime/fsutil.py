@@ -1,21 +1,7 @@
-"""Crash-safe file primitives: whole-file atomic writes and advisory locks.
-
-Temp files. An atomic write goes through one temp file per target, `.<name>.tmp`
-beside it (`temp_path`), which its writer holds an exclusive flock on from before
-it writes a byte until after the rename. A writer killed in between (kill -9, OOM)
-leaves that temp file behind, and the kernel drops its lock. So "nobody holds the
-lock" is exactly "no live writer will rename this file", whatever the clock says,
-however slow the writer, in whichever pid namespace it runs (a pid test would get
-containers and pid reuse wrong; an age test would get a stopped or starved writer
-wrong). `remove_temp` and `remove_stale_temps` remove only temp files in that state;
-the next write of the same target removes its own leftover too. A writer checks,
-once it holds the lock, that the name still leads to its file, and starts over if a
-remover got there between its create and its flock: the only window in which a
-remover can win the lock on a live writer's file.
-
-Temp files of earlier versions (`.<name>.<pid>.<thread>.tmp`, no lock) are removed
-once they are LEGACY_TEMP_AGE seconds old: those writers were done in milliseconds.
-"""
+"""Crash-safe file primitives: whole-file atomic writes (through one flocked temp file
+per target, `.<name>.tmp`) and advisory locks. A temp file nobody holds the lock on
+was left by a dead writer and may be removed. Details: docs/architecture.md,
+"Crash-safe files"."""
 from __future__ import annotations
 
 import contextlib

@@ -1,27 +1,7 @@
 """The billing ledger: append-only JSON Lines files in one directory (format in
-runtime.billing.schema).
-
-Exactness rests on one idea: the ledger itself is the checkpoint. Every record carries
-the cumulative kernel counters it was computed from, so "what was already billed" for
-an attachment is its last record in the files, nothing else. A record that reached
-the disk (complete line, fsynced) advanced the checkpoint; a record that didn't (crash
-before or during the write) didn't, and the same bytes are billed by the next record.
-Nothing is lost and nothing is billed twice, whenever a process dies.
-
-- One writer at a time: every append holds an flock on `billing.lock`, and the kernel
-  counters are read *under* that lock, so two processes (the agent's periodic flush
-  and a plugin running DEL) can't interleave a read with the other's append.
-- A torn last line (kill -9 or ENOSPC during the write) is cut off before the next
-  append; it was never billed, so its bytes are billed again by the next record.
-- `checkpoint.json` caches the last record of each attachment and names the byte
-  offset of the ledger it reflects (file inode, offset, a hash of the bytes before
-  it). It is only a cache: a reader catches up from that offset, and rebuilds from
-  all files when the cache is missing or doesn't match them. The periodic flush
-  rewrites it; a DEL leaves it behind (up to flush.DEL_CACHE_LAG) to stay cheap.
-- Files: `billing.jsonl` is appended to; when it would pass the size limit, or the
-  UTC day changed since its first record, it is renamed to
-  `billing-<first record's end, YYYYMMDDTHHMMSSZ>.jsonl` and never written again.
-"""
+runtime.billing.schema). The ledger is its own checkpoint: every record carries the
+cumulative counters it was computed from; appends are flocked and fsynced, a torn
+tail is cut off, checkpoint.json is only a cache. Why that is exact: docs/billing.md."""
 from __future__ import annotations
 
 import contextlib
