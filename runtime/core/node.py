@@ -5,7 +5,7 @@ benchmark) and passed to every core call.
 
 The core keeps no state of its own between calls; all of it is here, so a test can
 hand it fakes (tests/support/fakes.py) and run it without root. The protocols name
-what the core needs, no more: the real implementations are runtime.kernel.nft.NftTable,
+what the core needs, no more: the real implementations are the module runtime.kernel.nft,
 runtime.kernel.netns.NetlinkLinks and runtime.core.restore.ConntrackFlows.
 """
 from __future__ import annotations
@@ -103,5 +103,5 @@ class Node:
         Costs no syscall: every backend opens what it needs when first called."""
         from runtime.core.restore import ConntrackFlows
         from runtime.kernel.netns import NetlinkLinks
-        from runtime.kernel.nft import NftTable
-        return cls(table=NftTable(), links=NetlinkLinks(reaper), flows=ConntrackFlows())
+        from runtime.kernel import nft
+        return cls(table=nft, links=NetlinkLinks(reaper), flows=ConntrackFlows())
