@@ -136,7 +136,7 @@ def _load_full_policy(bench: Bench) -> str:
 
     Now: the default contract, compiled and loaded as an ADD does it
     (runtime.core.policy.compiled, nft.ensure_table), with Google's ranges from the
-    snapshot (--google-ranges). Not runtime.core.policy.apply: that would also restore
+    snapshot (--google-ranges). Not runtime.core.table.apply: that would also restore
     the recorded attachments' elements, which the caller adds itself.
     """
     bench.egress = runtime_policy.compiled(bench.policy_file, bench.state_dir).egress

@@ -22,10 +22,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _ranges_update(args: argparse.Namespace) -> int:
-    from runtime.core import policy
-    cache = policy.update_ranges(policy.load_policy(args.policy), args.state_dir)
+    from runtime.core import policy, ranges
+    cache = ranges.update_ranges(policy.load_policy(args.policy), args.state_dir)
     print(f"Google ranges (goog.json minus cloud.json): {len(cache['ipv4'])} IPv4 and "
-          f"{len(cache['ipv6'])} IPv6 CIDRs, cached in {policy.ranges_cache(args.state_dir)}")
+          f"{len(cache['ipv6'])} IPv6 CIDRs, cached in {ranges.ranges_cache(args.state_dir)}")
     for name, src in cache["sources"].items():
         print(f"  {name}: {src['source']} (creationTime {src['creationTime']})")
     return 0
@@ -41,9 +41,9 @@ def _policy_check(args: argparse.Namespace) -> int:
 
 def _policy_apply(args: argparse.Namespace) -> int:
     from netpolicy.ruleset import revision
-    from runtime.core import policy
+    from runtime.core import table
     from runtime.core.node import Node
-    compiled = policy.apply(Node.open(), args.policy, args.state_dir)
+    compiled = table.apply(Node.open(), args.policy, args.state_dir)
     print(f"policy applied: table inet sockgate, revision {revision(compiled.egress)}, "
           f"{len(compiled.blocked)} merged blocked ranges")
     return 0

@@ -1,4 +1,4 @@
-"""The node as the core (runtime.core.attach, runtime.core.policy, runtime.core.restore) sees it: the
+"""The node as the core (runtime.core.attach, runtime.core.table, runtime.core.restore) sees it: the
 backends it calls and what it knows about the table, held by one Node per process
 that serves requests (the agent, a plugin run in-process, the Docker driver, a
 benchmark) and passed to every core call.
@@ -102,6 +102,6 @@ class Node:
         background); without one, links are deleted synchronously (a plugin process).
         Costs no syscall: every backend opens what it needs when first called."""
         from runtime.core.restore import ConntrackFlows
-        from runtime.kernel.netns import NetlinkLinks
         from runtime.kernel import nft
+        from runtime.kernel.netns import NetlinkLinks
         return cls(table=nft, links=NetlinkLinks(reaper), flows=ConntrackFlows())
