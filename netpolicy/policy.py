@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from netpolicy.ranges import SPECIAL_PURPOSE_V4, SPECIAL_PURPOSE_V6, Block
+from netpolicy.ranges import SPECIAL_PURPOSE, Block
 from netpolicy.ruleset import FlowBounds
 
 PROTOCOLS = ("tcp", "udp")
@@ -81,7 +81,7 @@ class GoogleSources:
 
 @dataclass(frozen=True)
 class Policy:
-    blocked: tuple[Block, ...] = SPECIAL_PURPOSE_V4 + SPECIAL_PURPOSE_V6
+    blocked: tuple[Block, ...] = SPECIAL_PURPOSE
     blocked_ports: tuple[PortBlock, ...] = (
         PortBlock("tcp", 25, "SMTP port 25 (C6)"),
         PortBlock("udp", 25, "port 25 (C6)"),

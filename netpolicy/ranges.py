@@ -24,9 +24,10 @@ class Block:
         return ipaddress.ip_network(self.cidr)
 
 
+# The blocked destinations, v4 first, then v6.
 # IANA IPv4 Special-Purpose Address Registry: the blocks not globally reachable, the
 # deprecated 6to4 relay anycast, plus multicast, reserved and limited broadcast.
-SPECIAL_PURPOSE_V4: tuple[Block, ...] = (
+SPECIAL_PURPOSE: tuple[Block, ...] = (
     Block("0.0.0.0/8", "this network", "RFC 791"),
     Block("10.0.0.0/8", "private use", "RFC 1918"),
     Block("100.64.0.0/10", "shared address space (CGN)", "RFC 6598"),
@@ -43,11 +44,8 @@ SPECIAL_PURPOSE_V4: tuple[Block, ...] = (
     Block("224.0.0.0/4", "multicast", "RFC 5771"),
     Block("240.0.0.0/4", "reserved", "RFC 1112"),
     Block("255.255.255.255/32", "limited broadcast", "RFC 919"),
-)
-
-# IANA IPv6 Special-Purpose Address Registry, plus every form that embeds an IPv4
-# address (it could smuggle a private v4 destination through a translator).
-SPECIAL_PURPOSE_V6: tuple[Block, ...] = (
+    # IANA IPv6 Special-Purpose Address Registry, plus every form that embeds an IPv4
+    # address (it could smuggle a private v4 destination through a translator).
     Block("::/96", "unspecified, loopback, IPv4-compatible (deprecated)", "RFC 4291"),
     Block("::1/128", "loopback", "RFC 4291"),
     Block("::ffff:0:0/96", "IPv4-mapped", "RFC 4291"),

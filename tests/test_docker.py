@@ -431,7 +431,7 @@ def test_legacy_iptables_backend(tmp_path, image_cache):
 # --- unit tests (no root, no dockerd) ---------------------------------------------------
 
 def test_unit_network_options():
-    from runtime.docker.driver import DriverError, parse_options, sockgate_network_name
+    from runtime.docker.options import DriverError, parse_options, sockgate_network_name
     generic = "com.docker.network.generic"
     assert parse_options({generic: {"ipv4Pool": "10.9.0.0/16", "com.docker.network.driver.mtu": "1400",
                                     "com.docker.network.bridge.name": "ignored"}}) == \
@@ -449,7 +449,8 @@ def test_unit_network_options():
 
 
 def test_unit_bounded_calls_and_ipam_refusal(tmp_path):
-    from runtime.docker.driver import DockerDriver, DriverConfig
+    from runtime.docker.driver import DockerDriver
+    from runtime.docker.options import DriverConfig
     d = DockerDriver(DriverConfig(state_dir=str(tmp_path), run_dir=str(tmp_path), policy_file="", op_timeout=0.2))
     nid = "a" * 64
     status, body = d.dispatch("/NetworkDriver.CreateNetwork", {
@@ -459,7 +460,7 @@ def test_unit_bounded_calls_and_ipam_refusal(tmp_path):
         "NetworkID": nid, "Options": {"com.docker.network.generic": {}},
         "IPv4Data": [{"AddressSpace": "null", "Pool": "0.0.0.0/0"}], "IPv6Data": []})
     assert (status, body) == (200, {})
-    assert d.store.network(nid).sockgate_network == "docker"
+    assert d.store.networks.get(nid).sockgate_network == "docker"
     # A handler that hangs: Docker gets an answer anyway.
     release = threading.Event()
     d.routes["/NetworkDriver.Join"] = lambda req, op: release.wait(5) or {}
@@ -469,7 +470,7 @@ def test_unit_bounded_calls_and_ipam_refusal(tmp_path):
     assert "did not finish" in body["Err"] and time.monotonic() - t0 < 2
     assert d.dispatch("/NetworkDriver.Leave", {}) == (200, {})  # teardown: answered, goes on
     release.set()
-    d.wait_idle(5)
+    d.ops.wait_idle(5)
     assert d.dispatch("/NetworkDriver.Nonsense", {})[0] == 404
 
 

@@ -1,4 +1,4 @@
-"""The core (runtime.core.attach with runtime.core.policy and runtime.core.restore) on fake backends
+"""The core (runtime.core.attach with runtime.core.table and runtime.core.restore) on fake backends
 (tests/support/fakes.py): ADD, DEL, CHECK, GC and their rollbacks, without root."""
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import pytest
 
 from netpolicy.compile import DYNAMIC_SETS, STATIC_SETS, compile_policy, explain
 from netpolicy.policy import Policy, PolicyError, parse_policy
-from netpolicy.ranges import SPECIAL_PURPOSE_V4, SPECIAL_PURPOSE_V6, collapse, google_ranges, subtract
+from netpolicy.ranges import SPECIAL_PURPOSE, collapse, google_ranges, subtract
 from netpolicy.ruleset import FlowBounds, render_table
 
 RANGES_DIR = Path(os.environ.get("SOCKGATE_GOOGLE_RANGES_DIR",
@@ -115,14 +115,14 @@ V6_REQUIRED = ["::/128", "::1/128", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1:
 
 @pytest.mark.parametrize("cidr", V4_REQUIRED + V6_REQUIRED)
 def test_special_purpose_lists_cover(cidr):
-    blocks = SPECIAL_PURPOSE_V4 if N(cidr).version == 4 else SPECIAL_PURPOSE_V6
-    assert covered(cidr, blocks), f"{cidr} is not covered by the special-purpose list"
+    assert covered(cidr, SPECIAL_PURPOSE), f"{cidr} is not covered by the special-purpose list"
 
 
 def test_special_purpose_lists_are_well_formed():
-    for blocks, version in ((SPECIAL_PURPOSE_V4, 4), (SPECIAL_PURPOSE_V6, 6)):
-        for b in blocks:
-            assert b.network.version == version and str(b.network) == b.cidr and b.name and b.source
+    versions = [b.network.version for b in SPECIAL_PURPOSE]
+    assert versions == sorted(versions), "v4 blocks first, then v6"
+    for b in SPECIAL_PURPOSE:
+        assert str(b.network) == b.cidr and b.name and b.source
 
 
 def _forbidden(self):

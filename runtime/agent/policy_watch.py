@@ -13,7 +13,7 @@ from pathlib import Path
 
 from netpolicy.ruleset import EgressPolicy
 from runtime.agent.resolver import Refresher
-from runtime.core import policy
+from runtime.core import policy, table
 from runtime.core.node import Node
 from runtime.errors import SockgateError
 from runtime.fsutil import file_stamp
@@ -36,7 +36,7 @@ class PolicyKeeper:
     def _apply(self) -> None:
         stamp = file_stamp(Path(self.policy_file))
         try:
-            compiled = policy.apply(self.node, self.policy_file, self.state_dir)
+            compiled = table.apply(self.node, self.policy_file, self.state_dir)
         except SockgateError as exc:
             log.error("policy not applied, the policy in force stays: %s", exc)
         else:
@@ -49,7 +49,7 @@ class PolicyKeeper:
         if self.in_force is None:
             return
         try:
-            policy.ensure_loaded(self.node, self.in_force, self.state_dir)
+            table.ensure_loaded(self.node, self.in_force, self.state_dir)
         except SockgateError as exc:
             log.error("cannot reload the nft table: %s", exc)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime import textable, wire
+from runtime.bench import report
 from runtime.cli.install import install_cni
 from runtime.lab import Lab
 from runtime.lab.builder import RUN_DIR
@@ -478,10 +478,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t_down = time.monotonic()
     bench.timings["teardown_s"] = time.monotonic() - t_down
     rep: dict[str, Any] = {
-        "benchmark": "cni",
-        "lab": lab.prefix,
-        "cpus": os.cpu_count(),
-        "kernel": platform.release(),
+        **report.header("cni", lab.prefix),
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg(),
         "other_labs": others,

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-from runtime.bench import cni_scale
+from runtime.bench import cni_scale, report
 from runtime.bench.cni import LABELS, REFERENCE, SG_AGENT, SG_INPROC, TARGET, print_report, run
 
 
@@ -37,7 +36,7 @@ to stdout. Takes about 2 minutes with the defaults on 2 CPUs.""")
     p.add_argument("--parallel", type=int, default=8, help="workers in the parallel scenarios (default %(default)s)")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat all six scenarios, rotating the plugin order; samples are pooled (default %(default)s)")
-    p.add_argument("--json", action="store_true", help="print the results as one JSON object instead of tables")
+    report.add_json_flag(p)
     p.add_argument("--attached", type=int, default=0, metavar="N",
                    help="instead of the scenarios above: sockgate+agent ADD and DEL latency with 10 and with N "
                         "containers attached to the node (each with its netns, attached through the same agent), "
@@ -48,27 +47,19 @@ to stdout. Takes about 2 minutes with the defaults on 2 CPUs.""")
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.containers < 1 or args.parallel < 1 or args.rounds < 1:
-        parser.error("--containers, --parallel and --rounds must be >= 1")
+    args = report.parse_args(parser, argv, {"containers": 1, "parallel": 1, "rounds": 1},
+                             "--containers, --parallel and --rounds must be >= 1")
     if args.containers > 9999:
         parser.error("--containers must be <= 9999")
     if args.attached and not 10 < args.attached <= 20000:
         parser.error("--attached must be more than 10 (the baseline) and at most 20000")
-    if os.geteuid() != 0:
-        print("bench-cni: needs root (it builds network namespaces)", file=sys.stderr)
+    if report.not_root("bench-cni"):
         return 2
-    try:
-        if args.attached:
-            cni_scale.main(args)
-            return 0
-        rep = run(args)
-    except KeyboardInterrupt:
-        print("bench-cni: interrupted; lab torn down", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 -- a benchmark that could not measure
-        print(f"bench-cni: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    if args.attached:  # cni_scale prints its own report
+        return report.measure("bench-cni", lambda: cni_scale.main(args))[1]
+    rep, status = report.measure("bench-cni", lambda: run(args))
+    if rep is None:
+        return status
     if args.json:
         print(json.dumps(rep, indent=1))
     else:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime import textable, wire
+from runtime.bench import report
 from runtime.bench.cni import (
     CNI_ARGS,
     CNI_VERSION,
@@ -439,8 +439,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t_down = time.monotonic()
     sb.timings["teardown_s"] = time.monotonic() - t_down
     rep: dict[str, Any] = {
-        "benchmark": "cni --attached",
-        "lab": lab.prefix, "cpus": os.cpu_count(), "kernel": platform.release(),
+        **report.header("cni --attached", lab.prefix),
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "other_labs": others,
         "args": {"attached": args.attached, "baseline": BASELINE, "containers": args.containers,
                  "parallel": args.parallel, "rounds": args.rounds},

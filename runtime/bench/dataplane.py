@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from netpolicy import ruleset
 from netpolicy.ruleset import FAMILY, TABLE, Endpoint
 from runtime import defaults, textable
 from runtime.bench import profile as perf_profile
+from runtime.bench import report
 from runtime.core import policy as runtime_policy
 from runtime.core.attach import AttachRequest, attach
 from runtime.core.netconf import parse_netconf
@@ -136,7 +136,7 @@ def _load_full_policy(bench: Bench) -> str:
 
     Now: the default contract, compiled and loaded as an ADD does it
     (runtime.core.policy.compiled, nft.ensure_table), with Google's ranges from the
-    snapshot (--google-ranges). Not runtime.core.policy.apply: that would also restore
+    snapshot (--google-ranges). Not runtime.core.table.apply: that would also restore
     the recorded attachments' elements, which the caller adds itself.
     """
     bench.egress = runtime_policy.compiled(bench.policy_file, bench.state_dir).egress
@@ -596,10 +596,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test], list[Samp
             t_down = time.monotonic()
         bench.timings["teardown_s"] = time.monotonic() - t_down
     rep: dict[str, Any] = {
-        "benchmark": "dataplane",
-        "lab": lab.prefix,
-        "cpus": os.cpu_count(),
-        "kernel": platform.release(),
+        **report.header("dataplane", lab.prefix),
         "iperf3": _iperf_version(),
         "args": {"duration": args.duration, "segment": args.segment, "containers": args.containers,
                  "fill": args.fill, "ipv6": args.ipv6, "profile": args.profile,
@@ -709,15 +706,14 @@ to stdout. Takes about 4 minutes with the defaults on 2 CPUs (--profile: 20 s mo
                    help="an experiment: B's forward chain holds the rules in FILE (one per line, nft syntax, "
                         "# comments) instead of sockgate's, the rest of the table unchanged; with --profile "
                         "it shows what a rule costs (e.g. an empty file: the hook alone)")
-    p.add_argument("--json", action="store_true", help="print the results as one JSON object instead of tables")
+    report.add_json_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.duration < 5 or args.segment < 1 or args.containers < 1:
-        parser.error("--duration must be >= 5, --segment >= 1 and --containers >= 1")
+    args = report.parse_args(parser, argv, {"duration": 5, "segment": 1, "containers": 1},
+                             "--duration must be >= 5, --segment >= 1 and --containers >= 1")
     if args.duration < 4 * args.segment:
         parser.error("--duration must hold at least 4 segments")
     if args.no_pin:
@@ -727,21 +723,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile and not perf_profile.available():
         print("bench-dataplane: --profile needs perf (Debian: apt-get install linux-perf)", file=sys.stderr)
         return 2
-    if os.geteuid() != 0:
-        print("bench-dataplane: needs root (it builds network namespaces)", file=sys.stderr)
+    if report.not_root("bench-dataplane"):
         return 2
     for f in ("goog.json", "cloud.json"):
         if not (Path(args.google_ranges) / f).is_file():
             print(f"bench-dataplane: {Path(args.google_ranges) / f} missing (see --google-ranges)", file=sys.stderr)
             return 2
-    try:
-        rep, tests, samples = run(args)
-    except KeyboardInterrupt:
-        print("bench-dataplane: interrupted; lab torn down", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a benchmark that could not measure
-        print(f"bench-dataplane: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    measured, status = report.measure("bench-dataplane", lambda: run(args))
+    if measured is None:
+        return status
+    rep, tests, samples = measured
     if args.json:
         print(json.dumps(rep, indent=1))
     else:

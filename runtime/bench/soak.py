@@ -13,7 +13,6 @@ import ipaddress
 import itertools
 import json
 import os
-import platform
 import random
 import shutil
 import signal
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime import textable
+from runtime.bench import report
 
 FAULT_KINDS = ("agent-kill", "nft-flush", "plugin-kill")
 NETWORK = "sgsoak"
@@ -62,20 +62,22 @@ def _progress(msg: str) -> None:
 
 @dataclass
 class Options:
-    minutes: float = 20.0
-    workers: int = 6
-    residents: int = 2
-    fault_interval: float = 120.0
-    faults: tuple[str, ...] = FAULT_KINDS
-    max_cycles: int = 100_000
-    sample_interval: float = 2.0
-    billing_interval: float = 5.0
-    hold: float = 1.0
-    del_timeout: float = 60.0
-    rss_bound_mib: float = 32.0
-    fd_bound: int = 4
-    seed: int = 1
-    json: bool = False
+    """What parse_options checked; the defaults are the parser's (--help shows them)."""
+
+    minutes: float
+    workers: int
+    residents: int
+    fault_interval: float
+    faults: tuple[str, ...]
+    max_cycles: int
+    sample_interval: float
+    billing_interval: float
+    hold: float
+    del_timeout: float
+    rss_bound_mib: float
+    fd_bound: int
+    seed: int
+    json: bool
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +124,7 @@ stderr, the report (or --json) to stdout.""")
                    help="allowed growth of the agent's open fds, same moments (default %(default)s)")
     p.add_argument("--seed", type=int, default=1,
                    help="random seed of sizes, holds and kill delays (default %(default)s)")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    report.add_json_flag(p, help="print the report as one JSON object")
     return p
 
 
@@ -1016,7 +1018,7 @@ def build_report(soak: Soak, start: Start, au: Audit) -> dict[str, Any]:
     flush_times = [f.t for f in soak.faults if f.kind == "nft-flush"]
     armed = [c for c in cycles if c.kill_armed]
     rep: dict[str, Any] = {
-        "benchmark": "soak", "lab": soak.lab.prefix, "cpus": os.cpu_count(), "kernel": platform.release(),
+        **report.header("soak", soak.lab.prefix),
         "args": {"minutes": opts.minutes, "workers": opts.workers, "residents": opts.residents,
                  "fault_interval": opts.fault_interval,
                  "faults": list(opts.faults), "max_cycles": opts.max_cycles,
@@ -1104,17 +1106,11 @@ def keep_logs(tmp: Path, bdir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_options(argv)
-    if os.geteuid() != 0:
-        print("soak: needs root (it builds network namespaces)", file=sys.stderr)
+    if report.not_root("soak"):
         return 2
-    try:
-        rep = run(opts)
-    except KeyboardInterrupt:
-        print("soak: interrupted; lab torn down", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 -- could not run
-        print(f"soak: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 3
+    rep, status = report.measure("soak", lambda: run(opts), could_not=3)
+    if rep is None:
+        return status
     if opts.json:
         print(json.dumps(rep, indent=1, default=str))
     else:

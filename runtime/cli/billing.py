@@ -10,6 +10,7 @@ import threading
 from dataclasses import asdict
 
 from runtime import defaults
+from runtime.cli.commands import command, group
 from runtime.errors import INVALID_CONFIG, SockgateError
 
 DEFAULT_BILLING_DIR = f"{defaults.STATE_DIR}/billing"
@@ -58,13 +59,13 @@ def _flush(args: argparse.Namespace) -> int:
 def add_billing_commands(sub: argparse._SubParsersAction) -> None:
     from runtime.billing.ledger import DEFAULT_MAX_BYTES
     from runtime.billing.report import GROUPINGS
-    p = sub.add_parser("billing", help="the billing ledger (JSON Lines): report and flush")
-    bsub = p.add_subparsers(dest="billing_command", required=True, metavar="COMMAND")
+    billing = group(sub, "billing", help="the billing ledger (JSON Lines): report and flush")
 
-    r = bsub.add_parser("report", help="sum billed bytes and packets per pod, container or attachment",
-                        description="Read every billing file in DIR (rotated ones included) and print "
-                                    "the sums of tx/rx bytes and packets per group. --since/--until select "
-                                    "records by the end of their interval (ISO 8601; no zone means UTC).")
+    r = command(billing, "report", _report,
+                help="sum billed bytes and packets per pod, container or attachment",
+                description="Read every billing file in DIR (rotated ones included) and print "
+                            "the sums of tx/rx bytes and packets per group. --since/--until select "
+                            "records by the end of their interval (ISO 8601; no zone means UTC).")
     r.add_argument("--dir", default=DEFAULT_BILLING_DIR, help="billing directory (default: %(default)s)")
     r.add_argument("--since", type=_time, help="only records whose interval ends after this time")
     r.add_argument("--until", type=_time, help="only records whose interval ends at or before this time")
@@ -72,16 +73,15 @@ def add_billing_commands(sub: argparse._SubParsersAction) -> None:
                    help="pod: namespace/name (else the Docker container name, else the container id); "
                         "container: container id; attachment: one line per attachment (default: %(default)s)")
     r.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    r.set_defaults(func=_report)
 
-    f = bsub.add_parser("flush", help="append a record for every attachment whose counters moved",
-                        description="Read the accounting counters (run it in the node's netns) and append "
-                                    "one record per attachment of STATE_DIR whose counters moved since its "
-                                    "last record. With --every, keep doing so every N seconds until "
-                                    "SIGTERM, and once more at exit (what the node agent does).")
+    f = command(billing, "flush", _flush,
+                help="append a record for every attachment whose counters moved",
+                description="Read the accounting counters (run it in the node's netns) and append "
+                            "one record per attachment of STATE_DIR whose counters moved since its "
+                            "last record. With --every, keep doing so every N seconds until "
+                            "SIGTERM, and once more at exit (what the node agent does).")
     f.add_argument("--state-dir", default=defaults.STATE_DIR, help="sockgate state dir (default: %(default)s)")
     f.add_argument("--dir", default=None, help="billing directory (default: STATE_DIR/billing)")
     f.add_argument("--every", type=float, default=0, metavar="SECONDS", help="flush periodically")
     f.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
                    help="rotate billing.jsonl before it grows past this size (default: %(default)s)")
-    f.set_defaults(func=_flush)

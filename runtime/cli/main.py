@@ -6,6 +6,7 @@ import sys
 
 from runtime import defaults
 from runtime.cli.billing import add_billing_commands
+from runtime.cli.commands import command
 from runtime.cli.install import install_cni
 from runtime.cli.policy import add_policy_commands, run_guarded
 from runtime.cli.seccomp import add_seccomp_commands
@@ -95,20 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sockgate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("install-cni", help="install the CNI executable into a CNI bin dir",
-                       description="Write the `sockgate` CNI executable (a launcher for this "
-                                   "installation's Python) into BIN_DIR, atomically.")
+    p = command(sub, "install-cni", _install_cni, help="install the CNI executable into a CNI bin dir",
+                description="Write the `sockgate` CNI executable (a launcher for this "
+                            "installation's Python) into BIN_DIR, atomically.")
     p.add_argument("--bin-dir", default="/opt/cni/bin",
                    help="CNI plugin directory (default: %(default)s)")
-    p.set_defaults(func=_install_cni)
 
-    p = sub.add_parser("agent", help="run the node agent (foreground)",
-                       description="Serve CNI requests forwarded by the `sockgate` CNI executable on "
-                                   "RUN_DIR/agent.sock (root only), load and keep the egress policy "
-                                   "(re-applied when the policy file changes), keep exception hostnames "
-                                   "resolved. Logs JSON lines on stderr; signals readiness with sd_notify "
-                                   "and --ready-file; SIGTERM finishes requests in flight and exits 0. "
-                                   "Networks whose CNI config names another runDir are not served.")
+    p = command(sub, "agent", _agent, help="run the node agent (foreground)",
+                description="Serve CNI requests forwarded by the `sockgate` CNI executable on "
+                            "RUN_DIR/agent.sock (root only), load and keep the egress policy "
+                            "(re-applied when the policy file changes), keep exception hostnames "
+                            "resolved. Logs JSON lines on stderr; signals readiness with sd_notify "
+                            "and --ready-file; SIGTERM finishes requests in flight and exits 0. "
+                            "Networks whose CNI config names another runDir are not served.")
     p.add_argument("--state-dir", default=defaults.STATE_DIR, help="state dir (default: %(default)s)")
     p.add_argument("--run-dir", default=defaults.RUN_DIR,
                    help="runtime dir; must match the CNI config's runDir (default: %(default)s)")
@@ -141,19 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docker-host", default=defaults.DOCKER_HOST, metavar="URL",
                    help="dockerd's API, asked in the background which container owns an endpoint "
                         "(default: %(default)s)")
-    p.set_defaults(func=_agent)
 
-    p = sub.add_parser("demo", help="show the sandbox on a throwaway lab (needs root)",
-                       description="Build the lab (node, internet and app network namespaces; "
-                                   "nothing leaves this machine), attach two containers through "
-                                   "the CNI plugin, print what they can and cannot reach, and "
-                                   "tear everything down.")
-    p.set_defaults(func=_demo)
-
-    p = sub.add_parser("lab-cleanup", help="remove lab namespaces left by crashed runs",
-                       description="Delete lab network namespaces whose creating process is dead. "
-                                   "Touches only namespaces carrying the lab's name prefix.")
-    p.set_defaults(func=_lab_cleanup)
+    command(sub, "demo", _demo, help="show the sandbox on a throwaway lab (needs root)",
+            description="Build the lab (node, internet and app network namespaces; "
+                        "nothing leaves this machine), attach two containers through "
+                        "the CNI plugin, print what they can and cannot reach, and "
+                        "tear everything down.")
+    command(sub, "lab-cleanup", _lab_cleanup, help="remove lab namespaces left by crashed runs",
+            description="Delete lab network namespaces whose creating process is dead. "
+                        "Touches only namespaces carrying the lab's name prefix.")
     add_policy_commands(sub)
     add_seccomp_commands(sub)
     add_billing_commands(sub)

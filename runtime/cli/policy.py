@@ -10,6 +10,7 @@ import sys
 import threading
 
 from runtime import defaults
+from runtime.cli.commands import command, group
 from runtime.errors import SockgateError
 
 
@@ -21,10 +22,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _ranges_update(args: argparse.Namespace) -> int:
-    from runtime.core import policy
-    cache = policy.update_ranges(policy.load_policy(args.policy), args.state_dir)
+    from runtime.core import policy, ranges
+    cache = ranges.update_ranges(policy.load_policy(args.policy), args.state_dir)
     print(f"Google ranges (goog.json minus cloud.json): {len(cache['ipv4'])} IPv4 and "
-          f"{len(cache['ipv6'])} IPv6 CIDRs, cached in {policy.ranges_cache(args.state_dir)}")
+          f"{len(cache['ipv6'])} IPv6 CIDRs, cached in {ranges.ranges_cache(args.state_dir)}")
     for name, src in cache["sources"].items():
         print(f"  {name}: {src['source']} (creationTime {src['creationTime']})")
     return 0
@@ -40,9 +41,9 @@ def _policy_check(args: argparse.Namespace) -> int:
 
 def _policy_apply(args: argparse.Namespace) -> int:
     from netpolicy.ruleset import revision
-    from runtime.core import policy
+    from runtime.core import table
     from runtime.core.node import Node
-    compiled = policy.apply(Node.open(), args.policy, args.state_dir)
+    compiled = table.apply(Node.open(), args.policy, args.state_dir)
     print(f"policy applied: table inet sockgate, revision {revision(compiled.egress)}, "
           f"{len(compiled.blocked)} merged blocked ranges")
     return 0
@@ -119,50 +120,43 @@ def _policy_refresh(args: argparse.Namespace) -> int:
 
 
 def add_policy_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ranges", help="Google IP ranges (goog.json minus cloud.json)")
-    rsub = p.add_subparsers(dest="ranges_command", required=True, metavar="COMMAND")
-    u = rsub.add_parser("update", help="load goog.json and cloud.json, cache goog minus cloud",
-                        description="Load goog.json and cloud.json from the URLs or paths in the "
-                                    "policy file (googleRanges), compute goog minus cloud and cache it "
-                                    "under STATE_DIR/ranges/google.json. The plugin reads only the cache. "
-                                    "Run `sockgate policy apply` afterwards to load the new ranges.")
-    _common(u)
-    u.set_defaults(func=_ranges_update)
+    ranges = group(sub, "ranges", help="Google IP ranges (goog.json minus cloud.json)")
+    _common(command(ranges, "update", _ranges_update,
+                    help="load goog.json and cloud.json, cache goog minus cloud",
+                    description="Load goog.json and cloud.json from the URLs or paths in the "
+                                "policy file (googleRanges), compute goog minus cloud and cache it "
+                                "under STATE_DIR/ranges/google.json. The plugin reads only the cache. "
+                                "Run `sockgate policy apply` afterwards to load the new ranges."))
 
-    p = sub.add_parser("policy", help="check, apply, explain and refresh the egress policy")
-    psub = p.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
-    c = psub.add_parser("check", help="validate a policy file", description="Validate a policy file; "
-                        "errors name the offending field. Changes nothing.")
-    _common(c)
-    c.set_defaults(func=_policy_check)
-    a = psub.add_parser("apply", help="compile and load the policy in one nft transaction",
-                        description="Compile the policy and load it into table inet sockgate in one "
-                                    "atomic transaction. An invalid policy changes nothing; established "
-                                    "flows that the new policy allows keep going.")
-    _common(a)
-    a.set_defaults(func=_policy_apply)
-    e = psub.add_parser("explain", help="the verdict for a destination, and the rule that decides it",
-                        description="Print ACCEPT or REFUSE for a new flow from a container to "
-                                    "DESTINATION:PORT, with the deciding rule. Exit status 0 for accept, "
-                                    "3 for refuse.")
+    policy = group(sub, "policy", help="check, apply, explain and refresh the egress policy")
+    _common(command(policy, "check", _policy_check, help="validate a policy file",
+                    description="Validate a policy file; errors name the offending field. Changes nothing."))
+    _common(command(policy, "apply", _policy_apply, help="compile and load the policy in one nft transaction",
+                    description="Compile the policy and load it into table inet sockgate in one "
+                                "atomic transaction. An invalid policy changes nothing; established "
+                                "flows that the new policy allows keep going."))
+    e = command(policy, "explain", _policy_explain,
+                help="the verdict for a destination, and the rule that decides it",
+                description="Print ACCEPT or REFUSE for a new flow from a container to "
+                            "DESTINATION:PORT, with the deciding rule. Exit status 0 for accept, "
+                            "3 for refuse.")
     e.add_argument("destination", help="IPv4 or IPv6 address")
     e.add_argument("port", type=int)
     e.add_argument("protocol", choices=("tcp", "udp"))
     e.add_argument("--pool", action="append", help="container pool CIDR (default: the pools in the loaded table)")
     _common(e)
-    e.set_defaults(func=_policy_explain)
-    r = psub.add_parser("refresh", help="resolve exception hostnames and keep their addresses current",
-                        description="Resolve the exceptions' hostnames (A and AAAA) through the "
-                                    "policy's resolver, and keep their addresses in the table with a "
-                                    "timeout of the DNS TTL (clamped to resolver.minTtl..maxTtl). An "
-                                    "answer in the node's internal networks (blocked ranges other than "
-                                    "Google's, container pools, the node's addresses, links and "
-                                    "gateways) opens nothing unless the exception's allowedAnswers "
-                                    "holds it. Runs until SIGTERM, or once with --once (exit status 1 "
-                                    "if a lookup failed).")
+    r = command(policy, "refresh", _policy_refresh,
+                help="resolve exception hostnames and keep their addresses current",
+                description="Resolve the exceptions' hostnames (A and AAAA) through the "
+                            "policy's resolver, and keep their addresses in the table with a "
+                            "timeout of the DNS TTL (clamped to resolver.minTtl..maxTtl). An "
+                            "answer in the node's internal networks (blocked ranges other than "
+                            "Google's, container pools, the node's addresses, links and "
+                            "gateways) opens nothing unless the exception's allowedAnswers "
+                            "holds it. Runs until SIGTERM, or once with --once (exit status 1 "
+                            "if a lookup failed).")
     r.add_argument("--once", action="store_true", help="resolve every hostname once and exit")
     _common(r)
-    r.set_defaults(func=_policy_refresh)
 
 
 def run_guarded(func, args: argparse.Namespace) -> int:

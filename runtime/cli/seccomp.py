@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from runtime.cli.commands import command, group
 from runtime.fsutil import atomic_write
 
 
@@ -23,10 +24,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 def add_seccomp_commands(sub: argparse._SubParsersAction) -> None:
     from netpolicy.seccomp import FORMATS, KUBELET_SECCOMP_ROOT, KUBERNETES_PROFILE_PATH
-    p = sub.add_parser("seccomp", help="seccomp profile for the socket-option contract (C12)")
-    ssub = p.add_subparsers(dest="seccomp_command", required=True, metavar="COMMAND")
-    g = ssub.add_parser(
-        "generate", help="print or write the seccomp profile",
+    seccomp = group(sub, "seccomp", help="seccomp profile for the socket-option contract (C12)")
+    g = command(
+        seccomp, "generate", _generate, help="print or write the seccomp profile",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="""Generate the seccomp profile of contract row C12 (socket options):
   setsockopt/getsockopt succeed only for SO_KEEPALIVE, SO_DEBUG, TCP_NODELAY, SO_LINGER,
@@ -54,4 +54,3 @@ def add_seccomp_commands(sub: argparse._SubParsersAction) -> None:
                    help="exactly the eight options of the contract: no IP_RECVERR/IPV6_RECVERR and no "
                         "read-only getsockopt options (breaks glibc DNS over UDP and non-blocking connect)")
     g.add_argument("-o", "--output", metavar="FILE", help="write here (atomically) instead of stdout")
-    g.set_defaults(func=_generate)

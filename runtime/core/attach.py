@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from netpolicy.ruleset import Endpoint
 from runtime.billing.flush import final_record
-from runtime.core import policy, restore
+from runtime.core import restore, table
 from runtime.core.netconf import NetConf
 from runtime.core.node import Node
 from runtime.errors import ALREADY_ATTACHED, CHECK_FAILED, KERNEL_FAILURE, NOT_AVAILABLE, SockgateError
@@ -109,12 +109,12 @@ def _attach(node: Node, req: AttachRequest, peer_netns: str, place: Callable[[At
         if not node.watched:
             # No agent checks the rules: this ADD does (the transaction below only
             # asserts the revision).
-            policy.apply(node, req.conf.policy_file, req.conf.state_dir)
+            table.apply(node, req.conf.policy_file, req.conf.state_dir)
         for _ in range(3):
             # Under the table lock until the record says ready: a reload restores the
             # ready attachments, so this one's elements are either added here, after
             # any reload, or restored by a reload that comes later.
-            with policy.table_lock(req.conf.state_dir):
+            with table.table_lock(req.conf.state_dir):
                 if node.table.add_if_current(ep, pools, egress):
                     place(att)
                     node.links.configure_host(att.host_ifname, att.host_ifindex, att.ipv4, att.ipv6)
@@ -122,7 +122,7 @@ def _attach(node: Node, req: AttachRequest, peer_netns: str, place: Callable[[At
                     net.attachments.save(att)
                     break
             # The table is missing or outdated (flushed, upgraded): load it, then add.
-            policy.apply(node, req.conf.policy_file, req.conf.state_dir)
+            table.apply(node, req.conf.policy_file, req.conf.state_dir)
         else:
             raise SockgateError(KERNEL_FAILURE, "nftables transaction failed",
                                 "the sockgate table changed under every attempt to add this container's elements")
@@ -139,7 +139,7 @@ def _teardown(node: Node, net: Network, att: Attachment) -> None:
     """Undo an attachment, each step idempotent. The record goes last, so a crash here
     leaves it for the next DEL or GC. Under the table lock (shared): a reload can't
     restore the elements of an attachment half torn down."""
-    with policy.table_lock(net.conf.state_dir):
+    with table.table_lock(net.conf.state_dir):
         _teardown_locked(node, net, att)
 
 
@@ -272,7 +272,7 @@ def status(node: Node, conf: NetConf) -> None:
         net.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not os.access(net.root, os.W_OK):
             raise OSError(f"{net.root} is not writable")
-        policy.apply(node, conf.policy_file, conf.state_dir)
+        table.apply(node, conf.policy_file, conf.state_dir)
     except (OSError, SockgateError) as exc:
         raise SockgateError(NOT_AVAILABLE, "sockgate cannot serve ADD requests", str(exc)) from None
 

@@ -1,11 +1,11 @@
-"""The node as the core (runtime.core.attach, runtime.core.policy, runtime.core.restore) sees it: the
+"""The node as the core (runtime.core.attach, runtime.core.table, runtime.core.restore) sees it: the
 backends it calls and what it knows about the table, held by one Node per process
 that serves requests (the agent, a plugin run in-process, the Docker driver, a
 benchmark) and passed to every core call.
 
 The core keeps no state of its own between calls; all of it is here, so a test can
 hand it fakes (tests/support/fakes.py) and run it without root. The protocols name
-what the core needs, no more: the real implementations are runtime.kernel.nft.NftTable,
+what the core needs, no more: the real implementations are the module runtime.kernel.nft,
 runtime.kernel.netns.NetlinkLinks and runtime.core.restore.ConntrackFlows.
 """
 from __future__ import annotations
@@ -102,6 +102,6 @@ class Node:
         background); without one, links are deleted synchronously (a plugin process).
         Costs no syscall: every backend opens what it needs when first called."""
         from runtime.core.restore import ConntrackFlows
+        from runtime.kernel import nft
         from runtime.kernel.netns import NetlinkLinks
-        from runtime.kernel.nft import NftTable
-        return cls(table=NftTable(), links=NetlinkLinks(reaper), flows=ConntrackFlows())
+        return cls(table=nft, links=NetlinkLinks(reaper), flows=ConntrackFlows())

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from runtime.core.node import Node
-from runtime.docker.driver import DockerDriver, DriverConfig
+from runtime.docker.driver import DockerDriver
 from runtime.docker.firewall import ForwardAccept
+from runtime.docker.options import DriverConfig
 
 log = logging.getLogger("sockgate.docker")
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
@@ -145,7 +146,7 @@ class DockerDoor:
         finally:
             self.server.shutdown()
             self.server.server_close()
-            self.driver.wait_idle(self.cfg.op_timeout)
+            self.driver.ops.wait_idle(self.cfg.op_timeout)
             try:
                 os.unlink(self.cfg.socket_path)
             except FileNotFoundError:

@@ -39,8 +39,8 @@ NFT = "nft"
 
 
 # A per-process resource, never rebound: libnftables contexts (one per netns) behind
-# one lock, shared by every caller in the process (the core through NftTable, billing,
-# metrics, the resolver and the commands through this module's functions).
+# one lock, shared by every caller in the process (the core, for which this module is
+# the TableBackend, billing, metrics, the resolver and the commands).
 try:
     _LIB: Nft | None = Nft()
 except Unavailable as exc:  # pragma: no cover - Debian's nftables package ships it
@@ -300,15 +300,3 @@ def delete_table() -> None:
     if table_exists():
         run(f"delete table {FAMILY} {TABLE}\n")
 
-
-class NftTable:
-    """The TableBackend (runtime.core.node) over this module: what the core does to the table."""
-
-    table_exists = staticmethod(table_exists)
-    table_current = staticmethod(table_current)
-    load_table = staticmethod(load_table)
-    add_if_current = staticmethod(add_if_current)
-    remove = staticmethod(remove)
-    endpoint_present = staticmethod(endpoint_present)
-    endpoint_counters_of = staticmethod(endpoint_counters_of)
-    endpoint_counters = staticmethod(endpoint_counters)

@@ -16,6 +16,7 @@ Modes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import ipaddress
 import json
@@ -25,6 +26,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 
 # Linux values; Python's socket module lacks some of them.
 SOL_IP = 0
@@ -149,13 +151,32 @@ def record_echo(out: dict, echoed: bytes, payload: bytes) -> None:
         out["error"] = "bad_echo"
 
 
-def probe_tcp(a: argparse.Namespace, payload: bytes) -> dict[str, object]:
-    out: dict[str, object] = {"ok": False, "error": None, "peer_seen": None, "echo_ok": False}
-    dl = Deadline(a.timeout)
-    s: socket.socket | None = None
+def run_probe(out: dict[str, object], timeout: float,
+              body: Callable[[Deadline, contextlib.ExitStack], None],
+              errors: tuple[type[Exception], ...] = (OSError, ValueError)) -> dict[str, object]:
+    """Run one probe's `body` against a deadline: what it raises among `errors` becomes
+    out["error"] (the exit status stays 0), the sockets it entered into the stack are
+    closed, and out["elapsed"] is always set."""
+    dl = Deadline(timeout)
     try:
+        with contextlib.ExitStack() as sockets:
+            body(dl, sockets)
+    except errors as e:
+        out["error"] = err_name(e)
+    out["elapsed"] = dl.elapsed()
+    return out
+
+
+def echo_result() -> dict[str, object]:
+    return {"ok": False, "error": None, "peer_seen": None, "echo_ok": False}
+
+
+def probe_tcp(a: argparse.Namespace, payload: bytes) -> dict[str, object]:
+    out = echo_result()
+
+    def body(dl: Deadline, sockets: contextlib.ExitStack) -> None:
         host = resolve(a.host)
-        s = make_socket(host, socket.SOCK_STREAM, a.bind, a.bind_port, a.freebind)
+        s = sockets.enter_context(make_socket(host, socket.SOCK_STREAM, a.bind, a.bind_port, a.freebind))
         s.settimeout(dl.left())
         s.connect((host, a.port))
         out["connected"] = True
@@ -170,22 +191,15 @@ def probe_tcp(a: argparse.Namespace, payload: bytes) -> dict[str, object]:
         header, rest = parse_reply(buf)
         if record_header(out, header):
             record_echo(out, exchange(s, payload, rest, dl), payload)
-    except (OSError, ValueError) as e:
-        out["error"] = err_name(e)
-    finally:
-        if s is not None:
-            s.close()
-        out["elapsed"] = dl.elapsed()
-    return out
+    return run_probe(out, a.timeout, body)
 
 
 def probe_udp(a: argparse.Namespace, payload: bytes) -> dict[str, object]:
-    out: dict[str, object] = {"ok": False, "error": None, "peer_seen": None, "echo_ok": False}
-    dl = Deadline(a.timeout)
-    s: socket.socket | None = None
-    try:
+    out = echo_result()
+
+    def body(dl: Deadline, sockets: contextlib.ExitStack) -> None:
         host = resolve(a.host)
-        s = make_socket(host, socket.SOCK_DGRAM, a.bind, a.bind_port, a.freebind)
+        s = sockets.enter_context(make_socket(host, socket.SOCK_DGRAM, a.bind, a.bind_port, a.freebind))
         # Connected, so ICMP errors (port/host unreachable, admin prohibited) come
         # back as an errno on recv instead of being silently dropped.
         s.connect((host, a.port))
@@ -196,13 +210,7 @@ def probe_udp(a: argparse.Namespace, payload: bytes) -> dict[str, object]:
         header, rest = parse_reply(data)
         if record_header(out, header):
             record_echo(out, rest, payload)
-    except (OSError, ValueError) as e:
-        out["error"] = err_name(e)
-    finally:
-        if s is not None:
-            s.close()
-        out["elapsed"] = dl.elapsed()
-    return out
+    return run_probe(out, a.timeout, body)
 
 
 # --- DNS (tiny stub client; the lab must not depend on the code under test) ---
@@ -258,14 +266,14 @@ def dns_parse(msg: bytes, qid: int) -> dict[str, object]:
 
 def probe_dns(a: argparse.Namespace) -> dict[str, object]:
     out: dict[str, object] = {"ok": False, "error": None, "rcode": None, "answers": []}
-    dl = Deadline(a.timeout)
-    s: socket.socket | None = None
-    try:
+
+    def body(dl: Deadline, sockets: contextlib.ExitStack) -> None:
         server = resolve(a.server)
         qtype = QTYPES.get(a.qtype.upper()) or int(a.qtype)
         qid = int.from_bytes(os.urandom(2), "big")
         q = dns_query_packet(a.name, qtype, qid)
-        s = socket.socket(family_of(server), socket.SOCK_STREAM if a.tcp else socket.SOCK_DGRAM)
+        s = sockets.enter_context(
+            socket.socket(family_of(server), socket.SOCK_STREAM if a.tcp else socket.SOCK_DGRAM))
         s.settimeout(dl.left())
         s.connect((server, a.port))
         if a.tcp:
@@ -284,13 +292,7 @@ def probe_dns(a: argparse.Namespace) -> dict[str, object]:
             msg = s.recv(65535)
         out.update(dns_parse(msg, qid))
         out["ok"] = True  # got an answer; rcode tells which
-    except (OSError, ValueError, struct.error, IndexError) as e:
-        out["error"] = err_name(e)
-    finally:
-        if s is not None:
-            s.close()
-        out["elapsed"] = dl.elapsed()
-    return out
+    return run_probe(out, a.timeout, body, (OSError, ValueError, struct.error, IndexError))
 
 
 # --- forged-source UDP ---
@@ -327,21 +329,18 @@ def build_udp(src: str, dst: str, sport: int, dport: int, payload: bytes) -> tup
 
 
 def spoof_udp(a: argparse.Namespace, payload: bytes) -> dict[str, object]:
-    out: dict[str, object] = {"ok": False, "error": None, "peer_seen": None, "echo_ok": False}
-    dl = Deadline(a.timeout)
-    try:
+    out = echo_result()
+
+    def body(_dl: Deadline, sockets: contextlib.ExitStack) -> None:
         sport = a.sport or 20000 + int.from_bytes(os.urandom(2), "big") % 40000
         fam, pkt = build_udp(a.src, a.dst, sport, a.port, payload)
         # IPPROTO_RAW implies header-included for both families on Linux, so the
         # source address is whatever we wrote: no bind, no routing source check.
-        with socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
-            out["bytes"] = s.sendto(pkt, (a.dst, 0))
+        s = sockets.enter_context(socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW))
+        out["bytes"] = s.sendto(pkt, (a.dst, 0))
         out["sport"] = sport
         out["ok"] = True
-    except (OSError, ValueError) as e:
-        out["error"] = err_name(e)
-    out["elapsed"] = dl.elapsed()
-    return out
+    return run_probe(out, a.timeout, body)
 
 
 def parser() -> argparse.ArgumentParser:

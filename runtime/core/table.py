@@ -1,0 +1,56 @@
+"""The node's nft table in force: loaded from the compiled policy with the elements of
+every ready attachment in one transaction, under the table lock that keeps ADD and DEL
+apart from a reload."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from netpolicy.compile import Compiled
+from netpolicy.ruleset import EgressPolicy
+from runtime.core import restore
+from runtime.fsutil import locked
+
+if TYPE_CHECKING:
+    from runtime.core.node import Node
+
+log = logging.getLogger(__name__)
+
+
+def apply(node: Node, policy_file: str, state_dir: str) -> Compiled:
+    """Compile, then load in one transaction. Any error before the load leaves the
+    policy in force untouched. A table that had to be loaded gets the elements of
+    every recorded attachment back (see runtime.core.restore)."""
+    result = node.policies.get(policy_file, state_dir)
+    ensure_loaded(node, result.egress, state_dir)
+    return result
+
+
+def table_lock(state_dir: str, exclusive: bool = False) -> contextlib.AbstractContextManager[None]:
+    """ADD and DEL hold it (shared, side by side) while they change an attachment's
+    elements and record; a reload holds it alone, so the attachments it restores are
+    exactly the ready ones, none half added or half removed."""
+    return locked(Path(state_dir) / "table.lock", shared=not exclusive)
+
+
+def ensure_loaded(node: Node, egress: EgressPolicy, state_dir: str) -> bool:
+    """The table rendered from `egress` is loaded; if it had to be (re)loaded, with the
+    elements of every ready attachment recorded under state_dir in the same
+    transaction. True if it was. A failed load changes nothing and is retried by the
+    next call (the agent's check, the next ADD)."""
+    if node.table.table_current(egress):
+        return False
+    started = time.monotonic()
+    with table_lock(state_dir, exclusive=True):
+        if node.table.table_current(egress):
+            return False  # another process loaded it while we waited
+        endpoints = restore.ready_endpoints(node.links, state_dir)
+        node.table.load_table(egress, endpoints)
+    log.warning("nft table was loaded with the elements of %d attachment(s) in %.0f ms",
+                len(endpoints), (time.monotonic() - started) * 1000)
+    if endpoints:
+        restore.end_escaped_flows(node.flows, endpoints)
+    return True
