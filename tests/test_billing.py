@@ -228,7 +228,7 @@ def test_kill_9_of_the_flusher_loses_nothing_and_bills_nothing_twice(lab, plugin
     bdir = plugin.state_dir / "billing"
     state = str(plugin.state_dir)
     flusher_cmd = [sys.executable, "-m", "runtime.cli.main", "billing", "flush", "--state-dir", state,
-                   "--every", "0.01", "--max-bytes", "3000"]  # tiny files: rotations happen too
+                   "--every", "0.01", "--max-bytes", "1500"]  # tiny files (about 4 records): rotations happen too
     rng = random.Random(4242)
 
     # 1. A flusher flushing every 10 ms, with traffic, SIGKILLed at random moments.

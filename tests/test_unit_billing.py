@@ -580,6 +580,29 @@ def test_kill_9_during_a_rotation_then_rebuild(env):
     check_ledger(env.dir, env.kernel.c)
 
 
+def test_two_rotations_since_the_cache_was_written_bill_nothing_twice(env):
+    """Killed after a rotation and before the cache refresh, twice running: the cache
+    names a file rotated two files ago, and c1's last record sits in the file rotated
+    in between. It must count, or c1's next record repeats a seq and bills its bytes
+    again (found by tests/test_billing.py's random kills)."""
+    c1, c2 = make_att(env.state, "c1"), make_att(env.state, "c2")
+    for a in (c1, c2):
+        env.kernel.send(a, tx=10)
+    env.flush()
+    anchored = json.loads((env.dir / "checkpoint.json").read_text())["file"]["ino"]
+    for a in (c1, c2):  # each child bills only the one that sent, rotates, and dies
+        env.kernel.send(a, tx=10)
+        env.clock.tick(1)
+        assert run_child(env, "before_cache", max_bytes=10).returncode == -signal.SIGKILL
+    assert json.loads((env.dir / "checkpoint.json").read_text())["file"]["ino"] == anchored
+    assert len(Ledger(env.dir).rotated()) == 2
+    env.kernel.send(c1, tx=10)
+    env.clock.tick(1)
+    [rec] = env.flush(max_bytes=1 << 20)
+    assert rec["seq"] == 3 and rec["tx_bytes"] == 10
+    check_ledger(env.dir, env.kernel.c)
+
+
 # --- rotation -----------------------------------------------------------------------
 
 def test_rotation_by_size_keeps_old_files_intact(env):

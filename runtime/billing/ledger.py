@@ -184,11 +184,16 @@ class Ledger:
         if self.current.exists() and self.current.stat().st_ino == ino:
             chain = [self.current]
         else:
-            # Rotated after the cache was written (crash before the refresh).
-            owner = next((p for p in self.rotated() if p.stat().st_ino == ino), None)
+            # Rotated after the cache was written (killed before the refresh). More than
+            # one rotation may have come since (a session killed after each), and
+            # neither names (same-second "-n" suffixes) nor times (coarse, and the
+            # clock may step back) order the files for sure: read every other file
+            # whole. Extra files cost only time: a mark keeps its highest seq.
+            rotated = self.rotated()
+            owner = next((p for p in rotated if p.stat().st_ino == ino), None)
             if owner is None:
                 return None
-            chain = [owner] + ([self.current] if self.current.exists() else [])
+            chain = [owner] + [p for p in rotated if p != owner] + ([self.current] if self.current.exists() else [])
         with open(chain[0], "rb") as fh:
             if os.fstat(fh.fileno()).st_size < offset or self._tail_hash(fh.fileno(), offset) != tail:
                 return None
