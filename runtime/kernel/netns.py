@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -31,18 +32,62 @@ _libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
 
 
-def check_netns(path: str) -> None:
-    """A missing netns means the container is gone (CNI code 3)."""
+# ioctl(2) of nsfs files: NS_GET_NSTYPE = _IO(0xb7, 0x3) (Linux >= 4.11) answers the
+# namespace's CLONE_NEW* type; every other file answers ENOTTY (or EINVAL).
+_NS_GET_NSTYPE = 0xB703
+# Where runtimes pin pod namespaces, for the error of a path the agent can't use.
+_PIN_HINT = ("if the sockgate agent runs in a container, it probably doesn't see the runtime's "
+             "pin dir: mount {dir} into the agent container with mountPropagation: HostToContainer "
+             "(deploy/kubernetes/sockgate.yaml: the netns-pin-* volumes; README, \"Kubernetes workloads\")")
+
+
+def open_netns(path: str) -> int:
+    """An O_RDONLY descriptor of the network namespace at `path`, checked to be one
+    before anything uses it: one open and one ioctl. Anything else is CNI code 3
+    naming the path. Without this a path that isn't a netns (typically the empty
+    file a runtime bind-mounts the netns onto, seen from a mount namespace the
+    mount didn't reach) failed later as "create veth ... Invalid argument" (102)."""
     try:
-        st = os.stat(path)
+        # O_NONBLOCK: a FIFO at the path can't block the request; O_NOCTTY: nor a tty
+        # become ours.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
         raise SockgateError(UNKNOWN_CONTAINER, "network namespace does not exist", path) from None
     except OSError as exc:
         raise SockgateError(UNKNOWN_CONTAINER, "network namespace is not accessible",
                             f"{path}: {exc.strerror}") from None
-    # /proc/<pid>/ns/net and bind mounts of it are regular-looking files on nsfs.
+    try:
+        nstype = fcntl.ioctl(fd, _NS_GET_NSTYPE)
+    except OSError:
+        nstype = None
+    if nstype == _CLONE_NEWNET:
+        return fd
+    try:
+        raise _not_a_netns(path, fd, nstype)
+    finally:
+        os.close(fd)
+
+
+def _not_a_netns(path: str, fd: int, nstype: int | None) -> SockgateError:
+    if nstype is not None:
+        return SockgateError(UNKNOWN_CONTAINER, "not a network namespace",
+                             f"{path} is a namespace of another type (CLONE_NEW* {nstype:#x})")
+    st = os.fstat(fd)
     if stat.S_ISDIR(st.st_mode):
-        raise SockgateError(UNKNOWN_CONTAINER, "network namespace path is a directory", path)
+        return SockgateError(UNKNOWN_CONTAINER, "network namespace path is a directory", path)
+    if stat.S_ISREG(st.st_mode):
+        # What a runtime's pin looks like where its bind mount didn't propagate (or
+        # after the runtime unmounted it): the empty file it mounts onto.
+        return SockgateError(UNKNOWN_CONTAINER, "not a network namespace",
+                             f"{path} is a plain file here, not a mounted network namespace; "
+                             + _PIN_HINT.format(dir=os.path.dirname(path) or path))
+    return SockgateError(UNKNOWN_CONTAINER, "not a network namespace", f"{path} is not an nsfs file")
+
+
+def check_netns(path: str) -> None:
+    """CNI_NETNS must be a network namespace this process can open (CNI code 3 if not:
+    a missing one means the container is gone)."""
+    os.close(open_netns(path))
 
 
 def in_netns(path: str, fn: Callable[[], T]) -> T:
@@ -56,7 +101,7 @@ def in_netns(path: str, fn: Callable[[], T]) -> T:
 
     def body() -> None:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_netns(path)
             try:
                 if _libc.setns(fd, _CLONE_NEWNET) != 0:
                     err = ctypes.get_errno()
@@ -178,7 +223,7 @@ def _peer_index(ifname: str) -> int | None:
 
 
 def _create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int, mac: str) -> tuple[str, int]:
-    fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_netns(netns_path)
     try:
         with rtnl.Rtnl() as nl:
             # The name is ours and derived from this very attachment, which has no

@@ -40,7 +40,10 @@ class Plugin:
 
     def __call__(self, command: str, cid: str = "", netns: str = "", ifname: str = "eth0",
                  cni_args: str = "IgnoreUnknown=1", conf: dict | None = None,
-                 stdin: bytes | None = None, env: dict | None = None, drop_env: tuple = ()) -> CNICall:
+                 stdin: bytes | None = None, env: dict | None = None, drop_env: tuple = (),
+                 mount_ns: str = "") -> CNICall:
+        """`mount_ns`: a mount namespace (/proc/<pid>/ns/mnt) to run the executable in,
+        as a runtime in its own mount namespace would."""
         environ = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command,
                    "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": ifname,
                    "CNI_ARGS": cni_args, "CNI_PATH": str(Path(self.exe).parent)}
@@ -48,7 +51,8 @@ class Plugin:
         for key in drop_env:
             environ.pop(key, None)
         data = stdin if stdin is not None else json.dumps(conf or self.conf).encode()
-        proc = subprocess.run(["nsenter", f"--net={self.node_netns}", self.exe], env=environ,
+        mnt = [f"--mount={mount_ns}"] if mount_ns else []
+        proc = subprocess.run(["nsenter", *mnt, f"--net={self.node_netns}", self.exe], env=environ,
                               input=data, capture_output=True, timeout=60)
         call = CNICall(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
         self.calls.append(call)
