@@ -33,7 +33,13 @@ from tests.support import cnitool, images
 from tests.support.containerd import Containerd, ctr_run_cni, private_mounts
 from tests.support.plugin import Plugin, node_links
 
-MANIFEST = PROJECT_ROOT / "deploy" / "kubernetes" / "sockgate.yaml"
+K8S_DIR = PROJECT_ROOT / "deploy" / "kubernetes"
+MANIFEST = K8S_DIR / "sockgate.yaml"
+KUSTOMIZATION = K8S_DIR / "kustomization.yaml"
+SANDBOX_LABEL = "sockgate.io/sandbox"
+# The runtimes' netns pin dirs the DaemonSet mounts by default (README, "Kubernetes
+# workloads"): containerd's and CRI-O's default, containerd's netns_mounts_under_state_dir.
+PIN_DIRS = ["/run/netns", "/run/containerd/io.containerd.grpc.v1.cri/netns"]
 INSTALL_NODE = PROJECT_ROOT / "scripts" / "install-node.sh"
 VENV = Path(sys.executable).parent.parent
 # The oldest Kubernetes the manifests support (securityContext.appArmorProfile is 1.30),
@@ -62,8 +68,23 @@ def manifests() -> list[dict]:
     return [doc for doc in yaml.safe_load_all(MANIFEST.read_text()) if doc]
 
 
+def kustomization() -> dict:
+    return yaml.safe_load(KUSTOMIZATION.read_text())
+
+
+def manifest_files() -> list[Path]:
+    """Every Kubernetes manifest in deploy/kubernetes (the kustomization is not one)."""
+    return sorted(p for p in K8S_DIR.glob("*.y*ml") if p != KUSTOMIZATION)
+
+
+def base_manifests() -> list[dict]:
+    """What the kustomize base applies: the documents of every listed resource."""
+    return [doc for name in kustomization()["resources"]
+            for doc in yaml.safe_load_all((K8S_DIR / name).read_text()) if doc]
+
+
 def one(kind: str, name: str | None = None) -> dict:
-    (doc,) = [d for d in manifests() if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    (doc,) = [d for d in base_manifests() if d["kind"] == kind and name in (None, d["metadata"]["name"])]
     return doc
 
 
@@ -87,8 +108,11 @@ def node_script() -> str:
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_manifests_validate_against_the_kubernetes_schema(version: str) -> None:
-    docs = manifests()
-    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "ConfigMap", "DaemonSet", "Namespace", "ServiceAccount"]
+    assert sorted(d["kind"] for d in manifests()) == ["ConfigMap", "ConfigMap", "DaemonSet", "Namespace",
+                                                      "ServiceAccount"]
+    docs = [doc for f in manifest_files() for doc in yaml.safe_load_all(f.read_text()) if doc]
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "ConfigMap", "DaemonSet", "Namespace",
+                                               "RuntimeClass", "ServiceAccount"]
     for doc in docs:
         # strict: a misspelt or misplaced field is an error, not silently dropped.
         assert kubernetes_validate.validate(doc, version, strict=True) == version.rsplit(".", 1)[0]
@@ -156,6 +180,7 @@ def test_manifests_hold_together() -> None:
     netns = [m for m in agent["volumeMounts"] if m["mountPath"] == "/run/netns"]
     assert netns and netns[0]["mountPropagation"] == "HostToContainer"
     assert volumes[netns[0]["name"]]["hostPath"]["path"] == "/run/netns"
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux", SANDBOX_LABEL: "true"}
 
     # The agent: the dirs of the conflist, the ready file the probe looks for.
     command = " ".join(agent["command"])
@@ -174,6 +199,98 @@ def test_manifests_hold_together() -> None:
     policy = json.loads(one("ConfigMap", "sockgate-config")["data"]["policy.json"])
     parse_policy(policy)
     assert policy == json.loads((PROJECT_ROOT / "deploy" / "systemd" / "policy.json").read_text())
+
+
+def _images(docs: list[dict]) -> list[str]:
+    return [c["image"] for d in docs if d["kind"] == "DaemonSet"
+            for c in d["spec"]["template"]["spec"]["initContainers"] + d["spec"]["template"]["spec"]["containers"]]
+
+
+def _repository(image: str) -> str:
+    """The image reference without its tag (a registry port's colon is not one)."""
+    last = image.rsplit("/", 1)[-1]
+    return image[: len(image) - len(last)] + last.split(":", 1)[0]
+
+
+def render_images(docs: list[dict], images: list[dict]) -> list[dict]:
+    """kustomize's `images` transformer, for what this base uses (name -> newName,
+    newTag): the Python stand-in where kubectl isn't installed."""
+    out = copy.deepcopy(docs)
+    for d in out:
+        if d["kind"] != "DaemonSet":
+            continue
+        pod = d["spec"]["template"]["spec"]
+        for c in pod["initContainers"] + pod["containers"]:
+            for img in images:
+                if _repository(c["image"]) == img["name"]:
+                    c["image"] = f"{img.get('newName', img['name'])}:{img['newTag']}"
+    return out
+
+
+def test_kustomization_lists_every_manifest_and_sets_the_image_once(tmp_path: Path) -> None:
+    k = kustomization()
+    assert k["apiVersion"] == "kustomize.config.k8s.io/v1beta1" and k["kind"] == "Kustomization"
+    assert set(k) <= {"apiVersion", "kind", "resources", "images"}, "a field this test doesn't render"
+    assert sorted(k["resources"]) == sorted(p.name for p in manifest_files())
+    assert len(k["resources"]) == len(set(k["resources"]))
+    # One place: a single images entry, and it names every container's image.
+    (entry,) = k["images"]
+    images = _images(manifests())
+    assert len(images) == 3 and {_repository(i) for i in images} == {entry["name"]}
+    assert isinstance(entry["newTag"], str)
+
+    # Changing that one entry changes every container, and nothing else.
+    moved = [dict(entry, newName="registry.example:5000/team/sockgate", newTag="9.9.9")]
+    rendered = render_images(base_manifests(), moved)
+    assert set(_images(rendered)) == {"registry.example:5000/team/sockgate:9.9.9"}
+    assert [d["kind"] for d in rendered] == [d["kind"] for d in base_manifests()]
+    assert set(_images(render_images(base_manifests(), k["images"]))) == {f"{entry['newName']}:{entry['newTag']}"}
+    kubectl = shutil.which("kubectl")
+    if kubectl:  # the real kustomize (built into kubectl, offline) agrees with the stand-in
+        overlay = tmp_path / "overlay"
+        shutil.copytree(K8S_DIR, overlay)
+        (overlay / "kustomization.yaml").write_text(yaml.safe_dump(dict(k, images=moved)))
+        out = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True,
+                             check=True, timeout=60).stdout
+        real = [d for d in yaml.safe_load_all(out) if d]
+        key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+        assert sorted(real, key=key) == sorted(rendered, key=key)
+
+
+def test_runtimeclass_schedules_onto_the_daemonsets_nodes() -> None:
+    rc = one("RuntimeClass")
+    pod = daemonset()["spec"]["template"]["spec"]
+    assert rc["metadata"]["name"] == "sockgate" and rc["handler"] == "runc"
+    selector = rc["scheduling"]["nodeSelector"]
+    assert selector == {SANDBOX_LABEL: "true"}
+    # A pod of that class lands only where the DaemonSet runs: the DaemonSet's selector
+    # asks no more than the class's (apart from the OS every node of the pool has).
+    assert selector.items() <= pod["nodeSelector"].items()
+    assert set(pod["nodeSelector"]) - set(selector) == {"kubernetes.io/os"}
+    # The pool's taint: the class tolerates exactly it; the DaemonSet every taint.
+    assert rc["scheduling"]["tolerations"] == [{"key": SANDBOX_LABEL, "operator": "Equal", "value": "true",
+                                               "effect": "NoSchedule"}]
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+
+
+def test_netns_pin_dirs_are_mounted_host_to_container() -> None:
+    pod = daemonset()["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    pins = [m for m in container("agent")["volumeMounts"] if m["name"].startswith("netns-pin-")]
+    assert sorted(m["mountPath"] for m in pins) == sorted(PIN_DIRS)
+    for m in pins:
+        # At the node's path (CNI_NETNS names it), seeing pins made after the start
+        # (HostToContainer, not Bidirectional: nothing goes back to the node); the agent
+        # only opens them.
+        assert m["mountPropagation"] == "HostToContainer", m
+        assert volumes[m["name"]]["hostPath"] == {"path": m["mountPath"], "type": "DirectoryOrCreate"}
+        assert m["readOnly"] is True
+    # Only the agent opens pod namespaces.
+    for c in pod["initContainers"] + [c for c in pod["containers"] if c["name"] != "agent"]:
+        assert not [m for m in c["volumeMounts"] if m["name"].startswith("netns-pin-")]
+    # Every mount with propagation is a pin dir: nothing else needs to see later mounts.
+    propagating = [m for c in pod["containers"] for m in c["volumeMounts"] if "mountPropagation" in m]
+    assert propagating == pins
 
 
 # ---- the DaemonSet's node script ---------------------------------------------------------
@@ -577,7 +694,11 @@ def test_agent_runs_under_the_daemonset_security_context(lab, app, tmp_path: Pat
     args += [a for c in default_caps if c not in ctx["capabilities"]["add"] for a in ("--cap-drop", f"CAP_{c}")]
     for dst, src in mounts.items():
         args += ["--mount", f"type=bind,src={src},dst={dst},options=rbind:{'rw' if src.startswith(str(tmp_path)) else 'ro'}"]
-    args += ["--mount", "type=bind,src=/run/netns,dst=/run/netns,options=rbind:rslave"]
+    # The manifest's pin dir mount for /run/netns (where the lab pins its namespaces),
+    # as the kubelet makes it: rslave is HostToContainer.
+    (pin,) = [m for m in agent["volumeMounts"] if m["mountPath"] == "/run/netns"]
+    assert pin["mountPropagation"] == "HostToContainer"
+    args += ["--mount", f"type=bind,src=/run/netns,dst=/run/netns,options=rbind:rslave:{'ro' if pin.get('readOnly') else 'rw'}"]
 
     with Containerd(lab.ns_path(lab.node), tmp_path / "ctd") as ctd:
         started = ctd.ctr("run", *args, str(rootfs), "agent", "/bin/sh", "-c", command, check=False)
