@@ -21,7 +21,6 @@ from runtime.core.netconf import NetConf
 from runtime.core.node import Node
 from runtime.errors import ALREADY_ATTACHED, CHECK_FAILED, KERNEL_FAILURE, NOT_AVAILABLE, SockgateError
 from runtime.fsutil import locked, remove_stale_temps
-from runtime.kernel import netns
 from runtime.state.ipam import LeaseStore, Owner
 from runtime.state.store import ADDING, READY, Attachment, AttachmentStore, attachments, host_ifname
 
@@ -83,7 +82,7 @@ def _reserve(net: Network, req: AttachRequest) -> Attachment:
 
 def attach(node: Node, req: AttachRequest) -> Attachment:
     """The CNI way: the container end is created and configured inside req.netns."""
-    netns.check_netns(req.netns)
+    node.links.check_netns(req.netns)
 
     def place(att: Attachment) -> None:
         att.container_mac = node.links.configure_container(req.netns, req.ifname, att.ipv4, att.ipv6, att.host_mac)
@@ -192,7 +191,7 @@ def check(node: Node, conf: NetConf, container_id: str, ifname: str, netns_path:
     if att is None or att.state != READY:
         raise SockgateError(CHECK_FAILED, "container is not attached to this network",
                             f"no attachment for {container_id}/{ifname} on {conf.name}")
-    netns.check_netns(netns_path)
+    node.links.check_netns(netns_path)
     problems = []
     view = node.links.inspect_container(netns_path, ifname)
     if view is None:

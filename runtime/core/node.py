@@ -52,6 +52,9 @@ class LinkBackend(Protocol):
 
     def enable_forwarding(self) -> None: ...
 
+    def check_netns(self, netns_path: str) -> None:
+        """CNI code 3 unless netns_path is a network namespace this process can open."""
+
     def create_veth(self, host_ifname: str, netns_path: str, ifname: str, mtu: int,
                     mac: str = "") -> tuple[str, int]:
         """Returns the MAC and the node end's index."""

@@ -553,6 +553,7 @@ class NetlinkLinks:
     def retire_link(self, ifname: str) -> bool:
         return retire_link(ifname, self.reaper)
 
+    check_netns = staticmethod(check_netns)
     enable_forwarding = staticmethod(enable_forwarding)
     configure_container = staticmethod(configure_container)
     configure_host = staticmethod(configure_host)

@@ -10,12 +10,13 @@ fails the one it was told to: a test can make each call of an attach fail in tur
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
 
 from netpolicy.ruleset import CONTAINER_IFGROUP, COUNTED_SETS, EgressPolicy, Endpoint, endpoint_keys, revision
 from runtime.core.node import Node
 from runtime.core.policy import CompiledPolicies
-from runtime.errors import KERNEL_FAILURE, SockgateError
+from runtime.errors import KERNEL_FAILURE, UNKNOWN_CONTAINER, SockgateError
 from runtime.kernel.netlink import route as rtnl
 from runtime.kernel.netns import GATEWAY_V4, GATEWAY_V6, ContainerView, veth_mac
 from runtime.kernel.nft import Counters
@@ -215,6 +216,12 @@ class FakeLinks:
     def enable_forwarding(self) -> None:
         self.faults.hit("links.enable_forwarding")
         self.forwarding = True
+
+    def check_netns(self, netns_path: str) -> None:
+        """A fake container's netns is any file that exists (the kernel's check is
+        runtime.kernel.netns.open_netns, tested in the lab and test_unit_netns)."""
+        if not os.path.exists(netns_path):
+            raise SockgateError(UNKNOWN_CONTAINER, "network namespace does not exist", netns_path)
 
     def create_veth(self, host_ifname: str, netns_path: str, ifname: str, mtu: int,
                     mac: str = "") -> tuple[str, int]:
