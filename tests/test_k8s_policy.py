@@ -228,3 +228,27 @@ def test_cluster_dns_through_the_dnat_with_the_opt_in_only(lab, plugin, app, tmp
         assert not r.ok, r
     # Google Public DNS (dnsPolicy: None) works either way.
     assert lab.dns_query(ns, "smtp.gmail.com", server=LAB.dns_v4[0]).ok
+
+
+def test_agent_keeps_the_nodes_addresses_current(lab, plugin, app, agent, tmp_path):
+    """An address added to the node after the table was loaded is in node4 within the
+    agent's check period, and gone again once removed."""
+    extra = "198.18.0.77"
+    def loaded() -> list[str]:
+        listing = json.loads(lab.run(lab.node, ["nft", "-j", "list", "set", "inet", "sockgate", "node4"]).stdout)
+        return [e for item in listing["nftables"] for e in item.get("set", {}).get("elem", [])]
+
+    plugin.add("first", app())
+    assert LAB.node_uplink_v4 in loaded() and extra not in loaded()
+    lab.run(lab.node, ["ip", "addr", "add", f"{extra}/32", "dev", LAB.uplink_if])
+    try:
+        deadline = time.monotonic() + 10
+        while extra not in loaded():
+            assert time.monotonic() < deadline, loaded()
+            time.sleep(0.2)
+    finally:
+        lab.run(lab.node, ["ip", "addr", "del", f"{extra}/32", "dev", LAB.uplink_if], check=False)
+    deadline = time.monotonic() + 10
+    while extra in loaded():
+        assert time.monotonic() < deadline, loaded()
+        time.sleep(0.2)
