@@ -9,7 +9,7 @@ import bisect
 import ipaddress
 from dataclasses import dataclass
 
-from netpolicy.policy import Allow, Ingress, Policy
+from netpolicy.policy import DNS_PORT, Allow, Ingress, Policy
 from netpolicy.ranges import Block, IPNetwork, collapse
 from netpolicy.ruleset import EgressPolicy, dropped
 
@@ -27,6 +27,12 @@ STATIC_SETS = {
     "blocked6": "type ipv6_addr; flags interval",
     "ingress4": "typeof ip saddr . meta l4proto . th dport; flags interval",
     "ingress6": "typeof ip6 saddr . meta l4proto . th dport; flags interval",
+    # What the node itself may open into containers (`"source": "node"`); the node's
+    # addresses are the sets node4/node6, filled at run time (netpolicy.ruleset).
+    "ingress_node": "typeof meta l4proto . th dport; flags interval",
+    # clusterDns.services, matched against a flow's original destination.
+    "cluster_dns4": "type ipv4_addr",
+    "cluster_dns6": "type ipv6_addr",
 }
 DYNAMIC_SETS = {
     "allow4_dns": "typeof ip daddr . meta l4proto . th dport; flags timeout",
@@ -44,9 +50,26 @@ class Rule:
     verdict: str
 
 
+# The cluster DNS exception looks at the flow's ORIGINAL destination: the forward hook
+# sees the address after the node's DNAT (kube-proxy's, in prerouting), a CoreDNS pod's,
+# private, which the ranges below would refuse. `ct status dnat`: only through a DNAT
+# (a service IP the node does not translate would be routed out as it is). The original
+# port has no nft type of its own (it depends on the protocol): `nft list` prints it as
+# "0x35 [invalid type]"; the kernel compares the same two bytes as `th dport 53`.
+
+
+def _cluster_dns(family: str, set_name: str) -> str:
+    return (f"meta l4proto {{ tcp, udp }} ct status dnat ct original {family} daddr @{set_name} "
+            f"ct original proto-dst {DNS_PORT} return")
+
+
 RULES: tuple[Rule, ...] = (
     Rule("tcp-udp-only", "only TCP and UDP leave a container (C3)",
          dropped("meta l4proto != { tcp, udp }", "protocol"), REFUSE),
+    Rule("cluster-dns", "the cluster DNS service, through the node's DNAT, port 53 only (clusterDns)",
+         _cluster_dns("ip", "cluster_dns4"), ALLOW),
+    Rule("cluster-dns", "the cluster DNS service, through the node's DNAT, port 53 only (clusterDns)",
+         _cluster_dns("ip6", "cluster_dns6"), ALLOW),
     Rule("exception", "exception on its protocols and ports (C8)",
          "ip daddr . meta l4proto . th dport @allow4 return", ALLOW),
     Rule("exception", "exception on its protocols and ports (C8)",
@@ -64,6 +87,20 @@ RULES: tuple[Rule, ...] = (
 )
 INGRESS_RULES = ("ip saddr . meta l4proto . th dport @ingress4 accept",
                  "ip6 saddr . meta l4proto . th dport @ingress6 accept")
+# `"source": "node"`, in node_to_container (the output hook: only the node's own
+# packets pass there, never a forwarded one) ...
+NODE_INGRESS_RULES = ("ip saddr @node4 meta l4proto . th dport @ingress_node accept",
+                      "ip6 saddr @node6 meta l4proto . th dport @ingress_node accept")
+# ... and the container's answers, in container_to_node (the input hook), after its
+# anti-spoofing: packets in the REPLY direction of a flow whose original source is the
+# node, from the port the node opened it to. A container's own flow to the node is
+# in the original direction whatever its ports, so it never matches. (No NAT sits
+# between the node and a container: the reply's source port is the port the output
+# hook allowed.)
+NODE_REPLY_RULES = (
+    "ct direction reply ct state established ct original ip saddr @node4 meta l4proto . th sport @ingress_node accept",
+    "ct direction reply ct state established ct original ip6 saddr @node6 meta l4proto . th sport @ingress_node accept",
+)
 
 
 def _ip(net: IPNetwork) -> str:
@@ -87,6 +124,10 @@ def _allow_elements(allows: tuple[Allow | Ingress, ...], version: int, field: st
                     by_port.setdefault((proto, port), []).append(net)
     return sorted(f"{_ip(net)} . {proto} . {port}"
                   for (proto, port), nets in by_port.items() for net in collapse(nets))
+
+
+def _node_ports(ingress: tuple[Ingress, ...]) -> list[str]:
+    return sorted({f"{proto} . {port}" for i in ingress if i.from_node for proto in i.protos for port in i.ports})
 
 
 @dataclass(frozen=True)
@@ -116,18 +157,23 @@ def compile_policy(policy: Policy, google: list[IPNetwork]) -> Compiled:
     blocked = blocked_networks(policy, google)
     statics = [a for a in policy.allows if not a.is_host]
     ports = sorted({f"{b.proto} . {b.port}" for b in policy.blocked_ports})
+    cidr_ingress = tuple(i for i in policy.ingress if not i.from_node)
     elements = (
         _elements("allow4", _allow_elements(tuple(statics), 4))
         + _elements("allow6", _allow_elements(tuple(statics), 6))
         + _elements("blocked_ports", ports)
         + _elements("blocked4", [_ip(n) for n, _ in blocked if n.version == 4])
         + _elements("blocked6", [_ip(n) for n, _ in blocked if n.version == 6])
-        + _elements("ingress4", _allow_elements(policy.ingress, 4, "source"))
-        + _elements("ingress6", _allow_elements(policy.ingress, 6, "source"))
+        + _elements("ingress4", _allow_elements(cidr_ingress, 4, "source"))
+        + _elements("ingress6", _allow_elements(cidr_ingress, 6, "source"))
+        + _elements("ingress_node", _node_ports(policy.ingress))
+        + _elements("cluster_dns4", [a for a in policy.cluster_dns if ipaddress.ip_address(a).version == 4])
+        + _elements("cluster_dns6", [a for a in policy.cluster_dns if ipaddress.ip_address(a).version == 6])
     )
     egress = EgressPolicy(
         sets=tuple(STATIC_SETS.items()), dynamic_sets=tuple(DYNAMIC_SETS.items()),
-        rules=tuple(r.nft for r in RULES), ingress_rules=INGRESS_RULES, elements=tuple(elements),
+        rules=tuple(r.nft for r in RULES), ingress_rules=INGRESS_RULES,
+        node_ingress_rules=NODE_INGRESS_RULES, node_reply_rules=NODE_REPLY_RULES, elements=tuple(elements),
         idle_timeout=policy.idle_timeout, bounds=policy.limits)
     return Compiled(policy, tuple(blocked), egress)
 
@@ -160,6 +206,10 @@ def explain(compiled: Compiled, dst: str, port: int, proto: str,
                        f"{addr} is one of the node's own addresses")
     if proto not in ("tcp", "udp"):
         return Verdict(REFUSE, "tcp-udp-only", _why("tcp-udp-only"), f"protocol {proto}")
+    if port == DNS_PORT and addr in {ipaddress.ip_address(a) for a in policy.cluster_dns}:
+        return Verdict(ALLOW, "cluster-dns", _why("cluster-dns"),
+                       f"{addr} is in clusterDns.services: allowed as the flow's original destination, "
+                       "to wherever the node's DNAT (kube-proxy) sends it; without a DNAT the rules below decide")
     for a in policy.allows:
         if proto not in a.protos or port not in a.ports:
             continue

@@ -56,13 +56,26 @@ class Allow:
             return True
 
 
+# The ingress source that names the node itself: its own addresses, whatever they are
+# (read at run time in the node's netns), for kubelet's probes.
+NODE_SOURCE = "node"
+# The one port a cluster DNS service is opened on.
+DNS_PORT = 53
+
+
 @dataclass(frozen=True)
 class Ingress:
-    """A source (e.g. a platform proxy) allowed to open connections into containers."""
+    """A source (e.g. a platform proxy) allowed to open connections into containers.
+    `source` is a CIDR, or NODE_SOURCE: connections the node itself opens (from the
+    output hook, never a forwarded packet), whose replies may then reach the node."""
 
     source: str
     protos: tuple[str, ...]
     ports: tuple[int, ...]
+
+    @property
+    def from_node(self) -> bool:
+        return self.source == NODE_SOURCE
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,10 @@ class Policy:
         Allow("imap.gmail.com", ("tcp",), (993,), "Gmail IMAP (C8)"),
     )
     ingress: tuple[Ingress, ...] = ()
+    # Cluster DNS service addresses (`clusterDns.services`): a flow whose ORIGINAL
+    # destination (before the node's DNAT, e.g. kube-proxy's) is one of them, on port
+    # 53, is allowed wherever the DNAT sent it. Empty: no exception (the default).
+    cluster_dns: tuple[str, ...] = ()
     resolver: ResolverSettings = field(default_factory=ResolverSettings)
     google: GoogleSources = field(default_factory=GoogleSources)
     # Seconds a flow may stay silent (both directions) before it is reclaimed (C10).
@@ -112,7 +129,7 @@ class Policy:
 # --- parsing a policy file -------------------------------------------------------
 
 _KEYS = {"googleRanges", "resolver", "blockedRanges", "blockedPorts", "exceptions", "ingress",
-         "idleTimeout", "limits"}
+         "idleTimeout", "limits", "clusterDns"}
 
 
 def _obj(value: Any, path: str, keys: set[str]) -> dict[str, Any]:
@@ -240,6 +257,33 @@ def _exception(item: Any, path: str) -> Allow:
     return allow
 
 
+def _source(value: Any, path: str) -> str:
+    if value == NODE_SOURCE:
+        return NODE_SOURCE
+    problem = f"must be an IP address, a CIDR or {NODE_SOURCE!r} (the node's own addresses), got {value!r}"
+    if not isinstance(value, str):
+        raise PolicyError(path, problem)
+    try:
+        return str(ipaddress.ip_network(value))
+    except ValueError as exc:
+        raise PolicyError(path, f"{problem} ({exc})") from None
+
+
+def _cluster_dns(raw: Any) -> tuple[str, ...]:
+    d = _obj(raw, "clusterDns", {"services"})
+    services = _list(d.get("services"), "clusterDns.services")
+    if not services:
+        raise PolicyError("clusterDns.services", "must not be empty (leave clusterDns out for no exception)")
+    out = []
+    for i, s in enumerate(services):
+        # One address each: a service IP, never a range (a range would open port 53 of
+        # every private host in it through any DNAT).
+        if not _is_ip(s):
+            raise PolicyError(f"clusterDns.services[{i}]", f"must be an IP address (the DNS service's), got {s!r}")
+        out.append(str(ipaddress.ip_address(s)))
+    return tuple(dict.fromkeys(out))
+
+
 def parse_policy(raw: Any) -> Policy:
     """The default contract plus what the file adds. Raises PolicyError naming the field."""
     doc = _obj(raw, "", _KEYS)
@@ -272,9 +316,12 @@ def parse_policy(raw: Any) -> Policy:
     for i, item in enumerate(_list(doc.get("ingress", []), "ingress")):
         path = f"ingress[{i}]"
         e = _obj(item, path, {"source", "protocols", "ports"})
-        ingress.append(Ingress(_cidr(e.get("source"), f"{path}.source"),
+        source = e.get("source")
+        ingress.append(Ingress(_source(source, f"{path}.source"),
                                _protos(e.get("protocols", ["tcp"]), f"{path}.protocols"),
                                _ports(e.get("ports"), f"{path}.ports")))
+    cluster_dns = _cluster_dns(doc["clusterDns"]) if "clusterDns" in doc else ()
     return replace(policy, blocked=policy.blocked + extra_blocks,
                    blocked_ports=policy.blocked_ports + tuple(extra_ports),
-                   allows=policy.allows + tuple(extra_allows), ingress=tuple(ingress))
+                   allows=policy.allows + tuple(extra_allows), ingress=tuple(ingress),
+                   cluster_dns=cluster_dns)

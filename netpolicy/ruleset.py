@@ -10,6 +10,7 @@ import functools
 import hashlib
 import ipaddress
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 FAMILY = "inet"
@@ -40,7 +41,14 @@ SETS = {
     # bucket (`limit`). The flow counts go when their flows do; buckets time out.
     "flow_count": "typeof meta iif; size 65535; flags dynamic",
     "flow_rate": "typeof meta iif; size 65535; flags dynamic,timeout; timeout 60s",
+    # The node's own addresses (every address of the netns the table lives in), filled
+    # by the runtime when it loads the table and kept current by the agent
+    # (node_addresses_script): what `"source": "node"` ingress rules match, and what no
+    # forwarded packet may claim as its source.
+    "node4": "type ipv4_addr",
+    "node6": "type ipv6_addr",
 }
+NODE_SETS = ("node4", "node6")
 COUNTED_SETS = ("tx4", "tx6", "rx")
 BOUND_SETS = ("flow_count", "flow_rate")
 # The interface group (IFLA_GROUP, `ip link set DEV group N`) of every container's
@@ -229,8 +237,12 @@ def _from_container(idle_timeout: int, bounds: FlowBounds) -> list[str]:
 
 REGULAR_CHAINS: dict[str, list[str]] = {
     # What `forward` did not accept as a reply (C2): only a platform proxy's
-    # ingress allowance, if configured, gets in.
-    "to_container": [dropped("", "inbound", "drop").lstrip()],
+    # ingress allowance, if configured, gets in. A forwarded packet claiming to come
+    # from the node itself is forged (the node's own packets take the output hook):
+    # it must not pass as the node under an ingress rule whose CIDR covers the node.
+    "to_container": [dropped("ip saddr @node4", "spoofed-node", "drop"),
+                     dropped("ip6 saddr @node6", "spoofed-node", "drop"),
+                     dropped("", "inbound", "drop").lstrip()],
     # The node is not a service for containers, nor a neighbour to talk to (see _ND).
     "container_to_node": [dropped(_ND, "neighbour", "drop"), *ANTI_SPOOFING,
                           dropped("", "container-to-node").lstrip()],
@@ -245,7 +257,9 @@ class EgressPolicy:
 
     `rules` fill the `egress_policy` chain, evaluated for every packet a container
     sends that passed anti-spoofing (empty: allow all egress). `ingress_rules` run
-    before the drop of connections into containers. `sets` are refilled from
+    before the drop of connections into containers, `node_ingress_rules` only before
+    that of the node's own connections, `node_reply_rules` before the drop of what a
+    container sends to the node. `sets` are refilled from
     `elements` on every load; `dynamic_sets` are declared but keep their elements.
     """
 
@@ -253,6 +267,10 @@ class EgressPolicy:
     dynamic_sets: tuple[tuple[str, str], ...] = ()
     rules: tuple[str, ...] = ()
     ingress_rules: tuple[str, ...] = ()
+    # What the node itself may open (node_to_container, before its drop), and the
+    # container's replies to those flows (container_to_node, before its drop).
+    node_ingress_rules: tuple[str, ...] = ()
+    node_reply_rules: tuple[str, ...] = ()
     elements: tuple[str, ...] = ()
     idle_timeout: int = 600
     bounds: FlowBounds = FlowBounds()
@@ -299,8 +317,10 @@ def _render(policy: EgressPolicy, rev: str) -> str:
     chains |= REGULAR_CHAINS
     chains["from_container"] = _from_container(policy.idle_timeout, policy.bounds)
     chains["egress_policy"] = list(policy.rules)
-    for name in ("to_container", "node_to_container"):
-        chains[name] = [*chains[name][:-1], *policy.ingress_rules, chains[name][-1]]
+    for name, extra in (("to_container", policy.ingress_rules),
+                        ("node_to_container", policy.ingress_rules + policy.node_ingress_rules),
+                        ("container_to_node", policy.node_reply_rules)):
+        chains[name] = [*chains[name][:-1], *extra, chains[name][-1]]
     # Declare every chain before filling any: rules jump to chains declared later.
     for name in chains:
         decl = BASE_CHAINS[name][0] if name in BASE_CHAINS else ""
@@ -380,6 +400,19 @@ def _element(set_name: str, key: str, ep: Endpoint) -> str:
 def add_endpoint(ep: Endpoint) -> str:
     return "".join(f"add element {FAMILY} {TABLE} {s} {{ {_element(s, e, ep)} }}\n"
                    for s, e in endpoint_elements(ep))
+
+
+def node_addresses_script(addresses: Sequence[str]) -> str:
+    """Replace the contents of node4/node6 with `addresses` (the node's own), in one
+    transaction with whatever it is appended to."""
+    t = f"{FAMILY} {TABLE}"
+    addrs = sorted({ipaddress.ip_address(a) for a in addresses}, key=lambda a: (a.version, a))
+    lines = [f"flush set {t} {name}" for name in NODE_SETS]
+    for version, name in ((4, "node4"), (6, "node6")):
+        mine = [str(a) for a in addrs if a.version == version]
+        if mine:
+            lines.append(f"add element {t} {name} {{ {', '.join(mine)} }}")
+    return "\n".join(lines) + "\n"
 
 
 def add_pools(pools: tuple[str, ...] | list[str]) -> str:

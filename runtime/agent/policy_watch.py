@@ -3,7 +3,10 @@ changes (an invalid file is logged and the policy in force stays), keep exceptio
 hostnames resolved, and check that the loaded table still is the one in force
 (reloading it if someone flushed or replaced it): at once when nf_tables announces a
 change to it (runtime.kernel.netlink.nfnotify), and every CHECK_EVERY_S in any case. That check
-is what lets an ADD served by the agent skip its own (see runtime.core.node.Node.watched)."""
+is what lets an ADD served by the agent skip its own (see runtime.core.node.Node.watched).
+The same check keeps the node's own addresses in the table current (what `"source":
+"node"` ingress rules match): an address added or removed is in force within
+CHECK_EVERY_S."""
 from __future__ import annotations
 
 import logging
@@ -49,7 +52,7 @@ class PolicyKeeper:
         if self.in_force is None:
             return
         try:
-            table.ensure_loaded(self.node, self.in_force, self.state_dir)
+            table.check(self.node, self.in_force, self.state_dir)
         except SockgateError as exc:
             log.error("cannot reload the nft table: %s", exc)
 

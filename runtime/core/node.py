@@ -33,6 +33,9 @@ class TableBackend(Protocol):
     def load_table(self, policy: EgressPolicy, endpoints: list[tuple[Endpoint, tuple[str, ...]]]) -> None:
         """The table with the elements of `endpoints`, in one transaction."""
 
+    def sync_node_addresses(self) -> bool:
+        """The node's own addresses (sets node4/node6) made current; True if they changed."""
+
     def add_if_current(self, ep: Endpoint, pools: tuple[str, ...], policy: EgressPolicy) -> bool:
         """Add one endpoint's elements if the table is current; False, nothing changed, if not."""
 

@@ -25,8 +25,16 @@ def apply(node: Node, policy_file: str, state_dir: str) -> Compiled:
     policy in force untouched. A table that had to be loaded gets the elements of
     every recorded attachment back (see runtime.core.restore)."""
     result = node.policies.get(policy_file, state_dir)
-    ensure_loaded(node, result.egress, state_dir)
+    if not ensure_loaded(node, result.egress, state_dir):
+        node.table.sync_node_addresses()  # a load fills them; else they may be stale
     return result
+
+
+def check(node: Node, egress: EgressPolicy, state_dir: str) -> None:
+    """The agent's periodic check: the table loaded from `egress`, and the node's
+    addresses in it current (an address added to or removed from the node since)."""
+    if not ensure_loaded(node, egress, state_dir):
+        node.table.sync_node_addresses()
 
 
 def table_lock(state_dir: str, exclusive: bool = False) -> contextlib.AbstractContextManager[None]:

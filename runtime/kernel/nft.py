@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from netpolicy.ruleset import (
     COUNTED_SETS,
     FAMILY,
+    NODE_SETS,
     REVISION_SET,
     TABLE,
     EgressPolicy,
@@ -24,6 +25,7 @@ from netpolicy.ruleset import (
     add_pools,
     element_comment,
     endpoint_keys,
+    node_addresses_script,
     parse_comment,
     remove_elements,
     render_table,
@@ -94,11 +96,49 @@ def table_current(policy: EgressPolicy = EgressPolicy()) -> bool:
 
 
 def load_table(policy: EgressPolicy, endpoints: Sequence[tuple[Endpoint, tuple[str, ...]]] = ()) -> None:
-    """The table and the elements of `endpoints` (each with its pools), in one
-    transaction: the table never exists without them. The rendering is idempotent
-    (elements already there stay), so a load racing another leaves one table."""
+    """The table and the elements of `endpoints` (each with its pools), and the node's
+    own addresses, in one transaction: the table never exists without them. The
+    rendering is idempotent (elements already there stay), so a load racing another
+    leaves one table."""
     run(render_table(policy) + add_pools([p for _, pools in endpoints for p in pools])
-        + "".join(add_endpoint(ep) for ep, _ in endpoints))
+        + "".join(add_endpoint(ep) for ep, _ in endpoints) + node_addresses_script(node_addresses()))
+
+
+def node_addresses() -> tuple[str, ...]:
+    """Every address of the calling thread's netns (the node's: where the table lives),
+    v4 and v6, loopback and link-local included."""
+    from pyroute2 import IPRoute  # read only when the table is loaded or checked, never per ADD
+    with IPRoute() as ipr:
+        found = {a.get("IFA_LOCAL") or a.get("IFA_ADDRESS") for a in ipr.get_addr()}
+    return tuple(sorted(str(ipaddress.ip_address(a)) for a in found if a))
+
+
+def node_addresses_loaded() -> set[str] | None:
+    """What node4/node6 hold; None when the table (or a set) is missing."""
+    out: set[str] = set()
+    for name in NODE_SETS:
+        elements = _set_elements(name)
+        if elements is None:
+            return None
+        out.update(str(ipaddress.ip_address(e)) for e in elements if isinstance(e, str))
+    return out
+
+
+def sync_node_addresses() -> bool:
+    """Bring node4/node6 in line with the node's addresses now (an address added or
+    removed since the table was loaded). True if they changed; False if they were
+    current or there is no table (whoever loads it fills them)."""
+    now = node_addresses()
+    loaded = node_addresses_loaded()
+    if loaded is None or loaded == set(now):
+        return False
+    rc, _, err = _nft(node_addresses_script(now))
+    if rc != 0:
+        if not table_exists():
+            return False
+        raise SockgateError(KERNEL_FAILURE, "nftables transaction failed", err.strip())
+    log.info("node addresses updated in the table: %s", ", ".join(now))
+    return True
 
 
 def ensure_table(policy: EgressPolicy = EgressPolicy()) -> bool:

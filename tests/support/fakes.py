@@ -111,6 +111,10 @@ class FakeTable:
             self.pools.update(pools)
             self._add(ep)
 
+    def sync_node_addresses(self) -> bool:
+        self.faults.hit("table.sync_node_addresses")
+        return False  # the fakes have no node addresses to follow
+
     def add_if_current(self, ep: Endpoint, pools: tuple[str, ...], policy: EgressPolicy) -> bool:
         self.faults.hit("table.add_if_current")
         if self.refuse_adds or self.revision != revision(policy):
