@@ -117,7 +117,8 @@ def in_pool(ip: str) -> bool:
 
 def test_pod_gets_sockgate_addresses_and_the_contract_holds(cri_node) -> None:
     n = cri_node()
-    assert "sockgate/00-sockgate.conflist" in n.install_log or "00-sockgate.conflist" in n.install_log
+    # The DaemonSet's installer laid out what CRI's CNI config points at.
+    assert f"the runtime uses {n.node.conf_dir}/00-sockgate.conflist" in n.install_log, n.install_log
     v = n.cri.version()
     assert v.runtime_name == "containerd" and v.runtime_api_version == "v1", v
     assert n.cri.conditions() == {"RuntimeReady": True, "NetworkReady": True}
