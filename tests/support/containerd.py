@@ -136,6 +136,8 @@ class Containerd(Service):
         self.netns_path = os.fspath(netns_path)
         self.workdir = Path(workdir).resolve()
         self.namespace = namespace or f"sgt-{secrets.token_hex(4)}"
+        # The top cgroup directory runc leaves behind (removed at stop()).
+        self.cgroup_top = self.namespace
         self.address = str(self.workdir / "containerd.sock")
         if len(self.address) > 100:
             raise ValueError(f"workdir path too long for a unix socket: {self.address}")
@@ -252,7 +254,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
 
     def _remove_cgroups(self, errors: list[str]) -> None:
         root = Path("/sys/fs/cgroup")
-        tops = [root / self.namespace] + [d / self.namespace for d in root.iterdir() if d.is_dir()]
+        tops = [root / self.cgroup_top] + [d / self.cgroup_top for d in root.iterdir() if d.is_dir()]
         for top in tops:
             if not top.is_dir():
                 continue

@@ -118,9 +118,11 @@ def _goarch() -> str:
             "s390x": "s390x", "riscv64": "riscv64"}.get(platform.machine(), platform.machine())
 
 
-def busybox_oci_archive(cache_dir: str | os.PathLike[str], ref: str = BUSYBOX_REF) -> Path:
-    """Path to an OCI image layout tarball (for ``ctr images import``), named ``ref``."""
-    safe = hashlib.sha256(ref.encode()).hexdigest()[:8]
+def busybox_oci_archive(cache_dir: str | os.PathLike[str], ref: str = BUSYBOX_REF,
+                        cmd: tuple[str, ...] = ("/bin/sh",)) -> Path:
+    """Path to an OCI image layout tarball (for ``ctr images import``), named ``ref``,
+    whose default command is ``cmd``."""
+    safe = hashlib.sha256(json.dumps([ref, *cmd]).encode()).hexdigest()[:8]
     out = Path(cache_dir) / f"{_key()}-{safe}-oci.tar"
     if out.exists():
         return out
@@ -129,7 +131,7 @@ def busybox_oci_archive(cache_dir: str | os.PathLike[str], ref: str = BUSYBOX_RE
     plat = {"architecture": _goarch(), "os": "linux"}
     config = json.dumps({
         **plat,
-        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "WorkingDir": "/"},
+        "config": {"Cmd": list(cmd), "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "WorkingDir": "/"},
         # Uncompressed layer: the diff_id equals the layer digest.
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
         "history": [{"created_by": "sockgate tests/support/images.py"}],
