@@ -14,27 +14,13 @@ import pytest
 
 from runtime.lab import LAB
 from tests.support import attacks as atk
+from tests.support import k8s
+from tests.support.k8s import COREDNS_IP, SERVICE_IP
 
 pytestmark = pytest.mark.lab
 PROBE_PORT = 8080     # the port the policy lets the node open
 OTHER_PORT = 8081     # a port it doesn't
 HTTP_PORT = 8090      # an httpGet probe's port, also listed
-SERVICE_IP = "10.96.0.10"   # the cluster DNS service (kube-proxy DNATs it)
-COREDNS_IP = "10.244.0.53"  # where the DNAT sends it: private, refused on its own
-KUBEPROXY_TABLE = "sg_kubeproxy_sim"
-
-# kubelet's httpGet probe, run in the node netns: a GET with a deadline, the status
-# code printed (or the error's name).
-_HTTP_GET = r"""
-import http.client, sys
-host, port = sys.argv[1], int(sys.argv[2])
-try:
-    c = http.client.HTTPConnection(host, port, timeout=2.0)
-    c.request("GET", "/healthz")
-    print(c.getresponse().status)
-except OSError as exc:
-    print(type(exc).__name__)
-"""
 
 
 def _policy(plugin, tmp_path: Path, name: str, **extra) -> None:
@@ -51,10 +37,6 @@ def _lab_policy(plugin):
     plugin.lab_policy = plugin.conf["policyFile"]  # before any test changes it
 
 
-def _http_get(lab, host: str, port: int) -> str:
-    return lab.run(lab.node, [sys.executable, "-c", _HTTP_GET, host, str(port)], timeout=10).stdout.strip()
-
-
 def _start_http(lab, ns: str, tmp_path: Path) -> None:
     """A tiny HTTP server in the container's netns (both families), answering 200."""
     root = tmp_path / "www"
@@ -64,7 +46,7 @@ def _start_http(lab, ns: str, tmp_path: Path) -> None:
               log=tmp_path / "http.log")
     deadline = time.monotonic() + 10
     while True:  # ready once it answers inside its own netns
-        got = lab.run(ns, [sys.executable, "-c", _HTTP_GET, "::1", str(HTTP_PORT)], timeout=10).stdout.strip()
+        got = k8s.http_get(lab, ns, "::1", HTTP_PORT)
         if got == "200":
             return
         assert time.monotonic() < deadline, f"the container's HTTP server never answered: {got}"
@@ -89,7 +71,7 @@ def test_node_probes_pass_on_listed_ports_only(lab, plugin, app, tmp_path, famil
     c = _container(plugin, app, lab, tmp_path, "probed")
     r = lab.probe(lab.node, "tcp", c[family], PROBE_PORT, timeout=2.0)
     assert r.ok and r.echo_ok, r
-    assert _http_get(lab, c[family], HTTP_PORT) == "200"
+    assert k8s.http_get(lab, lab.node, c[family], HTTP_PORT) == "200"
     r = lab.probe(lab.node, "tcp", c[family], OTHER_PORT, timeout=1.0)
     assert not r.ok and not r.echo_ok, f"the node opened unlisted port {OTHER_PORT}: {r}"
     # Nothing but the node: the same port from the internet stays closed.
@@ -103,7 +85,7 @@ def test_node_probes_refused_by_default(lab, plugin, app, tmp_path, family):
     c = _container(plugin, app, lab, tmp_path, "unprobed")
     r = lab.probe(lab.node, "tcp", c[family], PROBE_PORT, timeout=1.0)
     assert not r.ok and not r.echo_ok, r
-    assert _http_get(lab, c[family], HTTP_PORT) != "200"
+    assert k8s.http_get(lab, lab.node, c[family], HTTP_PORT) in k8s.STOPPED
 
 
 @pytest.mark.parametrize("family", ["v4", "v6"])
@@ -162,41 +144,14 @@ def test_forwarded_packet_claiming_the_nodes_address_is_dropped(lab, plugin, app
 
 # --- cluster DNS through a kube-proxy-like DNAT ---------------------------------------
 
-def _kubeproxy_sim(lab, ports: tuple[int, ...]) -> None:
-    """What kube-proxy's nftables mode does for a ClusterIP service: prerouting DNAT
-    of SERVICE_IP:port to an endpoint (here COREDNS_IP, same port)."""
-    rules = "\n".join(f"add rule ip {KUBEPROXY_TABLE} prerouting ip daddr {SERVICE_IP} {proto} dport {port} "
-                      f"dnat to {COREDNS_IP}:{port}" for port in ports for proto in ("udp", "tcp"))
-    lab.run(lab.node, ["nft", "-f", "-"], input=(
-        f"add table ip {KUBEPROXY_TABLE}\n"
-        f"add chain ip {KUBEPROXY_TABLE} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}\n"
-        f"{rules}\n"))
-
-
 @pytest.fixture
 def cluster_dns(lab, tmp_path):
-    """A DNS server at COREDNS_IP (and SERVICE_IP itself, to show that a flow reaching
-    the service address without the DNAT stays refused), in the lab's internet; the
-    kube-proxy table is the test's to create. Everything removed at teardown."""
-    added = []
-    try:
-        for addr in (COREDNS_IP, SERVICE_IP):
-            lab.run(lab.internet, ["ip", "addr", "add", f"{addr}/32", "dev", "lo"])
-            added.append(addr)
-        lab.popen(lab.internet, [sys.executable, "-m", "runtime.lab.dns", "--records", str(lab.dns_records),
-                                 "--listen", COREDNS_IP, "--listen", SERVICE_IP], log=tmp_path / "coredns.log")
-        deadline = time.monotonic() + 10
-        while not lab.dns_query(lab.internet, "smtp.gmail.com", server=COREDNS_IP, timeout=0.5).ok:
-            assert time.monotonic() < deadline, (tmp_path / "coredns.log").read_text()
+    with k8s.cluster_dns_server(lab, tmp_path / "coredns.log"):
         yield
-    finally:
-        lab.run(lab.node, ["nft", "delete", "table", "ip", KUBEPROXY_TABLE], check=False)
-        for addr in added:
-            lab.run(lab.internet, ["ip", "addr", "del", f"{addr}/32", "dev", "lo"], check=False)
 
 
 def test_cluster_dns_through_the_dnat_with_the_opt_in_only(lab, plugin, app, tmp_path, cluster_dns):
-    _kubeproxy_sim(lab, (53, 9000))
+    k8s.kubeproxy_dnat(lab, (53, 9000))
     # Control: the endpoint answers the node on both ports (the lab's echo has 9000).
     assert lab.dns_query(lab.node, "smtp.gmail.com", server=COREDNS_IP).ok
     assert lab.probe(lab.node, "tcp", COREDNS_IP, 9000).ok
@@ -216,9 +171,9 @@ def test_cluster_dns_through_the_dnat_with_the_opt_in_only(lab, plugin, app, tmp
 
     # Only through the DNAT: without it the service address is one more private host
     # (the lab's internet answers on it, so a pass would show).
-    lab.run(lab.node, ["nft", "delete", "table", "ip", KUBEPROXY_TABLE])
+    k8s.remove_kubeproxy_dnat(lab)
     assert not lab.dns_query(ns, "smtp.gmail.com", server=SERVICE_IP, timeout=1.0).ok
-    _kubeproxy_sim(lab, (53,))
+    k8s.kubeproxy_dnat(lab, (53,))
 
     # Without the opt-in (the lab's own policy, loaded by the next ADD) it is refused.
     _policy(plugin, tmp_path, "no-cluster-dns")
