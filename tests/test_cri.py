@@ -11,6 +11,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
@@ -18,8 +19,8 @@ from typing import Callable, Iterator
 import pytest
 
 from runtime.lab import LAB
-from tests.support import images
-from tests.support.cri import CriApi, CriContainerd, InstalledNode, Pod, compile_cri_api
+from tests.support import images, k8s
+from tests.support.cri import CriApi, CriContainerd, Exec, InstalledNode, Pod, compile_cri_api
 from tests.support.plugin import nft_set, node_links, state_leftovers, wait_until_ready
 from tests.support.podman import CONTRACT_SCRIPT, assert_contract, sections
 
@@ -36,13 +37,15 @@ class CriNode:
     """One node: the DaemonSet's install, containerd with CRI, and (optionally) the agent."""
 
     def __init__(self, lab, api: CriApi, tmp: Path, *, agent: bool = True, netns_under_state_dir: bool = False,
-                 bundle_dependencies: bool = False, agent_mount_ns: str = "runtime-slave") -> None:
+                 bundle_dependencies: bool = False, agent_mount_ns: str = "runtime-slave",
+                 policy: dict | None = None) -> None:
         self.lab, self.tmp = lab, tmp
         # "runtime-slave": a slave of containerd's mount namespace (as the DaemonSet's
         # HostToContainer volumes); "host": the test process's own (as conftest's agents).
         self.agent_mount_ns = agent_mount_ns
         self.node_netns = lab.ns_path(lab.node)
-        self.node = InstalledNode(tmp / "node", bundle_dependencies=bundle_dependencies)
+        # policy: keys set on the lab's policy in the ConfigMap, before the install.
+        self.node = InstalledNode(tmp / "node", bundle_dependencies=bundle_dependencies, policy=policy)
         self.install_log = self.node.install()
         # Unix socket paths are short: containerd's own dir outside pytest's long tmp path.
         self.ctd_dir = Path(tempfile.mkdtemp(prefix="sgcri-"))
@@ -78,6 +81,21 @@ class CriNode:
     @property
     def cri(self):
         return self.ctd.cri
+
+    def policies_applied(self) -> int:
+        return self.agent_log.read_text().count("policy applied from ")
+
+    def change_policy(self, timeout: float = 15.0, **extra) -> None:
+        """An operator's edit of the ConfigMap's policy (the lab's, with ``extra``'s
+        keys), carried to the node by the policy-sync sidecar's script and in force once
+        the agent has re-applied it (it watches the file)."""
+        before = self.policies_applied()
+        self.node.set_configmap_policy(**extra)
+        self.node.sync_policy()
+        deadline = time.monotonic() + timeout
+        while self.policies_applied() == before:
+            assert time.monotonic() < deadline, self.agent_log.read_text()
+            time.sleep(0.1)
 
     def leftovers(self) -> dict:
         """Everything an attachment leaves: host veths, leases, records, set elements."""
@@ -220,6 +238,97 @@ def test_twenty_pods_in_parallel(cri_node) -> None:
         list(pool.map(cri.remove_pod, [p.id for p in pods]))
     assert cri.list_pods() == []
     assert n.leftovers() == n.clean()
+
+
+PROBE_PORT = 8080     # the port the policy lets the node open
+OTHER_PORT = 8081     # one it doesn't, listening too
+HTTP_PORT = 8090      # an httpGet probe's port, also listed
+NODE_PROBES = {"ingress": [{"source": "node", "protocols": ["tcp"], "ports": [PROBE_PORT, HTTP_PORT]}]}
+# The probed container: busybox's nc listening on PROBE_PORT and OTHER_PORT (-ll: for
+# ever, one `cat` per connection) and its httpd answering GET /healthz on HTTP_PORT.
+PROBED = ["sh", "-c", f"mkdir -p /www && echo ok > /www/healthz && httpd -p {HTTP_PORT} -h /www && "
+          f"{{ nc -ll -p {OTHER_PORT} -e cat & }} && exec nc -ll -p {PROBE_PORT} -e cat"]
+
+
+def wait_listening(n: CriNode, cid: str, ports: tuple[int, ...], timeout: float = 10.0) -> None:
+    """Until the container listens on every port (so a refusal later is the policy's)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = n.cri.exec_sync(cid, ["netstat", "-ltn"]).stdout
+        if all(f":{p} " in out for p in ports):
+            return
+        assert time.monotonic() < deadline, out
+        time.sleep(0.1)
+
+
+def probes_at_once(lab, probes: list[tuple[Callable[..., str], str, int]], timeout: float = 1.0) -> list[str]:
+    """Each (probe, ip, port) from the node netns, all at once; their results in order."""
+    with ThreadPoolExecutor(len(probes)) as pool:
+        return list(pool.map(lambda p: p[0](lab, lab.node, p[1], p[2], timeout), probes))
+
+
+def test_kubelet_probes_from_the_node(lab, cri_node) -> None:
+    """kubelet's tcpSocket and httpGet probes, from the node netns to the pod's IPs:
+    with a `"source": "node"` ingress rule they pass on its ports and are refused on
+    another; once the operator's policy has no such rule (the lab's, synced to the node
+    and re-applied by the agent), both are refused."""
+    n = cri_node(policy=NODE_PROBES)
+    pod = n.cri.run_pod(n.cri.pod_config("probed", namespace="web"))
+    cid = n.cri.start_container(pod, "main", images.BUSYBOX_REF, PROBED)
+    wait_listening(n, cid, (PROBE_PORT, OTHER_PORT, HTTP_PORT))
+    ips = n.cri.pod_ips(pod.id)
+    assert len(ips) == 2, ips
+    for ip in ips:
+        assert k8s.tcp_probe(lab, lab.node, ip, PROBE_PORT) == "open", ip
+        assert k8s.http_get(lab, lab.node, ip, HTTP_PORT) == "200", ip
+    # A stopped probe lasts its whole timeout (a drop): they run side by side.
+    got = probes_at_once(lab, [(k8s.tcp_probe, ip, OTHER_PORT) for ip in ips])
+    assert all(g in k8s.STOPPED for g in got), f"the node opened unlisted port {OTHER_PORT}: {got}"
+
+    n.change_policy()   # the lab's policy: no node rule
+    got = probes_at_once(lab, [(probe, ip, port) for ip in ips
+                               for probe, port in ((k8s.tcp_probe, PROBE_PORT), (k8s.http_get, HTTP_PORT))])
+    assert all(g in k8s.STOPPED for g in got), got
+    # The container still serves: the refusals are the policy's.
+    wait_listening(n, cid, (PROBE_PORT, HTTP_PORT), timeout=0)
+    n.cri.remove_pod(pod.id)
+    assert n.leftovers() == n.clean()
+
+
+# kubelet's resolv.conf for dnsPolicy: ClusterFirst (the cluster DNS service, the pod's
+# namespace's search domains, ndots:5).
+CLUSTER_FIRST = {"dns_servers": [k8s.SERVICE_IP], "dns_options": ["ndots:5"],
+                 "dns_searches": ["shop.svc.cluster.local", "svc.cluster.local", "cluster.local"]}
+
+
+def nslookup(n: CriNode, cid: str, *args: str) -> Exec:
+    # busybox's nslookup retries for ~10 s on no answer: capped.
+    return n.cri.exec_sync(cid, ["timeout", "3", "nslookup", *args])
+
+
+def test_cluster_first_dns_through_kube_proxys_dnat(lab, cri_node, tmp_path) -> None:
+    """A ClusterFirst pod asks the cluster DNS service's IP; kube-proxy (here our own nft
+    table in the node netns) DNATs it to an endpoint the policy otherwise refuses. With
+    `clusterDns` listing the service, the pod's nslookup answers; once the operator's
+    policy drops the opt-in (synced to the node, re-applied by the agent), it fails."""
+    with k8s.cluster_dns_server(lab, tmp_path / "coredns.log"):
+        k8s.kubeproxy_dnat(lab, (53,))
+        n = cri_node(policy={"clusterDns": {"services": [k8s.SERVICE_IP]}})
+        pod, cid = n.pod_with_busybox("resolver", namespace="shop", **CLUSTER_FIRST)
+        resolv = n.cri.exec_sync(cid, ["cat", "/etc/resolv.conf"]).stdout
+        assert f"nameserver {k8s.SERVICE_IP}" in resolv and "options ndots:5" in resolv, resolv
+        want = "Address: " + LAB.gmail["smtp.gmail.com"][0]
+        r = nslookup(n, cid, "smtp.gmail.com")
+        assert r.exit_code == 0 and want in r.stdout, r
+        # The endpoint itself is one more private address.
+        r = nslookup(n, cid, "smtp.gmail.com", k8s.COREDNS_IP)
+        assert r.exit_code != 0 and want not in r.stdout, r
+
+        n.change_policy()   # the lab's policy: no clusterDns
+        r = nslookup(n, cid, "smtp.gmail.com")
+        assert r.exit_code != 0 and want not in r.stdout, r
+        n.cri.remove_pod(pod.id)
+        assert n.leftovers() == n.clean()
 
 
 def p50_run_pod(n: CriNode, count: int) -> float:

@@ -34,11 +34,13 @@ What was checked on Debian 12 (containerd 1.6.20~ds1, runc 1.1.5, cgroup v1 hybr
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -254,7 +256,7 @@ class InstalledNode:
 
     NETWORK = "sockgate"
 
-    def __init__(self, root: Path, *, bundle_dependencies: bool = False) -> None:
+    def __init__(self, root: Path, *, bundle_dependencies: bool = False, policy: dict | None = None) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.script = root / "sockgate-node.sh"
@@ -274,8 +276,9 @@ class InstalledNode:
                                   logFile=str(self.cni_log))
         self.conflist = conf
         (self.config / "00-sockgate.conflist").write_text(json.dumps(conf))
-        # The lab's policy: Google's ranges from the local snapshot (no network).
-        write_lab_policy(self.config / "policy.json")
+        # The lab's policy (Google's ranges from the local snapshot: no network), with
+        # the test's keys.
+        self.set_configmap_policy(**(policy or {}))
         for d in (self.state, self.run_dir):
             d.mkdir(parents=True)
         # containerd's CRI plugin sets up each pod's lo with the reference "loopback"
@@ -284,19 +287,54 @@ class InstalledNode:
         self.bin_dir.mkdir(parents=True)
         shutil.copy2(LOOPBACK_PLUGIN, self.bin_dir / "loopback")
 
-    def install(self) -> str:
-        """Run the node script as the init container does (root, no capability)."""
-        env = {"PATH": os.environ["PATH"], "SOCKGATE": str(VENV / "bin" / "sockgate"), "PYTHON": sys.executable,
+    def set_configmap_policy(self, **extra: Any) -> None:
+        """The ConfigMap's policy.json: the lab's policy with ``extra``'s keys set (as an
+        operator edits it). The node's copy changes with ``install`` or ``sync_policy``."""
+        # Atomically, as kubelet updates a ConfigMap volume.
+        tmp = write_lab_policy(self.config / ".policy.json.tmp", **extra)
+        tmp.replace(self.config / "policy.json")
+
+    def _script_env(self) -> dict[str, str]:
+        return {"PATH": os.environ["PATH"], "SOCKGATE": str(VENV / "bin" / "sockgate"), "PYTHON": sys.executable,
                "BUNDLE": str(self.bundle), "HOST_ROOT": "", "HOST_PYTHON": "/usr/bin/python3",
                "HOST_LIB_DIR": str(self.lib), "HOST_LIB_PATH": str(self.lib), "CNI_BIN_DIR": str(self.bin_dir),
                "CNI_CONF_DIR": str(self.conf_dir), "CONFIG_DIR": str(self.config), "POLICY_FILE": str(self.policy),
                "STATE_DIR": str(self.state)}
-        argv = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "sh", str(self.script),
-                "install"]
-        r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+
+    def _script_argv(self, command: str) -> list[str]:
+        # As the DaemonSet's containers run it: root, no capability.
+        return ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "sh", str(self.script),
+                command]
+
+    def install(self) -> str:
+        """Run the node script as the init container does."""
+        r = subprocess.run(self._script_argv("install"), env=self._script_env(), capture_output=True, text=True,
+                           timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"sockgate-node.sh install failed ({r.returncode}): {r.stderr}")
         return r.stderr
+
+    def sync_policy(self, timeout: float = 30.0) -> None:
+        """One round of the DaemonSet's policy-sync sidecar (``sockgate-node.sh
+        sync-policy``): run until the node's policy file equals the ConfigMap's, then
+        stopped with its process group (its ``sleep`` too)."""
+        want = (self.config / "policy.json").read_bytes()
+        env = dict(self._script_env(), SYNC_EVERY="3600")
+        log = self.root / "sync-policy.log"
+        with log.open("ab") as out:
+            proc = subprocess.Popen(self._script_argv("sync-policy"), env=env, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=out, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while not (self.policy.exists() and self.policy.read_bytes() == want):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"sync-policy did not install the ConfigMap's policy "
+                                       f"(rc {proc.poll()}): {log.read_text()}")
+                time.sleep(0.05)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
     def agent_args(self, ready_file: Path) -> list[str]:
         """The DaemonSet's agent arguments, node paths moved under root."""
