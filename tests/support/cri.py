@@ -30,7 +30,8 @@ What was checked on Debian 12 (containerd 1.6.20~ds1, runc 1.1.5, cgroup v1 hybr
   container gets them through a HostToContainer (rslave) volume; here containerd's mount
   namespace is made rshared inside (new peer groups: nothing reaches the host's) and the
   agent runs in a slave copy of it (``agent_argv``).
-* busybox's ``wget`` segfaults in these containers; ``nc`` works.
+* busybox's ``wget`` segfaults in these containers; ``nc`` works, as servers too
+  (``nc -ll -p PORT -e cat``), and so do ``httpd`` and ``nslookup``.
 """
 from __future__ import annotations
 
