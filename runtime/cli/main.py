@@ -13,8 +13,20 @@ from runtime.cli.seccomp import add_seccomp_commands
 
 
 def _install_cni(args: argparse.Namespace) -> int:
-    path = install_cni(args.bin_dir)
-    print(f"installed CNI plugin at {path}")
+    from runtime.cli.install import PYTHON_LAUNCHER, NotBuilt, compiled_available
+    try:
+        path = install_cni(args.bin_dir, shim=args.shim)
+    except NotBuilt as exc:
+        print(f"sockgate install-cni: error: {exc}", file=sys.stderr)
+        return 1
+    if args.shim == "python" or not compiled_available():
+        if args.shim == "auto":
+            print("sockgate install-cni: the compiled CNI executable is not built (scripts/build-shim); "
+                  "installing the Python launcher, which needs this node's Python", file=sys.stderr)
+        print(f"installed CNI plugin at {path} (Python launcher)")
+    else:
+        print(f"installed CNI plugin at {path} (compiled), with {PYTHON_LAUNCHER} beside it for when no "
+              f"agent runs")
     return 0
 
 
@@ -97,10 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = command(sub, "install-cni", _install_cni, help="install the CNI executable into a CNI bin dir",
-                description="Write the `sockgate` CNI executable (a launcher for this "
-                            "installation's Python) into BIN_DIR, atomically.")
+                description="Write the `sockgate` CNI executable into BIN_DIR, atomically: the "
+                            "compiled forwarder (static, needs no Python on the node while the agent "
+                            "runs) with `sockgate-python` beside it, this installation's launcher, "
+                            "which handles requests when no agent answers; or, with --shim python or "
+                            "when the compiled one isn't built, the launcher alone.")
     p.add_argument("--bin-dir", default="/opt/cni/bin",
                    help="CNI plugin directory (default: %(default)s)")
+    p.add_argument("--shim", choices=("auto", "compiled", "python"), default="auto",
+                   help="auto: compiled when built (scripts/build-shim), else python (default: %(default)s)")
 
     p = command(sub, "agent", _agent, help="run the node agent (foreground)",
                 description="Serve CNI requests forwarded by the `sockgate` CNI executable on "
