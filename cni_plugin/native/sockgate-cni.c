@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -277,6 +278,9 @@ static void hand_to_python(const struct buf *config, char **argv)
 int main(int argc, char **argv)
 {
     (void)argc;
+    /* An agent or a runtime that hung up must be an error we report (or an exit
+     * code), not a silent death by SIGPIPE; Python ignores it the same way. */
+    signal(SIGPIPE, SIG_IGN);
     struct buf config = {0};
     if (read_all(0, &config, MAX_INPUT) < 0)
         return cni_error(&config, INTERNAL, "cannot read the network configuration on stdin", strerror(errno));
