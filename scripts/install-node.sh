@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install sockgate on a node without Kubernetes (containerd, podman, ctr): the CNI
-# executable, a conflist that wins the runtime's lexical order, a default policy (never
+# executable (the compiled forwarder, and this installation's Python launcher beside it
+# for requests while the agent is down), a conflist that wins the runtime's lexical order, a default policy (never
 # overwriting one that is there), and systemd units for the node agent and the daily
 # Google ranges refresh. Idempotent: a second run changes nothing that is up to date.
 #
@@ -35,6 +36,9 @@ the systemd units of the node agent. Run scripts/setup first (it makes the virtu
   --metrics-address A   agent's Prometheus endpoint host:port (default: 127.0.0.1:9464)
   --cni-bin-dir DIR     (default: /opt/cni/bin)
   --cni-conf-dir DIR    (default: /etc/cni/net.d)
+  --shim auto|compiled|python
+                        the CNI executable (sockgate install-cni --shim; default: auto,
+                        the compiled one when scripts/build-shim built it)
   --no-enable           with --root /: install the units but don't enable or start them
   --uninstall           stop and remove what this script installed (policy and state stay)
   -h, --help            this text
@@ -55,6 +59,7 @@ run_dir=/run/sockgate
 metrics=127.0.0.1:9464
 cni_bin_dir=/opt/cni/bin
 cni_conf_dir=/etc/cni/net.d
+shim=auto
 enable=yes
 uninstall=no
 
@@ -66,7 +71,7 @@ while (($#)); do
     --uninstall) uninstall=yes; shift; continue ;;
     --*=*) set -- "${opt%%=*}" "${opt#*=}" "${@:2}"; continue ;;
     --root|--venv|--network|--ipv4-pool|--ipv6-pool|--cni-version|--conflist-name|--policy|\
-    --policy-file|--state-dir|--run-dir|--metrics-address|--cni-bin-dir|--cni-conf-dir)
+    --policy-file|--state-dir|--run-dir|--metrics-address|--cni-bin-dir|--cni-conf-dir|--shim)
       (($# >= 2)) || die "$opt needs a value (see --help)"; val=$2; shift 2 ;;
     --*) die "unknown option: $opt (see --help)" ;;
     *) die "unexpected argument: $opt (see --help)" ;;
@@ -86,6 +91,7 @@ while (($#)); do
     --metrics-address) metrics=$val ;;
     --cni-bin-dir) cni_bin_dir=$val ;;
     --cni-conf-dir) cni_conf_dir=$val ;;
+    --shim) shim=$val ;;
   esac
 done
 
@@ -110,6 +116,7 @@ case "$state_dir" in /var/lib/?*) ;; *) die "--state-dir must be under /var/lib,
 case "$run_dir" in /run/?*) ;; *) die "--run-dir must be under /run, got '$run_dir'" ;; esac
 case "$conflist_name" in */*|.*|"") die "--conflist-name must be a plain file name, got '$conflist_name'" ;; esac
 case "$conflist_name" in *.conflist) ;; *) die "--conflist-name must end in .conflist, got '$conflist_name'" ;; esac
+case "$shim" in auto|compiled|python) ;; *) die "--shim must be auto, compiled or python, got '$shim'" ;; esac
 case "$metrics" in *[[:space:]]*) die "--metrics-address: no spaces, got '$metrics'" ;; esac
 
 sockgate=$venv/bin/sockgate
@@ -139,11 +146,12 @@ if [ "$uninstall" = yes ]; then
   if [ "$systemd_up" = yes ]; then systemctl daemon-reload; fi
   conflist=$P$cni_conf_dir/$conflist_name
   if [ -e "$conflist" ]; then rm -f "$conflist"; say "removed $conflist"; fi
-  exe=$P$cni_bin_dir/sockgate
-  if [ -e "$exe" ]; then
-    grep -q 'cni_plugin.shim' "$exe" 2>/dev/null || die "$exe is not a sockgate launcher; left alone"
+  # The compiled executable names its launcher (sockgate-python); a launcher runs cni_plugin.shim.
+  for exe in "$P$cni_bin_dir/sockgate" "$P$cni_bin_dir/sockgate-python"; do
+    [ -e "$exe" ] || continue
+    grep -aqE 'cni_plugin\.shim|sockgate-python' "$exe" 2>/dev/null || die "$exe is not sockgate's; left alone"
     rm -f "$exe" && say "removed $exe"
-  fi
+  done
   say "kept the policy ($P$policy_file) and the state ($P$state_dir: leases, billing)"
   exit 0
 fi
@@ -202,11 +210,19 @@ put() {
   say "installed $target"
 }
 
-# `sockgate install-cni` writes the launcher (for this virtualenv's Python); staged in a
-# temp dir so that an unchanged launcher is left alone.
+# `sockgate install-cni` writes the executable (compiled, with the launcher for this
+# virtualenv's Python beside it; or the launcher alone: it says why on stderr); staged in
+# a temp dir so that unchanged files are left alone. The launcher first: the compiled
+# executable looks for it only when no agent answers.
 stage=$(mktemp -d -t sockgate-install.XXXXXX)
 trap 'rm -rf "$stage"' EXIT
-"$sockgate" install-cni --bin-dir "$stage" >/dev/null
+"$sockgate" install-cni --bin-dir "$stage" --shim "$shim" >/dev/null || die "sockgate install-cni failed"
+if [ -f "$stage/sockgate-python" ]; then
+  put "$P$cni_bin_dir/sockgate-python" 0755 <"$stage/sockgate-python" || true
+elif [ -e "$P$cni_bin_dir/sockgate-python" ]; then
+  # A compiled install's launcher, now that the launcher itself is the executable.
+  rm -f "$P$cni_bin_dir/sockgate-python" && say "removed $P$cni_bin_dir/sockgate-python"
+fi
 put "$P$cni_bin_dir/sockgate" 0755 <"$stage/sockgate" || true
 
 put "$P$cni_conf_dir/$conflist_name" 0644 <<<"$conflist_text" || true

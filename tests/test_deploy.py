@@ -42,6 +42,8 @@ SANDBOX_LABEL = "sockgate.io/sandbox"
 PIN_DIRS = ["/run/netns", "/run/containerd/io.containerd.grpc.v1.cri/netns"]
 INSTALL_NODE = PROJECT_ROOT / "scripts" / "install-node.sh"
 VENV = Path(sys.executable).parent.parent
+# scripts/build-shim's output (scripts/setup builds it); the image carries the same file.
+COMPILED = PROJECT_ROOT / "build" / "sockgate-cni"
 # The oldest Kubernetes the manifests support (securityContext.appArmorProfile is 1.30),
 # and the newest schema the installed kubernetes-validate ships.
 K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
@@ -337,8 +339,8 @@ class Node:
 
     def env(self, **extra: str) -> dict:
         return {"PATH": os.environ["PATH"], "SOCKGATE": str(VENV / "bin" / "sockgate"),
-                "PYTHON": sys.executable, "BUNDLE": str(self.bundle), "HOST_ROOT": "",
-                "HOST_PYTHON": "/usr/bin/python3", "HOST_LIB_DIR": str(self.lib),
+                "PYTHON": sys.executable, "BUNDLE": str(self.bundle), "CNI_EXE": str(COMPILED),
+                "HOST_LIB_DIR": str(self.lib),
                 "HOST_LIB_PATH": str(self.lib), "CNI_BIN_DIR": str(self.bin),
                 "CNI_CONF_DIR": str(self.conf_dir), "CONFIG_DIR": str(self.config),
                 "POLICY_FILE": str(self.policy), "STATE_DIR": str(self.state), **extra}
@@ -378,42 +380,57 @@ def test_node_script_installs_without_capabilities(tmp_path: Path) -> None:
     assert json.loads((node.conf_dir / "00-sockgate.conflist").read_text()) == node.conflist()
     assert node.policy.read_text() == (node.config / "policy.json").read_text()
     assert "Google ranges" in r.stderr and (node.state / "ranges" / "google.json").is_file()
-    (lib,) = node.libs()
-    # The launcher runs the node's python3 on the copied library.
-    text = node.exe.read_text()
-    assert text.startswith("#!/usr/bin/python3 -IS\n") and f"'{node.lib / lib}'" in text
-    assert os.access(node.exe, os.X_OK)
+    # The compiled executable alone: nothing beside it runs Python on the node.
+    assert node.exe.read_bytes() == COMPILED.read_bytes() and os.access(node.exe, os.X_OK)
+    assert sorted(os.listdir(node.bin)) == ["sockgate"] and node.libs() == []
     assert "1.0.0" in cni_version(node.exe)["supportedVersions"]
+    # No agent: "try again later", naming the socket (the runtime retries).
+    conf = node.conflist()
+    net = {"cniVersion": conf["cniVersion"], "name": conf["name"], **conf["plugins"][0]}
+    add = subprocess.run([str(node.exe)], input=json.dumps(net).encode(), capture_output=True, timeout=30,
+                         env={"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/run/netns/x",
+                              "CNI_IFNAME": "eth0", "CNI_PATH": str(node.bin)})
+    err = json.loads(add.stdout)
+    assert add.returncode == 1 and err["code"] == 11 and f"{node.run_dir}/agent.sock" in err["details"], add
 
-    # Idempotent: nothing rewritten, no new library.
+    # Idempotent: nothing rewritten.
     stamps = {p: p.stat().st_mtime_ns for p in (node.exe, node.policy, node.conf_dir / "00-sockgate.conflist")}
     r = node.run()
     assert r.returncode == 0, r.stderr
-    assert "installed" not in r.stderr, r.stderr
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and node.libs() == [lib]
+    assert "installed" not in r.stderr and "removed" not in r.stderr, r.stderr
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
-    # Upgrades: a new image makes a new library; the previous one stays for CNI calls
-    # still running from it, older ones go.
-    (node.bundle / "cni_plugin" / "upgrade1.py").write_text("")
-    assert node.run().returncode == 0
-    (lib2,) = set(node.libs()) - {lib}
-    assert f"'{node.lib / lib2}'" in node.exe.read_text() and node.libs() == sorted([lib, lib2])
-    (node.bundle / "cni_plugin" / "upgrade2.py").write_text("")
-    assert node.run().returncode == 0
-    (lib3,) = set(node.libs()) - {lib, lib2}
-    assert node.libs() == sorted([lib2, lib3])
+
+def test_node_script_upgrades_from_the_python_launcher(tmp_path: Path) -> None:
+    """A node of a version before the compiled executable: a Python launcher running
+    /opt/sockgate/lib-<hash> (two such libraries after an upgrade). The install replaces
+    the launcher, keeps the library it points to for calls still running from it, removes
+    the other, and removes that one at the next install; a sockgate-python left by
+    another installation goes too."""
+    node = Node(tmp_path)
+    for lib in ("lib-0123456789abcdef", "lib-fedcba9876543210"):
+        (node.lib / lib / "cni_plugin").mkdir(parents=True)
+    node.bin.mkdir(parents=True)
+    node.exe.write_text("#!/usr/bin/python3 -IS\nimport sys\n"
+                        f"sys.path.insert(0, '{node.lib}/lib-fedcba9876543210')\n"
+                        "from cni_plugin.shim import main\nraise SystemExit(main())\n")
+    (node.bin / "sockgate-python").write_text("#!/usr/bin/python3 -IS\n")
+    r = node.run()
+    assert r.returncode == 0, r.stderr
+    assert node.exe.read_bytes() == COMPILED.read_bytes()
+    assert node.libs() == ["lib-fedcba9876543210"] and f"removed {node.lib}/lib-0123456789abcdef" in r.stderr
+    assert sorted(os.listdir(node.bin)) == ["sockgate"] and "removed" in r.stderr
+    r = node.run()
+    assert r.returncode == 0, r.stderr
+    assert node.libs() == [] and f"removed {node.lib}/lib-fedcba9876543210" in r.stderr
     assert "1.0.0" in cni_version(node.exe)["supportedVersions"]
 
 
 def test_node_script_refuses_clearly(tmp_path: Path) -> None:
     node = Node(tmp_path)
-    fake_usr = tmp_path / "old-node" / "usr" / "bin"
-    fake_usr.mkdir(parents=True)
-    (fake_usr / "python3").symlink_to("python3.9")
-    r = node.run(HOST_ROOT=str(tmp_path / "old-node"))
-    assert r.returncode == 1 and "python3.9" in r.stderr and ">= 3.11" in r.stderr
-    r = node.run(HOST_PYTHON="/nonexistent/python3")
-    assert r.returncode == 1 and "has no /nonexistent/python3" in r.stderr
+    # An image without the compiled executable: refused, naming where it looked.
+    r = node.run(CNI_EXE="/nonexistent/sockgate-cni")
+    assert r.returncode == 1 and "no CNI executable at /nonexistent/sockgate-cni" in r.stderr, r.stderr
 
     # A bad conflist in the ConfigMap: refused, naming the field; nothing written there.
     bad = node.conflist()
@@ -492,12 +509,16 @@ def test_install_node_layout(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "nothing enabled" in r.stdout and "warning" not in r.stderr
     assert layout(root) == {
-        "opt/cni/bin/sockgate", "etc/cni/net.d/00-sockgate.conflist", "etc/cni/net.d/87-podman-bridge.conflist",
+        "opt/cni/bin/sockgate", "opt/cni/bin/sockgate-python", "etc/cni/net.d/00-sockgate.conflist", "etc/cni/net.d/87-podman-bridge.conflist",
         "etc/sockgate/policy.json", "etc/systemd/system/sockgate-agent.service",
         "etc/systemd/system/sockgate-ranges.service", "etc/systemd/system/sockgate-ranges.timer"}
 
+    # The compiled executable, and the launcher of this installation's Python beside it
+    # for requests while the agent is down.
     exe = root / "opt/cni/bin/sockgate"
-    assert os.access(exe, os.X_OK) and f"#!{VENV}/bin/python" in exe.read_text().splitlines()[0]
+    assert exe.read_bytes() == COMPILED.read_bytes() and os.access(exe, os.X_OK)
+    launcher = root / "opt/cni/bin/sockgate-python"
+    assert os.access(launcher, os.X_OK) and f"#!{VENV}/bin/python" in launcher.read_text().splitlines()[0]
     assert cni_version(exe)["supportedVersions"] == list(SUPPORTED_VERSIONS)
 
     conflist = json.loads((conf_dir / "00-sockgate.conflist").read_text())
@@ -540,6 +561,14 @@ def test_install_node_layout(tmp_path: Path) -> None:
     assert plugin["ipv4Pool"] == "10.78.0.0/20"
     assert ('--metrics-address ""\n' in (root / "etc/systemd/system/sockgate-agent.service").read_text())
 
+    # --shim python: the launcher is the executable, and the compiled install's launcher goes.
+    r = install_node(root, "--shim", "python")
+    assert r.returncode == 0, r.stderr
+    assert f"removed {root}/opt/cni/bin/sockgate-python" in r.stdout
+    assert f"#!{VENV}/bin/python" in exe.read_text().splitlines()[0]
+    assert not launcher.exists() and cni_version(exe)["supportedVersions"] == list(SUPPORTED_VERSIONS)
+    assert install_node(root).returncode == 0 and exe.read_bytes() == COMPILED.read_bytes()
+
     # Uninstall: ours goes, the policy and the other runtime's config stay.
     r = install_node(root, "--uninstall")
     assert r.returncode == 0, r.stderr
@@ -554,6 +583,7 @@ def test_install_node_layout(tmp_path: Path) -> None:
     (["--conflist-name", "sockgate.conf"], "must end in .conflist"),
     (["--venv", "/nonexistent"], "no sockgate in /nonexistent"),
     (["--bogus"], "unknown option: --bogus"),
+    (["--shim", "go"], "--shim must be auto, compiled or python"),
     (["--policy", "/nonexistent.json"], "--policy /nonexistent.json: no such file"),
 ])
 def test_install_node_refuses_clearly(tmp_path: Path, args: list[str], message: str) -> None:
@@ -646,11 +676,11 @@ def test_installed_conflist_drives_ctr_run_cni(lab, tmp_path: Path) -> None:
 @pytest.mark.lab
 @pytest.mark.clients
 def test_agent_runs_under_the_daemonset_security_context(lab, app, tmp_path: Path) -> None:
-    """The DaemonSet's shape on one "node": the node script installs the launcher (the
-    node's python3 and sockgate's packages only, no dependencies), and the agent runs in
+    """The DaemonSet's shape on one "node": the node script installs the compiled CNI
+    executable (nothing of Python on the node), and the agent runs in
     a container with exactly the agent container's capabilities, the runtime's default
     seccomp profile and read-only /proc/sys, its command taken from the manifest. A CRI
-    style netns path (/run/netns/…) goes through the launcher to the agent."""
+    style netns path (/run/netns/…) goes through the executable to the agent."""
     node_dir = tmp_path / "n"
     node_dir.mkdir()
     node = Node(node_dir)

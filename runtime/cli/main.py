@@ -21,8 +21,9 @@ def _install_cni(args: argparse.Namespace) -> int:
         return 1
     if args.shim == "python" or not compiled_available():
         if args.shim == "auto":
-            print("sockgate install-cni: the compiled CNI executable is not built (scripts/build-shim); "
-                  "installing the Python launcher, which needs this node's Python", file=sys.stderr)
+            print("sockgate install-cni: the compiled CNI executable is not built (run scripts/build-shim, "
+                  "which needs musl-tools); installing the Python launcher instead, which runs this "
+                  "installation's Python for every CNI call", file=sys.stderr)
         print(f"installed CNI plugin at {path} (Python launcher)")
     else:
         print(f"installed CNI plugin at {path} (compiled), with {PYTHON_LAUNCHER} beside it for when no "

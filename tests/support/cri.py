@@ -67,7 +67,9 @@ PAUSE_CMD = ("/bin/sleep", "2147483647")
 K8S_NAMESPACE = "k8s.io"
 VENV = Path(sys.executable).parent.parent
 # What the DaemonSet image's bundle holds besides sockgate: its dependencies, needed by
-# the CNI executable's in-process fallback when no agent runs (top-level import names).
+# the in-process fallback when no agent runs (top-level import names). A DaemonSet node
+# has no fallback; InstalledNode(python_fallback=True) adds one, as a node that also has
+# a sockgate installation does.
 DEPENDENCY_PACKAGES = ("pyroute2", "dns", "requests", "urllib3", "idna", "certifi", "charset_normalizer",
                        "prometheus_client")
 
@@ -253,12 +255,17 @@ def make_bundle(path: Path, *, dependencies: bool) -> Path:
 class InstalledNode:
     """A node's files under ``root`` as the DaemonSet's install-cni init container lays
     them out: ``sockgate-node.sh install`` from the manifest, with the ConfigMap's conflist
-    (its node paths moved under root, the lab's policy) and the node's own python3."""
+    (its node paths moved under root, the lab's policy) and the compiled CNI executable
+    (build/sockgate-cni, the image's copy). With ``bundle_dependencies`` the node also gets
+    ``sockgate-python`` beside it after the install: the node's python3 on the bundle, the
+    in-process fallback of a node with a sockgate installation (a DaemonSet node has none:
+    without the agent its CNI executable answers error 11)."""
 
     NETWORK = "sockgate"
 
     def __init__(self, root: Path, *, bundle_dependencies: bool = False, policy: dict | None = None) -> None:
         self.root = root
+        self.python_fallback = bundle_dependencies
         root.mkdir(parents=True, exist_ok=True)
         self.script = root / "sockgate-node.sh"
         self.script.write_text(_configmap("sockgate-scripts")["sockgate-node.sh"])
@@ -297,7 +304,7 @@ class InstalledNode:
 
     def _script_env(self) -> dict[str, str]:
         return {"PATH": os.environ["PATH"], "SOCKGATE": str(VENV / "bin" / "sockgate"), "PYTHON": sys.executable,
-               "BUNDLE": str(self.bundle), "HOST_ROOT": "", "HOST_PYTHON": "/usr/bin/python3",
+               "BUNDLE": str(self.bundle), "CNI_EXE": str(PROJECT_ROOT / "build" / "sockgate-cni"),
                "HOST_LIB_DIR": str(self.lib), "HOST_LIB_PATH": str(self.lib), "CNI_BIN_DIR": str(self.bin_dir),
                "CNI_CONF_DIR": str(self.conf_dir), "CONFIG_DIR": str(self.config), "POLICY_FILE": str(self.policy),
                "STATE_DIR": str(self.state)}
@@ -313,6 +320,11 @@ class InstalledNode:
                            timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"sockgate-node.sh install failed ({r.returncode}): {r.stderr}")
+        if self.python_fallback:
+            launcher = self.bin_dir / "sockgate-python"
+            launcher.write_text(f"#!/usr/bin/python3 -IS\nimport sys\nsys.path.insert(0, {str(self.bundle)!r})\n"
+                                "from cni_plugin.shim import main\nraise SystemExit(main())\n")
+            launcher.chmod(0o755)
         return r.stderr
 
     def sync_policy(self, timeout: float = 30.0) -> None:
