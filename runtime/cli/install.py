@@ -60,4 +60,6 @@ def install_cni(bin_dir: str, name: str = CNI_NAME, shim: str = "auto") -> Path:
         atomic_write(target, COMPILED_SHIM.read_bytes(), durable=False, mode=0o755)
     else:
         atomic_write(target, launcher, durable=False, mode=0o755)
+        # A compiled install's fallback launcher has no caller any more.
+        (directory / PYTHON_LAUNCHER).unlink(missing_ok=True)
     return target
