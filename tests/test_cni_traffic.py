@@ -12,7 +12,7 @@ import pytest
 
 from runtime.lab import LAB
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.shims("compiled", "python")]
 APP_PORT = 8080
 
 

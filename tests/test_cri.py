@@ -24,7 +24,7 @@ from tests.support.cri import CriApi, CriContainerd, Exec, InstalledNode, Pod, c
 from tests.support.plugin import nft_set, node_links, state_leftovers, wait_until_ready
 from tests.support.podman import CONTRACT_SCRIPT, assert_contract, sections
 
-pytestmark = [pytest.mark.lab, pytest.mark.clients]
+pytestmark = [pytest.mark.lab, pytest.mark.clients, pytest.mark.shims("compiled", "python")]
 NFT_SETS = ("ifaces", "tx4", "tx6", "rx")
 
 
@@ -38,7 +38,7 @@ class CriNode:
 
     def __init__(self, lab, api: CriApi, tmp: Path, *, agent: bool = True, netns_under_state_dir: bool = False,
                  bundle_dependencies: bool = False, agent_mount_ns: str = "runtime-slave",
-                 policy: dict | None = None) -> None:
+                 policy: dict | None = None, shim: str = "auto") -> None:
         self.lab, self.tmp = lab, tmp
         # "runtime-slave": a slave of containerd's mount namespace (as the DaemonSet's
         # HostToContainer volumes); "host": the test process's own (as conftest's agents).
@@ -47,6 +47,7 @@ class CriNode:
         # policy: keys set on the lab's policy in the ConfigMap, before the install.
         self.node = InstalledNode(tmp / "node", bundle_dependencies=bundle_dependencies, policy=policy)
         self.install_log = self.node.install()
+        self.node.use_shim(shim)  # the test's CNI executable (tests/conftest.py: shims)
         # Unix socket paths are short: containerd's own dir outside pytest's long tmp path.
         self.ctd_dir = Path(tempfile.mkdtemp(prefix="sgcri-"))
         self.ctd = CriContainerd(self.node_netns, self.ctd_dir / "c", api, cni_bin_dir=self.node.bin_dir,
@@ -115,11 +116,11 @@ class CriNode:
 
 
 @pytest.fixture
-def cri_node(lab, cri_api, tmp_path) -> Iterator[Callable[..., CriNode]]:
+def cri_node(lab, cri_api, tmp_path, shim) -> Iterator[Callable[..., CriNode]]:
     made: list[CriNode] = []
 
     def make(**kw) -> CriNode:
-        n = CriNode(lab, cri_api, tmp_path / f"n{len(made)}", **kw)
+        n = CriNode(lab, cri_api, tmp_path / f"n{len(made)}", shim=shim, **kw)
         made.append(n)
         return n.start()
 
