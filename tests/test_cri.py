@@ -26,6 +26,9 @@ from tests.support.podman import CONTRACT_SCRIPT, assert_contract, sections
 
 pytestmark = [pytest.mark.lab, pytest.mark.clients, pytest.mark.shims("compiled", "python")]
 NFT_SETS = ("ifaces", "tx4", "tx6", "rx")
+# Policy and billing the agent applies to pods already running: the CNI executable
+# that attached them plays no part, so these run with the default one only.
+agent_side = pytest.mark.shims("compiled")
 
 
 @pytest.fixture(scope="session")
@@ -186,6 +189,7 @@ def test_billing_records_carry_the_pod(cri_node) -> None:
     assert n.leftovers() == n.clean()
 
 
+@agent_side
 def test_dns_policy_none_with_google_dns(cri_node) -> None:
     """kubelet's dnsPolicy: None with dnsConfig.nameservers [8.8.8.8]: CRI writes the
     pod's resolv.conf; the lab's Google Public DNS answers there."""
@@ -268,6 +272,7 @@ def probes_at_once(lab, probes: list[tuple[Callable[..., str], str, int]], timeo
         return list(pool.map(lambda p: p[0](lab, lab.node, p[1], p[2], timeout), probes))
 
 
+@agent_side
 def test_kubelet_probes_from_the_node(lab, cri_node) -> None:
     """kubelet's tcpSocket and httpGet probes, from the node netns to the pod's IPs:
     with a `"source": "node"` ingress rule they pass on its ports and are refused on
@@ -307,6 +312,7 @@ def nslookup(n: CriNode, cid: str, *args: str) -> Exec:
     return n.cri.exec_sync(cid, ["timeout", "3", "nslookup", *args])
 
 
+@agent_side
 def test_cluster_first_dns_through_kube_proxys_dnat(lab, cri_node, tmp_path) -> None:
     """A ClusterFirst pod asks the cluster DNS service's IP; kube-proxy (here our own nft
     table in the node netns) DNATs it to an endpoint the policy otherwise refuses. With

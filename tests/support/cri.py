@@ -330,6 +330,8 @@ class InstalledNode:
             launcher.replace(exe)
         elif shim not in ("compiled", "python", "auto"):
             raise ValueError(f"unknown shim {shim!r}")
+        if shim != "auto":
+            assert (exe.read_bytes()[:4] == b"\x7fELF") == (shim == "compiled"), f"{exe} is not the {shim} one"
 
     def sync_policy(self, timeout: float = 30.0) -> None:
         """One round of the DaemonSet's policy-sync sidecar (``sockgate-node.sh
