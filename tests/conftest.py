@@ -20,6 +20,28 @@ from tests.support.plugin import Plugin, wait_until_ready
 _app_counter = itertools.count()
 
 
+# The CNI executables install_cni can put in place: the compiled forwarder (with the
+# Python launcher beside it for when no agent answers) and the Python launcher alone.
+SHIMS = ("compiled", "python")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "shims(*names): run the test once with each of these CNI executables "
+                                       "(the `shim` fixture: compiled, python); closest marker wins")
+
+
+def pytest_generate_tests(metafunc):
+    # A module (or test) marked shims(...) gets one test per shim, its id naming it;
+    # everything else installs the default (compiled when built).
+    marker = metafunc.definition.get_closest_marker("shims")
+    if marker is None or "shim" not in metafunc.fixturenames:
+        return
+    unknown = set(marker.args) - set(SHIMS)
+    if unknown or not marker.args:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: shims() takes some of {SHIMS}, not {marker.args}")
+    metafunc.parametrize("shim", marker.args, indirect=True, scope="session")
+
+
 def pytest_collection_modifyitems(config, items):
     # Every test here needs root for namespaces, except the pure unit tests.
     if os.geteuid() != 0 and any("unit" not in item.nodeid for item in items):
@@ -27,8 +49,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def cni_exe(tmp_path_factory) -> str:
-    return str(install_cni(str(tmp_path_factory.mktemp("cni-bin"))))
+def shim(request) -> str:
+    """Which CNI executable the test's bin dir holds: its parameter under shims(...),
+    else install_cni's default ("auto": compiled when built)."""
+    return getattr(request, "param", "auto")
+
+
+@pytest.fixture(scope="session")
+def cni_exe(tmp_path_factory, shim: str) -> str:
+    return str(install_cni(str(tmp_path_factory.mktemp(f"cni-bin-{shim}")), shim=shim))
 
 
 @pytest.fixture(scope="session")

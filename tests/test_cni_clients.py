@@ -13,7 +13,7 @@ from tests.support import cnitool, images
 from tests.support.containerd import Containerd, ctr_run_cni
 from tests.support.plugin import node_links
 
-pytestmark = [pytest.mark.lab, pytest.mark.clients]
+pytestmark = [pytest.mark.lab, pytest.mark.clients, pytest.mark.shims("compiled", "python")]
 STOCK = Path("/usr/lib/cni")
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from tests.support.plugin import node_links
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.shims("compiled", "python")]
 
 
 def assert_clean_error(plugin, call, code: int, before_links: set[str]) -> None:

@@ -16,7 +16,7 @@ from runtime.state.store import host_ifname
 from tests.support.plugin import nft_set, node_links, temp_files, wait_until_ready
 from tests.support.stop_at_replace import wait_stopped
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.shims("compiled", "python")]
 
 
 def in_ns(netns: str, *argv: str) -> str:
@@ -234,6 +234,7 @@ def test_agent_killed_in_a_record_write_leaves_nothing(plugin, app, lab, tmp_pat
     _nothing_left(plugin, "k")
 
 
+@pytest.mark.shims("compiled")  # the ADD runs the plugin's module itself, not the executable
 def test_plugin_killed_in_its_first_record_write_leaves_nothing_after_del(plugin, app):
     """The in-process plugin (no agent), stopped then killed in the record's first
     write, under the network lock: the kernel drops both locks with it, and DEL

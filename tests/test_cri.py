@@ -24,8 +24,11 @@ from tests.support.cri import CriApi, CriContainerd, Exec, InstalledNode, Pod, c
 from tests.support.plugin import nft_set, node_links, state_leftovers, wait_until_ready
 from tests.support.podman import CONTRACT_SCRIPT, assert_contract, sections
 
-pytestmark = [pytest.mark.lab, pytest.mark.clients]
+pytestmark = [pytest.mark.lab, pytest.mark.clients, pytest.mark.shims("compiled", "python")]
 NFT_SETS = ("ifaces", "tx4", "tx6", "rx")
+# Policy and billing the agent applies to pods already running: the CNI executable
+# that attached them plays no part, so these run with the default one only.
+agent_side = pytest.mark.shims("compiled")
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +41,7 @@ class CriNode:
 
     def __init__(self, lab, api: CriApi, tmp: Path, *, agent: bool = True, netns_under_state_dir: bool = False,
                  bundle_dependencies: bool = False, agent_mount_ns: str = "runtime-slave",
-                 policy: dict | None = None) -> None:
+                 policy: dict | None = None, shim: str = "auto") -> None:
         self.lab, self.tmp = lab, tmp
         # "runtime-slave": a slave of containerd's mount namespace (as the DaemonSet's
         # HostToContainer volumes); "host": the test process's own (as conftest's agents).
@@ -47,6 +50,7 @@ class CriNode:
         # policy: keys set on the lab's policy in the ConfigMap, before the install.
         self.node = InstalledNode(tmp / "node", bundle_dependencies=bundle_dependencies, policy=policy)
         self.install_log = self.node.install()
+        self.node.use_shim(shim)  # the test's CNI executable (tests/conftest.py: shims)
         # Unix socket paths are short: containerd's own dir outside pytest's long tmp path.
         self.ctd_dir = Path(tempfile.mkdtemp(prefix="sgcri-"))
         self.ctd = CriContainerd(self.node_netns, self.ctd_dir / "c", api, cni_bin_dir=self.node.bin_dir,
@@ -115,11 +119,11 @@ class CriNode:
 
 
 @pytest.fixture
-def cri_node(lab, cri_api, tmp_path) -> Iterator[Callable[..., CriNode]]:
+def cri_node(lab, cri_api, tmp_path, shim) -> Iterator[Callable[..., CriNode]]:
     made: list[CriNode] = []
 
     def make(**kw) -> CriNode:
-        n = CriNode(lab, cri_api, tmp_path / f"n{len(made)}", **kw)
+        n = CriNode(lab, cri_api, tmp_path / f"n{len(made)}", shim=shim, **kw)
         made.append(n)
         return n.start()
 
@@ -185,6 +189,7 @@ def test_billing_records_carry_the_pod(cri_node) -> None:
     assert n.leftovers() == n.clean()
 
 
+@agent_side
 def test_dns_policy_none_with_google_dns(cri_node) -> None:
     """kubelet's dnsPolicy: None with dnsConfig.nameservers [8.8.8.8]: CRI writes the
     pod's resolv.conf; the lab's Google Public DNS answers there."""
@@ -267,6 +272,7 @@ def probes_at_once(lab, probes: list[tuple[Callable[..., str], str, int]], timeo
         return list(pool.map(lambda p: p[0](lab, lab.node, p[1], p[2], timeout), probes))
 
 
+@agent_side
 def test_kubelet_probes_from_the_node(lab, cri_node) -> None:
     """kubelet's tcpSocket and httpGet probes, from the node netns to the pod's IPs:
     with a `"source": "node"` ingress rule they pass on its ports and are refused on
@@ -306,6 +312,7 @@ def nslookup(n: CriNode, cid: str, *args: str) -> Exec:
     return n.cri.exec_sync(cid, ["timeout", "3", "nslookup", *args])
 
 
+@agent_side
 def test_cluster_first_dns_through_kube_proxys_dnat(lab, cri_node, tmp_path) -> None:
     """A ClusterFirst pod asks the cluster DNS service's IP; kube-proxy (here our own nft
     table in the node netns) DNATs it to an endpoint the policy otherwise refuses. With

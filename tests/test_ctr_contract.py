@@ -17,7 +17,7 @@ from tests.support.containerd import Containerd, ctr_run_cni, sockgate_conflist_
 from tests.support.plugin import node_links, state_leftovers
 from tests.support.podman import CONTRACT_SCRIPT, assert_contract
 
-pytestmark = [pytest.mark.lab, pytest.mark.clients]
+pytestmark = [pytest.mark.lab, pytest.mark.clients, pytest.mark.shims("compiled", "python")]
 NET = "ctrcontract"
 
 

@@ -21,7 +21,7 @@ from tests.support import images
 from tests.support.plugin import node_links, state_leftovers
 from tests.support.podman import CONTRACT_SCRIPT, Podman, assert_contract, peers
 
-pytestmark = [pytest.mark.lab, pytest.mark.clients]
+pytestmark = [pytest.mark.lab, pytest.mark.clients, pytest.mark.shims("compiled", "python")]
 NET = "sgpodman"
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 
 from runtime.bench import cni_scale, report
-from runtime.bench.cni import LABELS, REFERENCE, SG_AGENT, SG_INPROC, TARGET, print_report, run
+from runtime.bench.cni import LABELS, REFERENCE, SG_AGENT, SG_INPROC, SG_PY_AGENT, TARGETS, print_report, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,16 +17,19 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"""\
 Measure the latency of CNI ADD and DEL as a runtime sees it (p50, p90), for
 
-  {LABELS[SG_AGENT]:<36} the sockgate CNI executable with `sockgate agent` running
-  {LABELS[SG_INPROC]:<36} the same executable and config, no agent (in-process)
+  {LABELS[SG_AGENT]:<36} the compiled sockgate CNI executable with `sockgate agent` running
+  {LABELS[SG_PY_AGENT]:<36} the Python launcher (install-cni --shim python), the same agent
+  {LABELS[SG_INPROC]:<36} the compiled executable and config, no agent (it execs the
+  {"":<36} Python launcher beside it: in-process)
   {LABELS[REFERENCE]:<36} Debian's containernetworking-plugins chain (/usr/lib/cni)
 
 each over --containers containers, one at a time and with --parallel workers, all in
 the same run (scenarios interleaved). Prints the ratios sockgate/reference of ADD
-p50 and DEL p50 (target for sockgate with the agent: <= {TARGET}). Plugins are exec'd
-like a runtime does (CNI_* env, config on stdin, libcni-style chaining) inside a
-throwaway lab's node netns: the host's netns, iptables/nftables, /etc/cni, /opt/cni
-and /var/lib/cni are never touched, and everything is torn down at the end, also on
+p50 and DEL p50 (target for the compiled executable with the agent: ADD <= {TARGETS["ADD"]},
+DEL <= {TARGETS["DEL"]}). Plugins are exec'd like a runtime does (CNI_* env, config on
+stdin, libcni-style chaining) inside a throwaway lab's node netns: the host's netns,
+iptables/nftables, /etc/cni, /opt/cni and /var/lib/cni are never touched, and
+everything is torn down at the end, also on
 errors. Needs root.""",
         epilog="""\
 Exit status: 0 once measured, whatever the ratios (it is a benchmark); 1 when it
@@ -35,7 +38,8 @@ to stdout. Takes about 2 minutes with the defaults on 2 CPUs.""")
     p.add_argument("--containers", type=int, default=50, help="containers per scenario (default %(default)s)")
     p.add_argument("--parallel", type=int, default=8, help="workers in the parallel scenarios (default %(default)s)")
     p.add_argument("--rounds", type=int, default=1,
-                   help="repeat all six scenarios, rotating the plugin order; samples are pooled (default %(default)s)")
+                   help="repeat all eight scenarios, rotating the plugin order; samples are pooled "
+                        "(default %(default)s)")
     report.add_json_flag(p)
     p.add_argument("--attached", type=int, default=0, metavar="N",
                    help="instead of the scenarios above: sockgate+agent ADD and DEL latency with 10 and with N "

@@ -327,6 +327,24 @@ class InstalledNode:
             launcher.chmod(0o755)
         return r.stderr
 
+    def use_shim(self, shim: str) -> None:
+        """Lay out the bin dir as ``sockgate install-cni --shim <shim>`` does: "compiled",
+        the static forwarder as ``sockgate`` with the installed launcher beside it as
+        ``sockgate-python`` (what it runs when no agent answers); "python", the launcher
+        alone as ``sockgate``. Whichever of the two the node script installed."""
+        from runtime.cli.install import COMPILED_SHIM, PYTHON_LAUNCHER
+        exe, launcher = self.bin_dir / "sockgate", self.bin_dir / PYTHON_LAUNCHER
+        is_script = exe.read_bytes()[:2] == b"#!"
+        if shim == "compiled" and is_script:
+            exe.replace(launcher)
+            shutil.copy2(COMPILED_SHIM, exe)
+        elif shim == "python" and not is_script:
+            launcher.replace(exe)
+        elif shim not in ("compiled", "python", "auto"):
+            raise ValueError(f"unknown shim {shim!r}")
+        if shim != "auto":
+            assert (exe.read_bytes()[:4] == b"\x7fELF") == (shim == "compiled"), f"{exe} is not the {shim} one"
+
     def sync_policy(self, timeout: float = 30.0) -> None:
         """One round of the DaemonSet's policy-sync sidecar (``sockgate-node.sh
         sync-policy``): run until the node's policy file equals the ConfigMap's, then
