@@ -329,17 +329,20 @@ class InstalledNode:
 
     def use_shim(self, shim: str) -> None:
         """Lay out the bin dir as ``sockgate install-cni --shim <shim>`` does: "compiled",
-        the static forwarder as ``sockgate`` with the installed launcher beside it as
-        ``sockgate-python`` (what it runs when no agent answers); "python", the launcher
-        alone as ``sockgate``. Whichever of the two the node script installed."""
-        from runtime.cli.install import COMPILED_SHIM, PYTHON_LAUNCHER
+        the static forwarder as ``sockgate`` (with a launcher beside it as
+        ``sockgate-python`` only if one was there); "python", the launcher alone as
+        ``sockgate``. Whichever of the two the node script installed."""
+        from runtime.cli.install import COMPILED_SHIM, PYTHON_LAUNCHER, cni_launcher
         exe, launcher = self.bin_dir / "sockgate", self.bin_dir / PYTHON_LAUNCHER
         is_script = exe.read_bytes()[:2] == b"#!"
         if shim == "compiled" and is_script:
             exe.replace(launcher)
             shutil.copy2(COMPILED_SHIM, exe)
         elif shim == "python" and not is_script:
-            launcher.replace(exe)
+            # The DaemonSet installs the compiled one alone: this installation's
+            # launcher takes its place, as `install-cni --shim python` writes it.
+            exe.write_text(cni_launcher())
+            exe.chmod(0o755)
         elif shim not in ("compiled", "python", "auto"):
             raise ValueError(f"unknown shim {shim!r}")
         if shim != "auto":
