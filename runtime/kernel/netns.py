@@ -214,17 +214,10 @@ def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int, mac: s
             # The reaper may have finished deleting it between the failed create and
             # delete_now's look at its queue (found by test_reload's churn): gone
             # now means free to create; still there means someone else's.
-            if not _gone(ifname, netns_path):
+            if in_netns(netns_path, lambda: link_exists(ifname)):
                 raise
         return _create_veth(host_ifname, netns_path, ifname, mtu, mac)
 
-
-def _gone(ifname: str, netns_path: str) -> bool:
-    """No link named `ifname` in the netns at `netns_path`."""
-    def look() -> bool:
-        with rtnl.Rtnl() as nl:
-            return rtnl.find(nl, ifname) is None
-    return in_netns(netns_path, look)
 
 
 def _peer_index(ifname: str) -> int | None:

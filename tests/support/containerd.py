@@ -188,7 +188,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
   address = "{self.address}.ttrpc"
 ''')
         self._created.append(config)
-        argv = self._wrap(["containerd", "-c", str(config)], {"/run/containerd": self.run_dir})
+        self._launch(self._wrap(["containerd", "-c", str(config)], {"/run/containerd": self.run_dir}))
+
+    def _launch(self, argv: list[str]) -> None:
+        """Start containerd with `argv` and wait until it answers."""
         with self.log_path.open("ab") as log:
             # nsenter, unshare and sh all exec: self.proc.pid is containerd's pid.
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,

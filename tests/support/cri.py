@@ -444,20 +444,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt",
         if not self.netns_under_state_dir:
             binds["/run/netns"] = self.netns_dir
         # rshared inside: pod netns pins propagate to the agent's slave mount namespace.
-        argv = self._wrap(["sh", "-c", 'mount -n --make-rshared / && exec "$@"', "sh",
-                           "containerd", "-c", str(config)], binds)
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         start_new_session=True)
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"containerd exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if os.path.exists(self.address) and self.ctr("version", check=False, timeout=10).returncode == 0:
-                break
-            time.sleep(0.05)
-        else:
-            raise TimeoutError(f"containerd not ready after {self.start_timeout}s:\n{self.log_tail()}")
+        self._launch(self._wrap(["sh", "-c", 'mount -n --make-rshared / && exec "$@"', "sh",
+                                 "containerd", "-c", str(config)], binds))
         self.client = CriClient(self.api, self.address, cgroup_parent=f"/{self.cgroup_top}")
 
     def import_images(self, cache_dir: Path) -> None:
