@@ -112,6 +112,18 @@ class CriNode:
     def clean() -> dict:
         return {"links": [], "leases": [], "records": [], "elements": {s: [] for s in NFT_SETS}}
 
+    def assert_clean(self, timeout: float = 10.0) -> None:
+        """Nothing left of removed pods. Leases, records and set elements go before
+        the DEL returns; a DEL only takes the veth down and the agent's reaper deletes
+        it moments later, so the links are given ``timeout`` seconds."""
+        left = self.leftovers()
+        assert {**left, "links": []} == self.clean(), left
+        deadline = time.monotonic() + timeout
+        while left["links"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = self.leftovers()
+        assert left == self.clean(), left
+
     def pod_with_busybox(self, name: str, **kw) -> tuple[Pod, str]:
         pod = self.cri.run_pod(self.cri.pod_config(name, **kw))
         cid = self.cri.start_container(pod, "main", images.BUSYBOX_REF, ["sleep", "3600"])
@@ -161,7 +173,7 @@ def test_pod_gets_sockgate_addresses_and_the_contract_holds(cri_node) -> None:
     assert all(ip in addr for ip in ips), addr
 
     n.cri.remove_pod(pod.id)
-    assert n.leftovers() == n.clean()
+    n.assert_clean()
     assert n.cri.list_pods() == []
 
 
@@ -186,7 +198,7 @@ def test_billing_records_carry_the_pod(cri_node) -> None:
             ("team-a", "billed", "0b1c2d3e-0000-4000-8000-00000000abcd"), rec
         assert rec["container_id"] == pod.id, rec
     assert sum(r["tx_bytes"] for r in recs) > 0 and sum(r["rx_bytes"] for r in recs) > 0, recs
-    assert n.leftovers() == n.clean()
+    n.assert_clean()
 
 
 @agent_side
@@ -204,7 +216,7 @@ def test_dns_policy_none_with_google_dns(cri_node) -> None:
     r = n.cri.exec_sync(cid, ["sh", "-c", f"echo x | nc -w 3 {LAB.internet_v4} 53 2>&1; echo rc=$?"])
     assert "Connection refused" in r.stdout and r.stdout.rstrip().endswith("rc=1"), r
     n.cri.remove_pod(pod.id)
-    assert n.leftovers() == n.clean()
+    n.assert_clean()
 
 
 def test_netns_under_containerds_state_dir(cri_node) -> None:
@@ -223,7 +235,7 @@ def test_netns_under_containerds_state_dir(cri_node) -> None:
     r = n.cri.exec_sync(cid, ["sh", "-c", f"echo hi | nc -w 3 {LAB.public_v4} 9000"])
     assert r.exit_code == 0 and "hi" in r.stdout, r
     n.cri.remove_pod(pod.id)
-    assert n.leftovers() == n.clean()
+    n.assert_clean()
 
 
 def test_twenty_pods_in_parallel(cri_node) -> None:
@@ -242,7 +254,7 @@ def test_twenty_pods_in_parallel(cri_node) -> None:
     with ThreadPoolExecutor(20) as pool:
         list(pool.map(cri.remove_pod, [p.id for p in pods]))
     assert cri.list_pods() == []
-    assert n.leftovers() == n.clean()
+    n.assert_clean()
 
 
 PROBE_PORT = 8080     # the port the policy lets the node open
@@ -298,7 +310,7 @@ def test_kubelet_probes_from_the_node(lab, cri_node) -> None:
     # The container still serves: the refusals are the policy's.
     wait_listening(n, cid, (PROBE_PORT, HTTP_PORT), timeout=0)
     n.cri.remove_pod(pod.id)
-    assert n.leftovers() == n.clean()
+    n.assert_clean()
 
 
 # kubelet's resolv.conf for dnsPolicy: ClusterFirst (the cluster DNS service, the pod's
@@ -335,7 +347,7 @@ def test_cluster_first_dns_through_kube_proxys_dnat(lab, cri_node, tmp_path) -> 
         r = nslookup(n, cid, "smtp.gmail.com")
         assert r.exit_code != 0 and want not in r.stdout, r
         n.cri.remove_pod(pod.id)
-        assert n.leftovers() == n.clean()
+        n.assert_clean()
 
 
 def p50_run_pod(n: CriNode, count: int) -> float:
@@ -353,11 +365,11 @@ def test_run_pod_sandbox_latency(cri_node, capsys) -> None:
     dependencies, as when no agent runs). Printed for the record; only sanity-checked."""
     with_agent = cri_node(bundle_dependencies=True)
     p_agent = p50_run_pod(with_agent, 10)
-    assert with_agent.leftovers() == with_agent.clean()
+    with_agent.assert_clean()
     with_agent.stop()
     without = cri_node(agent=False, bundle_dependencies=True)
     p_alone = p50_run_pod(without, 10)
-    assert without.leftovers() == without.clean()
+    without.assert_clean()
     with capsys.disabled():
         print(f"\nRunPodSandbox p50 over 10 pods: with agent {p_agent * 1000:.0f} ms, "
               f"without agent (in-process CNI) {p_alone * 1000:.0f} ms")
