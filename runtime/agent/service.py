@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Protocol, TextIO
 
 from runtime import defaults, wire
+from runtime.agent import agent_info
 from runtime.cni.entry import execute
 from runtime.cni.request import COMMANDS
 from runtime.core.node import Node
@@ -364,12 +365,15 @@ def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None) -> i
     serving.start()
     if cfg.ready_file:
         Path(cfg.ready_file).write_text(str(os.getpid()))
+    agent_info.write(cfg.run_dir, state_dir=cfg.state_dir, policy_file=cfg.policy_file, socket=str(sock_path),
+                     metrics_address=cfg.metrics_address, docker_socket=cfg.docker_socket)
     _notify("READY=1")
     log.info("ready: serving CNI requests on %s (pid %d)", sock_path, os.getpid())
     _wait_for_signal(stop)
     # Ready file first: nothing may take an agent that is going away for a ready one.
     if cfg.ready_file:
         Path(cfg.ready_file).unlink(missing_ok=True)
+    agent_info.clear(cfg.run_dir)
     _notify("STOPPING=1")
     # Then the socket's path: from now on the shim runs requests in-process.
     sock_path.unlink(missing_ok=True)
