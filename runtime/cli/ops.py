@@ -4,10 +4,32 @@ doctor.py and gc.py, imported when the command runs. Run them in the node's netn
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
+import sys
+from typing import Callable
 
 from runtime import defaults
 from runtime.cli.commands import command
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _operator(func: Command) -> Command:
+    """Says when not run as root (the socket, the table and the state dir are root's:
+    what can't be read would look absent), and turns an OSError into one line."""
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        if os.geteuid() != 0:
+            print(f"sockgate {args.command}: warning: not running as root; the agent's socket, the nft table "
+                  f"and the state dir may not be readable, and would then look absent", file=sys.stderr)
+        try:
+            return func(args)
+        except OSError as exc:
+            print(f"sockgate {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+    return run
 
 
 def _days(text: str) -> float:
@@ -36,6 +58,7 @@ def _paths(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default=defaults.POLICY_FILE, help="the policy file (default: %(default)s)")
 
 
+@_operator
 def _status(args: argparse.Namespace) -> int:
     from runtime.cli import status
     st = status.gather(args.state_dir, args.run_dir, args.policy, args.cni_conf_dir, args.events)
@@ -43,6 +66,7 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+@_operator
 def _doctor(args: argparse.Namespace) -> int:
     from runtime.cli import doctor
     cfg = doctor.DoctorConfig(state_dir=args.state_dir, run_dir=args.run_dir, policy_file=args.policy,
@@ -54,6 +78,7 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in results) else 1
 
 
+@_operator
 def _gc(args: argparse.Namespace) -> int:
     from runtime.cli import gc
     report = gc.run_gc(args.state_dir, args.run_dir, args.policy, network=args.network, force=args.force)

@@ -1,5 +1,6 @@
 """The one core: attach, detach, check and gc of a container, whichever door (CNI,
-Docker, demo) the request came through.
+Docker, demo) the request came through, and the sweep of attachments whose container
+vanished (the agent's, `sockgate gc`).
 
 Invariant: the lease files and the attachment record are written before the kernel is
 touched, and removed only after the kernel state is gone. Overview: docs/architecture.md.
