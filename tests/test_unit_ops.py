@@ -351,3 +351,23 @@ def test_commands_are_declared_with_json(capsys):
     with pytest.raises(SystemExit) as bad:
         main(["doctor", "--expected-containers", "-1"])
     assert bad.value.code == 2
+
+
+def test_stale_lab_namespaces_are_listed_without_deleting(tmp_path, monkeypatch):
+    from runtime.lab import builder
+    run, netns = tmp_path / "lab-run", tmp_path / "netns"
+    run.mkdir()
+    netns.mkdir()
+    monkeypatch.setattr(builder, "RUN_DIR", run)
+    monkeypatch.setattr(builder, "NETNS_DIR", netns)
+    me = builder._proc_start(os.getpid())
+    names = ["sgl-aaaaaa-node", "sgl-bbbbbb-node", "sgl-cccccc-node", "sgl-cccccc-app1", "other-ns"]
+    for name in names:
+        (netns / name).touch()
+    # A live lab (this process), a dead one (a pid that can't be running), an orphan.
+    builder._Record("sgl-aaaaaa", os.getpid(), me, ["sgl-aaaaaa-node"], 0.0).save()
+    builder._Record("sgl-bbbbbb", os.getpid(), me + 1, ["sgl-bbbbbb-node"], 0.0).save()
+    assert builder.Lab.stale_namespaces() == ["sgl-bbbbbb-node", "sgl-cccccc-app1", "sgl-cccccc-node"]
+    assert sorted(os.listdir(netns)) == sorted(names)  # nothing deleted
+    check = doctor.check_lab_namespaces(doctor.DoctorConfig())
+    assert not check.ok and "3 lab namespace(s)" in check.detail and check.fix == "sockgate lab-cleanup"
