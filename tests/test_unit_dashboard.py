@@ -1,8 +1,8 @@
 """The Grafana dashboard (deploy/grafana/sockgate-dashboard.json): it loads as a
 dashboard Grafana imports (panels with unique ids and places on the grid, queries,
-a data source variable), and every metric and label its queries use is one the
-agent's collector exports. tests/test_agent.py checks it against a real agent's
-scrape too (with the kernel's drop counters)."""
+a data source variable), its queries are PromQL (promql-parser), and every metric and
+label they use is one the agent's collector exports. tests/test_agent.py checks it
+against a real agent's scrape too (with the kernel's drop counters)."""
 from __future__ import annotations
 
 import copy
@@ -151,3 +151,10 @@ def test_every_metric_and_label_the_dashboard_uses_is_exported(tmp_path):
     target = next(p for p in broken["panels"] if p.get("title") == "Agents up")["targets"][0]
     target["expr"] = target["expr"].replace("instance=~", "node=~")
     assert any("has no label 'node'" in p for p in dashboard.problems(broken, have))
+    broken = copy.deepcopy(board)
+    target = next(p for p in broken["panels"] if p.get("title") == "Drops by reason")["targets"][0]
+    target["expr"] = target["expr"].replace("[$__rate_interval]", "[$__rate_interval")
+    assert any("not PromQL" in p for p in dashboard.problems(broken, have))
+    broken = copy.deepcopy(board)
+    broken["templating"]["list"][-1]["query"]["query"] = "label_values(sockgate_tx_bytes_total, namespace)"
+    assert any("groups by 'namespace'" in p for p in dashboard.problems(broken, have))

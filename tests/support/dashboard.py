@@ -10,11 +10,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import promql_parser
 from prometheus_client.parser import text_string_to_metric_families
 
 DASHBOARD = Path(__file__).resolve().parent.parent.parent / "deploy" / "grafana" / "sockgate-dashboard.json"
-# Labels Prometheus adds to every series it scrapes (the target's), and a histogram's
-# bucket bound.
+# Labels Prometheus adds to every series it scrapes (the target's).
 TARGET_LABELS = frozenset({"instance", "job"})
 # Metrics the dashboard shows that the "events" work of issue #15 adds to the collector
 # (agreed names, README "Monitoring"). Excused while the collector lacks them; once it
@@ -67,23 +67,38 @@ def _panels(dashboard: dict) -> list[dict]:
     return [p for top in dashboard.get("panels", []) for p in (top, *top.get("panels", []))]
 
 
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-_SELECTOR = re.compile(r"\b(sockgate_[A-Za-z0-9_:]*)\s*(\{[^}]*\})?")
-_MATCHER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)")
-_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
-# Grafana's variable query label_values(metric{...}, label): the label must be there too.
-_LABEL_VALUES = re.compile(r"\blabel_values\s*\([^,]*,\s*([A-Za-z_][A-Za-z0-9_]*)\s*\)")
+# Grafana interpolates its variables before Prometheus sees a query: ranges get a
+# duration, the dashboard's own variables (used in regex matchers) any value.
+_GRAFANA_DURATIONS = {"__rate_interval": "1m", "__interval": "1m", "__range": "1h"}
+_VARIABLE = re.compile(r"\$\{?(\w+)\}?")
+# Grafana's variable query label_values(metric{...}, label): not PromQL.
+_LABEL_VALUES = re.compile(r"^\s*label_values\s*\((.*),\s*([A-Za-z_][A-Za-z0-9_]*)\s*\)\s*$", re.S)
 
 
-def used(expr: str) -> tuple[dict[str, set[str]], set[str]]:
-    """({metric: label names its selectors match on}, label names the expression
-    groups or joins by) of a PromQL expression."""
-    text = _STRING.sub('""', expr)
+def used(query: str) -> tuple[dict[str, set[str]], set[str]]:
+    """({metric: label names its selectors match on}, label names the query groups
+    or joins by) of a dashboard query, parsed by a PromQL parser (ValueError: not
+    PromQL)."""
+    text = _VARIABLE.sub(lambda m: _GRAFANA_DURATIONS.get(m.group(1), ".*"), query)
+    grouping: set[str] = set()
+    label_values = _LABEL_VALUES.match(text)
+    if label_values:
+        text, label = label_values.groups()
+        grouping.add(label)
     metrics: dict[str, set[str]] = {}
-    for name, selector in _SELECTOR.findall(text):
-        metrics.setdefault(name, set()).update(_MATCHER.findall(selector or ""))
-    grouping = {label.strip() for group in _GROUPING.findall(text) for label in group.split(",") if label.strip()}
-    grouping.update(_LABEL_VALUES.findall(text))
+
+    def visit(node: object) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            names = {m.name for m in node.matchers.matchers} - {"__name__"}
+            metrics.setdefault(node.name or "", set()).update(names)
+        elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            grouping.update(node.modifier.labels)
+        elif isinstance(node, promql_parser.BinaryExpr) and node.modifier is not None:
+            if node.modifier.matching is not None:
+                grouping.update(node.modifier.matching.labels)
+            grouping.update(node.modifier.group_labels or ())
+
+    promql_parser.walk(promql_parser.parse(text), visit)
     return metrics, grouping
 
 
@@ -96,7 +111,11 @@ def problems(dashboard: dict, have: Exported) -> list[str]:
     if pending_exported:
         found.append(f"the agent exports {pending_exported} now: remove them from PENDING in {__name__}")
     for where, expr in queries(dashboard):
-        metrics, grouping = used(expr)
+        try:
+            metrics, grouping = used(expr)
+        except ValueError as exc:
+            found.append(f"{where}: not PromQL ({exc}): {expr!r}")
+            continue
         if not metrics:
             found.append(f"{where}: no sockgate metric in {expr!r}")
         known: set[str] = set(TARGET_LABELS)
