@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.agent.agent_info import version
 from runtime.lab import LAB
 from runtime.state.store import host_ifname
+from runtime.version import version
 from tests.support.plugin import node_links
 
 pytestmark = pytest.mark.lab

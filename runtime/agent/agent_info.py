@@ -11,22 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from runtime.fsutil import atomic_write_json, read_json, remove
+from runtime.version import version
 
 INFO_FILE = "agent.json"
 
 
 def info_path(run_dir: str) -> Path:
     return Path(run_dir) / INFO_FILE
-
-
-def version() -> str:
-    """The installed distribution's version (setup.cfg), or "unknown" for a source
-    tree used without installing it."""
-    from importlib import metadata
-    try:
-        return metadata.version("sockgate")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def write(run_dir: str, **options: Any) -> dict[str, Any]:

@@ -17,18 +17,14 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def _operator(func: Command) -> Command:
-    """Says when not run as root (the socket, the table and the state dir are root's:
-    what can't be read would look absent), and turns an OSError into one line."""
+    """Says when not run as root: the socket, the table and the state dir are root's,
+    and what can't be read would look absent. (Errors: runtime.cli.main.run_guarded.)"""
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
         if os.geteuid() != 0:
             print(f"sockgate {args.command}: warning: not running as root; the agent's socket, the nft table "
                   f"and the state dir may not be readable, and would then look absent", file=sys.stderr)
-        try:
-            return func(args)
-        except OSError as exc:
-            print(f"sockgate {args.command}: error: {exc}", file=sys.stderr)
-            return 1
+        return func(args)
     return run
 
 
