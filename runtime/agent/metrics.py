@@ -4,7 +4,7 @@ reclaims, attachments. Served on loopback by default."""
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -16,10 +16,20 @@ log = logging.getLogger(__name__)
 _ATT_LABELS = ["network", "container_id", "ifname", "pod_namespace", "pod_name", "container_name"]
 
 
+class EventCounts(Protocol):
+    """What the refused-flow events component (runtime.agent.events) counts."""
+
+    def counts(self) -> dict[tuple[str, ...], int]: ...
+
+    def dropped(self) -> int: ...
+
+
 class SockgateCollector:
-    def __init__(self, state_dir: str, reclaims: Callable[[], dict[tuple[str, str, str], int]] | None = None):
+    def __init__(self, state_dir: str, reclaims: Callable[[], dict[tuple[str, str, str], int]] | None = None,
+                 events: EventCounts | None = None):
         self.state_dir = state_dir
         self.reclaims = reclaims
+        self.events = events
 
     def collect(self) -> Iterator[Metric]:
         atts = store.attachments(self.state_dir).records
@@ -49,6 +59,7 @@ class SockgateCollector:
         for key, reclaimed in sorted((self.reclaims() if self.reclaims else {}).items()):
             reclaims.add_metric(list(key), reclaimed)
         yield reclaims
+        yield from event_families(self.events)
         yield GaugeMetricFamily("sockgate_agent_up", "1 while the agent serves", value=1)
 
 
@@ -60,3 +71,18 @@ def serve(address: str, collector: SockgateCollector, registry: CollectorRegistr
     server, thread = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
     log.info("metrics on http://%s/metrics", address)
     return registry, server
+
+
+def event_families(events: EventCounts | None) -> Iterator[Metric]:
+    """sockgate_refused_flows_total per attachment and reason, and
+    sockgate_events_dropped_total (README "Refused-flow events")."""
+    refused = CounterMetricFamily(
+        "sockgate_refused_flows_total", "Refused first packets of flows reported as events (at most the "
+        "per-container event rate: the refusals themselves are in sockgate_policy_drops_total), by attachment "
+        "and reason", labels=[*_ATT_LABELS, "reason"])
+    for key, count in sorted((events.counts() if events else {}).items()):
+        refused.add_metric(list(key), count)
+    yield refused
+    yield CounterMetricFamily("sockgate_events_dropped_total", "Refused-flow events lost: the kernel's reports "
+                              "that found the agent's socket full, events the agent could not queue or write",
+                              value=events.dropped() if events else 0)

@@ -20,12 +20,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, TextIO
+from typing import TYPE_CHECKING, Callable, Protocol, TextIO
 
 from runtime import defaults, wire
 from runtime.cni.entry import execute
 from runtime.cni.request import COMMANDS
 from runtime.core.node import Node
+
+if TYPE_CHECKING:
+    from runtime.agent.metrics import EventCounts
 
 log = logging.getLogger("sockgate.agent")
 MAX_REQUEST_BYTES = 4 << 20
@@ -320,7 +323,7 @@ def _bind(path: Path, node: Node) -> _Server:
         os.umask(old)
 
 
-def _start_metrics(cfg: AgentConfig, reclaims: Callable[[], dict] | None) -> None:
+def _start_metrics(cfg: AgentConfig, reclaims: Callable[[], dict] | None, events: EventCounts | None) -> None:
     if not cfg.metrics_address:
         return
     from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -337,10 +340,11 @@ def _start_metrics(cfg: AgentConfig, reclaims: Callable[[], dict] | None) -> Non
         latency.labels(command).observe(seconds)
 
     _Handler.observe = staticmethod(observe)
-    serve(cfg.metrics_address, SockgateCollector(cfg.state_dir, reclaims), registry)
+    serve(cfg.metrics_address, SockgateCollector(cfg.state_dir, reclaims, events), registry)
 
 
-def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None) -> int:
+def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None,
+              events: EventCounts | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -359,7 +363,7 @@ def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None) -> i
         thread = threading.Thread(target=_guarded, args=(name, component, background), name=name)
         thread.start()
         workers.append(thread)
-    _start_metrics(cfg, reclaims)
+    _start_metrics(cfg, reclaims, events)
     serving = threading.Thread(target=server.serve_forever, name="rpc", kwargs={"poll_interval": SLICE_S})
     serving.start()
     if cfg.ready_file:
