@@ -94,6 +94,12 @@ def test_filters_by_pod_and_by_container_id_or_prefix(tmp_path):
     assert [e["n"] for e in read_events(tmp_path, container="cafe" * 16)] == [2]
     assert [e["n"] for e in read_events(tmp_path, container="beefbeefbeef")] == [1]
     assert [e["n"] for e in read_events(tmp_path, pod="shop/web-0", container="beef")] == []
+    # A Docker container by its name (its container_id is the endpoint's).
+    log = EventLog(tmp_path)
+    log.append([json.dumps(dict(event(3, pod=None, container="e" * 64), container_name="worker"))])
+    log.close()
+    assert [e["n"] for e in read_events(tmp_path, container="worker")] == [3]
+    assert [e["n"] for e in read_events(tmp_path, container="work")] == []
 
 
 def test_follow_reads_what_is_there_then_new_lines_across_a_rotation(tmp_path):
@@ -189,3 +195,21 @@ def test_reading_needs_no_write_access(tmp_path):
         assert [e["n"] for e in read_events(Path(tmp_path))] == [0]
     finally:
         os.chmod(events_path(tmp_path).parent, 0o700)
+
+
+@pytest.mark.parametrize("block", [7, 64, 1 << 16])
+def test_last_events_reads_from_the_end_across_files(tmp_path, block, monkeypatch):
+    import runtime.agent.event_log as event_log
+    original = event_log._lines_backwards
+    monkeypatch.setattr(event_log, "_lines_backwards", lambda fd: original(fd, block))
+    one = len(line(0)) + 1
+    log = EventLog(tmp_path, max_bytes=3 * one, keep=10)
+    for n in range(10):
+        log.append([line(n, pod="a/b" if n % 2 else "c/d")])
+    log.close()
+    with open(events_path(tmp_path), "a") as fh:
+        fh.write(line(99)[:30])  # a line still being written: not an event yet
+    assert [e["n"] for e in event_log.last_events(tmp_path, 4)] == [6, 7, 8, 9]
+    assert [e["n"] for e in event_log.last_events(tmp_path, 3, pod="a/b")] == [5, 7, 9]
+    assert [e["n"] for e in event_log.last_events(tmp_path, 100)] == list(range(10))
+    assert event_log.last_events(tmp_path, 0) == [] and event_log.last_events(tmp_path / "none", 5) == []

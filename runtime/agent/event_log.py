@@ -143,10 +143,11 @@ class EventLog:
 
 def matches(event: Event, pod: str | None = None, container: str | None = None) -> bool:
     """`pod`: "namespace/name", exactly; `container`: a container id or a prefix of one
-    (Docker shows 12 characters)."""
+    (Docker shows 12 characters), or a Docker container's name."""
     if pod is not None and event.get("pod") != pod:
         return False
-    if container is not None and not str(event.get("container_id") or "").startswith(container):
+    if container is not None and not (str(event.get("container_id") or "").startswith(container)
+                                      or event.get("container_name") == container):
         return False
     return True
 
@@ -196,7 +197,8 @@ def read_events(state_dir: str | os.PathLike[str], pod: str | None = None,
                 container: str | None = None) -> Iterator[Event]:
     """Every event in the events files of `state_dir`, oldest first, rotated files
     included, as dicts (schema: README "Refused-flow events"). `pod`: only those of
-    pod "namespace/name"; `container`: only those whose container_id starts with it.
+    pod "namespace/name"; `container`: only those whose container_id starts with it,
+    or whose container_name (a Docker container's) is it.
     Lines that aren't events (a line torn by a kill) are skipped. A state dir without
     events yields nothing. The files are opened at the first next(); lines appended
     after that are not read (follow_events reads on)."""
@@ -211,6 +213,51 @@ def read_events(state_dir: str | os.PathLike[str], pod: str | None = None,
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def last_events(state_dir: str | os.PathLike[str], n: int, pod: str | None = None,
+                container: str | None = None) -> list[Event]:
+    """The last `n` events that match (as read_events), oldest first. Reads the files
+    from their ends, newest file first, and stops once it has `n`: what `sockgate
+    status` shows costs the same on a node whose files are full."""
+    if n <= 0:
+        return []
+    found: list[Event] = []
+    fds = _open_all(events_path(state_dir))
+    try:
+        for fd in reversed(fds):
+            for line in _lines_backwards(fd):
+                event = parse_line(line)
+                if event is not None and matches(event, pod, container):
+                    found.append(event)
+                    if len(found) == n:
+                        return found[::-1]
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return found[::-1]
+
+
+def _lines_backwards(fd: int, block: int = 1 << 16) -> Iterator[bytes]:
+    """The complete lines of `fd`, last first (an unterminated last line is left out,
+    as by the forward readers)."""
+    pos = os.fstat(fd).st_size
+    carry = b""  # the start of a line whose beginning is in an earlier block
+    in_tail = True  # still after the file's last newline
+    while pos > 0:
+        start = max(0, pos - block)
+        parts = (os.pread(fd, pos - start, start) + carry).split(b"\n")
+        pos = start
+        if in_tail:
+            if len(parts) == 1:  # no newline yet: all of it is the unterminated tail
+                carry = b""
+                continue
+            parts.pop()
+            in_tail = False
+        carry = parts.pop(0) if pos > 0 else b""
+        for line in reversed(parts):
+            if line:
+                yield line
 
 
 def follow_events(state_dir: str | os.PathLike[str], pod: str | None = None, container: str | None = None,

@@ -16,7 +16,8 @@ How a flood is bounded (README "Refused-flow events"):
   serve CNI requests, and neither holds a lock they need.
 
 The file's reader API is re-exported here: `read_events(state_dir, pod=None,
-container=None)` and `follow_events(...)`.
+container=None)`, `last_events(state_dir, n, pod=None, container=None)` and
+`follow_events(...)`.
 """
 from __future__ import annotations
 
@@ -41,12 +42,13 @@ from runtime.agent.event_log import (
     EventLog,
     events_path,
     follow_events,
+    last_events,
     read_events,
 )
 from runtime.kernel.netlink.nflog import Logged, NflogSocket
 from runtime.state import store
 
-__all__ = ["EventLog", "EventsWatch", "events_path", "follow_events", "read_events"]
+__all__ = ["EventLog", "EventsWatch", "events_path", "follow_events", "last_events", "read_events"]
 
 log = logging.getLogger(__name__)
 
@@ -210,14 +212,20 @@ class EventsWatch:
             self.log.close()
 
     def _read_loop(self, stop: threading.Event) -> None:
+        failing = False
         while not stop.is_set():
             try:
                 sock = NflogSocket(self.group, copy_range=EVENTS_SNAPLEN)
             except OSError as exc:
-                log.error("refused-flow events: cannot listen to NFLOG group %d (%s); no events are written "
-                          "until it can (retrying every %.0f s)", self.group, exc, RETRY_S)
+                # Once per streak: EPERM (another listener holds the group) lasts.
+                log.log(logging.DEBUG if failing else logging.ERROR,
+                        "refused-flow events: cannot listen to NFLOG group %d (%s; EPERM: another program "
+                        "listens to it); no events are written until it can (retrying every %.0f s)",
+                        self.group, exc, RETRY_S)
+                failing = True
                 stop.wait(RETRY_S)
                 continue
+            failing = False
             self._socket = sock
             log.info("refused-flow events: listening to NFLOG group %d, writing %s", self.group,
                      events_path(self.state_dir))

@@ -3,7 +3,6 @@ as a table, JSON, or followed as they come."""
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 from collections.abc import Iterable, Iterator
 
@@ -50,7 +49,7 @@ def _print_lines(lines: Iterable[str]) -> None:
 
 
 def _events(args: argparse.Namespace) -> int:
-    from runtime.agent.events import events_path, follow_events, read_events
+    from runtime.agent.events import events_path, follow_events, last_events, read_events
     from runtime.textable import render
     if args.follow:
         stream: Iterator[dict] = follow_events(args.state_dir, pod=args.pod, container=args.container,
@@ -66,9 +65,10 @@ def _events(args: argparse.Namespace) -> int:
         except BrokenPipeError:
             return 0
         return 0
-    events = list(read_events(args.state_dir, pod=args.pod, container=args.container))
     if args.last is not None:
-        events = events[-args.last:] if args.last else []
+        events = last_events(args.state_dir, args.last, pod=args.pod, container=args.container)
+    else:
+        events = list(read_events(args.state_dir, pod=args.pod, container=args.container))
     if args.json:
         print(json.dumps(events))
         return 0
@@ -82,8 +82,8 @@ def _events(args: argparse.Namespace) -> int:
 
 def _last_then_rest(stream: Iterator[dict], state_dir: str, args: argparse.Namespace) -> Iterator[dict]:
     """follow_events without its existing events, preceded by the last N of them."""
-    from runtime.agent.events import read_events
-    yield from collections.deque(read_events(state_dir, pod=args.pod, container=args.container), maxlen=args.last)
+    from runtime.agent.events import last_events
+    yield from last_events(state_dir, args.last, pod=args.pod, container=args.container)
     yield from stream
 
 
@@ -109,7 +109,8 @@ def add_events_commands(sub: argparse._SubParsersAction) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--pod", type=_pod, metavar="NAMESPACE/NAME", help="only this pod's events")
     which.add_argument("--container", metavar="ID",
-                       help="only this container's events: its id, or a prefix of it (Docker shows 12 characters)")
+                       help="only this container's events: its id, a prefix of it (Docker shows 12 characters), "
+                            "or a Docker container's name")
     p.add_argument("--json", action="store_true",
                    help="one JSON array of the events; with --follow, JSON Lines (one event per line)")
     p.add_argument("--follow", "-f", action="store_true",
