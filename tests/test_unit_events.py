@@ -264,3 +264,54 @@ def test_bad_filters_are_usage_errors(argv, tmp_path, capsys):
         cli_main(["events", "--state-dir", str(tmp_path), *argv])
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+class FakeNflog:
+    """Stands in for runtime.kernel.netlink.nflog.NflogSocket: hands out `batches`,
+    then nothing; raises `fail` once they are out, if given."""
+
+    def __init__(self, batches: list[list[Logged]], fail: Exception | None = None) -> None:
+        self.batches, self.fail = list(batches), fail
+        self.lost = type("Lost", (), {"total": 2})()
+        self.closed = False
+
+    def __call__(self, group: int, **kw) -> FakeNflog:
+        return self
+
+    def read(self, timeout: float) -> list[Logged]:
+        if self.batches:
+            return self.batches.pop(0)
+        if self.fail is not None:
+            raise self.fail
+        time.sleep(min(timeout, 0.01))
+        return []
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_component_reads_writes_and_stops(watch, tmp_path, monkeypatch):
+    import runtime.agent.events as events
+    pkt = report("blocked-range", ipv4("10.77.0.2", "10.1.2.3", 6, tcp(40000, 80)), indev=41)
+    fake = FakeNflog([[pkt, pkt], [pkt]])
+    monkeypatch.setattr(events, "NflogSocket", fake)
+    stop = threading.Event()
+    t = threading.Thread(target=watch.run, args=(stop,))
+    t.start()
+    deadline = time.monotonic() + 5
+    while len(list(read_events(tmp_path))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stop.set()
+    t.join(5)
+    assert not t.is_alive() and fake.closed
+    assert len(list(read_events(tmp_path))) == 3
+    assert watch.dropped() == 2  # the socket's sequence gaps, kept after it closed
+
+
+def test_a_reader_that_fails_stops_its_writer_too(watch, monkeypatch):
+    """The agent restarts a failed component: run() must return (raise), not wait for
+    a writer that waits for the agent's stop."""
+    import runtime.agent.events as events
+    monkeypatch.setattr(events, "NflogSocket", FakeNflog([], fail=OSError(5, "EIO")))
+    with pytest.raises(OSError):
+        watch.run(threading.Event())

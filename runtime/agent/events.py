@@ -203,11 +203,15 @@ class EventsWatch:
 
     # --- threads ---
     def run(self, stop: threading.Event) -> None:
-        writer = threading.Thread(target=self._write_loop, args=(stop,), name="events-writer")
+        # The writer stops with the reader, whyever the reader stopped (the agent's
+        # stop, or a failure the agent restarts the component after).
+        done = threading.Event()
+        writer = threading.Thread(target=self._write_loop, args=(done,), name="events-writer")
         writer.start()
         try:
             self._read_loop(stop)
         finally:
+            done.set()
             writer.join()
             self.log.close()
 
@@ -231,8 +235,9 @@ class EventsWatch:
                      events_path(self.state_dir))
             try:
                 while not stop.is_set():
+                    batch = sock.read(SLICE_S)
                     received = time.time()
-                    for logged in sock.read(SLICE_S):
+                    for logged in batch:
                         self.enqueue(logged, received)
             finally:
                 with self._lock:
