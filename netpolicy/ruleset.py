@@ -100,6 +100,11 @@ EVENT_REASONS: dict[str, tuple[str, str]] = {
     "spoofed-node": ("oif", "drop"),
     "node-to-container": ("oif", "drop"),
 }
+# Reasons reported only for some of their packets: what the node itself sends into a
+# container's veth is also its own multicast (the MLD reports of every new link), which
+# no ingress rule could allow and no one asked about; a connection it opens is TCP or
+# UDP.
+EVENT_ONLY = {"node-to-container": "meta l4proto { tcp, udp }"}
 # "SG", as CONTAINER_IFGROUP; one group per netns (nfnetlink_log binds one listener).
 EVENTS_NFLOG_GROUP = 0x5347
 # The agent reads the headers only: an IPv6 header (40 bytes) and the transport
@@ -133,7 +138,8 @@ def event_chains(rate: EventRate) -> dict[str, list[str]]:
     then the reason's verdict."""
     chains = {}
     for reason, (iface, verdict) in EVENT_REASONS.items():
-        report = (f"update @event_rate {{ meta {iface} limit rate {rate.per_second}/second burst {rate.burst} "
+        only = f"{EVENT_ONLY[reason]} " if reason in EVENT_ONLY else ""
+        report = (f"{only}update @event_rate {{ meta {iface} limit rate {rate.per_second}/second burst {rate.burst} "
                   f'packets }} log prefix "{EVENT_PREFIX}{reason}" group {EVENTS_NFLOG_GROUP} '
                   f"snaplen {EVENTS_SNAPLEN} queue-threshold {EVENTS_QUEUE_THRESHOLD}")
         chains[event_chain(reason)] = ([report] if rate.per_second else []) + [verdict]

@@ -193,7 +193,9 @@ def test_each_reported_reason_goes_through_its_event_chain_and_ends_as_before():
         report, end = _chain(event_chain(reason), text)
         # Bounded per container (one bucket per veth, all reasons), the reason in the
         # prefix, headers only.
-        assert report.startswith(f"update @event_rate {{ meta {iface} limit rate 5/second burst 10 packets }} log ")
+        only = "meta l4proto { tcp, udp } " if reason == "node-to-container" else ""
+        assert report.startswith(f"{only}update @event_rate {{ meta {iface} limit rate 5/second burst 10 packets }} "
+                                 "log ")
         assert f'prefix "drop:{reason}" group {EVENTS_NFLOG_GROUP} snaplen 128 queue-threshold 16' in report
         assert end == verdict
 

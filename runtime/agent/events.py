@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from netpolicy.refusals import Packet, Refusals
@@ -45,6 +46,7 @@ from runtime.agent.event_log import (
     last_events,
     read_events,
 )
+from runtime.fsutil import file_stamp
 from runtime.kernel.netlink.nflog import Logged, NflogSocket
 from runtime.state import store
 
@@ -57,10 +59,12 @@ MAX_PER_SECOND = 2000
 # How long the reader waits for the kernel, and the writer for the reader: how late
 # a stop is noticed.
 SLICE_S = 0.2
-# Attachment records and the pools are read again at most this often on a miss (a
-# container attached since), and the records every REFRESH_S in any case.
-MISS_REFRESH_S = 1.0
+# Attachment records are looked at again at most this often on a miss (a container
+# attached since), and every REFRESH_S in any case; the policy and the pools at most
+# every POLICY_REFRESH_S.
+MISS_REFRESH_S = 0.05
 REFRESH_S = 10.0
+POLICY_REFRESH_S = 1.0
 RETRY_S = 5.0
 PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp"}
 # Labels of sockgate_refused_flows_total, in this order.
@@ -114,18 +118,28 @@ def fmt_time(seconds: float) -> str:
 
 class Attachments:
     """Interface index -> attachment record, from the records on disk (labels as
-    billing knows them), read again when an index is unknown (at most every
-    MISS_REFRESH_S) and every REFRESH_S."""
+    billing knows them). Read again when an index is unknown (at most every
+    MISS_REFRESH_S: a container attached since) and every REFRESH_S (labels the
+    Docker door adds later); a record is parsed again only when its file changed, so
+    a look costs a directory listing and a stat per record."""
 
     def __init__(self, state_dir: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.state_dir = state_dir
         self.clock = clock
         self.by_index: dict[int, store.Attachment] = {}
+        self._read: dict[Path, tuple[tuple[int, int, int] | None, store.Attachment | None]] = {}
         self._read_at = float("-inf")
 
     def refresh(self) -> None:
+        read: dict[Path, tuple[tuple[int, int, int] | None, store.Attachment | None]] = {}
+        for path in store.record_paths(self.state_dir):
+            stamp = file_stamp(path)
+            known = self._read.get(path)
+            read[path] = known if known is not None and known[0] == stamp else (stamp, store.read_record(path))
         by_index = {}
-        for att in store.attachments(self.state_dir).records:
+        for _, att in read.values():
+            if att is None:
+                continue
             index = att.host_ifindex
             if not index:  # a record of a version that didn't keep it
                 try:
@@ -133,7 +147,7 @@ class Attachments:
                 except OSError:
                     continue
             by_index[index] = att
-        self.by_index = by_index
+        self._read, self.by_index = read, by_index
         self._read_at = self.clock()
 
     def get(self, index: int) -> store.Attachment | None:
@@ -349,7 +363,7 @@ class EventsWatch:
 
     def _refusals_now(self) -> Refusals:
         now = time.monotonic()
-        if self._refusals is None or now - self._policy_at > MISS_REFRESH_S:
+        if self._refusals is None or now - self._policy_at > POLICY_REFRESH_S:
             self._policy_at = now
             compiled = None
             if self.policy is not None:
@@ -367,7 +381,7 @@ class EventsWatch:
         addr = ipaddress.ip_address(destination)
         now = time.monotonic()
         if not any(addr in p for p in self._pools if p.version == addr.version) and now - self._pools_at > \
-                MISS_REFRESH_S:
+                POLICY_REFRESH_S:
             self._pools_at = now
             try:
                 self._pools = [ipaddress.ip_network(p) for p in self.pools_source()]

@@ -32,9 +32,9 @@ def who(event: dict) -> str:
 
 def row(event: dict) -> list[str]:
     port = event.get("port")
-    source = event.get("source", "")
+    source = str(event.get("source", ""))
     if event.get("source_port") is not None:
-        source = f"{source} :{event['source_port']}"
+        source = f"[{source}]:{event['source_port']}" if ":" in source else f"{source}:{event['source_port']}"
     decided = event.get("rule") or ""
     if event.get("element"):
         decided += f" — {event['element']}"
