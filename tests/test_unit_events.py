@@ -315,3 +315,13 @@ def test_a_reader_that_fails_stops_its_writer_too(watch, monkeypatch):
     monkeypatch.setattr(events, "NflogSocket", FakeNflog([], fail=OSError(5, "EIO")))
     with pytest.raises(OSError):
         watch.run(threading.Event())
+
+
+def test_a_line_written_right_after_a_policy_change_names_the_new_limits(tmp_path):
+    attach(tmp_path, "web0c0ffee", 41, pod_namespace="shop", pod_name="web-0")
+    policies = [COMPILED]
+    w = EventsWatch(str(tmp_path), policy=lambda: policies[0])
+    pkt = report("flow-rate", ipv4("10.77.0.2", "93.184.215.14", 6, tcp(1, 9000)), indev=41)
+    assert w.event(pkt, 0)["element"] == "100/second, burst 200"
+    policies[0] = compile_policy(parse_policy({"limits": {"newFlowsPerSecond": 1, "newFlowsBurst": 1}}), GOOGLE)
+    assert w.event(pkt, 0)["element"] == "1/second, burst 1"

@@ -60,8 +60,8 @@ MAX_PER_SECOND = 2000
 # a stop is noticed.
 SLICE_S = 0.2
 # Attachment records are looked at again at most this often on a miss (a container
-# attached since), and every REFRESH_S in any case; the policy and the pools at most
-# every POLICY_REFRESH_S.
+# attached since), and every REFRESH_S in any case; the pools (on a miss) and a
+# policy that could not be had at most every POLICY_REFRESH_S.
 MISS_REFRESH_S = 0.05
 REFRESH_S = 10.0
 POLICY_REFRESH_S = 1.0
@@ -362,17 +362,22 @@ class EventsWatch:
                 del self._counts[key]
 
     def _refusals_now(self) -> Refusals:
+        """For the policy in force now: asked for each event (the agent's compiled
+        policy is cached; asking costs two stats), so that a line written right after
+        a policy change names the new limits. A policy that can't be had (an invalid
+        file, no ranges cache) is asked for again at most every POLICY_REFRESH_S."""
         now = time.monotonic()
-        if self._refusals is None or now - self._policy_at > POLICY_REFRESH_S:
-            self._policy_at = now
-            compiled = None
-            if self.policy is not None:
-                try:
-                    compiled = self.policy()
-                except Exception as exc:  # noqa: BLE001 - an invalid file: words without elements
-                    log.debug("refused-flow events: no compiled policy (%s)", exc)
-            if self._refusals is None or self._refusals[0] is not compiled:
-                self._refusals = (compiled, Refusals(compiled))
+        if self._refusals is not None and self._refusals[0] is None and now - self._policy_at < POLICY_REFRESH_S:
+            return self._refusals[1]
+        self._policy_at = now
+        compiled = None
+        if self.policy is not None:
+            try:
+                compiled = self.policy()
+            except Exception as exc:  # noqa: BLE001 - an invalid file: words without elements
+                log.debug("refused-flow events: no compiled policy (%s)", exc)
+        if self._refusals is None or self._refusals[0] is not compiled:
+            self._refusals = (compiled, Refusals(compiled))
         return self._refusals[1]
 
     def _pools_for(self, reason: str, destination: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
