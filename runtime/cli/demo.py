@@ -43,11 +43,19 @@ STEPS = 9  # progress lines: see the p.step() calls
 AGENT_ARGS = ("--billing-interval", "1", "--reclaim-nudge", "1", "--reclaim-sweep-interval", "2",
               "--metrics-address", "")
 RESOLVE_TIMEOUT_S = 10.0   # the agent resolving the Gmail names through the lab's DNS
+# app-b's traffic for the billing report (all else it tries is refused, and refused
+# packets are not billed): its tx_bytes must be at least this payload.
+UPLOAD_BYTES = 100_000
 EVENTS_WAIT_S = 3.0        # for the agent to write a section's refused-flow events
 
 
 class DemoError(Exception):
     """A step could not be done (not a check that failed: those are rows)."""
+
+
+# What ends the demo early, with a message instead of a traceback (AppError, the lab's
+# TimeoutError and LabCommandError among them); the lab is torn down in any case.
+FAILURES = (DemoError, OSError, RuntimeError, subprocess.SubprocessError)
 
 
 class Demo:
@@ -145,17 +153,20 @@ class Demo:
         self.section("policy", policy_rows(prober, a), prober)
         p.step(f"idle reclaim: one socket idle for {IDLE_TIMEOUT_S} s, one busy (takes ~{IDLE_TIMEOUT_S + 2} s)")
         self.section("reclaim", reclaim_rows(self.lab, a, self.agent.log_text))
-        p.step("detaching the apps (each DEL writes its final billing record), stopping the agent")
+        p.step(f"app-b uploads {UPLOAD_BYTES} bytes; detaching the apps (each DEL writes its final billing "
+               "record), stopping the agent")
+        up = self.lab.probe(b.ns, "tcp", LAB.public_v4, 9000, payload=b"x" * UPLOAD_BYTES, timeout=10)
+        if not up.ok:
+            self.failures.append(f"billing: app-b's upload failed: {up.error}")
         for name in APPS:
             self.detach(name)
         rc = self.agent.stop(signal.SIGTERM)
         if rc != 0:
             self.failures.append(f"the agent exited {rc}: {self.agent.log_text()[-2000:]}")
         p.step("the billing report of the two apps")
-        billing_dir = str(Path(self.state_dir) / "billing")
-        rows, _ = report(Ledger(billing_dir).records(), by="pod")
+        rows, _ = report(Ledger(Path(self.state_dir) / "billing").records(), by="pod")
         self.billing = [r for r in rows if r.group.startswith(f"{POD_NAMESPACE}/")]
-        self.out("\n".join(billing_lines(self.billing, billing_dir)) + "\n")
+        self.out("\n".join(billing_lines(self.billing, UPLOAD_BYTES)) + "\n")
         self._verdict()
 
     def _verdict(self) -> None:
@@ -165,10 +176,11 @@ class Demo:
                 self.failures.append(f"{row.section}: {row.what} ({row.dst}): {verdict}: expected {row.expected}, "
                                      f"got {row.got} ({row.detail})")
         billed = {r.group: r for r in self.billing}
-        for name in APPS:
+        for name, least in (("app-a", 1), ("app-b", UPLOAD_BYTES)):
             bill = billed.get(f"{POD_NAMESPACE}/{name}")
-            if bill is None or bill.tx_bytes <= 0:
-                self.failures.append(f"billing: no bytes billed to {POD_NAMESPACE}/{name}")
+            if bill is None or bill.tx_bytes < least:
+                self.failures.append(f"billing: {POD_NAMESPACE}/{name} billed {bill.tx_bytes if bill else 0} bytes "
+                                     f"sent, expected at least {least}")
 
     def cleanup(self) -> None:
         """After an error too: DEL what is still attached, stop the agent. (The lab's
@@ -198,13 +210,17 @@ def run_demo(json_output: bool = False) -> int:
             demo = Demo(lab, Path(tmp), progress, out)
             try:
                 demo.run()
+            except FAILURES as exc:
+                error = f"step {progress.n}/{STEPS} failed: {exc}"
+                if demo.agent.proc is not None and not demo.agent.running() and str(demo.agent.log) not in error:
+                    # (read now: the log goes with the temp dir)
+                    error += (f"\nthe agent exited {demo.agent.proc.returncode}; the end of its log:\n"
+                              f"{demo.agent.log_text()[-3000:]}")
             finally:
                 demo.cleanup()
-                progress.step("tearing the lab down")
-    except (DemoError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        error = f"step {progress.n}/{STEPS} failed: {exc}"
-        if demo is not None and demo.agent.proc is not None and demo.agent.proc.returncode not in (None, 0):
-            error += f"\nthe agent exited {demo.agent.proc.returncode}; its log:\n{demo.agent.log_text()[-3000:]}"
+                progress.step("tearing the lab down", last=True)
+    except FAILURES as exc:  # building the lab, or tearing it down
+        error = error or f"the lab: {exc}"
     rows = demo.rows if demo else []
     failures = ([error] if error else []) + (demo.failures if demo else [])
     pid = demo.agent.pid if demo else None

@@ -33,8 +33,10 @@ class Progress:
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
 
-    def step(self, text: str) -> None:
-        self.n += 1
+    def step(self, text: str, *, last: bool = False) -> None:
+        """The next step; last: the final one (teardown), also when an error or Ctrl-C
+        skipped the steps before it."""
+        self.n = self.steps if last else self.n + 1
         self.note(f"step {self.n}/{self.steps}: {text}")
 
     def note(self, text: str) -> None:
@@ -57,9 +59,11 @@ def section_lines(section: str, rows: Sequence[Row], events: bool) -> list[str]:
     return out
 
 
-def billing_lines(rows: list[ReportRow], billing_dir: str) -> list[str]:
-    return [f"Billing: `sockgate billing report --dir {billing_dir}` (the agent flushed every second, "
-            "and once more at each DEL)", "", format_report(rows, "pod")]
+def billing_lines(rows: list[ReportRow], upload: int) -> list[str]:
+    return ["Billing: what `sockgate billing report` prints for the demo's ledger (a record every second,",
+            f"and a final one at each DEL). tx is what an app sent, IP headers included: app-b's {upload}-byte",
+            "upload, and nothing of its refused attempts.", "",
+            format_report(rows, "pod")]
 
 
 def document(prefix: str, rows: Sequence[Row], billing: list[ReportRow], events: bool, *,

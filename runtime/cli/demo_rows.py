@@ -79,7 +79,7 @@ class Prober:
         """One attempt from netns ns. far_side: host is an internet address, whose
         server events tell whether a packet of a refused attempt got through anyway."""
         row = Row(section, what, src, proto, host, port, expected)
-        if far_side and expected == "refused":
+        if far_side and expected == "refused" and proto != "icmp":  # (the servers don't log ICMP)
             row.server_events_before = len(self.lab.server_events())
         row.started = time.time()
         if proto == "icmp":
@@ -111,7 +111,8 @@ class Prober:
         """A refused attempt whose packet reached the internet's servers did not fail
         closed: it is a mismatch, whatever the app saw."""
         for row in rows:
-            if row.server_events_before is not None and self.lab.reached(row.host, row.server_events_before):
+            if row.server_events_before is not None and self.lab.reached(row.host, row.server_events_before,
+                                                                         row.port):
                 row.got = "reached"
                 row.detail += "; a packet reached the server"
 

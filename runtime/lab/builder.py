@@ -745,13 +745,17 @@ class Lab:
             return []
         return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
 
-    def reached(self, dst: str, since: int = 0) -> bool:
+    def reached(self, dst: str, since: int = 0, port: int | None = None) -> bool:
         """Whether any of server_events()[since:] arrived at address dst (an IPv4-mapped
-        dst counts as its IPv4 address): evidence that a packet got through."""
+        dst counts as its IPv4 address), on `port` if given: evidence that a packet got
+        through. (A connection's close is logged when it ends, possibly after `since`:
+        the port tells an earlier connection to another port of dst apart.)"""
         want = ipaddress.ip_address(dst)
         if want.version == 6 and want.ipv4_mapped:
             want = want.ipv4_mapped
         for ev in self.server_events()[since:]:
+            if port is not None and ev.get("port") != port:
+                continue
             try:
                 if ipaddress.ip_address(ev.get("local", "")) == want:
                     return True
