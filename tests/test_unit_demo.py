@@ -26,7 +26,8 @@ def event(t: float, dst: str, port: int | None, protocol: str = "tcp", **kw) -> 
     return {"time": iso(t), "network": "demo", "container_id": "app-a", "pod": "demo/app-a",
             "container_name": None, "ifname": "sg0123456789ab", "family": "ipv6" if ":" in dst else "ipv4",
             "protocol": protocol, "source": "10.77.0.1", "source_port": 40000 if port else None,
-            "destination": dst, "port": port, "reason": "policy", "rule": "blocked port 25", "element": "25", **kw}
+            "destination": dst, "port": port, "reason": "blocked-port", "rule": "blocked-port: blocked port (C4, C6)",
+            "element": "tcp 25: SMTP port 25 (C6)", **kw}
 
 
 def row(what: str, host: str, port: int | None, started: float, proto: str = "tcp",
@@ -76,7 +77,11 @@ def test_the_table_shows_the_event_line_under_each_refusal():
     at = next(i for i, line in enumerate(lines) if line.startswith("port 25 (SMTP)"))
     assert lines[at].endswith("ok")
     assert lines[at + 1].strip() == format_event(refused.event)
-    assert "demo/app-a tcp 10.77.0.1:40000 -> 93.184.215.14:25: policy, blocked port 25 (25)" in lines[at + 1]
+    assert lines[at + 1] == "    event 08:00:00.010 demo/app-a: tcp 10.77.0.1:40000 -> 93.184.215.14:25: " \
+                            "blocked-port: blocked port (C4, C6) — tcp 25: SMTP port 25 (C6)"
+    other = format_event(event(T0, "198.18.0.2", 22, reason="container-to-node", element=None,
+                               rule="node-address: the node is not a service for containers"))
+    assert other.endswith("198.18.0.2:22: container-to-node (node-address: the node is not a service for containers)")
     assert lines[at + 2].startswith("port 21 (FTP)") and lines[at + 2].endswith("NO EVENT")
     assert "no refused-flow event found" in lines[at + 3]
     assert any(line.startswith("port 587") and line.endswith("ok") for line in lines)

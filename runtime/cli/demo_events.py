@@ -75,7 +75,8 @@ def attach_events(rows: Sequence[Row], events: Sequence[Mapping[str, Any]]) -> i
 
 
 def format_event(event: Mapping[str, Any]) -> str:
-    """One line: when, whose, the flow, and the rule that refused it."""
+    """One line: when, whose, the flow, and the rule (and element) that refused it, in
+    `policy explain`'s words; the reason too when the rule's name isn't it."""
     def hp(addr: object, port: object) -> str:
         a = str(addr)
         return (f"[{a}]:{port}" if ":" in a else f"{a}:{port}") if port is not None else a
@@ -84,5 +85,7 @@ def format_event(event: Mapping[str, Any]) -> str:
     when = when[11:23] if len(when) >= 23 else when  # HH:MM:SS.mmm of the ISO time
     flow = f"{event.get('protocol')} {hp(event.get('source'), event.get('source_port'))} -> " \
            f"{hp(event.get('destination'), event.get('port'))}"
-    element = f" ({event['element']})" if event.get("element") else ""
-    return f"event {when} {who} {flow}: {event.get('reason')}, {event.get('rule')}{element}"
+    reason, rule = str(event.get("reason") or ""), str(event.get("rule") or "")
+    why = rule if rule.startswith(reason) else f"{reason} ({rule})" if rule else reason
+    element = f" — {event['element']}" if event.get("element") else ""
+    return f"event {when} {who}: {flow}: {why}{element}"
