@@ -165,7 +165,7 @@ else
   check=$policy_src
 fi
 if ! out=$("$sockgate" policy check --policy "$check" 2>&1); then
-  die "policy $check is invalid, nothing installed: ${out#sockgate: error: }"
+  die "policy $check is invalid, nothing installed: ${out#sockgate policy check: error: }"
 fi
 
 # Render the conflist and validate it with the plugin's own parser (errors name the field).

@@ -21,6 +21,8 @@ from netpolicy.ruleset import CONTAINER_IFGROUP
 from runtime.lab import LAB
 from runtime.lab.policy import write_lab_policy
 from runtime.state.store import host_ifname
+from runtime.version import version
+from tests.support import dashboard
 from tests.support.plugin import node_links
 
 pytestmark = pytest.mark.lab
@@ -253,6 +255,11 @@ def test_metrics_on_loopback(plugin, agent, app, lab):
     assert drops.get("blocked-range", 0) >= 1
     assert "sockgate_attachments 1.0" in scrape and "sockgate_agent_up 1.0" in scrape
     assert 'sockgate_cni_requests_total{command="ADD",result="ok"} 1.0' in scrape
+    assert 'sockgate_cni_request_duration_seconds_count{command="ADD"} 1.0' in scrape
+    assert f'sockgate_build_info{{version="{version()}"}} 1.0' in scrape
+    # The dashboard asks only for what this agent exports, labels included (the
+    # drop counters here come from the kernel, with their reason).
+    assert dashboard.problems(dashboard.load(), dashboard.exported(scrape)) == []
     # Loopback only: the node's uplink address does not answer.
     outside = lab.run(lab.internet, [sys.executable, "-c", "import urllib.request; urllib.request.urlopen("
                                      f"'http://{LAB.node_uplink_v4}:9464/metrics', timeout=2)"], check=False)

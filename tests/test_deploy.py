@@ -74,9 +74,15 @@ def kustomization() -> dict:
     return yaml.safe_load(KUSTOMIZATION.read_text())
 
 
+# Manifests beside the base that it leaves out, and why.
+OPTIONAL = {"podmonitor.yaml": "a PodMonitor: a cluster without the Prometheus Operator's CRD rejects it"}
+PODMONITOR = K8S_DIR / "podmonitor.yaml"
+
+
 def manifest_files() -> list[Path]:
-    """Every Kubernetes manifest in deploy/kubernetes (the kustomization is not one)."""
-    return sorted(p for p in K8S_DIR.glob("*.y*ml") if p != KUSTOMIZATION)
+    """Every Kubernetes manifest of the base in deploy/kubernetes (the kustomization is
+    not one, nor are the OPTIONAL ones)."""
+    return sorted(p for p in K8S_DIR.glob("*.y*ml") if p != KUSTOMIZATION and p.name not in OPTIONAL)
 
 
 def base_manifests() -> list[dict]:
@@ -195,12 +201,42 @@ def test_manifests_hold_together() -> None:
     assert plugin["runDir"] + "/agent.sock" in " ".join(agent["livenessProbe"]["exec"]["command"])
     caps = agent["securityContext"]["capabilities"]
     assert sorted(caps["add"]) == ["NET_ADMIN", "SYS_ADMIN"]
+    # Metrics on the node's IP (the pod's, with hostNetwork), on the declared port.
+    assert f'--metrics-address "$HOST_IP:{metrics_port()["containerPort"]}"' in command
+    assert agent["env"] == [{"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}]
     assert agent["securityContext"]["appArmorProfile"] == {"type": "Unconfined"}
 
     # The policy: valid, and the same default the node installer ships.
     policy = json.loads(one("ConfigMap", "sockgate-config")["data"]["policy.json"])
     parse_policy(policy)
     assert policy == json.loads((PROJECT_ROOT / "deploy" / "systemd" / "policy.json").read_text())
+
+
+def metrics_port() -> dict:
+    (port,) = [p for p in container("agent")["ports"] if p["name"] == "metrics"]
+    return port
+
+
+def test_the_podmonitor_scrapes_the_agents_metrics_port() -> None:
+    """deploy/kubernetes/podmonitor.yaml (Prometheus Operator): outside the base, in
+    the DaemonSet's namespace, selecting its pods, on the port the agent serves."""
+    assert "podmonitor.yaml" not in kustomization()["resources"]
+    (pm,) = [d for d in yaml.safe_load_all(PODMONITOR.read_text()) if d]
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1" and pm["kind"] == "PodMonitor"
+    ds = daemonset()
+    assert pm["metadata"]["namespace"] == ds["metadata"]["namespace"]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    # Field names of the CRD (monitoring.coreos.com_podmonitors.yaml): a misspelt one
+    # would be dropped by a lenient apply and the endpoint never scraped.
+    assert set(pm["spec"]) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel",
+                               "podTargetLabels", "sampleLimit", "attachMetadata"}
+    (endpoint,) = pm["spec"]["podMetricsEndpoints"]
+    assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "relabelings", "metricRelabelings",
+                             "scheme", "honorLabels"}
+    for relabel in endpoint.get("relabelings", []):
+        assert set(relabel) <= {"sourceLabels", "targetLabel", "action", "regex", "replacement", "separator"}
+    assert endpoint["port"] == metrics_port()["name"] and endpoint.get("path", "/metrics") == "/metrics"
+    assert metrics_port()["protocol"] == "TCP"
 
 
 def _images(docs: list[dict]) -> list[str]:
@@ -598,6 +634,8 @@ def test_install_node_refuses_an_invalid_existing_policy(tmp_path: Path) -> None
     policy.write_text('{"ingress": [{"source": "nowhere"}]}')
     r = install_node(tmp_path)
     assert r.returncode == 1 and "ingress[0]" in r.stderr and "nothing installed" in r.stderr
+    # The checker's own prefix is cut: one "error:", the installer's.
+    assert "error:" not in r.stderr.split("nothing installed: ", 1)[1], r.stderr
     assert layout(tmp_path) == {"etc/sockgate/policy.json"}
 
 
@@ -720,6 +758,9 @@ def test_agent_runs_under_the_daemonset_security_context(lab, app, tmp_path: Pat
     default_caps = ["CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID",
                     "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE"]
     args = ["--net-host", "--seccomp", "-d", *(["--read-only"] if ctx["readOnlyRootFilesystem"] else []), "--rootfs"]
+    # The downward API's status.hostIP: the lab node's address.
+    host_ips = {"status.hostIP": LAB.node_uplink_v4}
+    args += [a for e in agent["env"] for a in ("--env", f"{e['name']}={host_ips[e['valueFrom']['fieldRef']['fieldPath']]}")]
     args += [a for c in ctx["capabilities"]["add"] for a in ("--cap-add", f"CAP_{c}")]
     args += [a for c in default_caps if c not in ctx["capabilities"]["add"] for a in ("--cap-drop", f"CAP_{c}")]
     for dst, src in mounts.items():
@@ -762,6 +803,12 @@ def test_agent_runs_under_the_daemonset_security_context(lab, app, tmp_path: Pat
         served = [json.loads(line) for line in (pod_dir / "agent.log").read_text().splitlines()
                   if line.startswith("{")]
         assert any("ADD" in e["msg"] and "rc=0" in e["msg"] for e in served), served
+        # Prometheus' view: the declared port on the node's (the pod's) address answers.
+        port = metrics_port()["containerPort"]
+        scrape = lab.run(lab.internet, [sys.executable, "-c", "import urllib.request; print(urllib.request.urlopen("
+                                        f"'http://{LAB.node_uplink_v4}:{port}/metrics', timeout=5).read().decode())"])
+        assert 'sockgate_cni_requests_total{command="ADD",result="ok"} 1.0' in scrape.stdout, scrape.stdout
+        assert "sockgate_build_info{" in scrape.stdout
         # The sysctls were written from inside the container, in the pod's netns too.
         assert lab.run(pod_ns, ["cat", "/proc/sys/net/ipv6/conf/eth0/accept_ra"]).stdout.strip() == "0"
         probe = lab.probe(pod_ns, "tcp", LAB.public_v4, 9000)

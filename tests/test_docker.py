@@ -171,6 +171,11 @@ def test_network_create_run_and_contract(denv, net):
     _, links = sh(ct, "ls /sys/class/net")
     assert sorted(links.split()) == ["eth0", "lo"]
     assert_contract(denv, ct)
+    # The agent timed Docker's calls, by call and result.
+    calls = {line.split("{", 1)[1].split("}", 1)[0]: float(line.split()[-1]) for line in denv.agent.scrape().splitlines()
+             if line.startswith("sockgate_docker_request_duration_seconds_count{")}
+    for call in ("CreateNetwork", "CreateEndpoint", "Join"):
+        assert calls.get(f'call="{call}",result="ok"', 0) >= 1, calls
 
 
 def test_no_neighbour_resolution_and_a_mac_asked_for(denv, net):

@@ -443,7 +443,9 @@ def _flood(family: str, attacker: Tenant, victim: Tenant, a: Addrs, count: int) 
     """Unfinished datagrams: each packet one fragment (first, middle or last of three)
     of a datagram whose other fragments never come; from the attacker's own address and
     forged ones (the victim's, the far end's, one on the node's uplink), to an allowed
-    destination, blocked ones, the node and the victim; v6 also behind extension headers."""
+    destination, blocked ones, the node and the victim; v4 every other one with DF set as
+    well (the fragments rule tests flags+offset against DF alone), v6 also behind
+    extension headers."""
     sources = [attacker.ip(family), victim.ip(family), a.public, a.uplink_forged]
     dests = [a.public, a.internal, a.google, a.node, victim.ip(family)]
     chains = [(), ("hop",), ("dst",), ("hop", "routing", "dst")] if family == "v6" else [()]
@@ -453,7 +455,7 @@ def _flood(family: str, attacker: Tenant, victim: Tenant, a: Addrs, count: int) 
         src, dst = sources[i % len(sources)], dests[(i // len(sources)) % len(dests)]
         l4 = atk.udp(src, dst, 40000 + i % 20000, BIG_PORT, b"F" * 2800)
         out += atk.fragments(src, dst, atk.IPPROTO_UDP, l4, 1400, base + i, keep=(i % 3,),
-                             chain=chains[i % len(chains)])
+                             chain=chains[i % len(chains)], df=bool((i // 3) % 2))
     return out
 
 

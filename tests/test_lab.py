@@ -410,7 +410,11 @@ def test_cleanup_stale_after_sigkill_spares_others(lab: Lab) -> None:
         assert (RUN_DIR / f"{info['prefix']}.pid").exists()
         assert alive(sleeper), "a process without die_with_parent outlives its lab's creator"
         assert not any(alive(p) for p in info["pids"] if p != sleeper), "servers die with the creator"
-        cleaned = Lab.cleanup_stale()
+        # Through the command an operator runs, which says what it removed.
+        cleanup = subprocess.run([sys.executable, "-m", "runtime.cli.main", "lab-cleanup", "--json"],
+                                 capture_output=True, text=True, timeout=60)
+        assert cleanup.returncode == 0, cleanup.stderr
+        cleaned = json.loads(cleanup.stdout)["removed"]
         assert info["prefix"] in cleaned and orphan[:10] in cleaned and lab.prefix not in cleaned
         assert not os.path.exists(f"/run/netns/{orphan}")
         assert_gone(info["prefix"], info["run_dir"], info["pids"] + [sleeper])

@@ -88,6 +88,11 @@ def test_failed_resolution_opens_nothing(lab, plugin, attached, tmp_path):
                               resolver={"nameservers": ["192.0.2.53"], "minTtl": 1, "timeout": 0.5})
     r = _cli(lab, "policy", "refresh", "--once", "--policy", str(policy), "--state-dir", str(tmp_path))
     assert r.returncode == 1 and "ERROR" in r.stdout
+    # A state dir of its own: the first run's failures are not due again yet in its.
+    r = _cli(lab, "policy", "refresh", "--once", "--json", "--policy", str(policy),
+             "--state-dir", str(tmp_path / "json"))
+    hosts = json.loads(r.stdout)["hostnames"]
+    assert r.returncode == 1 and hosts and all(h["error"] and h["addresses"] == [] for h in hosts), hosts
     assert elements() <= before
 
 
@@ -119,8 +124,10 @@ def test_policy_change_is_atomic_and_keeps_allowed_flows(lab, plugin, attached, 
         assert lab.probe(attached, "tcp", LAB.cloud_v4, 443).ok
         stricter = write_lab_policy(tmp_path / "stricter.json", blockedRanges=[LAB.cloud_v4 + "/32"],
                                     blockedPorts=[{"protocol": "udp", "port": 9000}])
-        r = _cli(lab, "policy", "apply", "--policy", str(stricter), "--state-dir", str(plugin.state_dir))
+        r = _cli(lab, "policy", "apply", "--policy", str(stricter), "--state-dir", str(plugin.state_dir), "--json")
         assert r.returncode == 0, r.stderr
+        applied = json.loads(r.stdout)
+        assert applied["table"] == "inet sockgate" and applied["revision"] and applied["blocked_ranges"] > 0
         # The established, still-allowed flow goes on; what the new policy blocks is refused.
         assert _echo(conn, "after") == "after"
         assert not lab.probe(attached, "tcp", LAB.cloud_v4, 443, timeout=1.0).ok

@@ -112,8 +112,11 @@ def test_fragments_from_containers_are_dropped_before_reassembly():
     text = render_table()
     assert "add chain inet sockgate fragments { type filter hook prerouting priority -450; policy accept; }" in text
     rules = _chain("fragments", text)
-    assert rules == ['ip frag-off & 0x3fff != 0 meta iifgroup 0x5347 counter drop comment "drop:fragment"',
-                     'ip6 nexthdr != { tcp, udp, ipv6-icmp } meta iifgroup 0x5347 counter drop comment "drop:fragment"']
+    # Raw loads (see ruleset): version nibble, then IPv4 flags+offset / IPv6 next header.
+    assert rules == ['@nh,0,32 & 0xf0000000 == 0x40000000 @nh,48,16 != 0x4000 @nh,48,16 != 0 '
+                     'meta iifgroup 0x5347 counter drop comment "drop:fragment"',
+                     '@nh,0,32 & 0xf0000000 == 0x60000000 @nh,48,8 != 6 @nh,48,8 != 17 @nh,48,8 != 58 '
+                     'meta iifgroup 0x5347 counter drop comment "drop:fragment"']
 
 
 def test_no_neighbour_discovery_from_containers_and_no_refusal_to_a_forged_source():

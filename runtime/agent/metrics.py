@@ -1,62 +1,133 @@
-"""Prometheus metrics of the agent, read from the kernel at scrape time: per-attachment
+"""Prometheus metrics of the agent. Read from the kernel at scrape time: per-attachment
 bytes and packets (the same counters billing reads), policy drops by reason, idle
-reclaims, attachments. Served on loopback by default."""
+reclaims, attachments. Observed as they happen: the CNI requests and Docker driver
+calls the agent serves, and how long they took. Served on loopback by default.
+
+Names follow Prometheus' conventions (README, "Monitoring" has the table): counters
+end in `_total` (prometheus_client adds the suffix to a counter family's samples and
+strips it from the family's name, so the names below are written as exposed),
+durations are histograms in `_seconds`, and `sockgate_build_info` is a gauge of 1
+whose labels carry the version."""
 from __future__ import annotations
 
 import logging
 from typing import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from runtime.kernel import nft
 from runtime.state import store
+from runtime.version import version
 
 log = logging.getLogger(__name__)
 _ATT_LABELS = ["network", "container_id", "ifname", "pod_namespace", "pod_name", "container_name"]
+_POD_LABELS = ("pod_namespace", "pod_name", "container_name")
+# Seconds. A CNI ADD takes milliseconds on an idle node and up to seconds on a busy
+# one; a Docker call is bounded by the driver's operation timeout (60 s, OP_TIMEOUT_S).
+REQUEST_BUCKETS = (.005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10, 30, 60)
+# Docker driver calls by their name in the plugin protocol; any other path is "other",
+# so that a client's arbitrary URL can't create time series.
+DOCKER_CALLS = frozenset({"Activate", "GetCapabilities", "CreateNetwork", "DeleteNetwork", "CreateEndpoint",
+                          "EndpointOperInfo", "DeleteEndpoint", "Join", "Leave", "DiscoverNew", "DiscoverDelete",
+                          "ProgramExternalConnectivity", "RevokeExternalConnectivity", "AllocateNetwork",
+                          "FreeNetwork"})
 
 
 class SockgateCollector:
     def __init__(self, state_dir: str, reclaims: Callable[[], dict[tuple[str, str, str], int]] | None = None):
         self.state_dir = state_dir
         self.reclaims = reclaims
+        # A reclaim counter's pod labels, as first seen: its container may be detached
+        # by the next scrape, and a series whose labels changed would be a new series.
+        self._reclaim_labels: dict[tuple[str, str, str], list[str]] = {}
 
     def collect(self) -> Iterator[Metric]:
         atts = store.attachments(self.state_dir).records
         yield GaugeMetricFamily("sockgate_attachments", "Containers attached on this node", value=len(atts))
         counted = nft.endpoint_counters() or {}
         families = {
-            name: CounterMetricFamily(f"sockgate_{name}", help_text, labels=_ATT_LABELS)
+            name: CounterMetricFamily(f"sockgate_{name}_total", help_text, labels=_ATT_LABELS)
             for name, help_text in (
                 ("tx_bytes", "IP bytes a container sent out of the node (billed as outgoing bandwidth)"),
                 ("tx_packets", "IP packets a container sent out of the node"),
                 ("rx_bytes", "IP bytes delivered to a container"),
                 ("rx_packets", "IP packets delivered to a container"))}
+        pod_labels = {}
         for att in atts:
-            labels = [att.network, att.container_id, att.ifname, att.labels.get("pod_namespace", ""),
-                      att.labels.get("pod_name", ""), att.labels.get("container_name", "")]
+            pods = [att.labels.get(name, "") for name in _POD_LABELS]
+            pod_labels[(att.network, att.container_id, att.ifname)] = pods
+            labels = [att.network, att.container_id, att.ifname, *pods]
             c = counted.get(att.host_ifname)
             for name in nft.COUNTER_FIELDS:
                 families[name].add_metric(labels, getattr(c, name) if c else 0)
         yield from families.values()
-        drops = CounterMetricFamily("sockgate_policy_drops", "Packets refused or dropped, by reason",
+        drops = CounterMetricFamily("sockgate_policy_drops_total", "Packets refused or dropped, by reason",
                                     labels=["reason"])
         for reason, count in sorted(nft.drop_counters().items()):
             drops.add_metric([reason], count.packets)
         yield drops
-        reclaims = CounterMetricFamily("sockgate_reclaims", "Idle flows reclaimed",
-                                       labels=["network", "container_id", "ifname"])
+        reclaims = CounterMetricFamily("sockgate_reclaims_total", "Idle flows reclaimed (their sockets aborted)",
+                                       labels=_ATT_LABELS)
         for key, reclaimed in sorted((self.reclaims() if self.reclaims else {}).items()):
-            reclaims.add_metric(list(key), reclaimed)
+            pods = self._reclaim_labels.setdefault(key, pod_labels.get(key, ["", "", ""]))
+            reclaims.add_metric([*key, *pods], reclaimed)
         yield reclaims
         yield GaugeMetricFamily("sockgate_agent_up", "1 while the agent serves", value=1)
+        build = GaugeMetricFamily("sockgate_build_info", "1, labelled with the agent's version", labels=["version"])
+        build.add_metric([version()], 1)
+        yield build
 
 
-def serve(address: str, collector: SockgateCollector, registry: CollectorRegistry | None = None):
-    """address is "host:port"; loopback unless the operator says otherwise."""
-    host, _, port = address.rpartition(":")
-    registry = registry or CollectorRegistry()
+class RequestMetrics:
+    """What the agent's doors observe per request: the CNI requests it serves (by
+    command and result) and the Docker driver calls, with their durations."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.cni_requests = Counter(
+            "sockgate_cni_requests_total", "CNI requests served by the agent, by command and result",
+            ["command", "result"], registry=registry)
+        self.cni_duration = Histogram(
+            "sockgate_cni_request_duration_seconds",
+            "Time from a CNI request's connection to its answer sent, by command", ["command"],
+            registry=registry, buckets=REQUEST_BUCKETS)
+        self.docker_duration = Histogram(
+            "sockgate_docker_request_duration_seconds",
+            "Time to answer a Docker network driver call, by call and result", ["call", "result"],
+            registry=registry, buckets=REQUEST_BUCKETS)
+
+    def observe_cni(self, command: str, result: str, seconds: float) -> None:
+        self.cni_requests.labels(command, result).inc()
+        self.cni_duration.labels(command).observe(seconds)
+
+    def observe_docker(self, path: str, ok: bool, seconds: float) -> None:
+        call = path.rsplit(".", 1)[-1]
+        self.docker_duration.labels(call if call in DOCKER_CALLS else "other", "ok" if ok else "error").observe(seconds)
+
+
+def registry_for(collector: SockgateCollector) -> tuple[CollectorRegistry, RequestMetrics]:
+    """Everything the agent exports, in one registry (the endpoint serves it; the
+    dashboard test renders it)."""
+    # No `_created` series next to each counter and histogram: in the text format
+    # they are gauges of their own, which nothing here reads.
+    disable_created_metrics()
+    registry = CollectorRegistry()
     registry.register(collector)
-    server, thread = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
+    return registry, RequestMetrics(registry)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """(host, port) of "host:port"; an IPv6 host with or without brackets (the port is
+    after the last colon); no host means loopback. ValueError says what is wrong."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"metrics address {address!r} is not HOST:PORT (e.g. 127.0.0.1:9464, [::1]:9464)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def serve(address: str, registry: CollectorRegistry):
+    """The endpoint at `address` (parse_address), in a thread of its own."""
+    host, port = parse_address(address)
+    server, _thread = start_http_server(port, addr=host, registry=registry)
     log.info("metrics on http://%s/metrics", address)
-    return registry, server
+    return server

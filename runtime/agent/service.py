@@ -20,12 +20,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, TextIO
+from typing import TYPE_CHECKING, Callable, Protocol, TextIO
 
 from runtime import defaults, wire
 from runtime.cni.entry import execute
 from runtime.cni.request import COMMANDS
 from runtime.core.node import Node
+
+if TYPE_CHECKING:
+    from runtime.agent.metrics import RequestMetrics
 
 log = logging.getLogger("sockgate.agent")
 MAX_REQUEST_BYTES = 4 << 20
@@ -60,6 +63,9 @@ class AgentConfig:
     docker_socket: str = ""
     docker_host: str = defaults.DOCKER_HOST
     components: list[tuple[str, Callable[["AgentConfig"], Component]]] = field(default_factory=list)
+    # Set by run_agent when metrics are served: the Docker door reports each call's
+    # path, success and duration here.
+    observe_docker: Callable[[str, bool, float], None] | None = None
     # What the requests and the components share: the backends, the compiled policy,
     # whether the table is watched (the caller gives it its link reaper).
     node: Node = field(default_factory=Node.open)
@@ -173,7 +179,6 @@ class _Handler(socketserver.BaseRequestHandler):
     and one count in the metrics."""
 
     server: "_Server"
-    observe: Callable[[str, str, float], None] = staticmethod(lambda command, result, seconds: None)
 
     def handle(self) -> None:
         started = time.monotonic()
@@ -249,7 +254,7 @@ class _Handler(socketserver.BaseRequestHandler):
         return ""
 
     def _done(self, command: str, result: str, started: float, level: int, fmt: str, *args: object) -> None:
-        self.observe(command, result, time.monotonic() - started)
+        self.server.observe(command, result, time.monotonic() - started)
         log.log(level, fmt, *args)
 
 
@@ -264,6 +269,8 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def __init__(self, path: str, node: Node) -> None:
         self.stopping = threading.Event()
         self.node = node
+        # (command, result, seconds) of every request: the metrics', when served.
+        self.observe: Callable[[str, str, float], None] = lambda command, result, seconds: None
         super().__init__(path, _Handler)
 
     def handle_error(self, request: object, client_address: object) -> None:
@@ -320,32 +327,39 @@ def _bind(path: Path, node: Node) -> _Server:
         os.umask(old)
 
 
-def _start_metrics(cfg: AgentConfig, reclaims: Callable[[], dict] | None) -> None:
+def _start_metrics(cfg: AgentConfig, reclaims: Callable[[], dict] | None) -> RequestMetrics | None:
+    """The metrics endpoint, if one is configured. An address that can't be bound (the
+    port taken, the node IP not there yet) is logged, and the agent serves CNI without
+    metrics: a node's pods must not wait for its monitoring."""
     if not cfg.metrics_address:
-        return
-    from prometheus_client import CollectorRegistry, Counter, Histogram
-
-    from runtime.agent.metrics import SockgateCollector, serve
-    registry = CollectorRegistry()
-    requests = Counter("sockgate_cni_requests", "CNI requests served by the agent", ["command", "result"],
-                       registry=registry)
-    latency = Histogram("sockgate_cni_request_seconds", "Time to serve a CNI request", ["command"],
-                        registry=registry, buckets=(.005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
-
-    def observe(command: str, result: str, seconds: float) -> None:
-        requests.labels(command, result).inc()
-        latency.labels(command).observe(seconds)
-
-    _Handler.observe = staticmethod(observe)
-    serve(cfg.metrics_address, SockgateCollector(cfg.state_dir, reclaims), registry)
+        return None
+    from runtime.agent.metrics import SockgateCollector, registry_for, serve
+    registry, requests = registry_for(SockgateCollector(cfg.state_dir, reclaims))
+    try:
+        serve(cfg.metrics_address, registry)
+    except OSError as exc:
+        log.error("cannot serve metrics on %s: %s; serving CNI requests without metrics",
+                  cfg.metrics_address, exc.strerror or exc)
+    return requests
 
 
 def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if cfg.metrics_address:
+        from runtime.agent.metrics import parse_address
+        try:
+            parse_address(cfg.metrics_address)
+        except ValueError as exc:
+            raise SystemExit(f"--metrics-address: {exc}") from None
     sock_path = Path(wire.agent_socket(cfg.run_dir))
     server = _bind(sock_path, cfg.node)
+    # Before the components: the Docker door observes its calls from its start.
+    requests = _start_metrics(cfg, reclaims)
+    if requests is not None:
+        server.observe = requests.observe_cni
+        cfg.observe_docker = requests.observe_docker
     # Components stop only after the last request finished: a DEL in flight may still
     # hand work to them (a link to reap, a final billing record).
     background = threading.Event()
@@ -359,7 +373,6 @@ def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None) -> i
         thread = threading.Thread(target=_guarded, args=(name, component, background), name=name)
         thread.start()
         workers.append(thread)
-    _start_metrics(cfg, reclaims)
     serving = threading.Thread(target=server.serve_forever, name="rpc", kwargs={"poll_interval": SLICE_S})
     serving.start()
     if cfg.ready_file:

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from runtime import defaults
 from runtime.cli.billing import add_billing_commands
 from runtime.cli.commands import command
 from runtime.cli.install import install_cni
-from runtime.cli.policy import add_policy_commands, run_guarded
+from runtime.cli.policy import add_policy_commands
 from runtime.cli.seccomp import add_seccomp_commands
+from runtime.errors import SockgateError
+from runtime.version import version
 
 
 def _install_cni(args: argparse.Namespace) -> int:
@@ -85,18 +89,11 @@ def _positive(text: str) -> float:
 def _lab_cleanup(args: argparse.Namespace) -> int:
     from runtime.lab import Lab
     removed = Lab.cleanup_stale()
+    if args.json:
+        print(json.dumps({"removed": removed}))
+        return 0
     print(f"removed {len(removed)} stale lab namespace(s)" + (": " + ", ".join(removed) if removed else ""))
     return 0
-
-
-def _version() -> str:
-    """The installed distribution's version (setup.cfg), or "unknown" for a source
-    tree used without installing it."""
-    from importlib import metadata
-    try:
-        return metadata.version("sockgate")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "nftables egress policy, idle-socket reclaim and outgoing-byte billing, "
                     "through a CNI plugin and a Docker network driver served by one node agent. "
                     "`sockgate COMMAND --help` explains each command.")
-    parser.add_argument("--version", action="version", version=f"sockgate {_version()}")
+    parser.add_argument("--version", action="version", version=f"sockgate {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = command(sub, "install-cni", _install_cni, help="install the CNI executable into a CNI bin dir",
@@ -169,18 +166,52 @@ def build_parser() -> argparse.ArgumentParser:
                             "the tables to stdout. Exit code 0 when every check is as expected, 1 if not.")
     p.add_argument("--json", action="store_true",
                    help="print one JSON document (every row with its event, the billing report) instead of tables")
-    command(sub, "lab-cleanup", _lab_cleanup, help="remove lab namespaces left by crashed runs",
-            description="Delete lab network namespaces whose creating process is dead. "
-                        "Touches only namespaces carrying the lab's name prefix.")
+    p = command(sub, "lab-cleanup", _lab_cleanup, help="remove lab namespaces left by crashed runs",
+                description="Delete lab network namespaces whose creating process is dead. "
+                            "Touches only namespaces carrying the lab's name prefix.")
+    p.add_argument("--json", action="store_true", help="print the removed namespaces as JSON")
     add_policy_commands(sub)
     add_seccomp_commands(sub)
     add_billing_commands(sub)
     return parser
 
 
+def _os_error(exc: OSError) -> str:
+    """An OSError as one line: what failed on which file, without Python's "[Errno N]"."""
+    what = exc.strerror or str(exc)
+    if exc.filename is None:
+        return what
+    return f"{what}: {exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+
+
+def run_guarded(args: argparse.Namespace) -> int:
+    """Runs the command; the errors a user can act on are one line on stderr and exit
+    status 1, never a traceback: ours (SockgateError) and the system's (OSError: a
+    missing file, a permission, a full disk). Both name the command, as argparse's
+    usage errors do."""
+    name = " ".join(n for n in (args.command, getattr(args, f"{args.command}_command", None)) if n)
+    try:
+        rc = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a reader gone is then caught below
+        return rc
+    except SockgateError as exc:
+        print(f"sockgate {name}: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`sockgate ... | head`): nothing to say to it. stdout is
+        # pointed at /dev/null so that the interpreter's flush at exit can't fail again
+        # (what Python's documentation of SIGPIPE advises).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        print(f"sockgate {name}: error: {_os_error(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_guarded(args.func, args)
+    return run_guarded(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import signal
 import sys
 import threading
+from dataclasses import asdict
+from pathlib import Path
 
 from runtime import defaults
 from runtime.cli.commands import command, group
-from runtime.errors import SockgateError
+from runtime.errors import INVALID_CONFIG, SockgateError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -21,9 +24,17 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="where the Google ranges cache lives (default: %(default)s)")
 
 
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+
+
 def _ranges_update(args: argparse.Namespace) -> int:
     from runtime.core import policy, ranges
     cache = ranges.update_ranges(policy.load_policy(args.policy), args.state_dir)
+    if args.json:
+        print(json.dumps({"cache": str(ranges.ranges_cache(args.state_dir)), "ipv4": len(cache["ipv4"]),
+                          "ipv6": len(cache["ipv6"]), "updated": cache["updated"], "sources": cache["sources"]}))
+        return 0
     print(f"Google ranges (goog.json minus cloud.json): {len(cache['ipv4'])} IPv4 and "
           f"{len(cache['ipv6'])} IPv6 CIDRs, cached in {ranges.ranges_cache(args.state_dir)}")
     for name, src in cache["sources"].items():
@@ -33,7 +44,17 @@ def _ranges_update(args: argparse.Namespace) -> int:
 
 def _policy_check(args: argparse.Namespace) -> int:
     from runtime.core import policy
+    # The agent and `policy apply` take a missing file for the default contract; here
+    # the file is what was asked about, and "valid" would hide a wrong path.
+    if not Path(args.policy).exists():
+        raise SockgateError(INVALID_CONFIG, f"no policy file {args.policy}",
+                            "nothing to check (without a file, the agent and `policy apply` use the default contract)")
     p = policy.load_policy(args.policy)
+    if args.json:
+        print(json.dumps({"policy": args.policy, "valid": True, "blocked_ranges": len(p.blocked),
+                          "blocked_ports": len(p.blocked_ports), "exceptions": len(p.allows),
+                          "ingress_rules": len(p.ingress)}))
+        return 0
     print(f"{args.policy}: valid; {len(p.blocked)} blocked ranges before Google's, "
           f"{len(p.blocked_ports)} blocked ports, {len(p.allows)} exceptions, {len(p.ingress)} ingress rules")
     return 0
@@ -44,6 +65,10 @@ def _policy_apply(args: argparse.Namespace) -> int:
     from runtime.core import table
     from runtime.core.node import Node
     compiled = table.apply(Node.open(), args.policy, args.state_dir)
+    if args.json:
+        print(json.dumps({"table": "inet sockgate", "revision": revision(compiled.egress),
+                          "blocked_ranges": len(compiled.blocked)}))
+        return 0
     print(f"policy applied: table inet sockgate, revision {revision(compiled.egress)}, "
           f"{len(compiled.blocked)} merged blocked ranges")
     return 0
@@ -71,9 +96,13 @@ def _policy_explain(args: argparse.Namespace) -> int:
     resolved, notes = _resolved_for(record, args.destination, f"{args.protocol}/{args.port}")
     verdict = explain(compiled, args.destination, args.port, args.protocol, resolved=resolved,
                       pools=pools, node_addresses=_node_addresses())
-    print(verdict)
-    for note in notes:
-        print(f"  note: {note}")
+    if args.json:
+        print(json.dumps({"destination": args.destination, "port": args.port, "protocol": args.protocol,
+                          **asdict(verdict), "notes": notes}))
+    else:
+        print(verdict)
+        for note in notes:
+            print(f"  note: {note}")
     return 0 if verdict.verdict == "accept" else 3
 
 
@@ -103,10 +132,19 @@ def _resolved_for(record: dict, destination: str, port: str) -> tuple[dict[str, 
 def _policy_refresh(args: argparse.Namespace) -> int:
     from runtime.agent.resolver import Refresher
     from runtime.core import policy
+    if args.json and not args.once:
+        print("sockgate policy refresh: error: --json needs --once (it prints the one round's results)",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     refresher = Refresher(policy.load_policy(args.policy), policy.resolved_record(args.state_dir))
     if args.once:
         results = refresher.refresh_due()
+        if args.json:
+            print(json.dumps({"hostnames": [
+                {"host": r.host, "addresses": list(r.addresses), "ttl": r.ttl, "error": r.error or None,
+                 "dropped": [asdict(d) for d in r.dropped]} for r in results]}))
+            return 1 if any(r.error for r in results) else 0
         for r in results:
             print(f"{r.host}: {', '.join(r.addresses) or '-'} ttl {r.ttl}s" + (f" ERROR {r.error}" if r.error else ""))
             for d in r.dropped:
@@ -121,20 +159,29 @@ def _policy_refresh(args: argparse.Namespace) -> int:
 
 def add_policy_commands(sub: argparse._SubParsersAction) -> None:
     ranges = group(sub, "ranges", help="Google IP ranges (goog.json minus cloud.json)")
-    _common(command(ranges, "update", _ranges_update,
+    u = command(ranges, "update", _ranges_update,
                     help="load goog.json and cloud.json, cache goog minus cloud",
                     description="Load goog.json and cloud.json from the URLs or paths in the "
                                 "policy file (googleRanges), compute goog minus cloud and cache it "
                                 "under STATE_DIR/ranges/google.json. The plugin reads only the cache. "
-                                "Run `sockgate policy apply` afterwards to load the new ranges."))
+                                "Run `sockgate policy apply` afterwards to load the new ranges.")
+    _common(u)
+    _json_flag(u)
 
     policy = group(sub, "policy", help="check, apply, explain and refresh the egress policy")
-    _common(command(policy, "check", _policy_check, help="validate a policy file",
-                    description="Validate a policy file; errors name the offending field. Changes nothing."))
-    _common(command(policy, "apply", _policy_apply, help="compile and load the policy in one nft transaction",
-                    description="Compile the policy and load it into table inet sockgate in one "
-                                "atomic transaction. An invalid policy changes nothing; established "
-                                "flows that the new policy allows keep going."))
+    c = command(policy, "check", _policy_check, help="validate a policy file",
+                description="Validate a policy file; errors name the offending field, and a missing "
+                            "file is an error (the agent would run the default contract). Changes "
+                            "nothing. Exit status 0 when valid, 1 otherwise.")
+    _common(c)
+    _json_flag(c)
+    a = command(policy, "apply", _policy_apply, help="compile and load the policy in one nft transaction",
+                description="Compile the policy and load it into table inet sockgate in one "
+                            "atomic transaction. An invalid policy changes nothing; established "
+                            "flows that the new policy allows keep going. A missing file applies "
+                            "the default contract.")
+    _common(a)
+    _json_flag(a)
     e = command(policy, "explain", _policy_explain,
                 help="the verdict for a destination, and the rule that decides it",
                 description="Print ACCEPT or REFUSE for a new flow from a container to "
@@ -145,6 +192,7 @@ def add_policy_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("protocol", choices=("tcp", "udp"))
     e.add_argument("--pool", action="append", help="container pool CIDR (default: the pools in the loaded table)")
     _common(e)
+    _json_flag(e)
     r = command(policy, "refresh", _policy_refresh,
                 help="resolve exception hostnames and keep their addresses current",
                 description="Resolve the exceptions' hostnames (A and AAAA) through the "
@@ -156,15 +204,5 @@ def add_policy_commands(sub: argparse._SubParsersAction) -> None:
                             "holds it. Runs until SIGTERM, or once with --once (exit status 1 "
                             "if a lookup failed).")
     r.add_argument("--once", action="store_true", help="resolve every hostname once and exit")
+    r.add_argument("--json", action="store_true", help="with --once: print the results as one JSON document")
     _common(r)
-
-
-def run_guarded(func, args: argparse.Namespace) -> int:
-    try:
-        return func(args)
-    except SockgateError as exc:
-        print(f"sockgate: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-

@@ -12,7 +12,7 @@ import socketserver
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from runtime.core.node import Node
 from runtime.docker.driver import DockerDriver
@@ -46,20 +46,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         started = time.monotonic()
+        answer = self._serve(started)
+        self.server.observe(self.path, "Err" not in answer, time.monotonic() - started)
+
+    def _serve(self, started: float) -> dict:
+        """Answers the call; returns the answer sent."""
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
         if not 0 <= length <= MAX_BODY:
             self.close_connection = True
-            return self._reply(400, {"Err": "bad Content-Length"})
+            answer = {"Err": "bad Content-Length"}
+            self._reply(400, answer)
+            return answer
         raw = self.rfile.read(length) if length else b""
         try:
             body = json.loads(raw) if raw.strip() else {}
             if not isinstance(body, dict):
                 raise ValueError("not an object")
         except ValueError as exc:  # no Content-Type is sent: the body is JSON by contract
-            return self._reply(400, {"Err": f"request body is not a JSON object: {exc}"})
+            answer = {"Err": f"request body is not a JSON object: {exc}"}
+            self._reply(400, answer)
+            return answer
         status, answer = self.server.driver.dispatch(self.path, body)
         self._reply(status, answer)
         what = self.path.rsplit(".", 1)[-1]
@@ -67,6 +76,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         level = logging.INFO if what not in ("EndpointOperInfo", "GetCapabilities", "Activate") else logging.DEBUG
         log.log(level, "docker %s %s %s in %.1f ms", what, eid, "error: " + answer["Err"] if "Err" in answer else "ok",
                 (time.monotonic() - started) * 1000)
+        return answer
 
     def do_GET(self) -> None:
         self._reply(404, {"Err": "POST only"})
@@ -77,6 +87,8 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     block_on_close = False
     driver: DockerDriver
+    # (path, answered without error, seconds) of every call: the agent's metrics, if served.
+    observe: Callable[[str, bool, float], None]
 
     def server_bind(self) -> None:
         socketserver.TCPServer.server_bind(self)  # HTTPServer's would want (host, port)
@@ -88,7 +100,8 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         log.warning("serving a Docker driver call failed", exc_info=True)
 
 
-def bind_socket(path: str, driver: DockerDriver) -> _Server:
+def bind_socket(path: str, driver: DockerDriver,
+                observe: Callable[[str, bool, float], None] | None = None) -> _Server:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     if p.exists() or p.is_symlink():
@@ -106,6 +119,7 @@ def bind_socket(path: str, driver: DockerDriver) -> _Server:
     finally:
         os.umask(old)
     server.driver = driver
+    server.observe = observe or (lambda path, ok, seconds: None)
     return server
 
 
@@ -114,7 +128,8 @@ class DockerDoor:
     resolver and the periodic sweep. Binds and reconciles in the constructor, so the
     agent reports ready only once Docker can reach the driver."""
 
-    def __init__(self, cfg: DriverConfig, node: Node | None = None) -> None:
+    def __init__(self, cfg: DriverConfig, node: Node | None = None,
+                 observe: Callable[[str, bool, float], None] | None = None) -> None:
         self.cfg = cfg
         self.firewall = ForwardAccept()
         self.driver = DockerDriver(cfg, self.firewall, node)
@@ -126,7 +141,7 @@ class DockerDoor:
         if undone:
             log.info("startup: %d stale Docker endpoint(s) cleaned up", len(undone))
         self.driver.pending_identities()
-        self.server = bind_socket(cfg.socket_path, self.driver)
+        self.server = bind_socket(cfg.socket_path, self.driver, observe)
         log.info("serving Docker's network driver protocol on %s (driver name %r)", cfg.socket_path,
                  Path(cfg.socket_path).stem)
 
@@ -158,4 +173,5 @@ class DockerDoor:
 def docker_component(cfg: Any) -> DockerDoor:
     """Factory for runtime.agent.service: an AgentConfig with docker_socket set."""
     return DockerDoor(DriverConfig(state_dir=cfg.state_dir, run_dir=cfg.run_dir, policy_file=cfg.policy_file,
-                                   socket_path=cfg.docker_socket, docker_host=cfg.docker_host), cfg.node)
+                                   socket_path=cfg.docker_socket, docker_host=cfg.docker_host), cfg.node,
+                      cfg.observe_docker)

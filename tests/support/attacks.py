@@ -159,11 +159,12 @@ def icmp_error(kind: str, src: str, dst: str, quoted: bytes, mtu: int = 1280, tr
 # --- fragments --------------------------------------------------------------------
 
 def fragments(src: str, dst: str, proto: int, l4: bytes, size: int, ident: int, *,
-              keep: tuple[int, ...] | None = None, chain: tuple[str, ...] = ()) -> list[bytes]:
+              keep: tuple[int, ...] | None = None, chain: tuple[str, ...] = (), df: bool = False) -> list[bytes]:
     """The L4 bytes `l4` (a whole UDP segment, say) cut into fragments of `size` bytes
     (a multiple of 8). `keep` picks which fragments to return (default all: a datagram
     that would reassemble); e.g. (0,) is an unfinished datagram. `chain` (v6 only):
-    extension headers before the fragment header ("hop", "dst", "routing")."""
+    extension headers before the fragment header ("hop", "dst", "routing"). `df` (v4
+    only): set Don't Fragment too, which no sender does on a fragment but nothing stops."""
     assert size % 8 == 0 and size > 0
     pieces = [l4[i:i + size] for i in range(0, len(l4), size)]
     out = []
@@ -172,7 +173,7 @@ def fragments(src: str, dst: str, proto: int, l4: bytes, size: int, ident: int, 
             continue
         more, off = i < len(pieces) - 1, i * size
         if not is_v6(src):
-            out.append(ipv4(src, dst, proto, piece, ident=ident & 0xFFFF or 1, df=False, mf=more, offset=off))
+            out.append(ipv4(src, dst, proto, piece, ident=ident & 0xFFFF or 1, df=df, mf=more, offset=off))
             continue
         body = frag6(proto, off, more, ident) + piece
         nh = NH_FRAGMENT

@@ -39,7 +39,9 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -53,6 +55,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from runtime.lab import LAB
 from runtime.lab.builder import PROJECT_ROOT
 from runtime.lab.policy import write_lab_policy
 
@@ -228,12 +231,16 @@ def _configmap(name: str) -> dict[str, str]:
     return dict(doc["data"])
 
 
-def daemonset_agent_args() -> list[str]:
-    """The agent container's ``sockgate agent …`` arguments, as the manifest has them."""
+def daemonset_agent_args(env: dict[str, str]) -> list[str]:
+    """The agent container's ``sockgate agent …`` arguments, as the manifest's shell
+    command gives them: words unquoted, ``$NAME`` of the container's environment
+    (``env``: the values the kubelet would set, e.g. HOST_IP) expanded."""
     (ds,) = [d for d in _manifests() if d["kind"] == "DaemonSet"]
     (agent,) = [c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "agent"]
+    assert {e["name"] for e in agent.get("env", [])} == set(env), (agent.get("env"), env)
     script = agent["command"][-1]
-    return script.split("exec sockgate ", 1)[1].split()
+    return [re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], word)
+            for word in shlex.split(script.split("exec sockgate ", 1)[1])]
 
 
 def make_bundle(path: Path, *, dependencies: bool) -> Path:
@@ -374,7 +381,8 @@ class InstalledNode:
         """The DaemonSet's agent arguments, node paths moved under root."""
         moved = {"/var/lib/sockgate": str(self.state), "/run/sockgate": str(self.run_dir),
                  "/etc/sockgate/policy.json": str(self.policy), "/pod/agent.ready": str(ready_file)}
-        args = daemonset_agent_args()
+        # status.hostIP: the lab node's address, where the agent then serves its metrics.
+        args = daemonset_agent_args({"HOST_IP": LAB.node_uplink_v4})
         assert args[0] == "agent", args
         return [moved.get(a, a) for a in args]
 

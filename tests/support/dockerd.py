@@ -321,6 +321,10 @@ class DockerHost(Service):
             raise RuntimeError("docker host teardown: " + "; ".join(errors))
 
 
+# The agent's metrics, in the node netns of the DockerEnv's own lab.
+METRICS_ADDRESS = "127.0.0.1:9464"
+
+
 class DockerAgent:
     """`sockgate agent --docker-socket /run/docker/plugins/sockgate.sock` inside a
     DockerHost (its mount namespace and the node netns), like a systemd service on a
@@ -339,7 +343,8 @@ class DockerAgent:
         env["PYTHONPATH"] = str(project)
         self.proc = self.host.popen([sys.executable, "-m", "runtime.cli.main", "agent", "--state-dir", self.state_dir,
                                      "--run-dir", self.run_dir, "--policy", self.policy_file, "--ready-file", self.ready,
-                                     "--metrics-address", "", "--docker-socket", f"{PLUGIN_DIR}/sockgate.sock",
+                                     "--metrics-address", METRICS_ADDRESS,
+                                     "--docker-socket", f"{PLUGIN_DIR}/sockgate.sock",
                                      "--docker-host", self.host.base_url],
                                     log=self.log, cwd=str(project), env=env)
         wait_until_ready(self.proc, Path(self.ready), Path(self.log), timeout)
@@ -354,6 +359,14 @@ class DockerAgent:
         except subprocess.TimeoutExpired:
             os.kill(self.proc.pid, signal.SIGKILL)
             return self.proc.wait(10)
+
+    def scrape(self) -> str:
+        """The agent's metrics, fetched in the node netns."""
+        import sys
+        return subprocess.run(["nsenter", f"--net={self.host.node_netns}", sys.executable, "-c",
+                               "import urllib.request; print(urllib.request.urlopen("
+                               f"'http://{METRICS_ADDRESS}/metrics', timeout=5).read().decode())"],
+                              capture_output=True, text=True, check=True, timeout=30).stdout
 
     def entries(self, logger: str | None = None) -> list[dict]:
         out = []
