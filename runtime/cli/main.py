@@ -9,6 +9,7 @@ import sys
 from runtime import defaults
 from runtime.cli.billing import add_billing_commands
 from runtime.cli.commands import command
+from runtime.cli.events import add_events_commands
 from runtime.cli.install import install_cni
 from runtime.cli.policy import add_policy_commands
 from runtime.cli.seccomp import add_seccomp_commands
@@ -61,7 +62,17 @@ def _agent(args: argparse.Namespace) -> int:
     reclaimer = Reclaimer(args.state_dir, nudge_interval=args.reclaim_nudge,
                           sweep_interval=args.reclaim_sweep_interval, rcvbuf=args.reclaim_rcvbuf)
     cfg.components.append(("reclaim", lambda c: reclaimer))
-    return run_agent(cfg, reclaims=reclaimer.counts)
+    events = _events_watch(cfg, args)
+    cfg.components.append(("events", lambda c: events))
+    return run_agent(cfg, reclaims=reclaimer.counts, events=events)
+
+
+def _events_watch(cfg, args: argparse.Namespace):
+    from runtime.agent.events import EventsWatch
+    from runtime.kernel import nft
+    return EventsWatch(cfg.state_dir, policy=lambda: cfg.node.policies.get(cfg.policy_file, cfg.state_dir),
+                       pools=lambda: nft.prefixes("pools4") + nft.prefixes("pools6"),
+                       max_bytes=args.events_max_bytes, keep=args.events_keep)
 
 
 def _reaper(run_dir: str, state_dir: str):
@@ -83,6 +94,16 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, not {text!r}")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text!r}")
     return value
 
 
@@ -146,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between checks that the nft table is the one in force (reloaded if "
                         "not); a change announced by nf_tables (say, `nft flush ruleset`) is checked "
                         "at once anyway (default: %(default)s)")
+    p.add_argument("--events-max-bytes", type=_at_least_one, default=16 << 20, metavar="BYTES",
+                   help="refused-flow events: size at which STATE_DIR/events/events.jsonl is rotated "
+                        "(default: %(default)s)")
+    p.add_argument("--events-keep", type=_at_least_one, default=4, metavar="N",
+                   help="refused-flow events: rotated files kept, events.jsonl.1 (newest) to .N "
+                        "(default: %(default)s)")
     p.add_argument("--metrics-address", default=defaults.METRICS_ADDRESS,
                    help="Prometheus endpoint host:port, loopback by default; empty to disable "
                         "(default: %(default)s)")
@@ -173,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_policy_commands(sub)
     add_seccomp_commands(sub)
     add_billing_commands(sub)
+    add_events_commands(sub)
     return parser
 
 
