@@ -72,7 +72,7 @@ def test_the_table_shows_the_event_line_under_each_refusal():
     lost = row("port 21 (FTP)", "93.184.215.14", 21, T0 + 1)
     opened = row("port 587", "93.184.215.14", 587, T0 + 2, expected="open", got="open")
     wrong = row("Google range", "142.250.72.14", 443, T0 + 3, got="open")
-    lines = section_lines("policy", [refused, lost, opened, wrong], events=True)
+    lines = section_lines("policy", [refused, lost, opened, wrong])
     text = "\n".join(lines)
     at = next(i for i, line in enumerate(lines) if line.startswith("port 25 (SMTP)"))
     assert lines[at].endswith("ok")
@@ -86,16 +86,13 @@ def test_the_table_shows_the_event_line_under_each_refusal():
     assert "no refused-flow event found" in lines[at + 3]
     assert any(line.startswith("port 587") and line.endswith("ok") for line in lines)
     assert any(line.startswith("Google range") and line.endswith("MISMATCH") for line in lines)
-    # A build without events: refusals are judged on what the app saw alone.
-    plain = section_lines("policy", [lost], events=False)
-    assert plain[-1].endswith("ok") and "no refused-flow event" not in "\n".join(plain)
     assert "expected" in text and "detail" in text
 
 
 def test_json_rows_carry_the_destination_and_verdict():
     r = row("port 25 (SMTP)", "2606:2800:21f:cb07::14", 25, T0)
     r.server_events_before = 3
-    doc = r.as_json(events=True)
+    doc = r.as_json()
     assert doc["to"] == "[2606:2800:21f:cb07::14]:25" and doc["verdict"] == "NO EVENT"
     assert "server_events_before" not in doc
     json.dumps(doc)

@@ -6,6 +6,7 @@ import datetime as dt
 import ipaddress
 from typing import Any, Iterable, Mapping, Sequence
 
+from runtime.agent.events import read_events
 from runtime.cli.demo_rows import Row
 
 # An event is stamped by the agent when the kernel hands it the packet; a probe's
@@ -14,13 +15,8 @@ from runtime.cli.demo_rows import Row
 CLOCK_SLACK_S = 0.005
 
 
-def load_events(state_dir: str) -> list[dict[str, Any]] | None:
-    """Every refused-flow event of the demo's state dir, oldest first; None when this
-    build has no refused-flow events (runtime.agent.events missing)."""
-    try:
-        from runtime.agent.events import read_events  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return None
+def load_events(state_dir: str) -> list[dict[str, Any]]:
+    """Every refused-flow event of the demo's state dir, oldest first."""
     return list(read_events(state_dir))
 
 

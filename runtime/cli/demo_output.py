@@ -43,10 +43,10 @@ class Progress:
         print(f"[{self.elapsed:5.1f} s] {text}", file=self.out, flush=True)
 
 
-def section_lines(section: str, rows: Sequence[Row], events: bool) -> list[str]:
+def section_lines(section: str, rows: Sequence[Row]) -> list[str]:
     """The section's title and table; under each refusal (and the idle reclaim) the
     event it produced, indented."""
-    table = textable.lines(HEAD, [(r.what, r.src, r.dst, r.expected, r.got, r.detail, r.verdict(events))
+    table = textable.lines(HEAD, [(r.what, r.src, r.dst, r.expected, r.got, r.detail, r.verdict())
                                   for r in rows])
     out = [TITLES.get(section, section), "", *table[:2]]
     for row, line in zip(rows, table[2:]):
@@ -54,7 +54,7 @@ def section_lines(section: str, rows: Sequence[Row], events: bool) -> list[str]:
         if row.event is not None:
             text = format_reclaim(row.event) if section == "reclaim" else format_event(row.event)
             out.append(f"    {text}")
-        elif events and row.expected == "refused":
+        elif row.expected == "refused":
             out.append("    (no refused-flow event found for this attempt)")
     return out
 
@@ -66,10 +66,9 @@ def billing_lines(rows: list[ReportRow], upload: int) -> list[str]:
             format_report(rows, "pod")]
 
 
-def document(prefix: str, rows: Sequence[Row], billing: list[ReportRow], events: bool, *,
+def document(prefix: str, rows: Sequence[Row], billing: list[ReportRow], *,
              agent_pid: int | None, seconds: float, failures: list[str]) -> dict[str, Any]:
     """The --json output: every row (with its event), the billing report, the verdict."""
-    return {"lab": prefix, "agent_pid": agent_pid, "events_available": events,
-            "rows": [r.as_json(events) for r in rows],
+    return {"lab": prefix, "agent_pid": agent_pid, "rows": [r.as_json() for r in rows],
             "billing": [vars(b) for b in billing],
             "failures": failures, "passed": not failures, "seconds": round(seconds, 1)}

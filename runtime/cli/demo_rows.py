@@ -49,19 +49,19 @@ class Row:
             return self.host
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
-    def verdict(self, events: bool) -> str:
+    def verdict(self) -> str:
         """ok, MISMATCH (got is not what the contract says), or NO EVENT (a refusal
-        that left no refused-flow event, in a build that writes them)."""
+        that left no refused-flow event)."""
         if self.got != self.expected:
             return "MISMATCH"
-        if events and self.expected == "refused" and self.event is None:
+        if self.expected == "refused" and self.event is None:
             return "NO EVENT"
         return "ok"
 
-    def as_json(self, events: bool) -> dict[str, Any]:
+    def as_json(self) -> dict[str, Any]:
         doc = asdict(self)
         del doc["server_events_before"]
-        return {**doc, "to": self.dst, "verdict": self.verdict(events)}
+        return {**doc, "to": self.dst, "verdict": self.verdict()}
 
 
 def _detail(r: ProbeResult) -> str:
