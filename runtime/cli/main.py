@@ -38,7 +38,7 @@ def _install_cni(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from runtime.cli.demo import run_demo
-    return run_demo()
+    return run_demo(json_output=args.json)
 
 
 def _agent(args: argparse.Namespace) -> int:
@@ -184,11 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dockerd's API, asked in the background which container owns an endpoint "
                         "(default: %(default)s)")
 
-    command(sub, "demo", _demo, help="show the sandbox on a throwaway lab (needs root)",
-            description="Build the lab (node, internet and app network namespaces; "
-                        "nothing leaves this machine), attach two containers through "
-                        "the CNI plugin, print what they can and cannot reach, and "
-                        "tear everything down.")
+    p = command(sub, "demo", _demo, help="show the whole contract on a throwaway lab (needs root)",
+                description="Build the lab (node, internet and app network namespaces; nothing leaves "
+                            "them), start the node agent in it, attach two containers through the CNI "
+                            "executable, and show what they can and cannot reach: the core (egress only), "
+                            "the egress policy with the refused-flow event of each refusal, idle reclaim "
+                            "and the billing report; then tear everything down. Progress goes to stderr, "
+                            "the tables to stdout. Exit code 0 when every check is as expected, 1 if not.")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document (every row with its event, the billing report) instead of tables")
     p = command(sub, "lab-cleanup", _lab_cleanup, help="remove lab namespaces left by crashed runs",
                 description="Delete lab network namespaces whose creating process is dead. "
                             "Touches only namespaces carrying the lab's name prefix.")
