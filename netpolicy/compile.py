@@ -174,7 +174,7 @@ def compile_policy(policy: Policy, google: list[IPNetwork]) -> Compiled:
         sets=tuple(STATIC_SETS.items()), dynamic_sets=tuple(DYNAMIC_SETS.items()),
         rules=tuple(r.nft for r in RULES), ingress_rules=INGRESS_RULES,
         node_ingress_rules=NODE_INGRESS_RULES, node_reply_rules=NODE_REPLY_RULES, elements=tuple(elements),
-        idle_timeout=policy.idle_timeout, bounds=policy.limits)
+        idle_timeout=policy.idle_timeout, bounds=policy.limits, events=policy.events)
     return Compiled(policy, tuple(blocked), egress)
 
 

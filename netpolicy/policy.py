@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from netpolicy.ranges import SPECIAL_PURPOSE, Block
-from netpolicy.ruleset import FlowBounds
+from netpolicy.ruleset import EventRate, FlowBounds
 
 PROTOCOLS = ("tcp", "udp")
 GOOG_URL = "https://www.gstatic.com/ipranges/goog.json"
@@ -120,6 +120,8 @@ class Policy:
     idle_timeout: int = 600
     # What one container may hold of what the node shares (README "Threat model").
     limits: FlowBounds = FlowBounds()
+    # Refused-flow events per container (`limits.eventsPerSecond`, `eventsBurst`).
+    events: EventRate = EventRate()
 
     @property
     def hostnames(self) -> tuple[str, ...]:
@@ -233,13 +235,23 @@ def _count(value: Any, path: str, low: int, high: int) -> int:
     return value
 
 
+_LIMITS = {"maxFlows", "newFlowsPerSecond", "newFlowsBurst", "eventsPerSecond", "eventsBurst"}
+
+
 def _limits(raw: Any) -> FlowBounds:
-    d = _obj(raw, "limits", {"maxFlows", "newFlowsPerSecond", "newFlowsBurst"})
+    d = _obj(raw, "limits", _LIMITS)
     base = FlowBounds()
     return FlowBounds(_count(d.get("maxFlows", base.max_flows), "limits.maxFlows", 16, 1_000_000),
                   _count(d.get("newFlowsPerSecond", base.new_flows_per_second), "limits.newFlowsPerSecond",
                          1, 100_000),
                   _count(d.get("newFlowsBurst", base.new_flows_burst), "limits.newFlowsBurst", 1, 1_000_000))
+
+
+def _events(raw: Any) -> EventRate:
+    d = _obj(raw, "limits", _LIMITS)
+    base = EventRate()
+    return EventRate(_count(d.get("eventsPerSecond", base.per_second), "limits.eventsPerSecond", 0, 10_000),
+                     _count(d.get("eventsBurst", base.burst), "limits.eventsBurst", 1, 100_000))
 
 
 def _exception(item: Any, path: str) -> Allow:
@@ -302,7 +314,7 @@ def parse_policy(raw: Any) -> Policy:
             raise PolicyError("idleTimeout", f"must be seconds 1-86400, got {idle!r}")
         policy = replace(policy, idle_timeout=idle)
     if "limits" in doc:
-        policy = replace(policy, limits=_limits(doc["limits"]))
+        policy = replace(policy, limits=_limits(doc["limits"]), events=_events(doc["limits"]))
     extra_blocks = tuple(Block(_cidr(c, f"blockedRanges[{i}]"), "blocked by policy file", "policy")
                          for i, c in enumerate(_list(doc.get("blockedRanges", []), "blockedRanges")))
     extra_ports = []

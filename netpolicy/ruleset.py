@@ -41,6 +41,8 @@ SETS = {
     # bucket (`limit`). The flow counts go when their flows do; buckets time out.
     "flow_count": "typeof meta iif; size 65535; flags dynamic",
     "flow_rate": "typeof meta iif; size 65535; flags dynamic,timeout; timeout 60s",
+    # The container's bucket of refused-flow events (EventRate, see EVENT_REASONS).
+    "event_rate": "typeof meta iif; size 65535; flags dynamic,timeout; timeout 60s",
     # The node's own addresses (every address of the netns the table lives in), filled
     # by the runtime when it loads the table and kept current by the agent
     # (node_addresses_script): what `"source": "node"` ingress rules match, and what no
@@ -50,7 +52,7 @@ SETS = {
 }
 NODE_SETS = ("node4", "node6")
 COUNTED_SETS = ("tx4", "tx6", "rx")
-BOUND_SETS = ("flow_count", "flow_rate")
+BOUND_SETS = ("flow_count", "flow_rate", "event_rate")
 # The interface group (IFLA_GROUP, `ip link set DEV group N`) of every container's
 # node-side veth: what tells the rules "from a container" without a lookup. 0x5347 is
 # "SG"; links are in group 0 unless an operator says otherwise.
@@ -71,10 +73,77 @@ LEGACY_SETS = {
 # ARP on a NOARP link.)
 _ND = "icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect }"
 
+# Refused-flow events (README "Refused-flow events"). The first packet of a flow that
+# one of these reasons refuses or drops is also reported to NFLOG group
+# EVENTS_NFLOG_GROUP, where the agent reads it (runtime.agent.events), at most
+# EventRate per container: one token bucket per container veth in the set
+# `event_rate`, shared by all its reasons, keyed by the interface that is the
+# container's: `iif` for what it sent, `oif` for what was on its way into it. The
+# report costs nothing on any other path: the refusing rule's verdict becomes a goto
+# to the reason's chain `event_<reason>`, which logs (if the bucket allows) and then
+# refuses or drops as before. Not reported: invalid packets, neighbour discovery and
+# fragments (none of them a flow's first packet), and what a chain accepts.
+# reason: (the container's interface, the verdict)
+EVENT_REASONS: dict[str, tuple[str, str]] = {
+    "protocol": ("iif", "jump refuse"),
+    "blocked-port": ("iif", "jump refuse"),
+    "blocked-range": ("iif", "jump refuse"),
+    "container-pool": ("iif", "jump refuse"),
+    "spoofed-source": ("iif", "drop"),
+    "tcp-without-flow": ("iif", "jump refuse"),
+    "container-to-container": ("iif", "jump refuse"),
+    "container-to-node": ("iif", "jump refuse"),
+    "icmp-error": ("iif", "drop"),
+    "flow-rate": ("iif", "jump refuse"),
+    "flow-limit": ("iif", "jump refuse"),
+    "inbound": ("oif", "drop"),
+    "spoofed-node": ("oif", "drop"),
+    "node-to-container": ("oif", "drop"),
+}
+# Reasons reported only for some of their packets: what the node itself sends into a
+# container's veth is also its own multicast (the MLD reports of every new link), which
+# no ingress rule could allow and no one asked about; a connection it opens is TCP or
+# UDP.
+EVENT_ONLY = {"node-to-container": "meta l4proto { tcp, udp }"}
+# "SG", as CONTAINER_IFGROUP; one group per netns (nfnetlink_log binds one listener).
+EVENTS_NFLOG_GROUP = 0x5347
+# The agent reads the headers only: an IPv6 header (40 bytes) and the transport
+# header's first bytes fit with room to spare.
+EVENTS_SNAPLEN = 128
+# Under a flood the kernel sends up to this many reports in one datagram (else at
+# the agent's flush timeout): fewer wake-ups of the agent. A cap: the agent's own
+# setting may only lower it.
+EVENTS_QUEUE_THRESHOLD = 16
+EVENT_PREFIX = "drop:"
+
+
+def event_chain(reason: str) -> str:
+    return "event_" + reason.replace("-", "_")
+
+
 def dropped(match: str, reason: str, verdict: str = "jump refuse") -> str:
     """A rule that refuses or drops, counted by reason: the agent's metrics read the
-    counters of every rule whose comment starts with "drop:"."""
+    counters of every rule whose comment starts with "drop:". A reason in
+    EVENT_REASONS goes through its event chain, which ends in the same verdict."""
+    if reason in EVENT_REASONS:
+        if EVENT_REASONS[reason][1] != verdict:
+            raise ValueError(f"drop reason {reason!r} ends in {EVENT_REASONS[reason][1]!r} (EVENT_REASONS), "
+                             f"not {verdict!r}")
+        verdict = f"goto {event_chain(reason)}"
     return f'{match} counter {verdict} comment "drop:{reason}"'
+
+
+def event_chains(rate: EventRate) -> dict[str, list[str]]:
+    """The chain of each reported reason: the report (none when rate.per_second is 0),
+    then the reason's verdict."""
+    chains = {}
+    for reason, (iface, verdict) in EVENT_REASONS.items():
+        only = f"{EVENT_ONLY[reason]} " if reason in EVENT_ONLY else ""
+        report = (f"{only}update @event_rate {{ meta {iface} limit rate {rate.per_second}/second burst {rate.burst} "
+                  f'packets }} log prefix "{EVENT_PREFIX}{reason}" group {EVENTS_NFLOG_GROUP} '
+                  f"snaplen {EVENTS_SNAPLEN} queue-threshold {EVENTS_QUEUE_THRESHOLD}")
+        chains[event_chain(reason)] = ([report] if rate.per_second else []) + [verdict]
+    return chains
 
 
 # Blocked attempts must fail at once (a reset or an ICMP error), not after a timeout.
@@ -190,6 +259,15 @@ class FlowBounds:
         return self.max_flows + self.new_flows_burst + self.new_flows_per_second * CLOSING_S
 
 
+@dataclass(frozen=True)
+class EventRate:
+    """Refused-flow events per container: the policy file's `limits.eventsPerSecond`
+    and `limits.eventsBurst` (README "Refused-flow events"). 0 per second: none."""
+
+    per_second: int = 5
+    burst: int = 10
+
+
 # ICMP errors a container may send, and only about a flow that is its own (C3): the
 # contract's unreachable, Packet Too Big and time exceeded. conntrack relates an error
 # to whatever flow its quoted header names, whoever owns that flow; the original tuple
@@ -289,6 +367,7 @@ class EgressPolicy:
     elements: tuple[str, ...] = ()
     idle_timeout: int = 600
     bounds: FlowBounds = FlowBounds()
+    events: EventRate = EventRate()
 
 
 @functools.lru_cache(maxsize=8)
@@ -330,6 +409,7 @@ def _render(policy: EgressPolicy, rev: str) -> str:
         lines += [f"flush set {t} {REVISION_SET}", f"add element {t} {REVISION_SET} {{ {_mark(rev)} }}"]
     chains: dict[str, list[str]] = {name: rules for name, (_, rules) in BASE_CHAINS.items()}
     chains |= REGULAR_CHAINS
+    chains |= event_chains(policy.events)
     chains["from_container"] = _from_container(policy.idle_timeout, policy.bounds)
     chains["egress_policy"] = list(policy.rules)
     for name, extra in (("to_container", policy.ingress_rules),

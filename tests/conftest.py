@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import subprocess
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -14,8 +13,9 @@ import pytest
 
 from runtime.cli.install import install_cni
 from runtime.lab import Lab
+from runtime.lab.agent import LabAgent
 from runtime.lab.policy import write_lab_policy
-from tests.support.plugin import Plugin, wait_until_ready
+from tests.support.plugin import Plugin
 
 _app_counter = itertools.count()
 
@@ -103,34 +103,17 @@ def app(lab: Lab) -> Iterator[Callable[[], str]]:
         lab.remove_app(name)
 
 
-class AgentProcess:
+class AgentProcess(LabAgent):
     """A `sockgate agent` running in the lab's node netns for a plugin's network."""
 
     def __init__(self, lab: Lab, plugin: Plugin, tmp: Path, extra_args: tuple[str, ...] = ()) -> None:
-        self.lab, self.plugin = lab, plugin
-        self.extra_args = extra_args
-        self.log = tmp / "agent.log"
-        self.ready = tmp / "agent.ready"
-        self.proc: subprocess.Popen[bytes] | None = None
+        c = plugin.conf
+        super().__init__(lab, c["stateDir"], c["runDir"], c["policyFile"], tmp, extra_args)
+        self.plugin = plugin
 
     def start(self, timeout: float = 20.0) -> "AgentProcess":
-        import sys
-        self.ready.unlink(missing_ok=True)
-        c = self.plugin.conf
-        self.proc = self.lab.popen(self.lab.node, [sys.executable, "-m", "runtime.cli.main", "agent",
-                                                   "--state-dir", c["stateDir"], "--run-dir", c["runDir"],
-                                                   "--policy", c["policyFile"], "--ready-file", str(self.ready),
-                                                   *self.extra_args],
-                                   log=self.log)
-        wait_until_ready(self.proc, Path(self.ready), Path(self.log), timeout)
+        super().start(timeout)
         return self
-
-    def stop(self, sig: int = 15, timeout: float = 30.0) -> int:
-        import os
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        os.kill(self.proc.pid, sig)
-        return self.proc.wait(timeout)
 
     def served(self) -> list[dict]:
         import json

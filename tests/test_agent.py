@@ -276,6 +276,11 @@ def test_agent_says_whether_the_conntrack_table_holds_every_container_at_its_bou
     plugin.conf = dict(plugin.conf, policyFile=str(policy))
     agent = AgentProcess(lab, plugin, tmp_path).start()
     try:
+        # The start line: once the agent's first table load has loaded conntrack here.
+        deadline = time.monotonic() + 20
+        while '"conntrack: ' not in agent.log.read_text():
+            assert time.monotonic() < deadline, f"no conntrack budget line at start: {agent.log.read_text()}"
+            time.sleep(0.2)
         table_max = int(lab.run(lab.node, ["cat", "/proc/sys/net/netfilter/nf_conntrack_max"]).stdout)
         ns = app()
         plugin.add("big", ns)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime.agent.event_log import last_events
 from runtime.lab import LAB
 from runtime.state.store import host_ifname
 from runtime.version import version
@@ -84,15 +85,9 @@ def test_status_on_a_healthy_lab(plugin, agent, app, lab, tmp_path):
     plugin.add("pod-a", pod_ns, cni_args=POD_ARGS)
     plugin.add("plain-b", other_ns)
     assert lab.probe(pod_ns, "tcp", LAB.public_v4, 9000).ok
-    # A refusal as the events file records it (the agreed line format).
-    events = Path(plugin.conf["stateDir"]) / "events"
-    events.mkdir(mode=0o700)
-    (events / "events.jsonl").write_text(json.dumps({
-        "time": "2026-12-06T09:00:00.123456Z", "network": plugin.conf["name"], "container_id": "pod-a",
-        "pod": "shop/web-0", "container_name": None, "ifname": host_ifname(plugin.conf["name"], "pod-a", "eth0"),
-        "family": "ipv4", "protocol": "tcp", "source": "10.77.0.1", "source_port": 40000,
-        "destination": LAB.public_v4, "port": 25, "reason": "blocked-port", "rule": "blocked port tcp/25",
-        "element": "25"}) + "\n")
+    # A refusal: the agent writes its event line (runtime/agent/events.py).
+    assert not lab.probe(pod_ns, "tcp", LAB.public_v4, 25, timeout=1).ok
+    wait_for("the refusal's event", lambda: last_events(plugin.conf["stateDir"], 1))
     st = status_json(lab, plugin, "--cni-conf-dir", conf_dir(plugin, tmp_path))
 
     a = st["agent"]
@@ -110,10 +105,11 @@ def test_status_on_a_healthy_lab(plugin, agent, app, lab, tmp_path):
     assert all(r["state"] == "ready" and r["veth"] is True for r in rows.values())
     # The counters billing reads: the probe's bytes on pod-a only.
     assert rows["pod-a"]["tx_bytes"] > 0 and rows["pod-a"]["tx_packets"] > 0 and rows["plain-b"]["tx_bytes"] == 0
-    assert [(e["pod"], e["port"], e["reason"]) for e in st["refusals"]] == [("shop/web-0", 25, "blocked-port")]
+    assert [(e["pod"], e["destination"], e["port"], e["reason"]) for e in st["refusals"]] == [
+        ("shop/web-0", LAB.public_v4, 25, "blocked-port")]
     # The same as tables.
     text = sockgate(lab, plugin, "status", "--cni-conf-dir", conf_dir(plugin, tmp_path)).stdout
-    assert "agent:    up, pid" in text and "shop/web-0" in text and "blocked port tcp/25" in text
+    assert "agent:    up, pid" in text and "shop/web-0" in text and st["refusals"][0]["rule"] in text
 
 
 def test_status_with_the_agent_down(plugin, agent, app, lab):

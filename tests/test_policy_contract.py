@@ -71,18 +71,13 @@ CASES = [
 ]
 
 
-def _lo(lab, action: str, addr: str) -> None:
-    plen = 128 if ":" in addr else 32
-    lab.run(lab.internet, ["ip", "addr", action, f"{addr}/{plen}", "dev", "lo"] + (["nodad"] if ":" in addr and action == "add" else []))
-
-
 @pytest.fixture(scope="module")
 def sandbox(lab, cni_exe, policy_file, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("contract")
     plugin = Plugin(cni_exe, lab.ns_path(lab.node), network_conf("contract", tmp, policy_file))
     ns = lab.ns_path(lab.add_app("contract"))
     for addr in BAITS:
-        _lo(lab, "add", addr)
+        lab.add_internet_address(addr)
     try:
         plugin.add("contract", ns)
         refresh = lab.run(lab.node, [sys.executable, "-m", "runtime.cli.main", "policy", "refresh", "--once",
@@ -93,20 +88,7 @@ def sandbox(lab, cni_exe, policy_file, tmp_path_factory):
         plugin.delete("contract", ns)
         lab.remove_app("contract")
         for addr in BAITS:
-            _lo(lab, "del", addr)
-
-
-def _reached(lab, dst: str, since: int) -> bool:
-    import ipaddress
-    want = ipaddress.ip_address(dst)
-    want = want.ipv4_mapped or want if want.version == 6 else want
-    for ev in lab.server_events()[since:]:
-        try:
-            if ipaddress.ip_address(ev.get("local", "")) == want:
-                return True
-        except ValueError:
-            continue
-    return False
+            lab.remove_internet_address(addr)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.what)
@@ -124,7 +106,7 @@ def test_contract(lab, sandbox, case):
     if case.fast:
         assert r.error != "timeout" and r.elapsed < 0.5, f"blocked attempt must fail at once: {r}"
     time.sleep(0.05)
-    assert not _reached(lab, case.dst, since), f"a packet to {case.dst} reached the internet"
+    assert not lab.reached(case.dst, since), f"a packet to {case.dst} reached the internet"
 
 
 def test_other_protocols_are_dropped_and_related_icmp_arrives(lab, sandbox):

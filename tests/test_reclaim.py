@@ -5,7 +5,6 @@ what reached the internet netns, what conntrack holds)."""
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import json
 import os
 import queue
@@ -14,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,63 +22,13 @@ from runtime.agent.reclaim import LOST_SWEEP_MIN_GAP, verdict
 from runtime.kernel.netlink.conntrack import Destroyed, Flow
 from runtime.lab import LAB
 from runtime.lab.policy import write_lab_policy
+from runtime.lab.sockapp import SocketApp, unmap
 
 pytestmark = pytest.mark.lab
 IDLE = 3            # s: the policy's idleTimeout in these tests
 NUDGE = "1"         # s: the reclaimer's conntrack nudge (the kernel GC alone is up to 60 s late)
 RECLAIM_DEADLINE = IDLE + 30.0
 BUSY_PERIOD = 0.5   # s between packets of a flow that must stay alive
-
-# The app: holds one socket to the echo server and does what stdin says, one JSON line
-# per command on stdout. "echo X": send X, wait for the echo; "send X": send only;
-# "recv": block in recv until something (data, EOF, an error) happens.
-APP = r"""
-import errno, json, socket, sys, time
-proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-def out(**kw):
-    kw["t"] = time.time()
-    print(json.dumps(kw), flush=True)
-def name(e):
-    return errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
-if proto == "tcp":
-    s = socket.create_connection((host, port), timeout=5)
-    buf = b""
-    while b"\n" not in buf:
-        buf += s.recv(4096)
-    server = json.loads(buf.split(b"\n")[0])
-    s.settimeout(None)
-else:
-    s = socket.socket(fam, socket.SOCK_DGRAM)
-    s.connect((host, port))
-    server = None
-out(local=list(s.getsockname()[:2]), server=server)
-for line in sys.stdin:
-    cmd, _, arg = line.rstrip("\n").partition(" ")
-    try:
-        if cmd == "echo":
-            s.send(arg.encode())
-            if proto == "tcp":
-                got = b""
-                while len(got) < len(arg):
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        raise ConnectionError(0, "EOF")
-                    got += chunk
-                out(ok=True, data=got.decode())
-            else:
-                s.settimeout(3)
-                head, _, payload = s.recv(65535).partition(b"\n")
-                s.settimeout(None)
-                out(ok=True, data=payload.decode(), server=json.loads(head))
-        elif cmd == "send":
-            out(ok=True, sent=s.send(arg.encode()))
-        elif cmd == "recv":
-            got = s.recv(65535)
-            out(ok=True, data=got.decode(errors="replace"))
-    except OSError as e:
-        out(ok=False, error=name(e))
-"""
 
 # One hand-made TCP segment (no options, payload = marker) from a raw socket: a packet
 # of a flow the kernel no longer has a socket for. argv: src sport dst dport flags marker
@@ -110,56 +58,12 @@ else:
 """
 
 
-def _unmap(addr: str) -> str:
-    ip = ipaddress.ip_address(addr)
-    return str(ip.ipv4_mapped or ip) if ip.version == 6 else addr
-
-
-class App:
-    """An app process in a container netns holding one socket."""
-
-    def __init__(self, lab, ns: str, proto: str, host: str, port: int = 9000) -> None:
-        self.proto, self.host = proto, host
-        self.proc = lab.popen(ns, [sys.executable, "-c", APP, proto, host, str(port)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[dict] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        hello = self.next(10)
-        self.local: tuple[str, int] = (_unmap(hello["local"][0]), hello["local"][1])
-        self.server: dict | None = hello["server"]      # TCP: what the server saw (NAT port)
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(json.loads(line))
-
-    def next(self, timeout: float) -> dict:
-        try:
-            return self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"app ({self.proto} to {self.host}) said nothing within {timeout} s") from None
-
-    def ask(self, command: str) -> None:
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-
-    def do(self, command: str, timeout: float = 10.0) -> dict:
-        self.ask(command)
-        return self.next(timeout)
-
-    def echo(self, word: str) -> dict:
-        r = self.do(f"echo {word}")
-        assert r == {**r, "ok": True, "data": word}, f"{self.proto} echo of {word!r} to {self.host} failed: {r}"
-        if self.proto == "udp":
-            self.server = r["server"]
-        return r
+class App(SocketApp):
+    """The lab's socket-holding app, as conntrack sees its flow."""
 
     def flow(self) -> Flow:
         """As conntrack sees it (a dual-stack socket's v4-mapped addresses are IPv4)."""
-        return Flow(6 if self.proto == "tcp" else 17, self.local[0], self.local[1], _unmap(self.host), 9000)
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait(5)
+        return Flow(6 if self.proto == "tcp" else 17, self.local[0], self.local[1], unmap(self.host), 9000)
 
 
 class ReclaimerProcess:

@@ -24,13 +24,20 @@ BUILTIN_VARIABLES = {"__rate_interval", "__interval", "__range", "__all"}
 
 def collector_output(tmp_path: Path) -> str:
     """The agent's registry rendered as a scrape would be, over a state dir with one
-    attachment that had an idle flow reclaimed, after one CNI request and one Docker
-    call (so that every family the doors observe has samples)."""
+    attachment that had an idle flow reclaimed and a flow refused, after one CNI
+    request and one Docker call (so that every family the doors observe has samples)."""
     state = tmp_path / "state"
     AttachmentStore(state / "networks" / "sockgate" / "attachments").save(Attachment(
         "sockgate", "c1", "eth0", "/run/netns/x", "sgabc", "10.77.0.5",
         labels={"pod_namespace": "shop", "pod_name": "web-0"}))
-    collector = SockgateCollector(str(state), reclaims=lambda: {("sockgate", "c1", "eth0"): 2})
+    class Events:  # the refused-flow events component: one blocked-port event of the pod
+        def counts(self) -> dict[tuple[str, ...], int]:
+            return {("sockgate", "c1", "eth0", "shop", "web-0", "", "blocked-port"): 1}
+
+        def dropped(self) -> int:
+            return 0
+
+    collector = SockgateCollector(str(state), reclaims=lambda: {("sockgate", "c1", "eth0"): 2}, events=Events())
     registry, requests = registry_for(collector)
     requests.observe_cni("ADD", "ok", 0.012)
     requests.observe_docker("/NetworkDriver.Join", True, 0.02)

@@ -9,6 +9,7 @@ import pytest
 from netpolicy.compile import compile_policy, explain
 from netpolicy.policy import Policy, PolicyError, parse_policy
 from netpolicy.ruleset import node_addresses_script, render_table
+from tests.test_unit_ruleset import ends_in
 
 DOC = {"ingress": [{"source": "node", "protocols": ["tcp", "udp"], "ports": [8080, 8090]},
                    {"source": "192.0.2.10", "ports": [9000]}],
@@ -69,15 +70,15 @@ def test_node_rules_sit_in_the_node_chains_only():
              "meta l4proto . th sport @ingress_node accept")
     out, to_node, forward = _chain("node_to_container"), _chain("container_to_node"), _chain("to_container")
     # The node's connections: in the output hook's chain, before its drop.
-    assert out.index(node_in) < len(out) - 1 and out[-1].startswith("counter drop")
+    assert out.index(node_in) < len(out) - 1 and ends_in(out[-1], "drop", "node-to-container")
     # Their replies: after the container's anti-spoofing, before the drop of the rest.
     spoof = max(i for i, r in enumerate(to_node) if "spoofed-source" in r)
     assert spoof < to_node.index(reply) < len(to_node) - 1
-    assert to_node[-1].endswith('jump refuse comment "drop:container-to-node"')
+    assert ends_in(to_node[-1], "jump refuse", "container-to-node")
     # Never for forwarded packets; those claiming a node address are dropped first.
     assert not [r for r in forward if "ingress_node" in r]
-    assert forward[0] == 'ip saddr @node4 counter drop comment "drop:spoofed-node"'
-    assert forward[1] == 'ip6 saddr @node6 counter drop comment "drop:spoofed-node"'
+    assert forward[0].startswith("ip saddr @node4 counter ") and ends_in(forward[0], "drop", "spoofed-node")
+    assert forward[1].startswith("ip6 saddr @node6 counter ") and ends_in(forward[1], "drop", "spoofed-node")
     assert not [r for r in _chain("forward") + _chain("from_container") if "ingress_node" in r]
 
 

@@ -310,15 +310,15 @@ def test_pools_from_the_cni_config_and_leases(tmp_path):
     assert {r.network for r in rows} == {"lost", "sg"}  # a configured network is shown without attachments too
 
 
-def test_events_stand_in_reads_rotations_oldest_first(tmp_path):
+def test_recent_refusals_are_the_last_events_oldest_first(tmp_path):
     events = tmp_path / "events"
     events.mkdir()
     for name, n in (("events.jsonl.2", 1), ("events.jsonl.1", 2), ("events.jsonl", 3)):
-        (events / name).write_text(json.dumps({"n": n, "pod": "ns/p" if n != 2 else None}) + "\n"
+        (events / name).write_text(json.dumps({"n": n, "pod": "ns/p"}) + "\n"
                                    + ('{"n": 99' if name == "events.jsonl" else ""))  # a line being written
-    assert [e["n"] for e in status.read_events(str(tmp_path))] == [1, 2, 3]
-    assert [e["n"] for e in status.read_events(str(tmp_path), pod="ns/p")] == [1, 3]
     assert [e["n"] for e in status.recent_refusals(str(tmp_path), 2)[0]] == [2, 3]
+    assert status.recent_refusals(str(tmp_path), 0) == ([], "")
+    assert status.recent_refusals(str(tmp_path / "none"), 5) == ([], "")
 
 
 def test_age_text():

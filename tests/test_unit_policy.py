@@ -14,7 +14,7 @@ import pytest
 from netpolicy.compile import DYNAMIC_SETS, STATIC_SETS, compile_policy, explain
 from netpolicy.policy import Policy, PolicyError, parse_policy
 from netpolicy.ranges import SPECIAL_PURPOSE, collapse, google_ranges, subtract
-from netpolicy.ruleset import FlowBounds, render_table
+from netpolicy.ruleset import EVENT_REASONS, EventRate, FlowBounds, render_table
 
 RANGES_DIR = Path(os.environ.get("SOCKGATE_GOOGLE_RANGES_DIR",
                                  Path(__file__).resolve().parents[2] / "shared/data/google-ip-ranges"))
@@ -188,6 +188,9 @@ def test_empty_policy_is_the_default():
     ({"limits": {"newFlowsPerSecond": 0}}, "limits.newFlowsPerSecond"),
     ({"limits": {"newFlowsBurst": True}}, "limits.newFlowsBurst"),
     ({"limits": {"flows": 10}}, "limits.flows"),
+    ({"limits": {"eventsPerSecond": -1}}, "limits.eventsPerSecond"),
+    ({"limits": {"eventsPerSecond": 1.5}}, "limits.eventsPerSecond"),
+    ({"limits": {"eventsBurst": 0}}, "limits.eventsBurst"),
     ({"exceptions": [{"destination": "10.1.2.3", "ports": [1], "allowedAnswers": ["10.0.0.0/8"]}]},
      "exceptions[0].allowedAnswers"),
     ({"exceptions": [{"destination": "db.example.com", "ports": [1], "allowedAnswers": "10.0.0.0/8"}]},
@@ -236,6 +239,19 @@ def test_limits_and_allowed_answers():
     rules = render_table(compile_policy(p, GOOGLE).egress)
     assert "add @flow_count { meta iif ct count over 200 }" in rules
     assert "limit rate over 50/second burst 200 packets" in rules
+
+
+def test_event_rate_from_limits_reaches_every_event_chain():
+    assert Policy().events == EventRate(5, 10)
+    p = parse_policy({"limits": {"eventsPerSecond": 2, "eventsBurst": 3}})
+    assert p.events == EventRate(2, 3) and p.limits == FlowBounds()
+    rules = render_table(compile_policy(p, GOOGLE).egress)
+    reports = [line for line in rules.splitlines() if " log prefix " in line]
+    assert len(reports) == len(EVENT_REASONS)
+    assert all("limit rate 2/second burst 3 packets" in line for line in reports)
+    # 0: no reports at all, the refusals stay.
+    off = render_table(compile_policy(parse_policy({"limits": {"eventsPerSecond": 0}}), GOOGLE).egress)
+    assert " log " not in off and 'goto event_blocked_range comment "drop:blocked-range"' in off
 
 
 # --- 4. compile_policy -------------------------------------------------------------
@@ -338,7 +354,10 @@ def test_ingress_before_final_drop():
     for chain in ("to_container", "node_to_container"):
         rules = [l.removeprefix(f"add rule inet sockgate {chain} ") for l in lines
                  if l.startswith(f"add rule inet sockgate {chain} ")]
-        assert rules[-1].startswith("counter drop")
+        # The final drop (through the reason's event chain, which reports the packet).
+        assert rules[-1].startswith("counter goto event_")
+        event = rules[-1].split()[2]
+        assert [l for l in lines if l.startswith(f"add rule inet sockgate {event} ")][-1].endswith(" drop")
         assert "ip saddr . meta l4proto . th dport @ingress4 accept" in rules[:-1]
         assert "ip6 saddr . meta l4proto . th dport @ingress6 accept" in rules[:-1]
 
@@ -351,7 +370,7 @@ def test_egress_rules_in_contract_order():
     pos = [next(i for i, r in enumerate(rules) if s in r) for s in order]
     assert pos == sorted(pos)
     proto = next(i for i, r in enumerate(rules) if r.startswith("meta l4proto != { tcp, udp }"))
-    assert proto < pos[0] and "jump refuse" in rules[proto]
+    assert proto < pos[0] and "goto event_protocol" in rules[proto]
 
 
 # --- 5. explain --------------------------------------------------------------------

@@ -1,14 +1,20 @@
 """The table rendering (pure)."""
 import sys
 
+import pytest
+
 from netpolicy.ruleset import (
+    EVENT_REASONS,
+    EVENTS_NFLOG_GROUP,
     EgressPolicy,
     Endpoint,
+    EventRate,
     FlowBounds,
     add_endpoint,
     add_pools,
     endpoint_elements,
     endpoint_keys,
+    event_chain,
     render_table,
 )
 
@@ -67,6 +73,16 @@ def test_revision_stamp_changes_with_the_rules():
     assert plain.split('comment "rev ')[1][:16] != other.split('comment "rev ')[1][:16]
 
 
+def ends_in(rule: str, verdict: str, reason: str) -> bool:
+    """Whether `rule` is counted as "drop:<reason>" and ends in `verdict`: itself, or
+    through the reason's event chain (which reports the packet, then ends so)."""
+    if not rule.endswith(f'comment "drop:{reason}"'):
+        return False
+    if f"counter goto {event_chain(reason)} " in rule:
+        return _chain(event_chain(reason))[-1] == verdict
+    return f"counter {verdict} comment" in rule
+
+
 def _chain(name: str, text: str = "") -> list[str]:
     prefix = f"add rule inet sockgate {name} "
     return [line.removeprefix(prefix) for line in (text or render_table()).splitlines() if line.startswith(prefix)]
@@ -88,7 +104,7 @@ def test_icmp_errors_leave_only_about_the_containers_own_flow():
     # Whatever else is related ICMP is dropped and counted, before the policy could
     # take it for a new flow.
     drop = rules.index(next(r for r in related if not r.endswith("accept")))
-    assert 'counter drop comment "drop:icmp-error"' in rules[drop]
+    assert ends_in(rules[drop], "drop", "icmp-error")
     assert drop < rules.index("jump egress_policy")
     assert not any("icmp" in r and "return" in r for r in _chain("egress_policy"))
 
@@ -103,7 +119,7 @@ def test_flow_bounds_count_first_packets_rate_before_policy_count_after():
         # Only a flow's first packet (an unreplied UDP flow sends every packet as
         # "new"), refused at once, counted by reason, keyed by the veth.
         assert rules[i].startswith("ct status ! confirmed ") and "{ meta iif " in rules[i]
-        assert rules[i].endswith(f'counter jump refuse comment "drop:{reason}"')
+        assert ends_in(rules[i], "jump refuse", reason)
     accept = next(i for i, r in enumerate(rules) if r.endswith("@tx4 accept") and "ct original" not in r)
     assert count < accept
 
@@ -127,10 +143,10 @@ def test_no_neighbour_discovery_from_containers_and_no_refusal_to_a_forged_sourc
     # The refusal (a reset, an ICMP error) goes to the packet's source: only to the
     # container's own address, never to one it made up (a reflector, and the node
     # would resolve that address on its uplink first).
-    refuse = next(i for i, r in enumerate(to_node) if "jump refuse" in r)
+    refuse = next(i for i, r in enumerate(to_node) if ends_in(r, "jump refuse", "container-to-node"))
     spoof = [i for i, r in enumerate(to_node) if "spoofed-source" in r]
     assert len(spoof) == 2 and max(spoof) < refuse
-    assert all(to_node[i].endswith('counter drop comment "drop:spoofed-source"') for i in spoof)
+    assert all(ends_in(to_node[i], "drop", "spoofed-source") for i in spoof)
 
 
 def test_a_reload_starts_the_bounds_afresh():
@@ -156,3 +172,51 @@ def test_pools_are_one_collapsed_command_per_family():
     assert out == ("add element inet sockgate pools4 { 10.77.0.1/32, 10.77.0.2/31, 10.78.0.0/16 }\n"
                    "add element inet sockgate pools6 { fd77::1/128, fd77::2/128 }\n")
     assert add_pools([]) == ""
+
+
+# --- refused-flow events ---------------------------------------------------------------
+
+def test_each_reported_reason_goes_through_its_event_chain_and_ends_as_before():
+    from netpolicy.compile import compile_policy
+    from netpolicy.policy import Policy
+    text = render_table(compile_policy(Policy(), []).egress)
+    counted = [line for line in text.splitlines() if line.startswith("add rule ") and 'comment "drop:' in line]
+    reported = {line.rsplit('"drop:', 1)[1].rstrip('"') for line in counted if " goto event_" in line}
+    assert reported == set(EVENT_REASONS)
+    for line in counted:
+        reason = line.rsplit('"drop:', 1)[1].rstrip('"')
+        if reason in EVENT_REASONS:
+            assert ends_in(line.split(" ", 5)[5], EVENT_REASONS[reason][1], reason), line
+        else:  # not a flow's first packet: counted, not reported
+            assert reason in ("invalid", "neighbour", "fragment") and " goto " not in line, line
+    for reason, (iface, verdict) in EVENT_REASONS.items():
+        report, end = _chain(event_chain(reason), text)
+        # Bounded per container (one bucket per veth, all reasons), the reason in the
+        # prefix, headers only.
+        only = "meta l4proto { tcp, udp } " if reason == "node-to-container" else ""
+        assert report.startswith(f"{only}update @event_rate {{ meta {iface} limit rate 5/second burst 10 packets }} "
+                                 "log ")
+        assert f'prefix "drop:{reason}" group {EVENTS_NFLOG_GROUP} snaplen 128 queue-threshold 16' in report
+        assert end == verdict
+
+
+def test_events_are_keyed_by_the_containers_side_of_the_packet():
+    inward = {r for r, (iface, _) in EVENT_REASONS.items() if iface == "oif"}
+    assert inward == {"inbound", "spoofed-node", "node-to-container"}
+    assert "flush set inet sockgate event_rate\n" in render_table()  # a reload applies new rates
+
+
+def test_the_busy_path_does_not_change_with_events():
+    on, off = render_table(), render_table(EgressPolicy(events=EventRate(0, 1)))
+    assert _chain("forward", on) == [r.replace(_rev(off), _rev(on)) for r in _chain("forward", off)]
+    assert " log " not in off and all(_chain(event_chain(r), off) == [v] for r, (_, v) in EVENT_REASONS.items())
+
+
+def _rev(text: str) -> str:
+    return text.split('comment "rev ')[1][:16]
+
+
+def test_a_reason_with_another_verdict_is_refused():
+    from netpolicy.ruleset import dropped
+    with pytest.raises(ValueError, match="inbound"):
+        dropped("", "inbound", "jump refuse")

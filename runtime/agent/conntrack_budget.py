@@ -22,6 +22,8 @@ CONNTRACK_MAX = Path("/proc/sys/net/netfilter/nf_conntrack_max")
 # Containers may fill this share of the table; the rest is the node's own (kubelet,
 # the runtime, DNS, the other tenants' replies in flight).
 CONTAINER_SHARE = 0.75
+# How soon to look again while nf_conntrack_max isn't there yet (see run).
+FIRST_LOOK_S = 0.5
 CHECK_EVERY_S = 5.0
 
 
@@ -101,4 +103,7 @@ class BudgetWatch:
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self.check()
-            stop.wait(self.every)
+            # Until conntrack is loaded in this netns (the policy keeper's first table
+            # load does it, in another thread) there is no budget to tell: look again
+            # soon, so that the start line comes before the first containers do.
+            stop.wait(self.every if self.last is not None else FIRST_LOOK_S)

@@ -11,7 +11,7 @@ whose labels carry the version."""
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -34,10 +34,20 @@ DOCKER_CALLS = frozenset({"Activate", "GetCapabilities", "CreateNetwork", "Delet
                           "FreeNetwork"})
 
 
+class EventCounts(Protocol):
+    """What the refused-flow events component (runtime.agent.events) counts."""
+
+    def counts(self) -> dict[tuple[str, ...], int]: ...
+
+    def dropped(self) -> int: ...
+
+
 class SockgateCollector:
-    def __init__(self, state_dir: str, reclaims: Callable[[], dict[tuple[str, str, str], int]] | None = None):
+    def __init__(self, state_dir: str, reclaims: Callable[[], dict[tuple[str, str, str], int]] | None = None,
+                 events: EventCounts | None = None):
         self.state_dir = state_dir
         self.reclaims = reclaims
+        self.events = events
         # A reclaim counter's pod labels, as first seen: its container may be detached
         # by the next scrape, and a series whose labels changed would be a new series.
         self._reclaim_labels: dict[tuple[str, str, str], list[str]] = {}
@@ -73,6 +83,7 @@ class SockgateCollector:
             pods = self._reclaim_labels.setdefault(key, pod_labels.get(key, ["", "", ""]))
             reclaims.add_metric([*key, *pods], reclaimed)
         yield reclaims
+        yield from event_families(self.events)
         yield GaugeMetricFamily("sockgate_agent_up", "1 while the agent serves", value=1)
         build = GaugeMetricFamily("sockgate_build_info", "1, labelled with the agent's version", labels=["version"])
         build.add_metric([version()], 1)
@@ -131,3 +142,18 @@ def serve(address: str, registry: CollectorRegistry):
     server, _thread = start_http_server(port, addr=host, registry=registry)
     log.info("metrics on http://%s/metrics", address)
     return server
+
+
+def event_families(events: EventCounts | None) -> Iterator[Metric]:
+    """sockgate_refused_flows_total per attachment and reason, and
+    sockgate_events_dropped_total (README "Refused-flow events")."""
+    refused = CounterMetricFamily(
+        "sockgate_refused_flows_total", "Refused first packets of flows reported as events (at most the "
+        "per-container event rate: the refusals themselves are in sockgate_policy_drops_total), by attachment "
+        "and reason", labels=[*_ATT_LABELS, "reason"])
+    for key, count in sorted((events.counts() if events else {}).items()):
+        refused.add_metric(list(key), count)
+    yield refused
+    yield CounterMetricFamily("sockgate_events_dropped_total", "Refused-flow events lost: the kernel's reports "
+                              "that found the agent's socket full, events the agent could not queue or write",
+                              value=events.dropped() if events else 0)

@@ -29,7 +29,7 @@ from runtime.cni.request import COMMANDS
 from runtime.core.node import Node
 
 if TYPE_CHECKING:
-    from runtime.agent.metrics import RequestMetrics
+    from runtime.agent.metrics import EventCounts, RequestMetrics
 
 log = logging.getLogger("sockgate.agent")
 MAX_REQUEST_BYTES = 4 << 20
@@ -328,14 +328,15 @@ def _bind(path: Path, node: Node) -> _Server:
         os.umask(old)
 
 
-def _start_metrics(cfg: AgentConfig, reclaims: Callable[[], dict] | None) -> RequestMetrics | None:
+def _start_metrics(cfg: AgentConfig, reclaims: Callable[[], dict] | None,
+                   events: EventCounts | None = None) -> RequestMetrics | None:
     """The metrics endpoint, if one is configured. An address that can't be bound (the
     port taken, the node IP not there yet) is logged, and the agent serves CNI without
     metrics: a node's pods must not wait for its monitoring."""
     if not cfg.metrics_address:
         return None
     from runtime.agent.metrics import SockgateCollector, registry_for, serve
-    registry, requests = registry_for(SockgateCollector(cfg.state_dir, reclaims))
+    registry, requests = registry_for(SockgateCollector(cfg.state_dir, reclaims, events))
     try:
         serve(cfg.metrics_address, registry)
     except OSError as exc:
@@ -344,7 +345,8 @@ def _start_metrics(cfg: AgentConfig, reclaims: Callable[[], dict] | None) -> Req
     return requests
 
 
-def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None) -> int:
+def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None,
+              events: EventCounts | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -357,7 +359,7 @@ def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None) -> i
     sock_path = Path(wire.agent_socket(cfg.run_dir))
     server = _bind(sock_path, cfg.node)
     # Before the components: the Docker door observes its calls from its start.
-    requests = _start_metrics(cfg, reclaims)
+    requests = _start_metrics(cfg, reclaims, events)
     if requests is not None:
         server.observe = requests.observe_cni
         cfg.observe_docker = requests.observe_docker

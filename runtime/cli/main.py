@@ -9,6 +9,7 @@ import sys
 from runtime import defaults
 from runtime.cli.billing import add_billing_commands
 from runtime.cli.commands import command
+from runtime.cli.events import add_events_commands
 from runtime.cli.install import install_cni
 from runtime.cli.ops import add_ops_commands
 from runtime.cli.policy import add_policy_commands
@@ -38,7 +39,7 @@ def _install_cni(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from runtime.cli.demo import run_demo
-    return run_demo()
+    return run_demo(json_output=args.json)
 
 
 def _agent(args: argparse.Namespace) -> int:
@@ -65,7 +66,17 @@ def _agent(args: argparse.Namespace) -> int:
     cfg.components.append(("reclaim", lambda c: reclaimer))
     cfg.components.append(("sweep", lambda c: AttachmentSweep(c.node, c.state_dir, c.run_dir, c.policy_file,
                                                               interval=args.sweep_interval)))
-    return run_agent(cfg, reclaims=reclaimer.counts)
+    events = _events_watch(cfg, args)
+    cfg.components.append(("events", lambda c: events))
+    return run_agent(cfg, reclaims=reclaimer.counts, events=events)
+
+
+def _events_watch(cfg, args: argparse.Namespace):
+    from runtime.agent.events import EventsWatch
+    from runtime.kernel import nft
+    return EventsWatch(cfg.state_dir, policy=lambda: cfg.node.policies.get(cfg.policy_file, cfg.state_dir),
+                       pools=lambda: nft.prefixes("pools4") + nft.prefixes("pools6"),
+                       max_bytes=args.events_max_bytes, keep=args.events_keep)
 
 
 def _reaper(run_dir: str, state_dir: str):
@@ -87,6 +98,16 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, not {text!r}")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text!r}")
     return value
 
 
@@ -154,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between sweeps for attachments whose container vanished without a DEL "
                         "(its node-side veth is gone: netns deleted, node rebooted, runtime down); one "
                         "also runs at start. The Docker door sweeps its own every 5 s (default: %(default)s)")
+    p.add_argument("--events-max-bytes", type=_at_least_one, default=16 << 20, metavar="BYTES",
+                   help="refused-flow events: size at which STATE_DIR/events/events.jsonl is rotated "
+                        "(default: %(default)s)")
+    p.add_argument("--events-keep", type=_at_least_one, default=4, metavar="N",
+                   help="refused-flow events: rotated files kept, events.jsonl.1 (newest) to .N "
+                        "(default: %(default)s)")
     p.add_argument("--metrics-address", default=defaults.METRICS_ADDRESS,
                    help="Prometheus endpoint host:port, loopback by default; empty to disable "
                         "(default: %(default)s)")
@@ -165,11 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dockerd's API, asked in the background which container owns an endpoint "
                         "(default: %(default)s)")
 
-    command(sub, "demo", _demo, help="show the sandbox on a throwaway lab (needs root)",
-            description="Build the lab (node, internet and app network namespaces; "
-                        "nothing leaves this machine), attach two containers through "
-                        "the CNI plugin, print what they can and cannot reach, and "
-                        "tear everything down.")
+    p = command(sub, "demo", _demo, help="show the whole contract on a throwaway lab (needs root)",
+                description="Build the lab (node, internet and app network namespaces; nothing leaves "
+                            "them), start the node agent in it, attach two containers through the CNI "
+                            "executable, and show what they can and cannot reach: the core (egress only), "
+                            "the egress policy with the refused-flow event of each refusal, idle reclaim "
+                            "and the billing report; then tear everything down. Progress goes to stderr, "
+                            "the tables to stdout. Exit code 0 when every check is as expected, 1 if not.")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document (every row with its event, the billing report) instead of tables")
     p = command(sub, "lab-cleanup", _lab_cleanup, help="remove lab namespaces left by crashed runs",
                 description="Delete lab network namespaces whose creating process is dead. "
                             "Touches only namespaces carrying the lab's name prefix.")
@@ -178,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_seccomp_commands(sub)
     add_billing_commands(sub)
     add_ops_commands(sub)
+    add_events_commands(sub)
     return parser
 
 

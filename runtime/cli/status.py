@@ -6,7 +6,6 @@ Each part is gathered on its own and says what went wrong instead of failing the
 whole report: an operator runs this when something is broken."""
 from __future__ import annotations
 
-import collections
 import datetime as dt
 import ipaddress
 import json
@@ -14,7 +13,7 @@ import os
 import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from runtime import defaults, textable, wire
 from runtime.agent import agent_info
@@ -341,52 +340,15 @@ def attachment_rows(state_dir: str) -> tuple[list[AttachmentRow], list[str], lis
 
 
 # --- refusals -------------------------------------------------------------------------
-# TO SWAP for runtime.agent.events.read_events (the "events" helper's reader, agreed
-# interface: read_events(state_dir, pod=None, container=None) -> Iterator[dict]) once
-# its commit "events:" is on main: replace the body of read_events below by that
-# import, and delete _events_files.
-
-def _events_files(state_dir: str) -> list[Path]:
-    """events.jsonl and its rotations (events.jsonl.1 the newest of those), oldest first."""
-    base = Path(state_dir) / "events" / "events.jsonl"
-    rotated = []
-    for p in base.parent.glob("events.jsonl.*"):
-        suffix = p.name.rsplit(".", 1)[1]
-        if suffix.isdigit():
-            rotated.append((int(suffix), p))
-    return [p for _, p in sorted(rotated, reverse=True)] + [base]
-
-
-def read_events(state_dir: str, pod: str | None = None, container: str | None = None) -> Iterator[dict]:
-    """Refused-flow events, oldest first (stand-in: see above)."""
-    for path in _events_files(state_dir):
-        try:
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    if not line.endswith("\n"):
-                        break  # a line still being written
-                    try:
-                        event = json.loads(line)
-                    except ValueError:
-                        continue
-                    if not isinstance(event, dict):
-                        continue
-                    if pod is not None and event.get("pod") != pod:
-                        continue
-                    if container is not None and not str(event.get("container_id", "")).startswith(container):
-                        continue
-                    yield event
-        except FileNotFoundError:
-            continue
-
 
 def recent_refusals(state_dir: str, count: int) -> tuple[list[dict], str]:
-    if count <= 0:
-        return [], ""
+    """The last `count` refused-flow events, oldest first (runtime.agent.event_log, which
+    reads the files from their ends), or why they could not be read."""
+    from runtime.agent.event_log import last_events
     try:
-        return list(collections.deque(read_events(state_dir), maxlen=count)), ""
+        return [dict(e) for e in last_events(state_dir, count)], ""
     except OSError as exc:
-        return [], f"events not read: {exc}"
+        return [], f"events not read: {exc.strerror or exc}"
 
 
 # --- the report -----------------------------------------------------------------------
@@ -485,11 +447,13 @@ def render(st: Status) -> str:
     out.append("")
     if st.refusals:
         out.append(f"recent refusals (last {len(st.refusals)}; `sockgate events` for more):")
-        out += textable.lines(["time", "pod/container", "destination", "port", "protocol", "reason", "rule"],
+        out += textable.lines(["time", "pod/container", "destination", "port", "protocol", "reason", "rule",
+                               "element"],
                               [(e.get("time", ""), e.get("pod") or e.get("container_name")
                                 or str(e.get("container_id", ""))[:12] or "-",
                                 e.get("destination", ""), _count(e.get("port")), e.get("protocol", ""),
-                                e.get("reason", ""), e.get("rule", "")) for e in st.refusals], left=range(7))
+                                e.get("reason", ""), e.get("rule", ""), e.get("element") or "-")
+                               for e in st.refusals], left=range(8))
     else:
         out.append("recent refusals: none")
     for problem in st.problems:

@@ -463,6 +463,20 @@ class Lab:
         for proc, log in ((echo, "servers.log"), (dns, "dns.log")):
             self._wait_ready(proc, deadline, self.run_dir / log)
 
+    def add_internet_address(self, addr: str) -> None:
+        """One more address on the internet's lo: a "bait" for a destination the policy
+        refuses. The echo servers listen on every address, so a packet that got through
+        would reach them and show in server_events()."""
+        self._internet_address("add", addr)
+
+    def remove_internet_address(self, addr: str) -> None:
+        self._internet_address("del", addr)
+
+    def _internet_address(self, action: str, addr: str) -> None:
+        v6 = ipaddress.ip_address(addr).version == 6
+        self.run(self.internet, ["ip", "addr", action, f"{addr}/{128 if v6 else 32}", "dev", LAB.public_if,
+                                 *(["nodad"] if v6 and action == "add" else [])])
+
     def start_echo(self, ns: str, ports: Sequence[int]) -> subprocess.Popen[Any]:
         """The echo server inside any lab netns (e.g. a listen socket in an app, for
         inbound tests); returns once it listens. Killed at teardown like every popen."""
@@ -702,6 +716,11 @@ class Lab:
             args.append("--freebind")
         return ProbeResult.parse(self._probe(ns, args, timeout, payload))
 
+    def ping(self, ns: str, host: str, timeout: float = 1.0) -> ProbeResult:
+        """One ICMP echo request; ok when the reply came, else error is "timeout" or the
+        ICMP error that came back instead ("admin-prohibited", ...)."""
+        return ProbeResult.parse(self._probe(ns, ["icmp", host, "--timeout", str(timeout)], timeout))
+
     def spoof_udp(self, ns: str, src: str, dst: str, port: int, payload: bytes = b"spoof",
                   sport: int = 0) -> ProbeResult:
         """Send one UDP datagram with a forged source; ok means it was handed to the
@@ -747,3 +766,21 @@ class Lab:
         except FileNotFoundError:
             return []
         return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+
+    def reached(self, dst: str, since: int = 0, port: int | None = None) -> bool:
+        """Whether any of server_events()[since:] arrived at address dst (an IPv4-mapped
+        dst counts as its IPv4 address), on `port` if given: evidence that a packet got
+        through. (A connection's close is logged when it ends, possibly after `since`:
+        the port tells an earlier connection to another port of dst apart.)"""
+        want = ipaddress.ip_address(dst)
+        if want.version == 6 and want.ipv4_mapped:
+            want = want.ipv4_mapped
+        for ev in self.server_events()[since:]:
+            if port is not None and ev.get("port") != port:
+                continue
+            try:
+                if ipaddress.ip_address(ev.get("local", "")) == want:
+                    return True
+            except ValueError:
+                continue
+        return False

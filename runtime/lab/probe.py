@@ -12,6 +12,9 @@ Modes:
       one query, no recursion of our own; fields ok, error, rcode, answers, elapsed
   spoof-udp SRC DST PORT [--payload...] [--sport N]
       one UDP datagram with a forged source, built by hand on a raw IP socket
+  icmp HOST [--timeout S]
+      one ICMP (v6: ICMPv6) echo request on a raw socket; ok when the echo reply
+      comes, error "timeout" or the ICMP error that came instead ("admin-prohibited")
 """
 from __future__ import annotations
 
@@ -295,6 +298,66 @@ def probe_dns(a: argparse.Namespace) -> dict[str, object]:
     return run_probe(out, a.timeout, body, (OSError, ValueError, struct.error, IndexError))
 
 
+# --- ICMP echo ---
+
+# ICMP errors by (family, type, code) -> the name a probe reports.
+UNREACH_V4 = {0: "net-unreachable", 1: "host-unreachable", 3: "port-unreachable", 9: "net-prohibited",
+              10: "host-prohibited", 13: "admin-prohibited"}
+UNREACH_V6 = {0: "no-route", 1: "admin-prohibited", 3: "addr-unreachable", 4: "port-unreachable"}
+
+
+def icmp_answer(fam: int, packet: bytes, ident: int, seq: int) -> str | None:
+    """What one received ICMP packet says about our echo request: "reply", an error
+    name (the error quotes our request), or None (someone else's packet). A v4 raw
+    socket hands over the IP header too, a v6 one only the ICMPv6 message."""
+    if fam == socket.AF_INET:
+        packet = packet[(packet[0] & 0x0F) * 4:]
+        reply_type, unreach_type, names, quoted_hdr = 0, 3, UNREACH_V4, None
+    else:
+        reply_type, unreach_type, names, quoted_hdr = 129, 1, UNREACH_V6, 40
+    if len(packet) < 8:
+        return None
+    kind, code = packet[0], packet[1]
+    if kind == reply_type:
+        return "reply" if struct.unpack("!HH", packet[4:8]) == (ident, seq) else None
+    if kind != unreach_type:
+        return None
+    inner = packet[8:]
+    if quoted_hdr is None:  # the quoted IPv4 header's own length
+        quoted_hdr = (inner[0] & 0x0F) * 4 if inner else 0
+    echo = inner[quoted_hdr:quoted_hdr + 8]
+    if len(echo) < 8 or struct.unpack("!HH", echo[4:8]) != (ident, seq):
+        return None
+    return names.get(code, f"unreachable-{code}")
+
+
+def probe_icmp(a: argparse.Namespace) -> dict[str, object]:
+    out: dict[str, object] = {"ok": False, "error": None}
+
+    def body(dl: Deadline, sockets: contextlib.ExitStack) -> None:
+        host = resolve(a.host)
+        fam = family_of(host)
+        ident, seq = int.from_bytes(os.urandom(2), "big"), 1
+        if fam == socket.AF_INET:
+            s = sockets.enter_context(socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+            msg = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"sockgate-probe"
+            msg = msg[:2] + struct.pack("!H", csum16(msg)) + msg[4:]
+        else:  # the kernel fills in an ICMPv6 raw socket's checksum
+            s = sockets.enter_context(socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_ICMPV6))
+            msg = struct.pack("!BBHHH", 128, 0, 0, ident, seq) + b"sockgate-probe"
+        s.sendto(msg, (host, 0))
+        while True:
+            s.settimeout(dl.left())
+            answer = icmp_answer(fam, s.recv(65535), ident, seq)
+            if answer == "reply":
+                out["ok"] = True
+                return
+            if answer is not None:
+                out["error"] = answer
+                return
+    return run_probe(out, a.timeout, body)
+
+
 # --- forged-source UDP ---
 
 def csum16(data: bytes) -> int:
@@ -369,6 +432,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int, default=53)
     sp.add_argument("--tcp", action="store_true")
     sp.add_argument("--timeout", type=float, default=2.0)
+    sp = sub.add_parser("icmp")
+    sp.add_argument("host")
+    sp.add_argument("--timeout", type=float, default=2.0)
     sp = sub.add_parser("spoof-udp")
     sp.add_argument("src")
     sp.add_argument("dst")
@@ -382,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     if a.mode == "dns":
         res = probe_dns(a)
+    elif a.mode == "icmp":
+        res = probe_icmp(a)
     else:
         if a.payload_hex == "-":  # big payloads come on stdin: argv is limited to 128 KiB
             payload = bytes.fromhex(sys.stdin.read())

@@ -75,6 +75,15 @@ def _read(path: Path) -> Attachment | None:
         return None
 
 
+def read_record(path: Path) -> Attachment | None:
+    """One attachment record by its path (record_paths); None when it is missing,
+    unreadable or torn."""
+    try:
+        return _read(path)
+    except OSError:
+        return None
+
+
 class AttachmentStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.fsutil import is_temp_name
+from runtime.lab.agent import wait_until_ready  # noqa: F401 - where the tests import it from
 
 
 @dataclass
@@ -79,16 +79,6 @@ def node_links(node_netns: str) -> set[str]:
     out = subprocess.run(["nsenter", f"--net={node_netns}", "ip", "-j", "link", "show"],
                          capture_output=True, text=True, check=True).stdout
     return {link["ifname"] for link in json.loads(out) if link["ifname"].startswith("sg")}
-
-
-def wait_until_ready(proc: subprocess.Popen, ready: Path, log: Path, timeout: float) -> None:
-    """Until an agent wrote its ready file; its log's tail in the error if it died or
-    took longer than timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"agent did not get ready: {log.read_text()[-3000:]}")
-        time.sleep(0.05)
 
 
 def state_leftovers(state_dir: Path, network: str) -> dict[str, list[str]]:
