@@ -521,3 +521,32 @@ def test_requests_queued_at_sigterm_are_answered(plugin, agent):
     unanswered = [a[:80] for a in answers if not a.startswith(b"0\n") or b"supportedVersions" not in a]
     assert not unanswered, unanswered
     assert len([e for e in agent.served() if e["msg"].startswith("VERSION")]) == len(clients)
+
+
+# --- a start that fails ------------------------------------------------------------------
+
+@pytest.mark.parametrize("why,extra", [
+    # A component that can't be made (BillingFlusher refuses a negative interval).
+    ("component", ("--billing-interval", "-1")),
+    # A ready file it can't write, after its components started.
+    ("ready file", ()),
+])
+def test_a_start_that_fails_exits_and_leaves_no_socket(plugin, lab, tmp_path, why, extra) -> None:
+    """Not a process that neither serves nor exits: runtimes would wait on its socket,
+    and SIGTERM (whose handler only sets a flag) would not end it."""
+    from runtime.lab.agent import LabAgent
+    c = plugin.conf
+    agent = LabAgent(lab, c["stateDir"], c["runDir"], c["policyFile"], tmp_path, extra)
+    if why == "ready file":
+        agent.ready = tmp_path / "no-such-dir" / "agent.ready"
+    agent.proc = lab.popen(lab.node, [sys.executable, "-m", "runtime.cli.main", "agent", "--state-dir",
+                                      c["stateDir"], "--run-dir", c["runDir"], "--policy", c["policyFile"],
+                                      "--ready-file", str(agent.ready), "--metrics-address", "", *extra],
+                           log=agent.log)
+    try:
+        rc = agent.proc.wait(20)
+    finally:
+        agent.kill()
+    assert rc != 0, agent.log_text()
+    assert "start failed" in agent.log_text()
+    assert not (Path(c["runDir"]) / "agent.sock").exists()

@@ -366,22 +366,24 @@ def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None,
     # Components stop only after the last request finished: a DEL in flight may still
     # hand work to them (a link to reap, a final billing record).
     background = threading.Event()
-    workers = []
-    components = list(cfg.components)
-    if cfg.docker_socket:
-        from runtime.docker.http import docker_component
-        components.append(("docker", docker_component))
-    for name, factory in components:
-        component = factory(cfg)
-        thread = threading.Thread(target=_guarded, args=(name, component, background), name=name)
-        thread.start()
-        workers.append(thread)
+    workers: list[threading.Thread] = []
     serving = threading.Thread(target=server.serve_forever, name="rpc", kwargs={"poll_interval": SLICE_S})
-    serving.start()
-    if cfg.ready_file:
-        Path(cfg.ready_file).write_text(str(os.getpid()))
-    agent_info.write(cfg.run_dir, state_dir=cfg.state_dir, policy_file=cfg.policy_file, socket=str(sock_path),
-                     metrics_address=cfg.metrics_address, docker_socket=cfg.docker_socket)
+    try:
+        _start_components(cfg, background, workers)
+        serving.start()
+        # Before the ready file: a failure here must not leave a ready one behind.
+        agent_info.write(cfg.run_dir, state_dir=cfg.state_dir, policy_file=cfg.policy_file, socket=str(sock_path),
+                         metrics_address=cfg.metrics_address, docker_socket=cfg.docker_socket)
+        if cfg.ready_file:
+            Path(cfg.ready_file).write_text(str(os.getpid()))
+    except BaseException:
+        # A component that can't be made (a bad option), an unwritable ready file: the
+        # threads already started would keep the process alive, neither serving nor
+        # ready, deaf to SIGTERM (whose handler only sets `stop`). Stop them and fail.
+        log.error("start failed; stopping what had started")
+        sock_path.unlink(missing_ok=True)
+        _stop(server, serving, background, workers)
+        raise
     _notify("READY=1")
     log.info("ready: serving CNI requests on %s (pid %d)", sock_path, os.getpid())
     _wait_for_signal(stop)
@@ -393,18 +395,38 @@ def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None,
     # Then the socket's path: from now on the shim runs requests in-process.
     sock_path.unlink(missing_ok=True)
     log.info("shutting down: ready file and socket removed, finishing the requests in flight")
+    _stop(server, serving, background, workers)
+    log.info("stopped")
+    return 0
+
+
+def _start_components(cfg: AgentConfig, background: threading.Event, workers: list[threading.Thread]) -> None:
+    components = list(cfg.components)
+    if cfg.docker_socket:
+        from runtime.docker.http import docker_component
+        components.append(("docker", docker_component))
+    for name, factory in components:
+        component = factory(cfg)
+        thread = threading.Thread(target=_guarded, args=(name, component, background), name=name)
+        thread.start()
+        workers.append(thread)
+
+
+def _stop(server: _Server, serving: threading.Thread, background: threading.Event,
+          workers: list[threading.Thread]) -> None:
+    """Finish the requests in flight (and those queued), then stop the components."""
     server.stopping.set()
-    server.shutdown()      # serve_forever returns
+    if serving.is_alive():
+        server.shutdown()  # serve_forever returns
     queued = server.serve_backlog()
     if queued:
         log.info("serving %d request(s) that were queued when the stop came", queued)
     server.server_close()  # waits for the requests in flight
-    serving.join()
+    if serving.ident is not None:  # started
+        serving.join()
     background.set()
     for thread in workers:
         thread.join()
-    log.info("stopped")
-    return 0
 
 
 def _wait_for_signal(stop: threading.Event) -> None:
