@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol, TextIO
 
 from runtime import defaults, wire
+from runtime.agent import agent_info
 from runtime.cni.entry import execute
 from runtime.cni.request import COMMANDS
 from runtime.core.node import Node
@@ -370,6 +371,9 @@ def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None,
     try:
         _start_components(cfg, background, workers)
         serving.start()
+        # Before the ready file: a failure here must not leave a ready one behind.
+        agent_info.write(cfg.run_dir, state_dir=cfg.state_dir, policy_file=cfg.policy_file, socket=str(sock_path),
+                         metrics_address=cfg.metrics_address, docker_socket=cfg.docker_socket)
         if cfg.ready_file:
             Path(cfg.ready_file).write_text(str(os.getpid()))
     except BaseException:
@@ -386,6 +390,7 @@ def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None,
     # Ready file first: nothing may take an agent that is going away for a ready one.
     if cfg.ready_file:
         Path(cfg.ready_file).unlink(missing_ok=True)
+    agent_info.clear(cfg.run_dir)
     _notify("STOPPING=1")
     # Then the socket's path: from now on the shim runs requests in-process.
     sock_path.unlink(missing_ok=True)

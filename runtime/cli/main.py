@@ -11,6 +11,7 @@ from runtime.cli.billing import add_billing_commands
 from runtime.cli.commands import command
 from runtime.cli.events import add_events_commands
 from runtime.cli.install import install_cni
+from runtime.cli.ops import add_ops_commands
 from runtime.cli.policy import add_policy_commands
 from runtime.cli.seccomp import add_seccomp_commands
 from runtime.errors import SockgateError
@@ -46,6 +47,7 @@ def _agent(args: argparse.Namespace) -> int:
     from runtime.agent.policy_watch import PolicyKeeper
     from runtime.agent.reclaim import Reclaimer
     from runtime.agent.service import AgentConfig, run_agent, setup_logging
+    from runtime.agent.sweep import AttachmentSweep
     from runtime.billing.flush import BillingFlusher
     from runtime.core.node import Node
     setup_logging()
@@ -62,6 +64,8 @@ def _agent(args: argparse.Namespace) -> int:
     reclaimer = Reclaimer(args.state_dir, nudge_interval=args.reclaim_nudge,
                           sweep_interval=args.reclaim_sweep_interval, rcvbuf=args.reclaim_rcvbuf)
     cfg.components.append(("reclaim", lambda c: reclaimer))
+    cfg.components.append(("sweep", lambda c: AttachmentSweep(c.node, c.state_dir, c.run_dir, c.policy_file,
+                                                              interval=args.sweep_interval)))
     events = _events_watch(cfg, args)
     cfg.components.append(("events", lambda c: events))
     return run_agent(cfg, reclaims=reclaimer.counts, events=events)
@@ -167,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between checks that the nft table is the one in force (reloaded if "
                         "not); a change announced by nf_tables (say, `nft flush ruleset`) is checked "
                         "at once anyway (default: %(default)s)")
+    p.add_argument("--sweep-interval", type=_positive, default=60.0, metavar="SECONDS",
+                   help="seconds between sweeps for attachments whose container vanished without a DEL "
+                        "(its node-side veth is gone: netns deleted, node rebooted, runtime down); one "
+                        "also runs at start. The Docker door sweeps its own every 5 s (default: %(default)s)")
     p.add_argument("--events-max-bytes", type=_at_least_one, default=16 << 20, metavar="BYTES",
                    help="refused-flow events: size at which STATE_DIR/events/events.jsonl is rotated "
                         "(default: %(default)s)")
@@ -200,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_policy_commands(sub)
     add_seccomp_commands(sub)
     add_billing_commands(sub)
+    add_ops_commands(sub)
     add_events_commands(sub)
     return parser
 

@@ -1,5 +1,6 @@
 """The one core: attach, detach, check and gc of a container, whichever door (CNI,
-Docker, demo) the request came through.
+Docker, demo) the request came through, and the sweep of attachments whose container
+vanished (the agent's, `sockgate gc`).
 
 Invariant: the lease files and the attachment record are written before the kernel is
 touched, and removed only after the kernel state is gone. Overview: docs/architecture.md.
@@ -12,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from netpolicy.ruleset import Endpoint
 from runtime.billing.flush import final_record
@@ -142,14 +143,15 @@ def _teardown(node: Node, net: Network, att: Attachment) -> None:
         _teardown_locked(node, net, att)
 
 
-def _teardown_locked(node: Node, net: Network, att: Attachment) -> None:
+def _teardown_locked(node: Node, net: Network, att: Attachment, *, net_locked: bool = False) -> None:
+    """net_locked: the caller holds the network's lock already (a sweep)."""
     node.links.retire_link(att.host_ifname)
     # The link is down (no more packets) and the counters still exist: bill the rest.
     final_record(net.conf, att, table=node.table)
     ep = _endpoint(att)
     if ep is not None:
         node.table.remove(ep)
-    with net.lock():
+    with contextlib.nullcontext() if net_locked else net.lock():
         # The record names the addresses: only their two lease files are read.
         net.leases.release_owner(Owner(att.container_id, att.ifname), [a for a in (att.ipv4, att.ipv6) if a])
         # What a writer killed mid-write left: the record's temp file (unless a live
@@ -235,6 +237,28 @@ def gc(node: Node, conf: NetConf, valid: set[tuple[str, str]]) -> list[tuple[str
         if att.key not in valid:
             _teardown(node, net, att)
             removed.append(att.key)
+    removed += _leftovers(node, net, valid).leases
+    for key in removed:
+        log.info("gc removed %s/%s from %s", key[0], key[1], conf.name)
+    return sorted(set(removed))
+
+
+@dataclass
+class Leftovers:
+    """What a crash left in a network that no record accounts for: torn records,
+    leases without a record (their owners' keys), temp files of killed writers."""
+
+    torn: list[Path] = field(default_factory=list)
+    leases: list[tuple[str, str]] = field(default_factory=list)
+    temps: list[Path] = field(default_factory=list)
+
+
+def _leftovers(node: Node, net: Network, valid: Collection[tuple[str, str]] = ()) -> Leftovers:
+    """Remove them (see Leftovers). Under the network lock, a lease without a record is
+    a dead ADD's: _reserve writes both under that lock, teardown removes both under it.
+    `valid`: keys whose leases stay even without a record (CNI GC's list)."""
+    found = Leftovers()
+    conf = net.conf
     with net.lock():
         listing = attachments(conf.state_dir, conf.name)
         readable, torn = listing.records, listing.unreadable
@@ -242,6 +266,7 @@ def gc(node: Node, conf: NetConf, valid: set[tuple[str, str]]) -> list[tuple[str
             # Torn by a crash of the node, which also took what it described.
             log.warning("gc removes unreadable attachment record %s", path)
             path.unlink(missing_ok=True)
+            found.torn.append(path)
         recorded = {a.key for a in readable}
         for addr, owner in net.leases.leases().items():
             key = (owner.container_id, owner.ifname)
@@ -251,7 +276,7 @@ def gc(node: Node, conf: NetConf, valid: set[tuple[str, str]]) -> list[tuple[str
                 orphan = _orphan(net, *key)
                 node.links.delete_link(orphan.host_ifname)
                 net.leases.release(addr)
-                removed.append(key)
+                found.leases.append(key)
     temps = remove_temps(net)
     # The node-wide files under the state dir written the same way (the resolver's
     # record, the Google ranges cache); billing/ and docker/ are swept by their owners.
@@ -259,9 +284,82 @@ def gc(node: Node, conf: NetConf, valid: set[tuple[str, str]]) -> list[tuple[str
         temps += remove_stale_temps(Path(conf.state_dir) / directory)
     if temps:
         log.warning("gc removed temp files left by killed writers: %s", ", ".join(str(t) for t in temps))
-    for key in removed:
-        log.info("gc removed %s/%s from %s", key[0], key[1], conf.name)
-    return sorted(set(removed))
+    found.temps = temps
+    return found
+
+
+# --- Attachments whose container vanished (the agent's sweep, `sockgate gc`) ---------
+# A container whose netns is destroyed takes its veth end with it, and the kernel then
+# deletes the node end too: a ready attachment whose node-side veth is gone has lost
+# its container (or had its veth deleted behind sockgate's back: no traffic can flow
+# either way). Whether the netns path still opens is no trigger on its own: a runtime's
+# pin that this process can't see (a pin dir not mounted into the agent's container)
+# looks exactly like a deleted one, and removing a live pod's attachment for that
+# would cut it off. It is reported, to say why the veth went.
+
+@dataclass(frozen=True)
+class Vanished:
+    att: Attachment
+    why: str
+
+
+def vanished(node: Node, records: list[Attachment]) -> list[Attachment]:
+    """The ready attachments among `records` whose node-side veth is gone, asked on
+    one netlink socket. Not ready ones are never listed: their ADD may be under way
+    (or crashed: the runtime DELs after a failed ADD, and CNI GC removes them)."""
+    ready = [att for att in records if att.state == READY]
+    present = node.links.links([att.host_ifname for att in ready])
+    return [att for att in ready if att.host_ifname not in present]
+
+
+def _netns_state(node: Node, path: str) -> str:
+    if not path:
+        return "no netns recorded"
+    try:
+        node.links.check_netns(path)
+    except SockgateError as exc:
+        return f"container netns {path}: {exc.msg}"
+    return f"container netns {path} still opens"
+
+
+def remove_vanished(node: Node, conf: NetConf, att: Attachment) -> Vanished | None:
+    """Remove `att` (one of vanished()'s) once the same record, under the table lock
+    and the network lock, is still ready with its veth still gone; None if anything
+    changed meanwhile. The network lock is held to the end: no ADD of the same key can
+    reserve while the record is being removed, so a new attachment under the same
+    name (and the same veth name) is never touched. A DEL of the same attachment at
+    the same time does the same steps, each idempotent."""
+    net = Network(conf)
+    with table.table_lock(conf.state_dir), net.lock():
+        now = net.attachments.load(att.container_id, att.ifname)
+        if now is None or now.state != READY or (now.created, now.generation) != (att.created, att.generation):
+            return None
+        if node.links.link_exists(now.host_ifname):
+            return None
+        why = f"node-side veth {now.host_ifname} is gone; {_netns_state(node, now.netns)}"
+        _teardown_locked(node, net, now, net_locked=True)
+    log.info("removed attachment %s/%s from %s: %s", now.container_id, now.ifname, conf.name, why)
+    return Vanished(now, why)
+
+
+@dataclass
+class Swept:
+    removed: list[Vanished] = field(default_factory=list)
+    leftovers: Leftovers = field(default_factory=Leftovers)
+
+
+def sweep(node: Node, conf: NetConf, skip: Callable[[Attachment], bool] = lambda att: False) -> Swept:
+    """Remove the attachments of this network whose container vanished (see vanished;
+    `skip`: those another sweep owns), then the leftovers of crashes (see Leftovers).
+    What the agent runs periodically and `sockgate gc` once."""
+    records = [att for att in attachments(conf.state_dir, conf.name).records if not skip(att)]
+    done = Swept()
+    for att in vanished(node, records):
+        gone = remove_vanished(node, conf, att)
+        if gone is not None:
+            done.removed.append(gone)
+    done.leftovers = _leftovers(node, Network(conf))
+    return done
 
 
 def status(node: Node, conf: NetConf) -> None:

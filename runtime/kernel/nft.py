@@ -95,6 +95,16 @@ def table_current(policy: EgressPolicy = EgressPolicy()) -> bool:
     return rc == 0 and f"rev {revision(policy)}" in listed
 
 
+def loaded_revision() -> str | None:
+    """The revision stamped on the loaded table's first rule (see table_current); None
+    when there is no table or no stamp."""
+    for item in _listing(f"list chain {FAMILY} {TABLE} forward"):
+        comment = str(item.get("rule", {}).get("comment", ""))
+        if comment.startswith("rev "):
+            return comment[4:]
+    return None
+
+
 def load_table(policy: EgressPolicy, endpoints: Sequence[tuple[Endpoint, tuple[str, ...]]] = ()) -> None:
     """The table and the elements of `endpoints` (each with its pools), and the node's
     own addresses, in one transaction: the table never exists without them. The

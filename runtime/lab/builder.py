@@ -546,6 +546,34 @@ class Lab:
         if left:
             raise RuntimeError(f"lab {self.prefix}: namespaces not deleted: {left}")
 
+    @staticmethod
+    def _stale() -> tuple[list[tuple[Path, _Record]], list[str]]:
+        """The records of labs whose creator died, and the orphans: namespaces named
+        like an auto prefix (`sgl-<6 hex>-*`) that no record claims. Reads only."""
+        dead: list[tuple[Path, _Record]] = []
+        claimed: set[str] = set()
+        for path in sorted(RUN_DIR.glob("*.pid")) if RUN_DIR.is_dir() else []:
+            rec = _Record.load(path)
+            if rec is None:
+                continue
+            if _alive(rec.pid, rec.start):
+                claimed.update(rec.namespaces)
+            else:
+                dead.append((path, rec))
+        orphans = [n for n in (os.listdir(NETNS_DIR) if NETNS_DIR.is_dir() else [])
+                   if n not in claimed and AUTO_PREFIX_RE.match(n[:10]) and n[10:11] == "-"
+                   and not (RUN_DIR / f"{n[:10]}.pid").exists()]
+        return dead, orphans
+
+    @classmethod
+    def stale_namespaces(cls) -> list[str]:
+        """The namespaces cleanup_stale() would delete, without deleting any (what
+        `sockgate doctor` reports)."""
+        dead, orphans = cls._stale()
+        existing = set(os.listdir(NETNS_DIR)) if NETNS_DIR.is_dir() else set()
+        mine = {n for _, rec in dead for n in rec.namespaces if n.startswith(rec.prefix + "-") and n in existing}
+        return sorted(mine | set(orphans))
+
     @classmethod
     def cleanup_stale(cls) -> list[str]:
         """Delete labs whose creator died (SIGKILL, OOM...). Returns their prefixes.
@@ -556,22 +584,16 @@ class Lab:
         cleaned = []
         with _global_lock():
             remove_stale_temps(RUN_DIR)  # records of labs whose creator died mid-write
-            claimed: set[str] = set()
-            for path in sorted(RUN_DIR.glob("*.pid")):
-                rec = _Record.load(path)
-                if rec is None:
-                    continue
-                if _alive(rec.pid, rec.start):
-                    claimed.update(rec.namespaces)
-                    continue
+            dead, _ = cls._stale()
+            for path, rec in dead:
                 mine = [n for n in rec.namespaces if n.startswith(rec.prefix + "-")]
                 if not _delete_namespaces(mine):
                     shutil.rmtree(RUN_DIR / rec.prefix, ignore_errors=True)
                     path.unlink(missing_ok=True)
                     cleaned.append(rec.prefix)
-            orphans = [n for n in (os.listdir(NETNS_DIR) if NETNS_DIR.is_dir() else [])
-                       if n not in claimed and AUTO_PREFIX_RE.match(n[:10]) and n[10:11] == "-"
-                       and not (RUN_DIR / f"{n[:10]}.pid").exists()]
+            # Listed after those deletions: a dead lab's namespace it never recorded
+            # is an orphan once its record is gone.
+            _, orphans = cls._stale()
             if orphans:
                 _delete_namespaces(orphans)
                 cleaned.extend(sorted({n[:10] for n in orphans}))
