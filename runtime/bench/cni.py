@@ -27,6 +27,7 @@ from runtime import textable, wire
 from runtime.bench import report
 from runtime.cli.install import NotBuilt, install_cni
 from runtime.lab import Lab
+from runtime.lab.agent import log_entries
 from runtime.lab.builder import RUN_DIR
 from runtime.lab.policy import write_lab_policy
 from runtime.state.store import host_ifname
@@ -133,14 +134,8 @@ def handled_ms(lines: Sequence[str]) -> dict[str, dict[str, float]]:
     """From agent log lines: op -> container id -> handler time (ms) of the requests
     that succeeded ("ADD cid/eth0 rc=0 in 12.3 ms")."""
     out: dict[str, dict[str, float]] = {op: {} for op in OPS}
-    for line in lines:
-        if not line.startswith("{"):
-            continue
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(entry, dict) or entry.get("logger") != "sockgate.agent":
+    for entry in log_entries(lines):
+        if entry.get("logger") != "sockgate.agent":
             continue
         words = str(entry.get("msg", "")).split()
         if len(words) >= 6 and words[0] in out and words[2] == "rc=0" and words[3] == "in" and words[5] == "ms":

@@ -39,6 +39,7 @@ from runtime.bench.cni import (
     stats,
 )
 from runtime.lab import Lab
+from runtime.lab.agent import log_entries
 from tests.support.cnitool import CNI
 
 BASELINE = 10
@@ -146,11 +147,8 @@ def loads_ms(lines: Sequence[str]) -> list[tuple[int, float]]:
     """(attachments, ms) of each table load the agent logged ("nft table was loaded
     with the elements of 1000 attachment(s) in 85 ms")."""
     out = []
-    for line in lines:
-        try:
-            msg = str(json.loads(line).get("msg", "")) if line.startswith("{") else ""
-        except ValueError:
-            continue
+    for entry in log_entries(lines):
+        msg = str(entry.get("msg", ""))
         if msg.startswith(_LOADED):
             words = msg[len(_LOADED):].split()
             try:

@@ -21,3 +21,14 @@ def group(sub: argparse._SubParsersAction, name: str, help: str) -> argparse._Su
     """The command `name` of `sub`, whose subcommands go to the returned object."""
     p = sub.add_parser(name, help=help)
     return p.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text!r}")
+    return value

@@ -3,12 +3,12 @@ idleTimeout, one kept busy; the agent aborts the idle one only."""
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 from typing import Any, Callable
 
 from runtime.cli.demo_rows import Row, Target
 from runtime.lab import LAB, Lab
+from runtime.lab.agent import log_entries
 from runtime.lab.sockapp import AppError, SocketApp
 
 IDLE_TIMEOUT_S = 3          # the demo policy's idleTimeout
@@ -22,13 +22,7 @@ RECLAIM_DEADLINE_S = IDLE_TIMEOUT_S + 20
 def _reclaim_line(agent_log: str, local: tuple[str, int]) -> dict[str, Any] | None:
     """The agent's log entry of the reclaim of the flow from `local`."""
     src = f"[{local[0]}]:{local[1]}" if ":" in local[0] else f"{local[0]}:{local[1]}"
-    for line in agent_log.splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
+    for entry in log_entries(agent_log.splitlines()):
         msg = str(entry.get("msg", ""))
         if msg.startswith("reclaimed ") and f" {src} -> " in msg:
             return dict(entry)

@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterable, Iterator
 
 from runtime import defaults
-from runtime.cli.commands import command
+from runtime.cli.commands import command, count
 
 COLUMNS = ("time", "pod/container", "proto", "source", "destination", "port", "reason", "rule — element")
 
@@ -87,16 +87,6 @@ def _last_then_rest(stream: Iterator[dict], state_dir: str, args: argparse.Names
     yield from stream
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, not {text!r}")
-    return value
-
-
 def add_events_commands(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "events", _events, help="refused flows: which container, where to, and the rule that refused",
                 description="Print the refused-flow events the node agent wrote to "
@@ -115,6 +105,6 @@ def add_events_commands(sub: argparse._SubParsersAction) -> None:
                    help="one JSON array of the events; with --follow, JSON Lines (one event per line)")
     p.add_argument("--follow", "-f", action="store_true",
                    help="keep printing events as the agent writes them, across rotations, until interrupted")
-    p.add_argument("--last", type=_count, metavar="N",
+    p.add_argument("--last", type=count, metavar="N",
                    help="only the last N events (with --follow: of those already written); default: all")
 

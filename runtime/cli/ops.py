@@ -11,7 +11,7 @@ import sys
 from typing import Callable
 
 from runtime import defaults
-from runtime.cli.commands import command
+from runtime.cli.commands import command, count
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -35,16 +35,6 @@ def _days(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of days, not {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, not {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text!r}")
     return value
 
 
@@ -95,7 +85,7 @@ def add_ops_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cni-conf-dir", default="/etc/cni/net.d",
                    help="where the CNI configs naming the pools are; the Docker door's networks are read "
                         "from the state dir (default: %(default)s)")
-    p.add_argument("--events", type=_count, default=10, metavar="N",
+    p.add_argument("--events", type=count, default=10, metavar="N",
                    help="how many recent refusals to show; 0: none (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
 
@@ -114,7 +104,7 @@ def add_ops_commands(sub: argparse._SubParsersAction) -> None:
                         "attachment can be checked; repeat for several (default: " + ", ".join(
                             ("/run/netns", "/var/run/netns", "/run/containerd/io.containerd.grpc.v1.cri/netns"))
                         + ")")
-    p.add_argument("--expected-containers", type=_count, default=0, metavar="N",
+    p.add_argument("--expected-containers", type=count, default=0, metavar="N",
                    help="check nf_conntrack_max for N containers at their flow bounds (say, kubelet's "
                         "--max-pods, 110 by default) instead of those attached now (default: attached now)")
     p.add_argument("--ranges-max-age", type=_days, default=7.0, metavar="DAYS",

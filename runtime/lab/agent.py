@@ -3,13 +3,15 @@ AgentProcess) and `sockgate demo` start so that the CNI executable forwards to i
 the background work (exception hostnames, idle reclaim, billing, events) runs."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from runtime.lab.builder import Lab
 
@@ -23,6 +25,20 @@ def wait_until_ready(proc: subprocess.Popen, ready: Path, log: Path, timeout: fl
             tail = log.read_text()[-3000:] if log.exists() else "(no log)"
             raise RuntimeError(f"agent did not get ready: {tail}")
         time.sleep(0.05)
+
+
+def log_entries(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """The agent's JSON log entries among `lines` (stderr also carries what isn't JSON:
+    a traceback, a line cut short by a kill)."""
+    for line in lines:
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            yield entry
 
 
 class LabAgent:
