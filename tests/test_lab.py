@@ -93,6 +93,25 @@ def host_snapshot() -> dict[str, Any]:
     return {"links": links, "addrs": addrs, "routes": routes, "rules": rules, "sysctls": sysctls, "nft": nft}
 
 
+def lock_holders() -> str:
+    """The processes holding a lock on the labs' global lock file (/proc/locks)."""
+    try:
+        inode = (RUN_DIR / ".lock").stat().st_ino
+    except FileNotFoundError:
+        return "no lock file"
+    out = []
+    for line in Path("/proc/locks").read_text().splitlines():
+        f = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF" (a "->" marks a waiter)
+        if f[1] == "->":
+            f = f[:1] + f[2:]
+        if f[5].rsplit(":", 1)[-1] == str(inode):
+            cmd = Path(f"/proc/{f[4]}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") \
+                if Path(f"/proc/{f[4]}").exists() else "?"
+            out.append(f"{' '.join(f[:5])} {cmd[:200]}")
+    return "lock holders/waiters: " + ("; ".join(out) or "none")
+
+
 def spawn_lab_process(extra: str = "") -> tuple[subprocess.Popen[str], dict[str, Any]]:
     """A separate python that builds a lab, reports it, then sleeps until signalled."""
     code = (
@@ -388,7 +407,13 @@ def test_parallel_labs_do_not_collide() -> None:
 def test_signal_tears_the_lab_down(sig: signal.Signals) -> None:
     proc, info = spawn_lab_process()
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=30)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        # Seen once in a full run (SIGHUP); say who held the labs' global lock then.
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        raise AssertionError(f"no teardown within 30 s of {sig!r}; {lock_holders()}; stderr: {err}") from None
     assert proc.returncode != 0, err   # it still dies of the signal (or KeyboardInterrupt)
     if sig != signal.SIGINT:
         assert proc.returncode == -sig, err
