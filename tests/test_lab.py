@@ -114,8 +114,12 @@ def lock_holders() -> str:
 
 def spawn_lab_process(extra: str = "") -> tuple[subprocess.Popen[str], dict[str, Any]]:
     """A separate python that builds a lab, reports it, then sleeps until signalled."""
+    # SIGHUP at its default, whatever the suite inherited: under `nohup` (SIG_IGN, which
+    # exec keeps) the lab deliberately leaves an ignored SIGHUP ignored, and the SIGHUP
+    # test would wait for a teardown that never comes.
     code = (
-        "import json, sys, time\n"
+        "import json, signal, sys, time\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_DFL)\n"
         "from runtime.lab import Lab\n"
         "from runtime.lab.builder import _netns_pids\n"
         "with Lab() as lab:\n"
@@ -410,7 +414,7 @@ def test_signal_tears_the_lab_down(sig: signal.Signals) -> None:
     try:
         _, err = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
-        # Seen once in a full run (SIGHUP); say who held the labs' global lock then.
+        # Say who held the labs' global lock then, and what the process printed.
         proc.kill()
         _, err = proc.communicate(timeout=10)
         raise AssertionError(f"no teardown within 30 s of {sig!r}; {lock_holders()}; stderr: {err}") from None
