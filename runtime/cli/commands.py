@@ -23,12 +23,22 @@ def group(sub: argparse._SubParsersAction, name: str, help: str) -> argparse._Su
     return p.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
 
 
-def count(text: str) -> int:
-    """An argparse type: a whole number, 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text!r}")
-    return value
+def bounded(convert: Callable[[str], Any], what: str, ok: Callable[[Any], bool],
+            bound: str) -> Callable[[str], Any]:
+    """An argparse type: `convert`ed text (else "expected WHAT"), for which `ok` holds
+    (else "must be BOUND"), each error naming what was given."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, not {text!r}") from None
+        if not ok(value):  # written so that NaN fails too
+            raise argparse.ArgumentTypeError(f"must be {bound}, not {text!r}")
+        return value
+    return parse
+
+
+count = bounded(int, "a whole number", lambda v: v >= 0, "0 or more")
+at_least_one = bounded(int, "a whole number", lambda v: v >= 1, "at least 1")
+seconds = bounded(float, "a number of seconds", lambda v: v > 0, "more than 0")
+days = bounded(float, "a number of days", lambda v: v > 0, "more than 0")

@@ -8,7 +8,7 @@ import sys
 
 from runtime import defaults
 from runtime.cli.billing import add_billing_commands
-from runtime.cli.commands import command
+from runtime.cli.commands import at_least_one, command, seconds
 from runtime.cli.events import add_events_commands
 from runtime.cli.install import install_cni
 from runtime.cli.ops import add_ops_commands
@@ -91,26 +91,6 @@ def _reaper(run_dir: str, state_dir: str):
     return netns.LinkReaper(Path(run_dir) / "retired", in_use)
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, not {text!r}")
-    return value
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {text!r}")
-    return value
-
-
 def _lab_cleanup(args: argparse.Namespace) -> int:
     from runtime.lab import Lab
     removed = Lab.cleanup_stale()
@@ -160,25 +140,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between conntrack walks that make the kernel evict expired flows "
                         "promptly; 0 leaves it to the kernel's GC, which may take up to 60 s longer "
                         "(default: %(default)s)")
-    p.add_argument("--reclaim-sweep-interval", type=_positive, default=300.0, metavar="SECONDS",
+    p.add_argument("--reclaim-sweep-interval", type=seconds, default=300.0, metavar="SECONDS",
                    help="seconds between sweeps for idle flows whose conntrack event was lost (a sweep "
                         "also runs at start and right after lost events); keep it well below the "
                         "policy's idleTimeout (the agent warns otherwise), or an expired UDP flow whose "
                         "event was lost can escape reclaim (default: %(default)s)")
     p.add_argument("--reclaim-rcvbuf", type=int, default=8 << 20, metavar="BYTES",
                    help="receive buffer for conntrack DESTROY events (default: %(default)s)")
-    p.add_argument("--table-check-interval", type=_positive, default=2.0, metavar="SECONDS",
+    p.add_argument("--table-check-interval", type=seconds, default=2.0, metavar="SECONDS",
                    help="seconds between checks that the nft table is the one in force (reloaded if "
                         "not); a change announced by nf_tables (say, `nft flush ruleset`) is checked "
                         "at once anyway (default: %(default)s)")
-    p.add_argument("--sweep-interval", type=_positive, default=60.0, metavar="SECONDS",
+    p.add_argument("--sweep-interval", type=seconds, default=60.0, metavar="SECONDS",
                    help="seconds between sweeps for attachments whose container vanished without a DEL "
                         "(its node-side veth is gone: netns deleted, node rebooted, runtime down); one "
                         "also runs at start. The Docker door sweeps its own every 5 s (default: %(default)s)")
-    p.add_argument("--events-max-bytes", type=_at_least_one, default=16 << 20, metavar="BYTES",
+    p.add_argument("--events-max-bytes", type=at_least_one, default=16 << 20, metavar="BYTES",
                    help="refused-flow events: size at which STATE_DIR/events/events.jsonl is rotated "
                         "(default: %(default)s)")
-    p.add_argument("--events-keep", type=_at_least_one, default=4, metavar="N",
+    p.add_argument("--events-keep", type=at_least_one, default=4, metavar="N",
                    help="refused-flow events: rotated files kept, events.jsonl.1 (newest) to .N "
                         "(default: %(default)s)")
     p.add_argument("--metrics-address", default=defaults.METRICS_ADDRESS,

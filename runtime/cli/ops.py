@@ -11,7 +11,7 @@ import sys
 from typing import Callable
 
 from runtime import defaults
-from runtime.cli.commands import command, count
+from runtime.cli.commands import command, count, days
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -26,16 +26,6 @@ def _operator(func: Command) -> Command:
                   f"and the state dir may not be readable, and would then look absent", file=sys.stderr)
         return func(args)
     return run
-
-
-def _days(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of days, not {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, not {text!r}")
-    return value
 
 
 def _paths(p: argparse.ArgumentParser) -> None:
@@ -107,7 +97,7 @@ def add_ops_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expected-containers", type=count, default=0, metavar="N",
                    help="check nf_conntrack_max for N containers at their flow bounds (say, kubelet's "
                         "--max-pods, 110 by default) instead of those attached now (default: attached now)")
-    p.add_argument("--ranges-max-age", type=_days, default=7.0, metavar="DAYS",
+    p.add_argument("--ranges-max-age", type=days, default=7.0, metavar="DAYS",
                    help="a ranges cache fetched from URLs longer ago than this is stale (default: %(default)s)")
     p.add_argument("--json", action="store_true",
                    help='print one JSON document: {"ok": bool, "checks": [{name, ok, detail, fix}]}')
