@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -213,3 +218,41 @@ def test_last_events_reads_from_the_end_across_files(tmp_path, block, monkeypatc
     assert [e["n"] for e in event_log.last_events(tmp_path, 3, pod="a/b")] == [5, 7, 9]
     assert [e["n"] for e in event_log.last_events(tmp_path, 100)] == list(range(10))
     assert event_log.last_events(tmp_path, 0) == [] and event_log.last_events(tmp_path / "none", 5) == []
+
+
+def test_a_writer_killed_at_any_moment_loses_and_repeats_nothing_before_its_last_line(tmp_path):
+    """A real writer process, SIGKILLed at random moments while it appends batches and
+    rotates every few of them (small max_bytes; keep large enough that rotation drops
+    nothing): after each kill a new writer appends a marker, as a restarted agent
+    would. Read back, each life's lines are whole, in order, without a gap or a repeat,
+    and every marker is there."""
+    code = (
+        "import json, sys, time\n"
+        "from runtime.agent.event_log import EventLog\n"
+        "life, log, n = int(sys.argv[1]), EventLog(sys.argv[2], max_bytes=65536, keep=500), 0\n"
+        "while True:\n"
+        "    log.append([json.dumps({'life': life, 'n': n + i, 'pad': 'x' * 200}) for i in range(7)])\n"
+        "    n += 7\n"
+        "    time.sleep(0.001)  # far from `keep` rotations in a life, so none drops lines\n"
+        "    if n == 7:\n"
+        "        print('writing', flush=True)\n")
+    root = Path(__file__).resolve().parents[1]
+    rng = random.Random(1206)
+    for life in range(12):
+        proc = subprocess.Popen([sys.executable, "-c", code, str(life), str(tmp_path)], cwd=root,
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdout.readline() == "writing\n"
+        time.sleep(0.1 + rng.random() * 0.3)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(10) == -signal.SIGKILL
+        log = EventLog(tmp_path, max_bytes=65536, keep=500)
+        log.append([json.dumps({"life": life, "marker": True})])
+        log.close()
+    got = list(read_events(tmp_path))
+    for life in range(12):
+        mine = [e for e in got if e["life"] == life]
+        assert mine[-1] == {"life": life, "marker": True}, mine[-3:]
+        numbers = [e["n"] for e in mine[:-1]]
+        assert numbers and numbers == list(range(len(numbers))), (life, numbers[:5], numbers[-5:])
+    # Rotations all along (about five a life here), so kills came near some of them.
+    assert len(list(events_path(tmp_path).parent.glob("events.jsonl.*"))) >= 12
