@@ -27,6 +27,7 @@ from runtime.agent import agent_info
 from runtime.cni.entry import execute
 from runtime.cni.request import COMMANDS
 from runtime.core.node import Node
+from runtime.fsutil import atomic_write
 
 if TYPE_CHECKING:
     from runtime.agent.metrics import EventCounts, RequestMetrics
@@ -375,7 +376,9 @@ def run_agent(cfg: AgentConfig, reclaims: Callable[[], dict] | None = None,
         agent_info.write(cfg.run_dir, state_dir=cfg.state_dir, policy_file=cfg.policy_file, socket=str(sock_path),
                          metrics_address=cfg.metrics_address, docker_socket=cfg.docker_socket)
         if cfg.ready_file:
-            Path(cfg.ready_file).write_text(str(os.getpid()))
+            # Whole or not at all: whoever waits for the file reads the pid at once
+            # (a plain write let test_ops read it empty).
+            atomic_write(Path(cfg.ready_file), str(os.getpid()).encode(), durable=False)
     except BaseException:
         # A component that can't be made (a bad option), an unwritable ready file: the
         # threads already started would keep the process alive, neither serving nor

@@ -8,9 +8,10 @@ Three parts:
 - modes run as a script *inside* a lab netns (`python -I -S attacks.py MODE`: stdlib
   only, so it starts in a few tens of milliseconds), playing the app in a container or
   the far end:
-    send        stdin {"l3": [hex], "l2": [[ifname, hex]], "ifname", "repeat", "pps"}:
+    send        stdin {"l3": [hex], "l2": [[ifname, hex]], "ifname", "repeat", "pps", "ring"}:
                 every IP packet through a raw IPPROTO_RAW socket (header included: the
-                source is whatever the packet says), every frame through AF_PACKET;
+                source is whatever the packet says), every frame through AF_PACKET
+                (with "ring": through a PACKET_TX_RING, see send_ring);
                 prints {"sent": n, "errors": {errno: n}}
     flows       stdin {"src4", "src6", "dst4", "dst6", "families", "protos", "pps",
                 "seconds"}: new flows without end, one UDP datagram or TCP SYN per new
@@ -256,9 +257,48 @@ def _dst_of(pkt: bytes) -> tuple[int, str]:
     return socket.AF_INET, socket.inet_ntop(socket.AF_INET, pkt[16:20])
 
 
+# PACKET_TX_RING (linux/if_packet.h), TPACKET_V2
+SOL_PACKET, PACKET_VERSION, PACKET_TX_RING, TPACKET_V2 = 263, 10, 13, 1
+TP_STATUS_SEND_REQUEST = 1
+_RING_FRAME = 4096
+_RING_DATA = 32  # TPACKET2_HDRLEN - sizeof(struct sockaddr_ll): where a TX frame's data starts
+
+
+def send_ring(name: str, frames: list[bytes]) -> int:
+    """Send Ethernet frames through a TPACKET_V2 TX ring bound to `name`. The kernel
+    builds such a packet with only the link-layer header in its linear part and the
+    rest as page fragments pointing into the ring: the IP header is not where a
+    classifier reading skb->data finds it. Returns how many the kernel took."""
+    import mmap
+
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+        nr = max(1, len(frames))
+        s.setsockopt(SOL_PACKET, PACKET_TX_RING, struct.pack("IIII", _RING_FRAME, nr, _RING_FRAME, nr))
+        s.bind((name, 0))
+        ring = mmap.mmap(s.fileno(), _RING_FRAME * nr, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            for i, frame in enumerate(frames):
+                off = i * _RING_FRAME
+                ring[off + _RING_DATA:off + _RING_DATA + len(frame)] = frame
+                struct.pack_into("II", ring, off + 4, len(frame), len(frame))   # tp_len, tp_snaplen
+                struct.pack_into("I", ring, off, TP_STATUS_SEND_REQUEST)
+            s.send(b"")   # sends every frame marked, and waits until the kernel is done with them
+            return sum(1 for i in range(len(frames)) if struct.unpack_from("I", ring, i * _RING_FRAME)[0] == 0)
+        finally:
+            ring.close()
+    finally:
+        s.close()
+
+
 def send_all(l3: list[bytes], l2: list[tuple[str, bytes]], ifname: str = "eth0", repeat: int = 1,
-             pps: float = 0) -> dict:
-    """Send every packet `repeat` times, paced at `pps` packets a second (0: at once)."""
+             pps: float = 0, ring: bool = False) -> dict:
+    """Send every packet `repeat` times, paced at `pps` packets a second (0: at once).
+    ring: the frames through a TX ring (send_ring), all at once."""
+    if ring:
+        names = {name for name, _ in l2}
+        return {"sent": sum(send_ring(n, [f for name, f in l2 if name == n]) for n in names), "errors": {}}
     errors: dict[str, int] = {}
     sent = 0
     socks: dict = {}
@@ -484,8 +524,21 @@ def json_lines(path) -> list[dict]:
     return [json.loads(line) for line in open(path).read().splitlines() if line.startswith("{")]
 
 
+def guard_drops(lab) -> int:
+    """Packets the fragment guards of the node's container veths dropped (their
+    counters go with the veth: read them before a DEL)."""
+    from runtime.kernel import fragment_guard
+    from runtime.kernel.netns import in_netns
+
+    def count() -> int:
+        found = (fragment_guard.dropped(index) for index, _ in socket.if_nameindex())
+        return sum(d.packets for d in found if d is not None)
+    return in_netns(lab.ns_path(lab.node), count)
+
+
 def drop_counters(lab) -> dict[str, int]:
-    """Packets counted by sockgate's "drop:<reason>" rules in the node, per reason."""
+    """Packets counted by sockgate's "drop:<reason>" rules in the node, per reason, and
+    by its fragment guards ("fragment")."""
     listing = json.loads(lab.run(lab.node, ["nft", "-j", "list", "table", "inet", "sockgate"]).stdout)
     out: dict[str, int] = {}
     for item in listing["nftables"]:
@@ -496,6 +549,7 @@ def drop_counters(lab) -> dict[str, int]:
             if "counter" in e:
                 reason = rule["comment"][5:]
                 out[reason] = out.get(reason, 0) + e["counter"]["packets"]
+    out["fragment"] = out.get("fragment", 0) + guard_drops(lab)
     return out
 
 
@@ -547,7 +601,7 @@ def main(args: list[str]) -> int:
         if mode == "send":
             res = send_all([bytes.fromhex(h) for h in spec.get("l3", [])],
                            [(name, bytes.fromhex(h)) for name, h in spec.get("l2", [])], spec.get("ifname", "eth0"),
-                           int(spec.get("repeat", 1)), float(spec.get("pps", 0)))
+                           int(spec.get("repeat", 1)), float(spec.get("pps", 0)), bool(spec.get("ring")))
         else:
             res = flows(spec)
         print(json.dumps(res))
