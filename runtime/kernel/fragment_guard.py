@@ -118,22 +118,26 @@ def _load() -> int:
         os.close(counters)     # the program holds the map
 
 
-def attach(ifindex: int) -> None:
+def attach(ifindex: int, method: str = "auto") -> None:
     """Guard the interface `ifindex` of the caller's netns (a container's new veth,
-    before it comes up)."""
+    before it comes up). method: "auto" (tcx where the kernel has it, else clsact),
+    "tcx" or "clsact" (the tests use those to try each path on one kernel)."""
     try:
         fd = _load()
     except bpf.BpfError as exc:
         raise GuardError(exc.errno, f"loading the fragment guard: {exc.strerror}") from None
     try:
+        if method == "clsact":
+            _clsact_attach(ifindex, fd)
+            return
         try:
             bpf.tcx_attach(ifindex, fd)
         except bpf.BpfError as exc:
             # EINVAL: a kernel before 6.6, which doesn't know the tcx attach type.
-            if exc.errno != errno.EINVAL:
+            if exc.errno != errno.EINVAL or method == "tcx":
                 raise
             _clsact_attach(ifindex, fd)
-    except (bpf.BpfError, OSError) as exc:
+    except OSError as exc:
         raise GuardError(exc.errno, f"attaching the fragment guard to interface {ifindex}: {exc.strerror}") from None
     finally:
         os.close(fd)
@@ -176,7 +180,9 @@ def _guard_ids(ifindex: int) -> list[int]:
             return []
         if exc.errno != errno.EINVAL:
             raise
-        ids = _clsact_programs(ifindex)
+        ids = []
+    # A clsact filter also where tcx exists: a guard attached before a kernel upgrade.
+    ids += _clsact_programs(ifindex)
     out = []
     for prog_id in ids:
         try:
@@ -236,11 +242,19 @@ def dropped_on(ifname: str) -> Dropped | None:
 
 
 def remove(ifindex: int) -> None:
-    """Take the guard off (bench-dataplane's baseline; the product never does: the
-    guard goes with the veth)."""
+    """Take the guard off (bench-dataplane's baseline, the tests; the product never
+    does: the guard goes with the veth)."""
+    clsact = set(_clsact_programs(ifindex))
     for prog_id in _guard_ids(ifindex):
+        if prog_id in clsact:
+            continue
         fd = bpf.prog_fd(prog_id)
         try:
             bpf.tcx_detach(ifindex, fd)
         finally:
             os.close(fd)
+    if clsact:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            ipr.tc("del", "clsact", index=ifindex)

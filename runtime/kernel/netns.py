@@ -482,6 +482,14 @@ def mark_container_links(indexes: list[int]) -> None:
             raise _kernel("set interface group", exc) from None
 
 
+def fragment_guarded(ifname: str) -> bool:
+    """Whether the node-side veth `ifname` carries its fragment guard."""
+    try:
+        return fragment_guard.guarded(socket.if_nametoindex(ifname))
+    except OSError:
+        return False
+
+
 def guard_fragments(indexes: list[int]) -> list[int]:
     """Attach the fragment guard to those node-side veths of `indexes` that lack it
     (veths created before sockgate guarded them at creation, whose fragments the
@@ -595,4 +603,5 @@ class NetlinkLinks:
     host_routes = staticmethod(host_routes)
     mark_container_links = staticmethod(mark_container_links)
     guard_fragments = staticmethod(guard_fragments)
+    fragment_guarded = staticmethod(fragment_guarded)
     stop_neighbour_resolution = staticmethod(stop_neighbour_resolution)

@@ -307,6 +307,10 @@ class FakeLinks:
         self.faults.hit("links.guard_fragments")
         return []
 
+    def fragment_guarded(self, ifname: str) -> bool:
+        self.faults.hit("links.fragment_guarded")
+        return True
+
     def stop_neighbour_resolution(self, host: rtnl.Link, netns_path: str, ipv4: str, ipv6: str) -> bool:
         self.faults.hit("links.stop_neighbour_resolution")
         for link in self.netns[NODE_NETNS].values():
