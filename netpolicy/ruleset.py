@@ -57,10 +57,6 @@ BOUND_SETS = ("flow_count", "flow_rate", "event_rate")
 # node-side veth: what tells the rules "from a container" without a lookup. 0x5347 is
 # "SG"; links are in group 0 unless an operator says otherwise.
 CONTAINER_IFGROUP = 0x5347
-# Fragments are dropped on each container's veth, before the node sees them
-# (runtime/kernel/fragment_guard.py); a reload removes the base chain that dropped them
-# at prerouting before, whose hook every packet of the node paid.
-LEGACY_CHAINS = {"fragments": "type filter hook prerouting priority -450; policy accept;"}
 # What sockgate 2026-11-25 keyed by veth name; a reload removes them.
 LEGACY_SETS = {
     "saddr4": "typeof iifname . ip saddr",
@@ -153,6 +149,23 @@ def event_chains(rate: EventRate) -> dict[str, list[str]]:
 # Blocked attempts must fail at once (a reset or an ICMP error), not after a timeout.
 _REJECT = ["meta l4proto tcp reject with tcp reset", "reject with icmpx admin-prohibited"]
 
+# The `fragments` chain's tests are raw loads of the network header (@nh,OFFSET,BITS)
+# because every packet of the node runs them: nft evaluates a 1-, 2- or 4-byte load, a
+# 32-bit mask and a compare inline, where `ip frag-off` brings a `meta nfproto` (a
+# function call), a 16-bit mask another (nft_bitwise_eval) and `ip6 nexthdr != {..}` a
+# set lookup (three). With retpolines and SRSO's safe RET every call on the packet
+# path is dear: raw loads took the chain from 1.9 to 1.25 % of a 64-byte UDP v4
+# packet's forwarding, 2.7 to 1.9 % for v6 (bench-dataplane --profile, README
+# "Status"). The version nibble picks the family (ip_rcv/ipv6_rcv drop packets whose
+# nibble doesn't match the hook's family, so it is exact). An IPv4 packet is a
+# fragment unless its flags+offset are 0 or DF alone (0x4000); a packet with the
+# reserved flag set is dropped too, which no sender needs.
+_IS_V4 = "@nh,0,32 & 0xf0000000 == 0x40000000"
+_IS_V6 = "@nh,0,32 & 0xf0000000 == 0x60000000"
+_V4_FRAGMENT = f"{_IS_V4} @nh,48,16 != 0x4000 @nh,48,16 != 0"
+# Next header other than TCP (6), UDP (17), ICMPv6 (58): an extension header (see below).
+_V6_EXTENSION = f"{_IS_V6} @nh,48,8 != 6 @nh,48,8 != 17 @nh,48,8 != 58"
+
 BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
     # hook chains: (declaration, rules)
     "forward": ("type filter hook forward priority filter; policy accept;", [
@@ -176,6 +189,21 @@ BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
         f"meta iifgroup != {CONTAINER_IFGROUP:#x} ct state established,related meta oif @rx accept",
         "iifname @ifaces jump from_container",
         "oifname @ifaces jump to_container",
+    ]),
+    # Before conntrack reassembles fragments (defrag runs at -400): a container's IP
+    # fragments never reach the node's reassembly memory, which is one pool for the
+    # whole netns (4 MiB by default): unfinished fragments from one container would
+    # otherwise starve every other container's reassembly, and a datagram sent in tiny
+    # fragments would be billed once, as the reassembled packet, while many more bytes
+    # leave the node. A container's kernel fragments only UDP datagrams larger than the
+    # path MTU; those are lost (README: "Threat model"). Every packet pays this hook
+    # (README "Status"), so the cheap tests come first and the veth's group last.
+    "fragments": ("type filter hook prerouting priority -450; policy accept;", [
+        dropped(f"{_V4_FRAGMENT} meta iifgroup {CONTAINER_IFGROUP:#x}", "fragment", "drop"),
+        # A fragment header may hide behind other extension headers, and walking them
+        # (`exthdr frag exists`) costs more than this: a container's packet carries no
+        # extension header at all (TCP, UDP, ICMPv6 only; C3).
+        dropped(f"{_V6_EXTENSION} meta iifgroup {CONTAINER_IFGROUP:#x}", "fragment", "drop"),
     ]),
     "input": ("type filter hook input priority filter; policy accept;", [
         "iifname @ifaces jump container_to_node",
@@ -402,8 +430,6 @@ def _render(policy: EgressPolicy, rev: str) -> str:
     # delete succeed whether or not the set was there.)
     for name, decl in LEGACY_SETS.items():
         lines += [f"add set {t} {name} {{ {decl}; }}", f"delete set {t} {name}"]
-    for name, decl in LEGACY_CHAINS.items():
-        lines += [f"add chain {t} {name} {{ {decl} }}", f"flush chain {t} {name}", f"delete chain {t} {name}"]
     return "\n".join(lines) + "\n"
 
 

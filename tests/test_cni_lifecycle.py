@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -75,7 +74,7 @@ def test_second_add_for_same_container_and_ifname_is_refused(plugin, app):
     assert second["ips"][0]["address"] != first["ips"][0]["address"]
 
 
-@pytest.mark.parametrize("damage", ["route", "address", "element", "host-link", "fragment-guard"])
+@pytest.mark.parametrize("damage", ["route", "address", "element", "host-link"])
 def test_check_detects_damage(plugin, app, damage):
     ns = app()
     res = plugin.add("chk", ns)
@@ -88,17 +87,11 @@ def test_check_detects_damage(plugin, app, damage):
         in_ns(ns, "ip", "addr", "del", f"{v4}/32", "dev", "eth0")
     elif damage == "element":
         in_ns(node, "nft", "delete", "element", "inet", "sockgate", "tx4", "{", f"\"{host}\" . {v4}", "}")
-    elif damage == "fragment-guard":
-        from runtime.kernel import fragment_guard
-        from runtime.kernel.netns import in_netns
-        in_netns(node, lambda: fragment_guard.remove(socket.if_nametoindex(host)))
     else:
         in_ns(node, "ip", "link", "del", host)
     call = plugin("CHECK", "chk", ns)
     assert call.rc != 0 and call.code == 103, call.stdout
     assert call.json["details"]
-    if damage == "fragment-guard":
-        assert call.json["details"] == f"fragment guard missing on {host}"
 
 
 def test_check_of_unknown_container_fails(plugin, app):

@@ -14,9 +14,7 @@ import json
 import math
 import os
 import select
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -446,7 +444,7 @@ def _flood(family: str, attacker: Tenant, victim: Tenant, a: Addrs, count: int) 
     of a datagram whose other fragments never come; from the attacker's own address and
     forged ones (the victim's, the far end's, one on the node's uplink), to an allowed
     destination, blocked ones, the node and the victim; v4 every other one with DF set as
-    well (the guard tests flags+offset against DF alone), v6 also behind
+    well (the fragments rule tests flags+offset against DF alone), v6 also behind
     extension headers."""
     sources = [attacker.ip(family), victim.ip(family), a.public, a.uplink_forged]
     dests = [a.public, a.internal, a.google, a.node, victim.ip(family)]
@@ -491,8 +489,7 @@ def test_fragment_flood_leaves_others_big_replies_working(lab, tenant, far, tmp_
     drops = atk.delta(before, atk.drop_counters(lab))
     assert sent == {"sent": len(packets), "errors": {}}, sent
     assert all(during["tries"]) and all(after["tries"]), (during, after)
-    # Each fragment was dropped by the attacker's fragment guard, which counted it,
-    # before the node's reassembly.
+    # Each fragment was dropped by the rule that counted it, before conntrack's reassembly.
     assert drops.get("fragment") == len(packets), drops
     assert far.counters()["fragments"] == far_before["fragments"], "a fragment left the node"
     if family == "v4":
@@ -515,10 +512,10 @@ def test_fragment_flood_leaves_others_big_replies_working(lab, tenant, far, tmp_
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fragments_with_their_headers_outside_the_linear_part_are_dropped(lab, tenant, far, family):
     """A packet socket's TX ring hands the kernel frames whose IP header is not in the
-    skb's linear part (only the Ethernet header is): a guard that read skb->data alone
-    would let these fragments of a whole datagram through, to be reassembled by the
-    node (tried by hand against such a guard: the node got the datagram). The guard
-    pulls the header in and drops them all."""
+    skb's linear part (only the Ethernet header is): a check that read the linear part
+    alone would let these fragments of a whole datagram through, to be reassembled by
+    the node (tried by hand with a BPF classifier on the veth that did: the node got the
+    datagram). The `fragments` chain's raw loads copy the header out wherever it lies."""
     a = addrs(family)
     app = tenant("ringer")
     l4 = atk.udp(app.ip(family), a.public, 40000, BIG_PORT, b"R" * 2800)
@@ -534,40 +531,6 @@ def test_fragments_with_their_headers_outside_the_linear_part_are_dropped(lab, t
     assert atk.send(lab, app.ns, l2=frames) == {"sent": len(frames), "errors": {}}
     time.sleep(0.3)
     assert atk.delta(before, atk.drop_counters(lab)).get("fragment") == 2 * len(frames)
-
-
-def test_a_reload_guards_the_veths_of_an_earlier_version_and_removes_its_prerouting_chain(lab, plugin, tenant, far):
-    """What an upgrade meets: veths made before the fragment guard existed, and the
-    table's `fragments` chain at prerouting that dropped their fragments then. The
-    reload the new rules bring guards every attached veth before it removes that chain
-    (restore.ready_endpoints), and fragments are dropped again, by the guard."""
-    from runtime.kernel import fragment_guard
-    from runtime.kernel.netns import in_netns
-
-    app = tenant("old")
-    node = lab.ns_path(lab.node)
-    index = in_netns(node, lambda: socket.if_nametoindex(app.host_if))
-    in_netns(node, lambda: fragment_guard.remove(index))
-    assert not in_netns(node, lambda: fragment_guard.guarded(index))
-    lab.run(lab.node, ["nft", "-f", "-"], input=(
-        "add chain inet sockgate fragments { type filter hook prerouting priority -450; policy accept; }\n"
-        "add rule inet sockgate fragments meta iifgroup 0x5347 ip frag-off & 0x3fff != 0 counter drop\n"
-        # No revision stamp (the forward chain's first rule): the table of other rules,
-        # which the next check reloads.
-        "flush chain inet sockgate forward\n"))
-    c = plugin.conf
-    lab.run(lab.node, [sys.executable, "-m", "runtime.cli.main", "policy", "apply", "--policy", c["policyFile"],
-                       "--state-dir", c["stateDir"]], timeout=60)
-    assert in_netns(node, lambda: fragment_guard.guarded(index))
-    table = lab.run(lab.node, ["nft", "list", "table", "inet", "sockgate"]).stdout
-    assert "chain fragments" not in table and "hook prerouting" not in table
-    before, far_before = atk.drop_counters(lab), far.counters()
-    pieces = atk.fragments(app.v4, LAB.public_v4, atk.IPPROTO_UDP,
-                           atk.udp(app.v4, LAB.public_v4, 40000, BIG_PORT, b"U" * 2800), 1400, 0x0DD)
-    assert atk.send(lab, app.ns, pieces)["sent"] == len(pieces)
-    time.sleep(0.3)
-    assert atk.delta(before, atk.drop_counters(lab)).get("fragment") == len(pieces)
-    assert far.counters()["fragments"] == far_before["fragments"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -588,8 +551,6 @@ def test_fragmented_send_bills_what_arrived(lab, plugin, tenant, far, family):
                             atk.udp(app.ip(family), dst, 40001, 9000, os.urandom(1000)), 64, 77)
     assert atk.send(lab, app.ns, by_hand)["sent"] == len(by_hand)
     time.sleep(0.3)
-    # Before the DEL: the guard's counters go with the veth.
-    fragment_drops = atk.delta(before, atk.drop_counters(lab)).get("fragment")
     plugin.delete(app.cid, app.ns)  # the final record
     recs = [r for r in Ledger(plugin.state_dir / "billing").records() if r["container_id"] == app.cid]
     assert recs and recs[-1]["final"], recs
@@ -600,7 +561,7 @@ def test_fragmented_send_bills_what_arrived(lab, plugin, tenant, far, family):
     assert received[0] > 0
     assert counters["fragments"] == far_before["fragments"], "a fragment left the node"
     kernel_pieces = 3  # 4008 bytes of UDP on a 1500-byte path
-    assert fragment_drops == kernel_pieces + len(by_hand)
+    assert atk.delta(before, atk.drop_counters(lab)).get("fragment") == kernel_pieces + len(by_hand)
 
 
 # --- d) neighbour tables ----------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -138,23 +137,8 @@ def test_doctor_on_a_healthy_lab_node(plugin, agent, app, lab):
     assert cp.returncode == 0, cp.stdout + cp.stderr
     assert "checks passed" in cp.stdout
     rc, checks = doctor(lab, plugin)
-    assert rc == 0 and len(checks) == 11
-    assert checks["fragment-guard"]["detail"] == "1 container veths guarded"
+    assert rc == 0 and len(checks) == 10
     assert "1 attachments' network namespaces open here" in checks["netns-pins"]["detail"]
-
-
-def test_doctor_finds_a_veth_without_its_fragment_guard(plugin, agent, app, lab):
-    from runtime.kernel import fragment_guard
-    from runtime.kernel.netns import in_netns
-
-    plugin.add("bare", app())
-    name = host_ifname(plugin.conf["name"], "bare", "eth0")
-    node = lab.ns_path(lab.node)
-    in_netns(node, lambda: fragment_guard.remove(socket.if_nametoindex(name)))
-    rc, checks = doctor(lab, plugin)
-    assert rc == 1 and failed(checks) == {"fragment-guard"}
-    assert f"1 of 1 container veths have no fragment guard: {name}" in checks["fragment-guard"]["detail"]
-    assert "sockgate policy apply" in checks["fragment-guard"]["fix"]
 
 
 def test_doctor_finds_forwarding_off(plugin, agent, app, lab):

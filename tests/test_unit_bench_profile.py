@@ -54,18 +54,3 @@ def test_counts_sockgates_prerouting_chain_but_not_conntracks_hooks():
     text = "\n".join([IN_HOOK, IN_PREROUTING_CHAIN, OTHER_HOOK, IN_PREROUTING_CHAIN.replace(" ip_rcv", " ipv6_rcv")])
     got = forward_hook_share(text)
     assert (got.samples, got.in_hook, got.in_prerouting) == (4, 3, 2)
-
-
-# The fragment guard: its JIT image under the veth's receive path.
-IN_GUARD = """\
-\tffffffffc0001234 bpf_prog_6f6c1e1ab1e5a6c0_sg_fragments
-\tffffffff81e6651d __netif_receive_skb_core
-\tffffffff81e6651d __netif_receive_skb_one_core
-"""
-# Another program's JIT image is not the guard.
-OTHER_BPF = IN_GUARD.replace("_sg_fragments", "_other")
-
-
-def test_counts_the_fragment_guard_apart():
-    got = forward_hook_share("\n".join([IN_HOOK, IN_GUARD, OTHER_BPF, IN_GUARD]))
-    assert (got.samples, got.in_hook, got.in_guard, got.in_prerouting) == (4, 3, 2, 0)

@@ -129,14 +129,3 @@ def test_the_readme_table_names_every_exported_metric(tmp_path):
     families, _ = render(tmp_path, {})
     exposed = {name + ("_total" if f.type == "counter" else ""): f.type for name, f in families.items()}
     assert {n: t for n, t in rows.items() if n not in PENDING or n in exposed} == exposed
-
-
-def test_fragment_drops_stay_a_counter_when_veths_go_or_come_back():
-    from runtime.agent.metrics import FragmentDrops
-
-    total = FragmentDrops()
-    assert total.update({"a": 3, "b": 5}) == 8
-    assert total.update({"a": 4, "b": 5}) == 9
-    assert total.update({"a": 4}) == 9              # b's veth deleted: its 5 stay counted
-    assert total.update({"a": 1}) == 10             # a made again under its name: a new count
-    assert total.update({}) == 10

@@ -124,19 +124,15 @@ def test_flow_bounds_count_first_packets_rate_before_policy_count_after():
     assert count < accept
 
 
-def test_no_hook_before_conntrack_and_the_old_fragments_chain_goes():
-    """Fragments are dropped on each veth (runtime/kernel/fragment_guard.py), so no
-    chain of the table runs for every packet of the node at prerouting; a reload of a
-    table that has the earlier `fragments` chain empties and deletes it (declared
-    first, so the delete works whether or not it is there)."""
+def test_fragments_from_containers_are_dropped_before_reassembly():
     text = render_table()
-    lines = text.splitlines()
-    hooks = [line for line in lines if line.startswith("add chain") and " hook " in line]
-    assert [line for line in hooks if "prerouting" in line] == [legacy_decl := (
-        "add chain inet sockgate fragments { type filter hook prerouting priority -450; policy accept; }")]
-    i = lines.index(legacy_decl)
-    assert lines[i + 1:i + 3] == ["flush chain inet sockgate fragments", "delete chain inet sockgate fragments"]
-    assert not any(" fragments " in line for line in lines[:i])
+    assert "add chain inet sockgate fragments { type filter hook prerouting priority -450; policy accept; }" in text
+    rules = _chain("fragments", text)
+    # Raw loads (see ruleset): version nibble, then IPv4 flags+offset / IPv6 next header.
+    assert rules == ['@nh,0,32 & 0xf0000000 == 0x40000000 @nh,48,16 != 0x4000 @nh,48,16 != 0 '
+                     'meta iifgroup 0x5347 counter drop comment "drop:fragment"',
+                     '@nh,0,32 & 0xf0000000 == 0x60000000 @nh,48,8 != 6 @nh,48,8 != 17 @nh,48,8 != 58 '
+                     'meta iifgroup 0x5347 counter drop comment "drop:fragment"']
 
 
 def test_no_neighbour_discovery_from_containers_and_no_refusal_to_a_forged_source():

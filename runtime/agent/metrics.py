@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Protocol
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from runtime.kernel import fragment_guard, nft
+from runtime.kernel import nft
 from runtime.state import store
 from runtime.version import version
 
@@ -42,24 +42,6 @@ class EventCounts(Protocol):
     def dropped(self) -> int: ...
 
 
-class FragmentDrops:
-    """The node's total of packets dropped by fragment guards, kept a counter across
-    containers: a guard's own count goes with its veth, so the last count seen of each
-    veth is kept once it is gone (or restarts, a veth of the same name made again).
-    Drops between a veth's last scrape and its deletion are not seen."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, int] = {}
-        self._gone = 0
-
-    def update(self, current: dict[str, int]) -> int:
-        for name, last in self._last.items():
-            if current.get(name, 0) < last:
-                self._gone += last
-        self._last = dict(current)
-        return self._gone + sum(current.values())
-
-
 class SockgateCollector:
     def __init__(self, state_dir: str, reclaims: Callable[[], dict[tuple[str, str, str], int]] | None = None,
                  events: EventCounts | None = None):
@@ -69,7 +51,6 @@ class SockgateCollector:
         # A reclaim counter's pod labels, as first seen: its container may be detached
         # by the next scrape, and a series whose labels changed would be a new series.
         self._reclaim_labels: dict[tuple[str, str, str], list[str]] = {}
-        self._fragments = FragmentDrops()
 
     def collect(self) -> Iterator[Metric]:
         atts = store.attachments(self.state_dir).records
@@ -82,11 +63,6 @@ class SockgateCollector:
                 ("tx_packets", "IP packets a container sent out of the node"),
                 ("rx_bytes", "IP bytes delivered to a container"),
                 ("rx_packets", "IP packets delivered to a container"))}
-        fragments = CounterMetricFamily(
-            "sockgate_fragments_dropped_total",
-            "IP fragments (and IPv6 packets with extension headers) a container sent, dropped by its "
-            "veth's fragment guard", labels=_ATT_LABELS)
-        guarded: dict[str, int] = {}
         pod_labels = {}
         for att in atts:
             pods = [att.labels.get(name, "") for name in _POD_LABELS]
@@ -95,18 +71,11 @@ class SockgateCollector:
             c = counted.get(att.host_ifname)
             for name in nft.COUNTER_FIELDS:
                 families[name].add_metric(labels, getattr(c, name) if c else 0)
-            dropped = fragment_guard.dropped_on(att.host_ifname)
-            if dropped is not None:
-                guarded[att.host_ifname] = dropped.packets
-            fragments.add_metric(labels, dropped.packets if dropped else 0)
         yield from families.values()
-        yield fragments
         drops = CounterMetricFamily("sockgate_policy_drops_total", "Packets refused or dropped, by reason",
                                     labels=["reason"])
-        by_reason = {reason: count.packets for reason, count in nft.drop_counters().items()}
-        by_reason["fragment"] = by_reason.get("fragment", 0) + self._fragments.update(guarded)
-        for reason, packets in sorted(by_reason.items()):
-            drops.add_metric([reason], packets)
+        for reason, count in sorted(nft.drop_counters().items()):
+            drops.add_metric([reason], count.packets)
         yield drops
         reclaims = CounterMetricFamily("sockgate_reclaims_total", "Idle flows reclaimed (their sockets aborted)",
                                        labels=_ATT_LABELS)

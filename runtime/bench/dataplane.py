@@ -29,7 +29,7 @@ from runtime.core import policy as runtime_policy
 from runtime.core.attach import AttachRequest, attach
 from runtime.core.netconf import parse_netconf
 from runtime.core.node import Node
-from runtime.kernel import fragment_guard, netns, nft
+from runtime.kernel import netns, nft
 from runtime.lab import LAB, Lab
 from runtime.lab.builder import PROJECT_ROOT
 from runtime.state.store import host_ifname
@@ -263,15 +263,6 @@ class Bench:
                 lines += [f"add rule {t} forward {rule}" for rule in custom]
         return "".join(line + "\n" for line in lines)
 
-    def _guard(self, on: bool) -> None:
-        """The measured veth's fragment guard (attached at ADD) on or off; called in
-        the node netns. The baseline is the path without sockgate, so without it."""
-        index = self.endpoints[0].host_ifindex
-        if not on:
-            fragment_guard.remove(index)
-        elif not fragment_guard.guarded(index):
-            fragment_guard.attach(index)
-
     def switch(self, config: str, verify: bool = False) -> None:
         """Put `config` in force in the node netns, in one transaction: a masquerade
         hook is registered at every moment, so the measured flow's NAT binding
@@ -284,7 +275,6 @@ class Bench:
         if config == BASELINE:
             def baseline() -> list[str]:
                 nft.run(BASELINE_SCRIPT + self._hook_chains(on=False))
-                self._guard(on=False)
                 return _hooked_chains() if verify else []
             hooked_base = self.in_node(baseline)
             if verify and hooked_base != [f"{FAMILY} {BASE_TABLE} post"]:
@@ -305,7 +295,6 @@ class Bench:
                 else:
                     desc = self.policy_desc
                     nft.run(self._hook_chains(on=True) + f"delete table {FAMILY} {BASE_TABLE}\n")
-                self._guard(on=True)
                 if not verify:
                     return desc, {}, [], {}
                 return desc, {s: _set_size(s) for s in PER_CONTAINER_SETS}, _hooked_chains(), _table_stats()
@@ -419,7 +408,7 @@ class Bench:
             proc.kill()
             proc.wait()
         return {"cpu": cpus[0], "seconds": PROFILE_S, "samples": got.samples, "in_hooks": got.in_hook,
-                "in_prerouting_chain": got.in_prerouting, "in_fragment_guard": got.in_guard,
+                "in_prerouting_chain": got.in_prerouting,
                 "hook_share": got.share, "cpu_busy": got.busy, "expected_ratio": 1 - got.share}
 
     def _label(self, test: Test, d: dict, windows: list[Window]) -> list[Sample]:
@@ -550,13 +539,10 @@ def print_report(rep: dict[str, Any], tests: list[Test], samples: list[Sample]) 
     for t in tests:
         pr = rep["profiles"].get(t.key)
         if pr:
-            n = pr["samples"] or 1
-            guard, pre = pr["in_fragment_guard"] / n, pr["in_prerouting_chain"] / n
-            before = f", an nft chain at prerouting {100 * pre:.2f} %" if pre else ""
+            pre = pr["in_prerouting_chain"] / pr["samples"] if pr["samples"] else 0.0
             print(f"  {t.label:<24} profile: sockgate's hooks took {100 * pr['hook_share']:.2f} % of CPU "
                   f"{pr['cpu']}'s samples ({pr['samples']}, CPU busy {100 * pr['cpu_busy']:.0f} %; the "
-                  f"fragment guard {100 * guard:.2f} %{before}) under {SOCKGATE}: "
-                  f"expected ratio {pr['expected_ratio']:.3f}")
+                  f"prerouting chain {100 * pre:.2f} %) under {SOCKGATE}: expected ratio {pr['expected_ratio']:.3f}")
     unsure = [rep["ratios"][t.key]["metric"] for t in tests if rep["ratios"][t.key]["uncertain"]]
     if unsure:
         print(f"  note: the middle half of the paired ratios of {', '.join(unsure)} straddles the target, so "
@@ -666,10 +652,8 @@ throughput and UDP packet rate (64-byte datagrams) from one container to the lab
 internet, in two configurations of the same namespaces, veths, routes and NAT:
 
   A baseline  sockgate's table on no hook (its hook chains deleted, so no packet
-              runs any of its rules) and the measured veth without its fragment
-              guard; a one-rule table `inet {BASE_TABLE}` masquerades
-  B sockgate  the sockgate table with the full policy and --containers attached,
-              the fragment guard on the measured veth
+              runs any of its rules); a one-rule table `inet {BASE_TABLE}` masquerades
+  B sockgate  the sockgate table with the full policy and --containers attached
 
 One iperf3 run per metric; the configuration alternates every --segment seconds
 while it runs (a switch adds or deletes the hook chains in one transaction),

@@ -14,11 +14,6 @@ FORWARD_CALLERS = ("ip_forward", "ip6_forward")
 PREROUTING_CALLERS = ("ip_rcv", "ipv6_rcv")
 HOOK = "nf_hook_slow"
 NFT_INET = "nft_do_chain_inet"
-# The fragment guard on the container's veth (runtime/kernel/fragment_guard.py): its
-# JIT image is named bpf_prog_<tag>_<name> in kallsyms (net.core.bpf_jit_kallsyms=1,
-# set by `record`), and tcx's own functions, where the kernel didn't inline them.
-GUARD_SUFFIX = "_sg_fragments"
-TCX_FRAMES = ("tcx_run", "sch_handle_ingress")
 # A sample whose stack holds one of these is the CPU idling.
 IDLE_FRAMES = ("do_idle", "cpu_idle_poll", "default_idle_call")
 
@@ -30,10 +25,9 @@ class ProfileError(Exception):
 @dataclass(frozen=True)
 class HookShare:
     samples: int        # all samples of the CPU
-    in_hook: int        # inside sockgate's hooks (forward, fragment guard, an nft chain at prerouting)
+    in_hook: int        # inside sockgate's hooks (forward, and prerouting's nft chain)
     idle: int           # the CPU idling
-    in_prerouting: int = 0  # of in_hook: an nft chain at prerouting (sockgate before the guard)
-    in_guard: int = 0       # of in_hook: the fragment guard
+    in_prerouting: int = 0  # of in_hook: the prerouting chain
 
     @property
     def share(self) -> float:
@@ -61,12 +55,8 @@ def _in_prerouting_chain(frames: list[str]) -> bool:
                for a, b, c in zip(frames, frames[1:], frames[2:]))
 
 
-def _in_guard(frames: list[str]) -> bool:
-    return any(f.endswith(GUARD_SUFFIX) or f in TCX_FRAMES for f in frames)
-
-
 def forward_hook_share(script_output: str) -> HookShare:
-    in_hook = in_pre = in_guard = idle = 0
+    in_hook = in_pre = idle = 0
     stacks = _stacks(script_output)
     for frames in stacks:
         if any(f in IDLE_FRAMES for f in frames):
@@ -76,10 +66,7 @@ def forward_hook_share(script_output: str) -> HookShare:
         elif _in_prerouting_chain(frames):
             in_hook += 1
             in_pre += 1
-        elif _in_guard(frames):
-            in_hook += 1
-            in_guard += 1
-    return HookShare(len(stacks), in_hook, idle, in_pre, in_guard)
+    return HookShare(len(stacks), in_hook, idle, in_pre)
 
 
 def available() -> bool:
@@ -88,18 +75,9 @@ def available() -> bool:
 
 def record(cpu: int, seconds: float, out: Path) -> HookShare:
     """Sample `cpu` (call graphs) for `seconds`; perf runs in the caller's netns but
-    samples the whole CPU, whichever netns its work is for. BPF JIT images get their
-    kallsyms names meanwhile (a host sysctl, put back after)."""
-    kallsyms = Path("/proc/sys/net/core/bpf_jit_kallsyms")
-    was = kallsyms.read_text().strip() if kallsyms.exists() else None
-    try:
-        if was is not None and was != "1":
-            kallsyms.write_text("1")
-        rec = subprocess.run(["perf", "record", "-q", "-C", str(cpu), "-g", "-o", str(out), "--",
-                              "sleep", str(seconds)], capture_output=True, text=True)
-    finally:
-        if was is not None and was != "1":
-            kallsyms.write_text(was)
+    samples the whole CPU, whichever netns its work is for."""
+    rec = subprocess.run(["perf", "record", "-q", "-C", str(cpu), "-g", "-o", str(out), "--",
+                          "sleep", str(seconds)], capture_output=True, text=True)
     if rec.returncode != 0:
         raise ProfileError(f"perf record failed: {rec.stderr.strip()[-300:]}")
     script = subprocess.run(["perf", "script", "-i", str(out), "-F", "ip,sym"], capture_output=True, text=True)

@@ -318,25 +318,6 @@ def check_netns_pins(cfg: DoctorConfig) -> Check:
     return Check("netns-pins", True, f"{len(ready) - vanished} attachments' network namespaces open here{note}")
 
 
-def check_fragment_guard(cfg: DoctorConfig) -> Check:
-    """Every ready attachment's veth carries its fragment guard (attached at ADD; a
-    table reload attaches it to older veths): without it, the container's fragments
-    reach the node's reassembly and are billed as reassembled."""
-    from runtime.kernel import fragment_guard, netns
-    from runtime.state.store import READY, attachments
-    ready = [a for a in attachments(cfg.state_dir).records if a.state == READY]
-    links = netns.links([a.host_ifname for a in ready])
-    bare = sorted(name for name, link in links.items() if not fragment_guard.guarded(link.index))
-    if bare:
-        return Check("fragment-guard", False,
-                     f"{len(bare)} of {len(links)} container veths have no fragment guard: "
-                     f"{', '.join(bare[:3])}{' …' if len(bare) > 3 else ''}: their fragments reach the node",
-                     "reload the table (`sockgate policy apply`, or restart the agent): a reload guards every "
-                     "attached veth; if it fails, the agent's log says why (bpf(2) needs CAP_BPF or "
-                     "CAP_SYS_ADMIN)")
-    return Check("fragment-guard", True, f"{len(links)} container veths guarded")
-
-
 def check_agent(cfg: DoctorConfig) -> Check:
     from runtime.cli.status import probe_socket
     path = wire.agent_socket(cfg.run_dir)
@@ -362,7 +343,7 @@ def check_lab_namespaces(cfg: DoctorConfig) -> Check:
 
 CHECKS: tuple[Callable[[DoctorConfig], Check], ...] = (
     check_agent, check_table, check_forwarding, check_conntrack, check_conntrack_max, check_docker_forward,
-    check_iptables_legacy, check_ranges, check_netns_pins, check_fragment_guard, check_lab_namespaces)
+    check_iptables_legacy, check_ranges, check_netns_pins, check_lab_namespaces)
 
 
 def run_checks(cfg: DoctorConfig) -> list[Check]:

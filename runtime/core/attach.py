@@ -213,8 +213,6 @@ def check(node: Node, conf: NetConf, container_id: str, ifname: str, netns_path:
         routes = node.links.host_routes(att.host_ifname)
         problems += [f"node route to {d} missing" for d in (f"{att.ipv4}/32", f"{att.ipv6}/128")
                      if d not in routes]
-        if not node.links.fragment_guarded(att.host_ifname):
-            problems.append(f"fragment guard missing on {att.host_ifname}")
     ep = _endpoint(att)
     problems += (["no addresses recorded"] if ep is None else
                  [f"nft element missing from set {s}" for s in node.table.endpoint_present(ep)])

@@ -38,9 +38,6 @@ def ready_endpoints(links: LinkBackend, state_dir: str) -> list[tuple[Endpoint, 
     # those that still resolve neighbours stop (the rules drop the container's ND).
     # (Only those not in it yet: a link change costs ~0.2 ms, 200 ms on a node of 1,000.)
     links.mark_container_links([link.index for link in found.values() if link.group != CONTAINER_IFGROUP])
-    # And the fragment guard, before this reload removes the prerouting chain that
-    # dropped their fragments until now (a query per veth: ~10 ms on a node of 1,000).
-    links.guard_fragments([link.index for link in found.values()])
     for att in ready:
         link = found.get(att.host_ifname)
         if link is not None and not link.flags & rtnl.IFF_NOARP:

@@ -22,7 +22,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from netpolicy.ruleset import CONTAINER_IFGROUP
 from runtime.errors import KERNEL_FAILURE, UNKNOWN_CONTAINER, SockgateError
-from runtime.kernel import fragment_guard
 from runtime.kernel.netlink import route as rtnl
 
 log = logging.getLogger(__name__)
@@ -248,14 +247,6 @@ def _create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int, mac: 
     finally:
         os.close(fd)
     assert isinstance(link, rtnl.Link)
-    # While the pair is still down: no packet of the container ever reaches the node
-    # unguarded.
-    try:
-        fragment_guard.attach(link.index)
-    except fragment_guard.GuardError as exc:
-        delete_link(host_ifname)
-        raise SockgateError(KERNEL_FAILURE, "cannot attach the fragment guard",
-                            f"{exc.strerror} (needs bpf(2): CAP_BPF or CAP_SYS_ADMIN, and CAP_NET_ADMIN)") from None
     return link.mac, link.index
 
 
@@ -482,31 +473,6 @@ def mark_container_links(indexes: list[int]) -> None:
             raise _kernel("set interface group", exc) from None
 
 
-def fragment_guarded(ifname: str) -> bool:
-    """Whether the node-side veth `ifname` carries its fragment guard."""
-    try:
-        return fragment_guard.guarded(socket.if_nametoindex(ifname))
-    except OSError:
-        return False
-
-
-def guard_fragments(indexes: list[int]) -> list[int]:
-    """Attach the fragment guard to those node-side veths of `indexes` that lack it
-    (veths created before sockgate guarded them at creation, whose fragments the
-    table's prerouting chain dropped until this reload). Returns the indexes guarded
-    now; a link gone meanwhile is skipped."""
-    done = []
-    for index in indexes:
-        try:
-            if not fragment_guard.guarded(index):
-                fragment_guard.attach(index)
-                done.append(index)
-        except OSError as exc:
-            if exc.errno != errno.ENODEV:
-                raise _kernel(f"guard interface {index} against fragments", exc) from None
-    return done
-
-
 def stop_neighbour_resolution(host: rtnl.Link, netns_path: str, ipv4: str, ipv6: str) -> bool:
     """Bring a veth made by an earlier sockgate (ARP and ND between its ends) to what
     create_veth makes now: permanent entries for the gateways in the container, NOARP
@@ -602,6 +568,4 @@ class NetlinkLinks:
     inspect_container = staticmethod(inspect_container)
     host_routes = staticmethod(host_routes)
     mark_container_links = staticmethod(mark_container_links)
-    guard_fragments = staticmethod(guard_fragments)
-    fragment_guarded = staticmethod(fragment_guarded)
     stop_neighbour_resolution = staticmethod(stop_neighbour_resolution)

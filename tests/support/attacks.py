@@ -524,21 +524,8 @@ def json_lines(path) -> list[dict]:
     return [json.loads(line) for line in open(path).read().splitlines() if line.startswith("{")]
 
 
-def guard_drops(lab) -> int:
-    """Packets the fragment guards of the node's container veths dropped (their
-    counters go with the veth: read them before a DEL)."""
-    from runtime.kernel import fragment_guard
-    from runtime.kernel.netns import in_netns
-
-    def count() -> int:
-        found = (fragment_guard.dropped(index) for index, _ in socket.if_nameindex())
-        return sum(d.packets for d in found if d is not None)
-    return in_netns(lab.ns_path(lab.node), count)
-
-
 def drop_counters(lab) -> dict[str, int]:
-    """Packets counted by sockgate's "drop:<reason>" rules in the node, per reason, and
-    by its fragment guards ("fragment")."""
+    """Packets counted by sockgate's "drop:<reason>" rules in the node, per reason."""
     listing = json.loads(lab.run(lab.node, ["nft", "-j", "list", "table", "inet", "sockgate"]).stdout)
     out: dict[str, int] = {}
     for item in listing["nftables"]:
@@ -549,7 +536,6 @@ def drop_counters(lab) -> dict[str, int]:
             if "counter" in e:
                 reason = rule["comment"][5:]
                 out[reason] = out.get(reason, 0) + e["counter"]["packets"]
-    out["fragment"] = out.get("fragment", 0) + guard_drops(lab)
     return out
 
 

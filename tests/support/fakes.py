@@ -302,15 +302,6 @@ class FakeLinks:
             if link.index in indexes:
                 link.group = CONTAINER_IFGROUP
 
-    def guard_fragments(self, indexes: list[int]) -> list[int]:
-        # The fake's veths are guarded from creation (a real create_veth attaches it).
-        self.faults.hit("links.guard_fragments")
-        return []
-
-    def fragment_guarded(self, ifname: str) -> bool:
-        self.faults.hit("links.fragment_guarded")
-        return True
-
     def stop_neighbour_resolution(self, host: rtnl.Link, netns_path: str, ipv4: str, ipv6: str) -> bool:
         self.faults.hit("links.stop_neighbour_resolution")
         for link in self.netns[NODE_NETNS].values():
