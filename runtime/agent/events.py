@@ -335,8 +335,7 @@ class EventsWatch:
         att = self.attachments.get(index) if index else None
         decided = self._refusals_now().decide(reason, pkt, self._pools_for(reason, pkt.destination))
         labels = att.labels if att else {}
-        pod = (f"{labels['pod_namespace']}/{labels['pod_name']}"
-               if labels.get("pod_namespace") and labels.get("pod_name") else None)
+        pod = att.pod if att else None
         key = (att.network if att else "", att.container_id if att else "", att.ifname if att else "",
                labels.get("pod_namespace", ""), labels.get("pod_name", ""), labels.get("container_name", ""), reason)
         with self._lock:

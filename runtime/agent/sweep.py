@@ -16,15 +16,10 @@ from runtime.core import attach
 from runtime.core.netconf import NetConf, parse_netconf
 from runtime.core.node import Node
 from runtime.errors import SockgateError
-from runtime.state.store import Attachment
+from runtime.state.store import Attachment, network_names
 
 log = logging.getLogger(__name__)
 DEFAULT_INTERVAL = 60.0
-
-
-def network_names(state_dir: str) -> list[str]:
-    root = Path(state_dir) / "networks"
-    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
 def network_conf(name: str, state_dir: str, run_dir: str, policy_file: str) -> NetConf:

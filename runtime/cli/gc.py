@@ -12,7 +12,7 @@ from pathlib import Path
 from runtime import textable
 from runtime.core.node import Node
 from runtime.errors import INVALID_CONFIG, SockgateError
-from runtime.state.store import READY, attachments
+from runtime.state.store import READY, attachments, network_names
 
 
 @dataclass
@@ -58,7 +58,7 @@ def _guard(node: Node, state_dir: str, network: str | None) -> None:
 def run_gc(state_dir: str, run_dir: str, policy_file: str, network: str | None = None,
            force: bool = False, node: Node | None = None) -> GcReport:
     from runtime.agent.sweep import sweep_all
-    if network is not None and not (Path(state_dir) / "networks" / network).is_dir():
+    if network is not None and network not in network_names(state_dir):
         raise SockgateError(INVALID_CONFIG, f"no network {network!r} on this node",
                             f"nothing under {Path(state_dir) / 'networks'}")
     node = node if node is not None else Node.open()
@@ -68,9 +68,7 @@ def run_gc(state_dir: str, run_dir: str, policy_file: str, network: str | None =
     for name, swept in sweep_all(node, state_dir, run_dir, policy_file, network=network, skip_docker=False).items():
         for gone in swept.removed:
             a = gone.att
-            pod = (f"{a.labels['pod_namespace']}/{a.labels['pod_name']}"
-                   if a.labels.get("pod_namespace") and a.labels.get("pod_name") else None)
-            report.removed.append(Removed(name, a.container_id, a.ifname, pod, a.labels.get("container_name"),
+            report.removed.append(Removed(name, a.container_id, a.ifname, a.pod, a.labels.get("container_name"),
                                           a.ipv4, a.ipv6, a.host_ifname, a.netns, gone.why))
         report.leases += [[name, cid, ifname] for cid, ifname in swept.leftovers.leases]
         report.torn_records += [str(p) for p in swept.leftovers.torn]

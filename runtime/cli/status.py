@@ -325,10 +325,7 @@ def attachment_rows(state_dir: str) -> tuple[list[AttachmentRow], list[str], lis
         problems.append(f"links not read: {exc}")
     rows = []
     for att in listing.records:
-        labels = att.labels
-        pod = (f"{labels['pod_namespace']}/{labels['pod_name']}"
-               if labels.get("pod_namespace") and labels.get("pod_name") else None)
-        row = AttachmentRow(att.network, att.container_id, att.ifname, pod, labels.get("container_name"),
+        row = AttachmentRow(att.network, att.container_id, att.ifname, att.pod, att.labels.get("container_name"),
                             att.state, att.ipv4, att.ipv6, att.host_ifname, att.netns, att.created,
                             None if present is None else att.host_ifname in present)
         c = counters.get(att.host_ifname)

@@ -58,6 +58,12 @@ class Attachment:
     def key(self) -> tuple[str, str]:
         return (self.container_id, self.ifname)
 
+    @property
+    def pod(self) -> str | None:
+        """"namespace/name" of a Kubernetes pod's attachment, else None."""
+        ns, name = self.labels.get("pod_namespace"), self.labels.get("pod_name")
+        return f"{ns}/{name}" if ns and name else None
+
 
 _FIELDS = {f.name for f in fields(Attachment)}
 
@@ -131,6 +137,11 @@ def _network_dirs(state_dir: str | os.PathLike[str], network: str | None) -> lis
     if network is not None:
         return [root / network]
     return sorted(root.iterdir()) if root.is_dir() else []
+
+
+def network_names(state_dir: str | os.PathLike[str]) -> list[str]:
+    """The networks with a directory under the state dir, by name."""
+    return [net.name for net in _network_dirs(state_dir, None) if net.is_dir()]
 
 
 def record_paths(state_dir: str | os.PathLike[str], network: str | None = None) -> list[Path]:
