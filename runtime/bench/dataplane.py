@@ -1,6 +1,7 @@
 """Data-plane benchmark: what sockgate's nft table costs a container's traffic.
 
     scripts/bench-dataplane [--duration 60] [--segment 2] [--containers 1000] [--ipv6] [--profile] [--json]
+    scripts/bench-dataplane --variants FILE [--rounds 5] [--ipv6] [--json]   (runtime/bench/variants.py)
 
 Exits 0 once it measured, whatever the ratio. Method (the A/B alternation, why,
 the containers): docs/benchmarks.md.
@@ -8,6 +9,7 @@ the containers): docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,10 +27,12 @@ from netpolicy.ruleset import FAMILY, TABLE, Endpoint
 from runtime import defaults, textable
 from runtime.bench import profile as perf_profile
 from runtime.bench import report
+from runtime.bench import variants as bench_variants
 from runtime.core import policy as runtime_policy
 from runtime.core.attach import AttachRequest, attach
 from runtime.core.netconf import parse_netconf
 from runtime.core.node import Node
+from runtime.errors import SockgateError
 from runtime.kernel import netns, nft
 from runtime.lab import LAB, Lab
 from runtime.lab.builder import PROJECT_ROOT
@@ -395,10 +399,28 @@ class Bench:
             raise BenchError(f"iperf3 {test.key}: {d['error']}")
         return self._label(test, d, windows), windows, self._totals(test, d)
 
+    def use_variant(self, variant: bench_variants.Variant) -> None:
+        """B with the variant's commands on top (--variants). B's hook chains are
+        deleted and re-rendered first, so nothing an earlier variant did to them stays;
+        what a variant adds elsewhere in the table (a set, a chain) does, and is gone
+        with the lab."""
+        self.switch(BASELINE)
+        self.switch(SOCKGATE)
+        if variant.commands:
+            try:
+                self.in_node(lambda: nft.run(variant.script))
+            except SockgateError as exc:
+                raise BenchError(f"variant {variant.name!r}: nft refused its commands: {exc}") from None
+            self.current = f"variant {variant.name}"
+
     def profile(self, test: Test) -> dict[str, Any]:
         """perf samples the sending CPU for PROFILE_S while the test's traffic runs
         under B (see runtime/bench/profile.py)."""
         self.switch(SOCKGATE)
+        return self.profile_as_is(test)
+
+    def profile_as_is(self, test: Test) -> dict[str, Any]:
+        """profile(), under whatever configuration is in force."""
         cpus = self.args.tcp_cpus if test.proto == "tcp" else self.args.udp_cpus
         proc = self.lab.popen(self.measured_ns, self.client_argv(test, seconds=int(WARMUP_S + PROFILE_S + 2)))
         try:
@@ -513,8 +535,8 @@ def print_report(rep: dict[str, Any], tests: list[Test], samples: list[Sample]) 
           f"{a['segment']} s during the run (a switch takes {rep['timings'].get('switch_mean_ms', 0):.0f} ms "
           f"on average); intervals overlapping a switch or the {SETTLE_S} s after it, and the first "
           f"{WARMUP_S:.0f} s, are dropped")
-    print(f"  TCP `-C cubic`, CPUs (client,server) {_pin(a['tcp_cpus'])}; "
-          f"UDP `-u -b 0 -l {UDP_LEN}`, CPUs {_pin(a['udp_cpus'])}")
+    print(f"  TCP `-C cubic`, CPUs (client,server) {report.pinning(a['tcp_cpus'])}; "
+          f"UDP `-u -b 0 -l {UDP_LEN}`, CPUs {report.pinning(a['udp_cpus'])}")
     print()
     head = ["config", "metric", "unit", "intervals", "median", "p25", "p75"]
     rows = []
@@ -551,10 +573,6 @@ def print_report(rep: dict[str, Any], tests: list[Test], samples: list[Sample]) 
           f"{rep['timings'].get('teardown_s', 0):.1f} s)")
 
 
-def _pin(cpus: tuple[int, int] | None) -> str:
-    return "unpinned" if cpus is None else f"{cpus[0]},{cpus[1]}"
-
-
 def _iperf_version() -> str:
     try:
         return subprocess.run(["iperf3", "--version"], capture_output=True, text=True).stdout.split("\n")[0].strip()
@@ -562,12 +580,10 @@ def _iperf_version() -> str:
         return "iperf3 missing"
 
 
-def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test], list[Sample]]:
-    t_start = time.monotonic()
-    tests = [Test(f"{p}{f}", p, f) for f in ((4, 6) if args.ipv6 else (4,)) for p in ("tcp", "udp")]
-    samples: list[Sample] = []
-    windows: dict[str, list[Window]] = {}
-    totals: dict[str, dict[str, Any]] = {}
+@contextlib.contextmanager
+def _ready_bench(args: argparse.Namespace) -> Iterator[Bench]:
+    """A lab with the containers attached, both configurations loaded and checked once,
+    and the iperf3 servers up; torn down on leaving, also on errors."""
     with tempfile.TemporaryDirectory(prefix="sockgate-bench-") as tmp:
         lab = Lab()
         with lab:
@@ -578,25 +594,39 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test], list[Samp
             bench.switch(SOCKGATE, verify=True)  # also adds the fillers' elements in --fill elements
             bench.switch(BASELINE, verify=True)
             bench.start_servers()
-            switches_before = bench.timings["switch_s"]
-            for i, t in enumerate(tests):
-                first = (BASELINE, SOCKGATE)[i % 2]
-                _progress(f"{t.label}: {args.duration} s, alternating every {args.segment} s ...")
-                got, windows[t.key], totals[t.key] = bench.measure(t, first)
-                samples += got
-                time.sleep(0.5)
-            profiles = {}
-            if args.profile:
-                for t in tests:
-                    _progress(f"{t.label}: perf on the sending CPU for {PROFILE_S:.0f} s under {SOCKGATE} ...")
-                    profiles[t.key] = bench.profile(t)
-            n_switches = sum(len(w) - 1 for w in windows.values()) + len(tests)
-            bench.timings["switch_mean_ms"] = 1000 * (bench.timings["switch_s"] - switches_before) / max(1, n_switches)
-            measured = bench.endpoints[0]
-            t_down = time.monotonic()
-        bench.timings["teardown_s"] = time.monotonic() - t_down
+            yield bench
+
+
+def _tests(args: argparse.Namespace) -> list[Test]:
+    return [Test(f"{p}{f}", p, f) for f in ((4, 6) if args.ipv6 else (4,)) for p in ("tcp", "udp")]
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test], list[Sample]]:
+    t_start = time.monotonic()
+    tests = _tests(args)
+    samples: list[Sample] = []
+    windows: dict[str, list[Window]] = {}
+    totals: dict[str, dict[str, Any]] = {}
+    with _ready_bench(args) as bench:
+        switches_before = bench.timings["switch_s"]
+        for i, t in enumerate(tests):
+            first = (BASELINE, SOCKGATE)[i % 2]
+            _progress(f"{t.label}: {args.duration} s, alternating every {args.segment} s ...")
+            got, windows[t.key], totals[t.key] = bench.measure(t, first)
+            samples += got
+            time.sleep(0.5)
+        profiles = {}
+        if args.profile:
+            for t in tests:
+                _progress(f"{t.label}: perf on the sending CPU for {PROFILE_S:.0f} s under {SOCKGATE} ...")
+                profiles[t.key] = bench.profile(t)
+        n_switches = sum(len(w) - 1 for w in windows.values()) + len(tests)
+        bench.timings["switch_mean_ms"] = 1000 * (bench.timings["switch_s"] - switches_before) / max(1, n_switches)
+        measured = bench.endpoints[0]
+        t_down = time.monotonic()
+    bench.timings["teardown_s"] = time.monotonic() - t_down
     rep: dict[str, Any] = {
-        **report.header("dataplane", lab.prefix),
+        **report.header("dataplane", bench.lab.prefix),
         "iperf3": _iperf_version(),
         "args": {"duration": args.duration, "segment": args.segment, "containers": args.containers,
                  "fill": args.fill, "ipv6": args.ipv6, "profile": args.profile,
@@ -622,6 +652,50 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test], list[Samp
     rep |= summarize(tests, samples)
     rep["seconds"] = time.monotonic() - t_start
     return rep, tests, samples
+
+
+def run_variants(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test]]:
+    """--variants: profiles of B as it is and of each variant, interleaved in rounds
+    (runtime/bench/variants.py); no iperf3 ratios."""
+    t_start = time.monotonic()
+    tests = _tests(args)
+    variants = {v.name: v for v in args.variants}
+    names = [bench_variants.AS_IS, *variants]
+
+    with _ready_bench(args) as bench:
+        def profile(test: Test, name: str) -> dict[str, Any]:
+            # B as it is takes the same steps as a variant (its hook chains deleted and
+            # re-rendered), so that what a switch leaves behind weighs on all alike.
+            _progress(f"{test.label}: {name} ...")
+            bench.use_variant(variants.get(name, bench_variants.Variant(name, ())))
+            return bench.profile_as_is(test)
+
+        for v in args.variants:  # a variant nft refuses fails now, not rounds later
+            bench.use_variant(v)
+        shares = bench_variants.run_rounds(tests, names, args.rounds, profile)
+        bench.switch(BASELINE)
+    rep: dict[str, Any] = {
+        **report.header("dataplane-variants", bench.lab.prefix),
+        "args": {"rounds": args.rounds, "containers": args.containers, "fill": args.fill, "ipv6": args.ipv6,
+                 "tcp_cpus": args.tcp_cpus, "udp_cpus": args.udp_cpus, "profile_s": PROFILE_S},
+        "policy": bench.policy_desc,
+        "variants": {v.name: list(v.commands) for v in args.variants},
+        "commands": {t.key: " ".join(bench.client_argv(t)) for t in tests},
+        "summary": bench_variants.summarize(shares),
+    }
+    rep["seconds"] = time.monotonic() - t_start
+    return rep, tests
+
+
+def _variants_file(path: str) -> list[bench_variants.Variant]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return bench_variants.parse_variants(text, path)
+    except bench_variants.VariantsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _cpu_pair(text: str) -> tuple[int, int]:
@@ -676,6 +750,22 @@ itself with timers, and on a path whose RTT is tens of microseconds its rate
 follows its RTT estimate rather than what forwarding costs: it measured half of
 CUBIC's throughput and swung with microsecond changes of the path.
 
+VARIANTS: --variants FILE tells apart costs that the A/B run can't (a change of a
+point is within its noise): it profiles B as it is ("sockgate") and B with each
+variant's nft commands applied on top, every variant once per round, --rounds
+rounds, and prints each one's median share of the sending CPU inside sockgate's
+hooks and its difference from B. A variant is a [name] line and the nft commands
+under it, one transaction; before each variant B's hook chains are re-rendered.
+Example, what the fragments chain costs and what a one-rule forward chain would:
+
+  [without-fragments]
+  delete chain inet sockgate fragments
+  [one-lookup]
+  flush chain inet sockgate forward
+  add rule inet sockgate forward meta iif . ip saddr @tx4 accept
+
+A variant with no commands is B again: its difference gauges the noise.
+
 Exit status: 0 once measured, whatever the ratios (it is a benchmark); 1 when it
 could not measure; 2 on bad usage. Progress goes to stderr, the report (or --json)
 to stdout. Takes about 4 minutes with the defaults on 2 CPUs (--profile: 20 s more).""")
@@ -706,6 +796,11 @@ to stdout. Takes about 4 minutes with the defaults on 2 CPUs (--profile: 20 s mo
                    help="an experiment: B's forward chain holds the rules in FILE (one per line, nft syntax, "
                         "# comments) instead of sockgate's, the rest of the table unchanged; with --profile "
                         "it shows what a rule costs (e.g. an empty file: the hook alone)")
+    p.add_argument("--variants", type=_variants_file, metavar="FILE",
+                   help="an experiment, instead of the A/B run: profile B as it is and B with each variant "
+                        "of FILE applied (see VARIANTS below), interleaved; needs perf and pinning")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="with --variants: profiles of each variant per metric (default %(default)s)")
     report.add_json_flag(p)
     return p
 
@@ -720,8 +815,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             parser.error("--profile samples the sending CPU, so it needs pinning (drop --no-pin)")
         args.tcp_cpus = args.udp_cpus = None
-    if args.profile and not perf_profile.available():
-        print("bench-dataplane: --profile needs perf (Debian: apt-get install linux-perf)", file=sys.stderr)
+    if args.variants is not None:
+        if args.no_pin:
+            parser.error("--variants profiles the sending CPU, so it needs pinning (drop --no-pin)")
+        if args.forward_rules is not None:
+            parser.error("--variants and --forward-rules: write the forward rules as a variant instead")
+        if args.rounds < 1:
+            parser.error("--rounds must be >= 1")
+    if (args.profile or args.variants is not None) and not perf_profile.available():
+        print("bench-dataplane: --profile and --variants need perf (Debian: apt-get install linux-perf)",
+              file=sys.stderr)
         return 2
     if report.not_root("bench-dataplane"):
         return 2
@@ -729,6 +832,15 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(args.google_ranges) / f).is_file():
             print(f"bench-dataplane: {Path(args.google_ranges) / f} missing (see --google-ranges)", file=sys.stderr)
             return 2
+    if args.variants is not None:
+        got, status = report.measure("bench-dataplane", lambda: run_variants(args))
+        if got is None:
+            return status
+        if args.json:
+            print(json.dumps(got[0], indent=1))
+        else:
+            bench_variants.print_report(*got)
+        return 0
     measured, status = report.measure("bench-dataplane", lambda: run(args))
     if measured is None:
         return status

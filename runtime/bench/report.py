@@ -54,3 +54,8 @@ def measure(name: str, run: Callable[[], R], could_not: int = 1) -> tuple[R | No
 def header(benchmark: str, lab: str) -> dict[str, Any]:
     """The report's first keys; the caller adds its own after them."""
     return {"benchmark": benchmark, "lab": lab, "cpus": os.cpu_count(), "kernel": platform.release()}
+
+
+def pinning(cpus: tuple[int, int] | None) -> str:
+    """CPUs (client, server) as the reports print them."""
+    return "unpinned" if cpus is None else f"{cpus[0]},{cpus[1]}"

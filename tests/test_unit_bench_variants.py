@@ -1,0 +1,62 @@
+"""bench-dataplane --variants: the variants file, the round order and the summary (pure logic)."""
+import pytest
+
+from runtime.bench.variants import AS_IS, Shares, Variant, VariantsError, parse_variants, rotated, summarize
+
+FILE = """\
+# what the fragments chain costs
+[without-fragments]
+delete chain inet sockgate fragments
+
+[again]
+[one-lookup]
+  flush chain inet sockgate forward
+add rule inet sockgate forward meta iif . ip saddr @tx4 accept
+"""
+
+
+def test_parses_names_and_their_commands_in_order():
+    got = parse_variants(FILE)
+    assert got == [Variant("without-fragments", ("delete chain inet sockgate fragments",)),
+                   Variant("again", ()),
+                   Variant("one-lookup", ("flush chain inet sockgate forward",
+                                          "add rule inet sockgate forward meta iif . ip saddr @tx4 accept"))]
+    assert got[2].script.count("\n") == 2 and got[1].script == ""
+
+
+@pytest.mark.parametrize("text, names", [
+    ("", "no variant"),
+    ("# only a comment\n", "no variant"),
+    ("delete chain inet sockgate fragments\n[x]\n", "line 1: an nft command before the first [name]"),
+    ("[a]\n[a]\n", "line 2: variant name 'a' is taken"),
+    ("[sockgate]\n", "line 1: variant name 'sockgate' is taken (config B as it is)"),
+    ("[Has Space]\n", "line 1: variant name 'Has Space'"),
+    ("[]\n", "line 1: variant name ''"),
+])
+def test_bad_files_name_the_line_and_what_is_wrong(text, names):
+    with pytest.raises(VariantsError, match=names.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        parse_variants(text, "v.txt")
+
+
+def test_every_variant_takes_every_position_over_the_rounds():
+    names = [AS_IS, "a", "b"]
+    orders = [rotated(names, r) for r in range(3)]
+    assert orders[0] == names
+    for position in range(3):
+        assert sorted(o[position] for o in orders) == sorted(names)
+
+
+def _shares(*hooks: float) -> Shares:
+    s = Shares()
+    for h in hooks:
+        s.add({"samples": 100, "hook_share": h, "in_prerouting_chain": 10, "cpu_busy": 1.0})
+    return s
+
+
+def test_summary_is_medians_and_the_difference_from_b_as_it_is():
+    got = summarize({"udp4": {AS_IS: _shares(0.056, 0.058, 0.057), "without": _shares(0.049, 0.048, 0.060)}})
+    b, w = got["udp4"][AS_IS], got["udp4"]["without"]
+    assert b["hooks"] == pytest.approx(0.057) and b["vs_sockgate"] == 0
+    assert w["hooks"] == pytest.approx(0.049) and w["vs_sockgate"] == pytest.approx(-0.008)
+    assert w["expected_ratio"] == pytest.approx(0.951) and w["prerouting"] == pytest.approx(0.1)
+    assert w["rounds"] == [0.049, 0.048, 0.060]
