@@ -659,20 +659,21 @@ def run_variants(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test]]:
     (runtime/bench/variants.py); no iperf3 ratios."""
     t_start = time.monotonic()
     tests = _tests(args)
-    variants = {v.name: v for v in args.variants}
-    names = [bench_variants.AS_IS, *variants]
+    # B as it is is a variant without commands: it takes the same steps as the others
+    # (its hook chains deleted and re-rendered), so that what a switch leaves behind
+    # weighs on all alike.
+    as_is = bench_variants.Variant(bench_variants.AS_IS, ())
+    variants = {v.name: v for v in (as_is, *args.variants)}
 
     with _ready_bench(args) as bench:
         def profile(test: Test, name: str) -> dict[str, Any]:
-            # B as it is takes the same steps as a variant (its hook chains deleted and
-            # re-rendered), so that what a switch leaves behind weighs on all alike.
             _progress(f"{test.label}: {name} ...")
-            bench.use_variant(variants.get(name, bench_variants.Variant(name, ())))
+            bench.use_variant(variants[name])
             return bench.profile_as_is(test)
 
         for v in args.variants:  # a variant nft refuses fails now, not rounds later
             bench.use_variant(v)
-        shares = bench_variants.run_rounds(tests, names, args.rounds, profile)
+        shares = bench_variants.run_rounds(tests, list(variants), args.rounds, profile)
         bench.switch(BASELINE)
     rep: dict[str, Any] = {
         **report.header("dataplane-variants", bench.lab.prefix),

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 AS_IS = "sockgate"
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
 _SECTION = re.compile(r"\[(.*)\]")
+# Below this busy share the sending CPU idled: the traffic stalled, and the round's
+# share of samples says nothing of a packet's cost.
+SATURATED = 0.9
 
 
 class VariantsError(ValueError):
@@ -126,7 +129,7 @@ def report_lines(tests: list[Test], summary: dict[str, dict[str, dict[str, Any]]
                          "" if name == AS_IS else f"{100 * s['vs_sockgate']:+.2f}",
                          f"{s['expected_ratio']:.3f}",
                          " ".join(f"{100 * v:.2f}" for v in s["rounds"])
-                         + ("  (CPU not saturated)" if s["busy_min"] < 0.9 else "")])
+                         + ("  (CPU not saturated)" if s["busy_min"] < SATURATED else "")])
     return rows
 
 
