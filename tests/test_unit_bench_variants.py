@@ -1,4 +1,6 @@
 """bench-dataplane --variants: the variants file, the round order and the summary (pure logic)."""
+from pathlib import Path
+
 import pytest
 
 from runtime.bench.variants import AS_IS, Shares, Variant, VariantsError, parse_variants, rotated, summarize
@@ -60,3 +62,20 @@ def test_summary_is_medians_and_the_difference_from_b_as_it_is():
     assert w["hooks"] == pytest.approx(0.049) and w["vs_sockgate"] == pytest.approx(-0.008)
     assert w["expected_ratio"] == pytest.approx(0.951) and w["prerouting"] == pytest.approx(0.1)
     assert w["rounds"] == [0.049, 0.048, 0.060]
+
+
+def test_measured_container_variables_come_before_and_go_after_the_commands():
+    from netpolicy.ruleset import Endpoint
+    from runtime.bench.variants import with_measured
+    got = with_measured(Endpoint("sg0123", 7, "10.77.0.1", "fd77::1"), "add rule inet t c ip saddr $measured_ipv4\n")
+    assert got.splitlines() == ['redefine measured_iif = "sg0123"', "redefine measured_ipv4 = 10.77.0.1",
+                                "redefine measured_ipv6 = fd77::1", "add rule inet t c ip saddr $measured_ipv4",
+                                "undefine measured_iif", "undefine measured_ipv4", "undefine measured_ipv6"]
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.joinpath("scripts", "variants").glob("*")),
+                         ids=lambda p: p.name)
+def test_the_shipped_variants_files_parse(path):
+    variants = parse_variants(path.read_text(), str(path))
+    assert any(not v.commands for v in variants), "each file carries B again, to gauge its run's noise"
+    assert all(v.commands for v in variants if v.name != "again")

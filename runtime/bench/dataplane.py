@@ -407,8 +407,9 @@ class Bench:
         self.switch(BASELINE)
         self.switch(SOCKGATE)
         if variant.commands:
+            script = bench_variants.with_measured(self.endpoints[0], variant.script)
             try:
-                self.in_node(lambda: nft.run(variant.script))
+                self.in_node(lambda: nft.run(script))
             except SockgateError as exc:
                 raise BenchError(f"variant {variant.name!r}: nft refused its commands: {exc}") from None
             self.current = f"variant {variant.name}"
@@ -765,7 +766,10 @@ Example, what the fragments chain costs and what a one-rule forward chain would:
   flush chain inet sockgate forward
   add rule inet sockgate forward meta iif . ip saddr @tx4 accept
 
-A variant with no commands is B again: its difference gauges the noise.
+A variant with no commands is B again: its difference gauges the noise. The
+commands may name the measured container through the nft variables $measured_iif
+(its host veth), $measured_ipv4 and $measured_ipv6. Ready-made files are in
+scripts/variants/.
 
 Exit status: 0 once measured, whatever the ratios (it is a benchmark); 1 when it
 could not measure; 2 on bad usage. Progress goes to stderr, the report (or --json)

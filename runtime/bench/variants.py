@@ -20,6 +20,7 @@ from runtime import textable
 from runtime.bench import report
 
 if TYPE_CHECKING:
+    from netpolicy.ruleset import Endpoint
     from runtime.bench.dataplane import Test
 
 AS_IS = "sockgate"
@@ -42,6 +43,21 @@ class Variant:
     @property
     def script(self) -> str:
         return "".join(c + "\n" for c in self.commands)
+
+
+_MEASURED = ("measured_iif", "measured_ipv4", "measured_ipv6")
+
+
+def with_measured(measured: Endpoint, script: str) -> str:
+    """A variant's commands with nft variables for the measured container: a rule for
+    it alone (its own chain, a map element) needs its host veth and addresses, which
+    are known only once the lab is up, so a variant writes `$measured_iif`,
+    `$measured_ipv4`, `$measured_ipv6`. libnftables keeps variables in its context,
+    which the whole process shares: `redefine` works whether or not an earlier
+    script left them, and the trailing `undefine` leaves nothing for the next one."""
+    values = (f'"{measured.host_ifname}"', measured.ipv4, measured.ipv6)
+    return ("".join(f"redefine {n} = {v}\n" for n, v in zip(_MEASURED, values)) + script
+            + "".join(f"undefine {n}\n" for n in _MEASURED))
 
 
 def parse_variants(text: str, source: str = "variants file") -> list[Variant]:
