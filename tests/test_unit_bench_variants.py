@@ -3,7 +3,17 @@ from pathlib import Path
 
 import pytest
 
-from runtime.bench.variants import AS_IS, Shares, Variant, VariantsError, parse_variants, rotated, summarize
+from netpolicy.ruleset import Endpoint
+from runtime.bench.variants import (
+    AS_IS,
+    Shares,
+    Variant,
+    VariantsError,
+    parse_variants,
+    rotated,
+    summarize,
+    with_measured,
+)
 
 FILE = """\
 # what the fragments chain costs
@@ -65,8 +75,6 @@ def test_summary_is_medians_and_the_difference_from_b_as_it_is():
 
 
 def test_measured_container_variables_come_before_and_go_after_the_commands():
-    from netpolicy.ruleset import Endpoint
-    from runtime.bench.variants import with_measured
     got = with_measured(Endpoint("sg0123", 7, "10.77.0.1", "fd77::1"), "add rule inet t c ip saddr $measured_ipv4\n")
     assert got.splitlines() == ['redefine measured_iif = "sg0123"', "redefine measured_ipv4 = 10.77.0.1",
                                 "redefine measured_ipv6 = fd77::1", "add rule inet t c ip saddr $measured_ipv4",
