@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from netpolicy.ruleset import Endpoint
+from netpolicy.ruleset import BASE_CHAINS, Endpoint
 from runtime.bench.variants import (
     AS_IS,
     Shares,
@@ -15,6 +15,7 @@ from runtime.bench.variants import (
     with_measured,
 )
 
+SHIPPED = sorted(Path(__file__).parent.parent.joinpath("scripts", "variants").glob("*"))
 FILE = """\
 # what the fragments chain costs
 [without-fragments]
@@ -81,9 +82,32 @@ def test_measured_container_variables_come_before_and_go_after_the_commands():
                                 "undefine measured_iif", "undefine measured_ipv4", "undefine measured_ipv6"]
 
 
-@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.joinpath("scripts", "variants").glob("*")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_the_shipped_variants_files_parse(path):
     variants = parse_variants(path.read_text(), str(path))
     assert any(not v.commands for v in variants), "each file carries B again, to gauge its run's noise"
     assert all(v.commands for v in variants if v.name != "again")
+
+
+_FORWARD_PREFIX = "add rule inet sockgate forward "
+
+
+def _rewritten_forward(path: Path) -> list[tuple[str, list[str]]]:
+    """Each variant of a shipped file that writes the forward chain out again: its
+    name and the rules it adds there."""
+    return [(v.name, [c.removeprefix(_FORWARD_PREFIX) for c in v.commands if c.startswith(_FORWARD_PREFIX)])
+            for v in parse_variants(path.read_text(), str(path))
+            if "flush chain inet sockgate forward" in v.commands]
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if _rewritten_forward(p)], ids=lambda p: p.name)
+def test_a_rewritten_forward_chain_still_mirrors_the_product_but_for_the_tx_lookups(path):
+    # A variant that rewrites `forward` measures one change against the table as it
+    # is: when BASE_CHAINS["forward"] changes, such a file would silently measure
+    # something else.
+    product = BASE_CHAINS["forward"][1]
+    kept = [r for r in product if "@tx4" not in r and "@tx6" not in r]
+    assert len(kept) < len(product)
+    for name, rules in _rewritten_forward(path):
+        assert [r for r in rules if r in product] == kept, f"[{name}] no longer mirrors BASE_CHAINS['forward']"
+        assert not any("@tx4" in r or "@tx6" in r for r in rules), f"[{name}] keeps a tx lookup"
