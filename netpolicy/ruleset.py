@@ -155,8 +155,8 @@ _REJECT = ["meta l4proto tcp reject with tcp reset", "reject with icmpx admin-pr
 # function call), a 16-bit mask another (nft_bitwise_eval) and `ip6 nexthdr != {..}` a
 # set lookup (three). With retpolines and SRSO's safe RET every call on the packet
 # path is dear: raw loads took the chain from 1.9 to 1.25 % of a 64-byte UDP v4
-# packet's forwarding, 2.7 to 1.9 % for v6 (bench-dataplane --profile, README
-# "Status"). The version nibble picks the family (ip_rcv/ipv6_rcv drop packets whose
+# packet's forwarding, 2.7 to 1.9 % for v6 (bench-dataplane --profile,
+# docs/measurements.md). The version nibble picks the family (ip_rcv/ipv6_rcv drop packets whose
 # nibble doesn't match the hook's family, so it is exact). An IPv4 packet is a
 # fragment unless its flags+offset are 0 or DF alone (0x4000); a packet with the
 # reserved flag set is dropped too, which no sender needs.
@@ -197,7 +197,7 @@ BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
     # fragments would be billed once, as the reassembled packet, while many more bytes
     # leave the node. A container's kernel fragments only UDP datagrams larger than the
     # path MTU; those are lost (README: "Threat model"). Every packet pays this hook
-    # (README "Status"), so the cheap tests come first and the veth's group last.
+    # (docs/measurements.md), so the cheap tests come first and the veth's group last.
     "fragments": ("type filter hook prerouting priority -450; policy accept;", [
         dropped(f"{_V4_FRAGMENT} meta iifgroup {CONTAINER_IFGROUP:#x}", "fragment", "drop"),
         # A fragment header may hide behind other extension headers, and walking them

@@ -2,7 +2,7 @@
 apart to a few tenths of a per cent.
 
 iperf3's rates drift by several per cent within seconds on a shared VM, so the A/B
-run can't see a change of one point (README "Status"). The profile can: with the
+run can't see a change of one point (docs/measurements.md). The profile can: with the
 sender's CPU saturated, the share of its samples inside sockgate's hooks is what
 sockgate costs a packet (runtime/bench/profile.py). This mode profiles config B as it
 is ("sockgate") and B with each variant's nft commands applied on top, interleaved:
