@@ -191,6 +191,11 @@ class Bench:
         self.timings: dict[str, float] = {}
         self.node = Node.open()  # this process's: runtime.core.attach.attach is called in-process
 
+    @property
+    def measured(self) -> Endpoint:
+        """The container whose traffic is measured (the first attached)."""
+        return self.endpoints[0]
+
     def in_node(self, fn: Callable[[], T]) -> T:
         """fn in a thread inside the node netns: nft and pyroute2 (and the threads and
         subprocesses they start) act on the node, never on the host."""
@@ -407,7 +412,7 @@ class Bench:
         self.switch(BASELINE)
         self.switch(SOCKGATE)
         if variant.commands:
-            script = bench_variants.with_measured(self.endpoints[0], variant.script)
+            script = bench_variants.with_measured(self.measured, variant.script)
             try:
                 self.in_node(lambda: nft.run(script))
             except SockgateError as exc:
@@ -623,7 +628,6 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test], list[Samp
                 profiles[t.key] = bench.profile(t)
         n_switches = sum(len(w) - 1 for w in windows.values()) + len(tests)
         bench.timings["switch_mean_ms"] = 1000 * (bench.timings["switch_s"] - switches_before) / max(1, n_switches)
-        measured = bench.endpoints[0]
         t_down = time.monotonic()
     bench.timings["teardown_s"] = time.monotonic() - t_down
     rep: dict[str, Any] = {
@@ -638,7 +642,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Test], list[Samp
                     "routes and set elements)" if args.fill == "attach" else
                     f"1 attached through runtime.core.attach.attach, {args.containers - 1} more as set "
                     "elements only (no netns/veth)"),
-            "measured": dataclasses.asdict(measured),
+            "measured": dataclasses.asdict(bench.measured),
         },
         "policy": bench.policy_desc,
         "table": bench.table,
