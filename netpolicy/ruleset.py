@@ -82,7 +82,8 @@ _ND = "icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, n
 # report costs nothing on any other path: the refusing rule's verdict becomes a goto
 # to the reason's chain `event_<reason>`, which logs (if the bucket allows) and then
 # refuses or drops as before. Not reported: invalid packets, neighbour discovery and
-# fragments (none of them a flow's first packet), and what a chain accepts.
+# fragments (none of them a flow's first packet), IPv6 from or to a link-local address
+# (no flow the contract has), and what a chain accepts.
 # reason: (the container's interface, the verdict)
 EVENT_REASONS: dict[str, tuple[str, str]] = {
     "protocol": ("iif", "jump refuse"),
@@ -165,6 +166,20 @@ _IS_V6 = "@nh,0,32 & 0xf0000000 == 0x60000000"
 _V4_FRAGMENT = f"{_IS_V4} @nh,48,16 != 0x4000 @nh,48,16 != 0"
 # Next header other than TCP (6), UDP (17), ICMPv6 (58): an extension header (see below).
 _V6_EXTENSION = f"{_IS_V6} @nh,48,8 != 6 @nh,48,8 != 17 @nh,48,8 != 58"
+# Packets the node acts on before any forward rule sees them. ip_forward and
+# ip6_forward send "time exceeded" for a TTL or hop limit of 0 or 1, and ip6_forward
+# "beyond scope" for a link-local source, to the packet's source address, resolving it
+# on its link first: from a forged source, an ICMP error to a victim of the
+# container's choosing and a neighbour entry for a made-up address (host-wide limits,
+# see _ND), at the node's ICMP rate limit (1,000 a second). And a link-local
+# destination other than the node's own is routed back out the container's veth, which
+# leaves a neighbour entry for it, whatever the source. Each test starts with a raw
+# load that fails for an ordinary packet of either family, so the rare ones alone
+# reach what follows; a container's own TTL-1 packet is answered as before.
+_V4_LAST_HOP = f"@nh,64,32 & 0xfe000000 == 0 {_IS_V4}"          # TTL 0 or 1
+_V6_LAST_HOP = f"@nh,32,32 & 0x000000fe == 0 {_IS_V6}"          # hop limit 0 or 1
+_V6_LINK_LOCAL_SOURCE = f"@nh,64,32 & 0xffc00000 == 0xfe800000 {_IS_V6}"       # fe80::/10
+_V6_LINK_LOCAL_DESTINATION = f"@nh,192,32 & 0xffc00000 == 0xfe800000 {_IS_V6}"
 
 BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
     # hook chains: (declaration, rules)
@@ -196,14 +211,25 @@ BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
     # otherwise starve every other container's reassembly, and a datagram sent in tiny
     # fragments would be billed once, as the reassembled packet, while many more bytes
     # leave the node. A container's kernel fragments only UDP datagrams larger than the
-    # path MTU; those are lost (README: "Threat model"). Every packet pays this hook
-    # (docs/measurements.md), so the cheap tests come first and the veth's group last.
+    # path MTU; those are lost (README: "Threat model"). The chain also holds the
+    # anti-spoofing that can't wait for `forward` (see _V4_LAST_HOP). Every packet pays
+    # this hook (docs/measurements.md), so the cheap tests come first and the veth's
+    # group last.
     "fragments": ("type filter hook prerouting priority -450; policy accept;", [
         dropped(f"{_V4_FRAGMENT} meta iifgroup {CONTAINER_IFGROUP:#x}", "fragment", "drop"),
         # A fragment header may hide behind other extension headers, and walking them
         # (`exthdr frag exists`) costs more than this: a container's packet carries no
         # extension header at all (TCP, UDP, ICMPv6 only; C3).
         dropped(f"{_V6_EXTENSION} meta iifgroup {CONTAINER_IFGROUP:#x}", "fragment", "drop"),
+        # Anti-spoofing before routing, for the packets the node would answer before
+        # `forward` (see _V4_LAST_HOP); every other packet is checked where it goes
+        # (`forward`, container_to_node).
+        dropped(f"{_V4_LAST_HOP} meta iifgroup {CONTAINER_IFGROUP:#x} meta iif . ip saddr != @tx4",
+                "spoofed-source", "drop"),
+        dropped(f"{_V6_LAST_HOP} meta iifgroup {CONTAINER_IFGROUP:#x} meta iif . ip6 saddr != @tx6",
+                "spoofed-source", "drop"),
+        f"{_V6_LINK_LOCAL_SOURCE} meta iifgroup {CONTAINER_IFGROUP:#x} jump link_local",
+        f"{_V6_LINK_LOCAL_DESTINATION} meta iifgroup {CONTAINER_IFGROUP:#x} jump link_local",
     ]),
     "input": ("type filter hook input priority filter; policy accept;", [
         "iifname @ifaces jump container_to_node",
@@ -340,6 +366,13 @@ REGULAR_CHAINS: dict[str, list[str]] = {
     "container_to_node": [dropped(_ND, "neighbour", "drop"), *ANTI_SPOOFING,
                           dropped("", "container-to-node").lstrip()],
     "refuse": _REJECT,
+    # IPv6 from or to a link-local address, from a container (see _V4_LAST_HOP). No
+    # contract flow uses one: a container's link-local address is never in tx6, so
+    # container_to_node dropped what it sent the node from there before this chain
+    # existed. Link-scoped multicast other than neighbour discovery (MLD) goes on to
+    # that chain as before.
+    "link_local": [dropped(_ND, "neighbour", "drop"), "ip6 daddr ff00::/8 return",
+                   dropped("", "link-local", "drop").lstrip()],
     "node_to_container": ["ct state established,related accept", dropped("", "node-to-container", "drop").lstrip()],
 }
 

@@ -715,3 +715,67 @@ def test_forged_sources_towards_the_node_are_not_answered(lab, tenant, far, fami
         assert not problems, problems
     finally:
         _forget_new_neighbours(lab, before)
+
+
+def _icmp_out(lab, family: str, kind: str) -> int:
+    """The node's count of ICMP errors of a kind it has sent (/proc/net/snmp{,6})."""
+    if family == "v4":
+        head, values = [line.split() for line in lab.run(lab.node, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+                        if line.startswith("Icmp:")][:2]
+        return int(values[head.index(f"Out{kind}")])
+    pairs = dict(line.split() for line in lab.run(lab.node, ["cat", "/proc/net/snmp6"]).stdout.splitlines())
+    return int(pairs[f"Icmp6Out{kind}"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_what_the_node_would_answer_before_forward_is_dropped_first(lab, tenant, far, family):
+    """The node acts on some packets before its forward rules see them: a TTL or hop
+    limit of 1 gets "time exceeded", an IPv6 packet from a link-local source "beyond
+    scope", both sent to the packet's source; a link-local destination is routed back
+    out the veth. From forged sources (a public victim, made-up addresses on the
+    uplink), and for v6 from link-local sources and to link-local destinations (from
+    the container's own address too), no answer is sent and no neighbour entry appears;
+    each packet is counted (`spoofed-source`, `link-local`). Control: the node still
+    answers the container's own TTL-1 packet, which shows the count would see the
+    others."""
+    a = addrs(family)
+    attacker = tenant("attacker")
+    assert lab.probe(attacker.ns, "tcp", a.public, 9000).ok  # the node knows its gateway before the snapshot
+    last_hop = {"hlim": 1} if family == "v6" else {"ttl": 1}
+    prefix = "2001:db8:5067::1" if family == "v6" else "198.18.0.1"
+    forged = [a.reflect, a.uplink_forged] + [f"{prefix}{20 + i}" for i in range(8)]
+    packets = [atk.udp_packet(src, a.public, 21000 + i, 9000, b"x", **last_hop) for i, src in enumerate(forged)]
+    expected = {"spoofed-source": len(packets)}
+    if family == "v6":
+        link_local = [atk.udp_packet(f"fe80::5c:{i:x}", a.public, 22000 + i, 9000, b"x") for i in range(4)]
+        link_local += [atk.udp_packet(attacker.v6, f"fe80::dead:{i:x}", 22100 + i, 9000, b"x") for i in range(4)]
+        packets += link_local
+        expected["link-local"] = len(link_local)
+    answers = ("TimeExcds", "DestUnreachs")
+    before = atk.neighbours(lab, lab.node)
+    far_before, drops_before = far.counters(), atk.drop_counters(lab)
+    sent_before = {k: _icmp_out(lab, family, k) for k in answers}
+    try:
+        assert atk.send(lab, attacker.ns, packets)["sent"] == len(packets)
+        time.sleep(0.5)
+        after = atk.neighbours(lab, lab.node)
+        answered = {k: _icmp_out(lab, family, k) - sent_before[k] for k in answers}
+        reflected = far.counters()["reflected"][0] - far_before["reflected"][0]
+        drops = atk.delta(drops_before, atk.drop_counters(lab))
+        problems = []
+        if any(answered.values()):
+            problems.append(f"the node answered: {answered}")
+        if reflected:
+            problems.append(f"{reflected} answer(s) reached the forged source {a.reflect}")
+        if _keys(after) != _keys(before):
+            problems.append(f"new neighbour entries {sorted(_keys(after) - _keys(before), key=str)}")
+        if {k: drops.get(k, 0) for k in expected} != expected:
+            problems.append(f"counted {drops}, expected {expected}")
+        assert not problems, problems
+
+        own = atk.udp_packet(attacker.ip(family), a.public, 23000, 9000, b"x", **last_hop)
+        assert atk.send(lab, attacker.ns, [own])["sent"] == 1
+        time.sleep(0.3)
+        assert _icmp_out(lab, family, "TimeExcds") - sent_before["TimeExcds"] == 1
+    finally:
+        _forget_new_neighbours(lab, before)

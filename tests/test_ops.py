@@ -137,7 +137,7 @@ def test_doctor_on_a_healthy_lab_node(plugin, agent, app, lab):
     assert cp.returncode == 0, cp.stdout + cp.stderr
     assert "checks passed" in cp.stdout
     rc, checks = doctor(lab, plugin)
-    assert rc == 0 and len(checks) == 10
+    assert rc == 0 and len(checks) == 11
     assert "1 attachments' network namespaces open here" in checks["netns-pins"]["detail"]
 
 
@@ -153,6 +153,22 @@ def test_doctor_finds_forwarding_off(plugin, agent, app, lab):
         assert "What to do:" in text and "- forwarding: sysctl -w net.ipv4.ip_forward=1" in text
     finally:
         in_node(lab, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+
+def test_doctor_finds_container_veths_above_the_uplinks_mtu(plugin, agent, app, lab):
+    """The network's mtu (1500) above the uplink's: the node would answer a container's
+    oversized packet before any rule, to a forged source (README "Threat model")."""
+    plugin.add("big", app())
+    try:
+        in_node(lab, "ip", "link", "set", LAB.uplink_if, "mtu", "1400")
+        rc, checks = doctor(lab, plugin)
+        assert rc == 1 and failed(checks) == {"mtu"}
+        assert "1 of 1 container veths" in checks["mtu"]["detail"] and "above 1400" in checks["mtu"]["detail"]
+        assert checks["mtu"]["fix"].startswith("set the network's mtu to 1400 or less")
+    finally:
+        in_node(lab, "ip", "link", "set", LAB.uplink_if, "mtu", "1500")
+    rc, checks = doctor(lab, plugin)
+    assert rc == 0 and "at most the default route's MTU 1500" in checks["mtu"]["detail"]
 
 
 def test_doctor_finds_the_ranges_cache_missing(plugin, app, lab):

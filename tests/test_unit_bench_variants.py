@@ -111,3 +111,18 @@ def test_a_rewritten_forward_chain_still_mirrors_the_product_but_for_the_tx_look
     for name, rules in _rewritten_forward(path):
         assert [r for r in rules if r in product] == kept, f"[{name}] no longer mirrors BASE_CHAINS['forward']"
         assert not any("@tx4" in r or "@tx6" in r for r in rules), f"[{name}] keeps a tx lookup"
+
+
+_FRAGMENTS_PREFIX = "add rule inet sockgate fragments "
+
+
+def test_a_rewritten_fragments_chain_keeps_the_products_fragment_rules():
+    # [fragment-rules-only] measures what the rules after the fragment tests cost:
+    # it must keep those tests exactly as the product renders them.
+    product = [r for r in BASE_CHAINS["fragments"][1] if r.endswith('comment "drop:fragment"')]
+    rewritten = [(v.name, [c.removeprefix(_FRAGMENTS_PREFIX) for c in v.commands if c.startswith(_FRAGMENTS_PREFIX)])
+                 for path in SHIPPED for v in parse_variants(path.read_text(), str(path))
+                 if "flush chain inet sockgate fragments" in v.commands]
+    assert len(product) == 2 and any(rules for _, rules in rewritten)
+    for name, rules in rewritten:
+        assert rules in ([], product), f"[{name}] no longer mirrors BASE_CHAINS['fragments']' fragment rules"

@@ -207,6 +207,45 @@ def test_conntrack_max_against_the_expected_containers(tmp_path):
     assert doctor.check_conntrack_max(cfg).ok
 
 
+class FakeIp:
+    """`ip -j link show` and `ip -j -4|-6 route show default` answers (reads only)."""
+
+    def __init__(self, links: list[dict], v4: list[dict], v6: list[dict] | None = None) -> None:
+        self.answers = {("link", "show"): [{}] + links, ("-4", "route", "show", "default"): v4,
+                        ("-6", "route", "show", "default"): v6 or []}
+
+    def __call__(self, argv: list[str]) -> subprocess.CompletedProcess:
+        assert argv[:2] == ["/usr/sbin/ip", "-j"], argv
+        return subprocess.CompletedProcess(argv, 0, json.dumps(self.answers[tuple(argv[2:])]), "")
+
+
+def _link(name: str, mtu: int, group: str = "default") -> dict:
+    return {"ifname": name, "mtu": mtu, "group": group}
+
+
+@pytest.mark.parametrize("links, v4, ok, words", [
+    ([_link("eth0", 1460), _link("sg01", 1460, "21319")], [{"dst": "default", "dev": "eth0"}], True,
+     "1 container veths at most the default route's MTU 1460 (via eth0 (IPv4))"),
+    # GCE's 1460 with the network's default mtu: the one that fails.
+    ([_link("eth0", 1460), _link("sg01", 1500, "21319"), _link("sg02", 1460, "21319"), _link("docker0", 1500)],
+     [{"dst": "default", "dev": "eth0"}], False, "1 of 2 container veths (sg01) have an MTU above 1460"),
+    # ip_forward honours a route's MTU metric over its device's.
+    ([_link("eth0", 1500), _link("sg01", 1500, "21319")],
+     [{"dst": "default", "dev": "eth0", "metrics": [{"mtu": 1400}]}], False, "above 1400"),
+    ([_link("eth0", 1500), _link("eth1", 1400), _link("sg01", 1500, "21319")],
+     [{"dst": "default", "nexthops": [{"dev": "eth0"}, {"dev": "eth1"}]}], False, "via eth1 (IPv4)"),
+    ([_link("eth0", 1460)], [{"dst": "default", "dev": "eth0"}], True, "no container veth here"),
+    ([_link("sg01", 9000, "21319")], [], True, "no default route"),
+])
+def test_mtu(tmp_path, links, v4, ok, words):
+    cfg = cfg_of(tmp_path)
+    cfg.run = FakeIp(links, v4)
+    result = doctor.check_mtu(cfg)
+    assert result.ok is ok and words in result.detail, result
+    if not ok:
+        assert result.fix.startswith("set the network's mtu to 14")
+
+
 DOCKER_FORWARD = "-P FORWARD DROP\n-A FORWARD -j DOCKER-USER\n-A FORWARD -j DOCKER-FORWARD\n"
 OUR_RULES = ('-A DOCKER-USER -o sg+ -m comment --comment "sockgate: veths policed by table inet sockgate" -j ACCEPT\n'
              '-A DOCKER-USER -i sg+ -m comment --comment "sockgate: veths policed by table inet sockgate" -j ACCEPT\n')

@@ -129,10 +129,39 @@ def test_fragments_from_containers_are_dropped_before_reassembly():
     assert "add chain inet sockgate fragments { type filter hook prerouting priority -450; policy accept; }" in text
     rules = _chain("fragments", text)
     # Raw loads (see ruleset): version nibble, then IPv4 flags+offset / IPv6 next header.
-    assert rules == ['@nh,0,32 & 0xf0000000 == 0x40000000 @nh,48,16 != 0x4000 @nh,48,16 != 0 '
+    assert rules[:2] == ['@nh,0,32 & 0xf0000000 == 0x40000000 @nh,48,16 != 0x4000 @nh,48,16 != 0 '
                      'meta iifgroup 0x5347 counter drop comment "drop:fragment"',
                      '@nh,0,32 & 0xf0000000 == 0x60000000 @nh,48,8 != 6 @nh,48,8 != 17 @nh,48,8 != 58 '
                      'meta iifgroup 0x5347 counter drop comment "drop:fragment"']
+
+
+def test_packets_the_node_answers_before_forward_are_checked_for_a_forged_source_first():
+    # TTL/hop limit 0 or 1 and IPv6 link-local sources: ip_forward answers them before
+    # the forward hook; a link-local destination is routed back out the veth. Each rule's first test is a raw load an ordinary packet of
+    # either family fails (no call on the busy path); only then the veth's group and,
+    # for the last hop, the same lookup as anti-spoofing in `forward`.
+    rules = _chain("fragments")[2:]
+    assert rules == ['@nh,64,32 & 0xfe000000 == 0 @nh,0,32 & 0xf0000000 == 0x40000000 meta iifgroup 0x5347 '
+                     'meta iif . ip saddr != @tx4 counter goto event_spoofed_source comment "drop:spoofed-source"',
+                     '@nh,32,32 & 0x000000fe == 0 @nh,0,32 & 0xf0000000 == 0x60000000 meta iifgroup 0x5347 '
+                     'meta iif . ip6 saddr != @tx6 counter goto event_spoofed_source comment "drop:spoofed-source"',
+                     '@nh,64,32 & 0xffc00000 == 0xfe800000 @nh,0,32 & 0xf0000000 == 0x60000000 '
+                     'meta iifgroup 0x5347 jump link_local',
+                     '@nh,192,32 & 0xffc00000 == 0xfe800000 @nh,0,32 & 0xf0000000 == 0x60000000 '
+                     'meta iifgroup 0x5347 jump link_local']
+    # Link-local from a container: neighbour discovery counted as before, link-scoped
+    # multicast (MLD) on to container_to_node, everything else dropped.
+    link_local = _chain("link_local")
+    assert link_local[0].startswith("icmpv6 type {") and ends_in(link_local[0], "drop", "neighbour")
+    assert link_local[1:] == ["ip6 daddr ff00::/8 return", 'counter drop comment "drop:link-local"']
+    # The first tests against ordinary headers: UDP, TTL/hop limit 64, public addresses.
+    ordinary = {"v4": bytes.fromhex("45000054" "00004000" "40110000" "5db8d74d" "5db8d74e"),
+                "v6": bytes.fromhex("60000000" "00081140" "26062800" "021fcb07" + "00" * 8 + "26062800" + "00" * 16)}
+    for name, header in ordinary.items():
+        word, v6_destination = int.from_bytes(header[8:12], "big"), int.from_bytes(header[24:28], "big")
+        assert word & 0xfe000000 != 0 and word & 0xffc00000 != 0xfe800000, name
+        assert name == "v4" or v6_destination & 0xffc00000 != 0xfe800000
+    assert int.from_bytes(ordinary["v6"][4:8], "big") & 0xfe != 0
 
 
 def test_no_neighbour_discovery_from_containers_and_no_refusal_to_a_forged_source():
@@ -187,8 +216,8 @@ def test_each_reported_reason_goes_through_its_event_chain_and_ends_as_before():
         reason = line.rsplit('"drop:', 1)[1].rstrip('"')
         if reason in EVENT_REASONS:
             assert ends_in(line.split(" ", 5)[5], EVENT_REASONS[reason][1], reason), line
-        else:  # not a flow's first packet: counted, not reported
-            assert reason in ("invalid", "neighbour", "fragment") and " goto " not in line, line
+        else:  # not a flow's first packet, nor a flow the contract has: counted, not reported
+            assert reason in ("invalid", "neighbour", "fragment", "link-local") and " goto " not in line, line
     for reason, (iface, verdict) in EVENT_REASONS.items():
         report, end = _chain(event_chain(reason), text)
         # Bounded per container (one bucket per veth, all reasons), the reason in the

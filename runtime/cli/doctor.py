@@ -9,6 +9,7 @@ at another netns with `nsenter --net=PATH sockgate doctor` (what the tests do).
 Each check is a small function of a DoctorConfig returning a Check."""
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import subprocess
@@ -85,6 +86,52 @@ def check_forwarding(cfg: DoctorConfig) -> Check:
                      f"turned it off (a file in /etc/sysctl.d, a network manager): every ADD turns "
                      f"both on, so it went off behind sockgate's back; persist it in /etc/sysctl.d")
     return Check("forwarding", True, shown)
+
+
+def _ip_json(cfg: DoctorConfig, tool: str, *args: str) -> list[dict]:
+    cp = cfg.run([tool, "-j", *args])
+    if cp.returncode != 0:
+        raise RuntimeError(f"ip -j {' '.join(args)}: {cp.stderr.strip() or f'exit status {cp.returncode}'}")
+    return [item for item in json.loads(cp.stdout or "[]") if item]  # `ip -j` lists {} for links it skips
+
+
+def check_mtu(cfg: DoctorConfig) -> Check:
+    """A forwarded packet larger than its way out is answered ("fragmentation needed",
+    "packet too big") by ip_forward before any nft rule sees it, to whatever source it
+    names: with a veth MTU above the uplink's, a container could aim those answers at
+    a victim of its choosing (README "Threat model"). The way out is the default
+    route's: its MTU metric if it has one (ip_forward honours it), else its device's."""
+    from netpolicy.ruleset import CONTAINER_IFGROUP
+    tool = cfg.which("ip")
+    if tool is None:
+        return Check("mtu", False, "no `ip` tool found: the veths' MTU can't be read", "install iproute2")
+    links = _ip_json(cfg, tool, "link", "show")
+    veths = {link["ifname"]: link["mtu"] for link in links if link.get("group") == str(CONTAINER_IFGROUP)}
+    device_mtu = {link["ifname"]: link["mtu"] for link in links}
+    exits: dict[str, int] = {}
+    for family in ("-4", "-6"):
+        for route in _ip_json(cfg, tool, family, "route", "show", "default"):
+            metric = next((m["mtu"] for m in route.get("metrics", []) if "mtu" in m), None)
+            devices = [route["dev"]] if "dev" in route else [hop["dev"] for hop in route.get("nexthops", [])]
+            for dev in devices:
+                if dev in device_mtu:
+                    exits[f"{dev} (IPv{family[1]})"] = metric or device_mtu[dev]
+    if not veths:
+        return Check("mtu", True, "no container veth here")
+    if not exits:
+        return Check("mtu", True, "no default route: containers' packets go nowhere to be too big for")
+    way_out, smallest = min(exits.items(), key=lambda item: item[1])
+    above = sorted(name for name, mtu in veths.items() if mtu > smallest)
+    if above:
+        return Check("mtu", False,
+                     f"{len(above)} of {len(veths)} container veths ({', '.join(above[:3])}"
+                     f"{' …' if len(above) > 3 else ''}) have an MTU above {smallest}, the default route's "
+                     f"via {way_out}: a container can make the node send 'fragmentation needed' to a forged "
+                     f"source before any rule sees the packet",
+                     f"set the network's mtu to {smallest} or less (CNI config `mtu`, Docker's "
+                     f"com.docker.network.driver.mtu); containers attached after that get it")
+    return Check("mtu", True, f"{len(veths)} container veths at most the default route's MTU {smallest} "
+                              f"(via {way_out})")
 
 
 def check_conntrack(cfg: DoctorConfig) -> Check:
@@ -342,7 +389,7 @@ def check_lab_namespaces(cfg: DoctorConfig) -> Check:
 
 
 CHECKS: tuple[Callable[[DoctorConfig], Check], ...] = (
-    check_agent, check_table, check_forwarding, check_conntrack, check_conntrack_max, check_docker_forward,
+    check_agent, check_table, check_forwarding, check_mtu, check_conntrack, check_conntrack_max, check_docker_forward,
     check_iptables_legacy, check_ranges, check_netns_pins, check_lab_namespaces)
 
 
