@@ -65,6 +65,10 @@ LEGACY_SETS = {
     "acct_rx": "typeof oifname; counter",
 }
 
+# Base chains of earlier layouts, deleted at every load: before_routing took over from
+# `fragments` (sockgate 2026-12-06), which would otherwise stay hooked.
+LEGACY_CHAINS = ("fragments",)
+
 # Neighbour discovery from a container is never needed: both ends of a container's veth
 # carry one MAC and the NOARP flag (runtime.kernel.netns.create_veth), so neither side asks.
 # What a container sends must not reach the node's neighbour tables, which all
@@ -150,36 +154,41 @@ def event_chains(rate: EventRate) -> dict[str, list[str]]:
 # Blocked attempts must fail at once (a reset or an ICMP error), not after a timeout.
 _REJECT = ["meta l4proto tcp reject with tcp reset", "reject with icmpx admin-prohibited"]
 
-# The `fragments` chain's tests are raw loads of the network header (@nh,OFFSET,BITS)
-# because every packet of the node runs them: nft evaluates a 1-, 2- or 4-byte load, a
-# 32-bit mask and a compare inline, where `ip frag-off` brings a `meta nfproto` (a
-# function call), a 16-bit mask another (nft_bitwise_eval) and `ip6 nexthdr != {..}` a
-# set lookup (three). With retpolines and SRSO's safe RET every call on the packet
-# path is dear: raw loads took the chain from 1.9 to 1.25 % of a 64-byte UDP v4
-# packet's forwarding, 2.7 to 1.9 % for v6 (bench-dataplane --profile,
-# docs/measurements.md). The version nibble picks the family (ip_rcv/ipv6_rcv drop packets whose
-# nibble doesn't match the hook's family, so it is exact). An IPv4 packet is a
-# fragment unless its flags+offset are 0 or DF alone (0x4000); a packet with the
-# reserved flag set is dropped too, which no sender needs.
+# The `before_routing` chains' tests are raw loads of the network header
+# (@nh,OFFSET,BITS) because every packet of the node runs them: nft evaluates a 1-, 2-
+# or 4-byte load, a 32-bit mask and a compare inline, where `ip frag-off` brings a
+# `meta nfproto` (a function call), a 16-bit mask another (nft_bitwise_eval) and
+# `ip6 nexthdr != {..}` a set lookup (three). With retpolines and SRSO's safe RET every
+# call on the packet path is dear: raw loads took the fragment tests from 1.9 to 1.25 %
+# of a 64-byte UDP v4 packet's forwarding, 2.7 to 1.9 % for v6 (bench-dataplane
+# --profile, docs/measurements.md). The version nibble picks the family once (ip_rcv and
+# ipv6_rcv drop packets whose nibble doesn't match the hook's family, so it is exact);
+# a jump is evaluated inline too. Each rule then opens with a test that an ordinary
+# packet fails, and the veth's group (a call) comes after it.
 _IS_V4 = "@nh,0,32 & 0xf0000000 == 0x40000000"
-_IS_V6 = "@nh,0,32 & 0xf0000000 == 0x60000000"
-_V4_FRAGMENT = f"{_IS_V4} @nh,48,16 != 0x4000 @nh,48,16 != 0"
-# Next header other than TCP (6), UDP (17), ICMPv6 (58): an extension header (see below).
-_V6_EXTENSION = f"{_IS_V6} @nh,48,8 != 6 @nh,48,8 != 17 @nh,48,8 != 58"
-# Packets the node acts on before any forward rule sees them. ip_forward and
-# ip6_forward send "time exceeded" for a TTL or hop limit of 0 or 1, and ip6_forward
-# "beyond scope" for a link-local source, to the packet's source address, resolving it
-# on its link first: from a forged source, an ICMP error to a victim of the
-# container's choosing and a neighbour entry for a made-up address (host-wide limits,
-# see _ND), at the node's ICMP rate limit (1,000 a second). And a link-local
-# destination other than the node's own is routed back out the container's veth, which
-# leaves a neighbour entry for it, whatever the source. Each test starts with a raw
-# load that fails for an ordinary packet of either family, so the rare ones alone
-# reach what follows; a container's own TTL-1 packet is answered as before.
-_V4_LAST_HOP = f"@nh,64,32 & 0xfe000000 == 0 {_IS_V4}"          # TTL 0 or 1
-_V6_LAST_HOP = f"@nh,32,32 & 0x000000fe == 0 {_IS_V6}"          # hop limit 0 or 1
-_V6_LINK_LOCAL_SOURCE = f"@nh,64,32 & 0xffc00000 == 0xfe800000 {_IS_V6}"       # fe80::/10
-_V6_LINK_LOCAL_DESTINATION = f"@nh,192,32 & 0xffc00000 == 0xfe800000 {_IS_V6}"
+# IPv4: a fragment unless flags+offset are 0 or DF alone (0x4000); a packet with the
+# reserved flag set is dropped too, which no sender needs.
+_V4_FRAGMENT = "@nh,48,16 != 0x4000 @nh,48,16 != 0"
+# IPv6: next header other than TCP (6), UDP (17), ICMPv6 (58), i.e. an extension
+# header (see before_routing6).
+_V6_EXTENSION = "@nh,48,8 != 6 @nh,48,8 != 17 @nh,48,8 != 58"
+# Packets the node acts on between this hook and `forward`, where no rule of ours
+# would see them. ip_rcv_finish sends "parameter problem" for malformed IPv4 options;
+# ip_forward and ip6_forward send "time exceeded" for a TTL or hop limit of 0 or 1, and
+# ip6_forward "beyond scope" for a link-local source; all to the packet's source
+# address, resolving it on its link first. From a forged source that is an ICMP error
+# to a victim of the container's choosing and a neighbour entry for a made-up address
+# (host-wide limits, see _ND), at the node's ICMP rate limit (1,000 a second). A
+# link-local destination other than the node's own is routed back out the
+# container's veth, leaving a neighbour entry for it, whatever the source. (IPv6
+# hop-by-hop options are parsed, and answered, before any netfilter hook: see README
+# "Threat model".) A container's own TTL-1 packet is answered as before.
+_V4_LAST_HOP = "@nh,64,32 & 0xfe000000 == 0"            # TTL 0 or 1
+_V4_OPTIONS = "@nh,0,32 & 0x0f000000 != 0x05000000"     # header length other than 20 bytes
+_V6_LAST_HOP = "@nh,32,32 & 0x000000fe == 0"            # hop limit 0 or 1
+_V6_LINK_LOCAL_SOURCE = "@nh,64,32 & 0xffc00000 == 0xfe800000"       # fe80::/10
+_V6_LINK_LOCAL_DESTINATION = "@nh,192,32 & 0xffc00000 == 0xfe800000"
+_IN_CONTAINER = f"meta iifgroup {CONTAINER_IFGROUP:#x}"
 
 BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
     # hook chains: (declaration, rules)
@@ -205,31 +214,18 @@ BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
         "iifname @ifaces jump from_container",
         "oifname @ifaces jump to_container",
     ]),
-    # Before conntrack reassembles fragments (defrag runs at -400): a container's IP
-    # fragments never reach the node's reassembly memory, which is one pool for the
-    # whole netns (4 MiB by default): unfinished fragments from one container would
-    # otherwise starve every other container's reassembly, and a datagram sent in tiny
-    # fragments would be billed once, as the reassembled packet, while many more bytes
-    # leave the node. A container's kernel fragments only UDP datagrams larger than the
-    # path MTU; those are lost (README: "Threat model"). The chain also holds the
-    # anti-spoofing that can't wait for `forward` (see _V4_LAST_HOP). Every packet pays
-    # this hook (docs/measurements.md), so the cheap tests come first and the veth's
-    # group last.
-    "fragments": ("type filter hook prerouting priority -450; policy accept;", [
-        dropped(f"{_V4_FRAGMENT} meta iifgroup {CONTAINER_IFGROUP:#x}", "fragment", "drop"),
-        # A fragment header may hide behind other extension headers, and walking them
-        # (`exthdr frag exists`) costs more than this: a container's packet carries no
-        # extension header at all (TCP, UDP, ICMPv6 only; C3).
-        dropped(f"{_V6_EXTENSION} meta iifgroup {CONTAINER_IFGROUP:#x}", "fragment", "drop"),
-        # Anti-spoofing before routing, for the packets the node would answer before
-        # `forward` (see _V4_LAST_HOP); every other packet is checked where it goes
-        # (`forward`, container_to_node).
-        dropped(f"{_V4_LAST_HOP} meta iifgroup {CONTAINER_IFGROUP:#x} meta iif . ip saddr != @tx4",
-                "spoofed-source", "drop"),
-        dropped(f"{_V6_LAST_HOP} meta iifgroup {CONTAINER_IFGROUP:#x} meta iif . ip6 saddr != @tx6",
-                "spoofed-source", "drop"),
-        f"{_V6_LINK_LOCAL_SOURCE} meta iifgroup {CONTAINER_IFGROUP:#x} jump link_local",
-        f"{_V6_LINK_LOCAL_DESTINATION} meta iifgroup {CONTAINER_IFGROUP:#x} jump link_local",
+    # Before conntrack reassembles fragments (defrag runs at -400) and before the node
+    # routes: a container's IP fragments never reach the node's reassembly memory,
+    # which is one pool for the whole netns (4 MiB by default): unfinished fragments
+    # from one container would otherwise starve every other container's reassembly,
+    # and a datagram sent in tiny fragments would be billed once, as the reassembled
+    # packet, while many more bytes leave the node. A container's kernel fragments
+    # only UDP datagrams larger than the path MTU; those are lost (README: "Threat
+    # model"). The family's chain also holds the anti-spoofing that can't wait for
+    # `forward` (see _V4_LAST_HOP). Every packet pays this hook (docs/measurements.md).
+    "before_routing": ("type filter hook prerouting priority -450; policy accept;", [
+        f"{_IS_V4} goto before_routing4",
+        "goto before_routing6",
     ]),
     "input": ("type filter hook input priority filter; policy accept;", [
         "iifname @ifaces jump container_to_node",
@@ -366,6 +362,23 @@ REGULAR_CHAINS: dict[str, list[str]] = {
     "container_to_node": [dropped(_ND, "neighbour", "drop"), *ANTI_SPOOFING,
                           dropped("", "container-to-node").lstrip()],
     "refuse": _REJECT,
+    "before_routing4": [
+        dropped(f"{_V4_FRAGMENT} {_IN_CONTAINER}", "fragment", "drop"),
+        # Anti-spoofing before routing, for the packets the node would answer before
+        # `forward` (see _V4_LAST_HOP); every other packet is checked where it goes
+        # (`forward`, container_to_node).
+        dropped(f"{_V4_LAST_HOP} {_IN_CONTAINER} meta iif . ip saddr != @tx4", "spoofed-source", "drop"),
+        dropped(f"{_V4_OPTIONS} {_IN_CONTAINER} meta iif . ip saddr != @tx4", "spoofed-source", "drop"),
+    ],
+    "before_routing6": [
+        # A fragment header may hide behind other extension headers, and walking them
+        # (`exthdr frag exists`) costs more than this: a container's packet carries no
+        # extension header at all (TCP, UDP, ICMPv6 only; C3).
+        dropped(f"{_V6_EXTENSION} {_IN_CONTAINER}", "fragment", "drop"),
+        dropped(f"{_V6_LAST_HOP} {_IN_CONTAINER} meta iif . ip6 saddr != @tx6", "spoofed-source", "drop"),
+        f"{_V6_LINK_LOCAL_SOURCE} {_IN_CONTAINER} jump link_local",
+        f"{_V6_LINK_LOCAL_DESTINATION} {_IN_CONTAINER} jump link_local",
+    ],
     # IPv6 from or to a link-local address, from a container (see _V4_LAST_HOP). No
     # contract flow uses one: a container's link-local address is never in tx6, so
     # container_to_node dropped what it sent the node from there before this chain
@@ -463,6 +476,8 @@ def _render(policy: EgressPolicy, rev: str) -> str:
     # delete succeed whether or not the set was there.)
     for name, decl in LEGACY_SETS.items():
         lines += [f"add set {t} {name} {{ {decl}; }}", f"delete set {t} {name}"]
+    for name in LEGACY_CHAINS:  # (a chain's rules go with it)
+        lines += [f"add chain {t} {name}", f"delete chain {t} {name}"]
     return "\n".join(lines) + "\n"
 
 

@@ -349,11 +349,17 @@ def test_stale_table_is_reloaded_and_keeps_elements(plugin, app):
     plugin.add("old", ns)
     node = plugin.node_netns
     # What a node upgraded from another sockgate version looks like: different rules,
-    # and a set of the earlier layout that a rule uses.
+    # a set of the earlier layout that a rule uses, and a hook chain of that layout
+    # (`fragments`, before before_routing took over) that would stay hooked.
     in_ns(node, "nft", "flush", "chain", "inet", "sockgate", "forward")
     in_ns(node, "nft", "add", "set", "inet", "sockgate", "acct_tx", "{", "typeof", "iifname;", "counter;", "}")
     in_ns(node, "nft", "add", "rule", "inet", "sockgate", "forward", "iifname", "@acct_tx", "accept")
+    in_ns(node, "nft", "add", "chain", "inet", "sockgate", "fragments",
+          "{ type filter hook prerouting priority -450; policy accept; }")
+    in_ns(node, "nft", "add", "rule", "inet", "sockgate", "fragments", "meta", "iifgroup", "0x5347", "counter", "drop")
     plugin.add("new", app())
     assert "jump from_container" in in_ns(node, "nft", "list", "chain", "inet", "sockgate", "forward")
     assert "acct_tx" not in in_ns(node, "nft", "list", "sets", "inet")
+    chains = in_ns(node, "nft", "list", "chains", "inet")
+    assert "chain fragments" not in chains and "chain before_routing {" in chains
     assert plugin("CHECK", "old", ns).rc == 0  # the reload kept existing containers' elements

@@ -41,7 +41,7 @@ def test_no_samples_is_zero_not_an_error():
     assert (got.samples, got.share, got.busy) == (0, 0.0, 0.0)
 
 
-# sockgate's `fragments` chain: nft's inet hook function under prerouting.
+# sockgate's `before_routing` chain: nft's inet hook function under prerouting.
 IN_PREROUTING_CHAIN = """\
 \tffffffff81f636a5 nft_do_chain
 \tffffffff81f7e543 nft_do_chain_inet

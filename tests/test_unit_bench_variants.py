@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from netpolicy.ruleset import BASE_CHAINS, Endpoint
+from netpolicy.ruleset import BASE_CHAINS, REGULAR_CHAINS, Endpoint
 from runtime.bench.variants import (
     AS_IS,
     Shares,
@@ -17,9 +17,9 @@ from runtime.bench.variants import (
 
 SHIPPED = sorted(Path(__file__).parent.parent.joinpath("scripts", "variants").glob("*"))
 FILE = """\
-# what the fragments chain costs
-[without-fragments]
-delete chain inet sockgate fragments
+# what the before_routing chain costs
+[without-before-routing]
+delete chain inet sockgate before_routing
 
 [again]
 [one-lookup]
@@ -30,7 +30,7 @@ add rule inet sockgate forward meta iif . ip saddr @tx4 accept
 
 def test_parses_names_and_their_commands_in_order():
     got = parse_variants(FILE)
-    assert got == [Variant("without-fragments", ("delete chain inet sockgate fragments",)),
+    assert got == [Variant("without-before-routing", ("delete chain inet sockgate before_routing",)),
                    Variant("again", ()),
                    Variant("one-lookup", ("flush chain inet sockgate forward",
                                           "add rule inet sockgate forward meta iif . ip saddr @tx4 accept"))]
@@ -40,7 +40,7 @@ def test_parses_names_and_their_commands_in_order():
 @pytest.mark.parametrize("text, names", [
     ("", "no variant"),
     ("# only a comment\n", "no variant"),
-    ("delete chain inet sockgate fragments\n[x]\n", "line 1: an nft command before the first [name]"),
+    ("delete chain inet sockgate before_routing\n[x]\n", "line 1: an nft command before the first [name]"),
     ("[a]\n[a]\n", "line 2: variant name 'a' is taken"),
     ("[sockgate]\n", "line 1: variant name 'sockgate' is taken (config B as it is)"),
     ("[Has Space]\n", "line 1: variant name 'Has Space'"),
@@ -113,16 +113,17 @@ def test_a_rewritten_forward_chain_still_mirrors_the_product_but_for_the_tx_look
         assert not any("@tx4" in r or "@tx6" in r for r in rules), f"[{name}] keeps a tx lookup"
 
 
-_FRAGMENTS_PREFIX = "add rule inet sockgate fragments "
-
-
-def test_a_rewritten_fragments_chain_keeps_the_products_fragment_rules():
-    # [fragment-rules-only] measures what the rules after the fragment tests cost:
-    # it must keep those tests exactly as the product renders them.
-    product = [r for r in BASE_CHAINS["fragments"][1] if r.endswith('comment "drop:fragment"')]
-    rewritten = [(v.name, [c.removeprefix(_FRAGMENTS_PREFIX) for c in v.commands if c.startswith(_FRAGMENTS_PREFIX)])
-                 for path in SHIPPED for v in parse_variants(path.read_text(), str(path))
-                 if "flush chain inet sockgate fragments" in v.commands]
-    assert len(product) == 2 and any(rules for _, rules in rewritten)
-    for name, rules in rewritten:
-        assert rules in ([], product), f"[{name}] no longer mirrors BASE_CHAINS['fragments']' fragment rules"
+def test_rewritten_before_routing_chains_keep_the_products_fragment_rules():
+    # [fragment-rules-only] measures what the rules after the fragment tests cost: it
+    # must keep those tests exactly as the product renders them.
+    checked = 0
+    for chain in ("before_routing4", "before_routing6"):
+        product = [r for r in REGULAR_CHAINS[chain] if r.endswith('comment "drop:fragment"')]
+        prefix = f"add rule inet sockgate {chain} "
+        for path in SHIPPED:
+            for v in parse_variants(path.read_text(), str(path)):
+                if f"flush chain inet sockgate {chain}" in v.commands:
+                    rules = [c.removeprefix(prefix) for c in v.commands if c.startswith(prefix)]
+                    assert rules == product, f"[{v.name}] no longer mirrors REGULAR_CHAINS[{chain!r}]' fragment rule"
+                    checked += 1
+    assert len(product) == 1 and checked >= 2

@@ -126,42 +126,48 @@ def test_flow_bounds_count_first_packets_rate_before_policy_count_after():
 
 def test_fragments_from_containers_are_dropped_before_reassembly():
     text = render_table()
-    assert "add chain inet sockgate fragments { type filter hook prerouting priority -450; policy accept; }" in text
-    rules = _chain("fragments", text)
-    # Raw loads (see ruleset): version nibble, then IPv4 flags+offset / IPv6 next header.
-    assert rules[:2] == ['@nh,0,32 & 0xf0000000 == 0x40000000 @nh,48,16 != 0x4000 @nh,48,16 != 0 '
-                     'meta iifgroup 0x5347 counter drop comment "drop:fragment"',
-                     '@nh,0,32 & 0xf0000000 == 0x60000000 @nh,48,8 != 6 @nh,48,8 != 17 @nh,48,8 != 58 '
-                     'meta iifgroup 0x5347 counter drop comment "drop:fragment"']
+    assert ("add chain inet sockgate before_routing { type filter hook prerouting priority -450; policy accept; }"
+            in text)
+    # Raw loads (see ruleset): the version nibble picks the family's chain once.
+    assert _chain("before_routing", text) == ["@nh,0,32 & 0xf0000000 == 0x40000000 goto before_routing4",
+                                              "goto before_routing6"]
+    # Then IPv4 flags+offset / IPv6 next header.
+    assert _chain("before_routing4", text)[0] == ('@nh,48,16 != 0x4000 @nh,48,16 != 0 meta iifgroup 0x5347 '
+                                                  'counter drop comment "drop:fragment"')
+    assert _chain("before_routing6", text)[0] == ('@nh,48,8 != 6 @nh,48,8 != 17 @nh,48,8 != 58 meta iifgroup 0x5347 '
+                                                  'counter drop comment "drop:fragment"')
+    # The chain of earlier versions is deleted at every load, else it stays hooked.
+    assert text.endswith("add chain inet sockgate fragments\ndelete chain inet sockgate fragments\n")
 
 
-def test_packets_the_node_answers_before_forward_are_checked_for_a_forged_source_first():
-    # TTL/hop limit 0 or 1 and IPv6 link-local sources: ip_forward answers them before
-    # the forward hook; a link-local destination is routed back out the veth. Each rule's first test is a raw load an ordinary packet of
-    # either family fails (no call on the busy path); only then the veth's group and,
-    # for the last hop, the same lookup as anti-spoofing in `forward`.
-    rules = _chain("fragments")[2:]
-    assert rules == ['@nh,64,32 & 0xfe000000 == 0 @nh,0,32 & 0xf0000000 == 0x40000000 meta iifgroup 0x5347 '
-                     'meta iif . ip saddr != @tx4 counter goto event_spoofed_source comment "drop:spoofed-source"',
-                     '@nh,32,32 & 0x000000fe == 0 @nh,0,32 & 0xf0000000 == 0x60000000 meta iifgroup 0x5347 '
-                     'meta iif . ip6 saddr != @tx6 counter goto event_spoofed_source comment "drop:spoofed-source"',
-                     '@nh,64,32 & 0xffc00000 == 0xfe800000 @nh,0,32 & 0xf0000000 == 0x60000000 '
-                     'meta iifgroup 0x5347 jump link_local',
-                     '@nh,192,32 & 0xffc00000 == 0xfe800000 @nh,0,32 & 0xf0000000 == 0x60000000 '
-                     'meta iifgroup 0x5347 jump link_local']
+_SPOOFED = 'counter goto event_spoofed_source comment "drop:spoofed-source"'
+
+
+def test_what_the_node_answers_before_forward_is_checked_before_routing():
+    # ip_rcv_finish answers malformed IPv4 options, ip_forward a TTL/hop limit of 0 or
+    # 1 and an IPv6 link-local source, before the forward hook; a link-local
+    # destination is routed back out the veth. Each rule's first test is a raw load an
+    # ordinary packet fails (no call on the busy path); only then the veth's group
+    # and, for a forged source, the same lookup as anti-spoofing in `forward`.
+    assert _chain("before_routing4")[1:] == [
+        f"@nh,64,32 & 0xfe000000 == 0 meta iifgroup 0x5347 meta iif . ip saddr != @tx4 {_SPOOFED}",
+        f"@nh,0,32 & 0x0f000000 != 0x05000000 meta iifgroup 0x5347 meta iif . ip saddr != @tx4 {_SPOOFED}"]
+    assert _chain("before_routing6")[1:] == [
+        f"@nh,32,32 & 0x000000fe == 0 meta iifgroup 0x5347 meta iif . ip6 saddr != @tx6 {_SPOOFED}",
+        "@nh,64,32 & 0xffc00000 == 0xfe800000 meta iifgroup 0x5347 jump link_local",
+        "@nh,192,32 & 0xffc00000 == 0xfe800000 meta iifgroup 0x5347 jump link_local"]
     # Link-local from a container: neighbour discovery counted as before, link-scoped
     # multicast (MLD) on to container_to_node, everything else dropped.
     link_local = _chain("link_local")
     assert link_local[0].startswith("icmpv6 type {") and ends_in(link_local[0], "drop", "neighbour")
     assert link_local[1:] == ["ip6 daddr ff00::/8 return", 'counter drop comment "drop:link-local"']
     # The first tests against ordinary headers: UDP, TTL/hop limit 64, public addresses.
-    ordinary = {"v4": bytes.fromhex("45000054" "00004000" "40110000" "5db8d74d" "5db8d74e"),
-                "v6": bytes.fromhex("60000000" "00081140" "26062800" "021fcb07" + "00" * 8 + "26062800" + "00" * 16)}
-    for name, header in ordinary.items():
-        word, v6_destination = int.from_bytes(header[8:12], "big"), int.from_bytes(header[24:28], "big")
-        assert word & 0xfe000000 != 0 and word & 0xffc00000 != 0xfe800000, name
-        assert name == "v4" or v6_destination & 0xffc00000 != 0xfe800000
-    assert int.from_bytes(ordinary["v6"][4:8], "big") & 0xfe != 0
+    v4 = bytes.fromhex("45000054" "00004000" "40110000" "5db8d74d" "5db8d74e")
+    v6 = bytes.fromhex("60000000" "00081140" "26062800" "021fcb07" + "00" * 8 + "26062800" + "00" * 16)
+    word = lambda header, at: int.from_bytes(header[at:at + 4], "big")  # noqa: E731
+    assert word(v4, 8) & 0xfe000000 != 0 and word(v4, 0) & 0x0f000000 == 0x05000000
+    assert word(v6, 4) & 0xfe != 0 and word(v6, 8) & 0xffc00000 != 0xfe800000
+    assert word(v6, 24) & 0xffc00000 != 0xfe800000
 
 
 def test_no_neighbour_discovery_from_containers_and_no_refusal_to_a_forged_source():

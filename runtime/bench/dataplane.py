@@ -245,7 +245,7 @@ class Bench:
 
     # --- configurations ---
     def _hook_chains(self, on: bool) -> str:
-        """sockgate's hook chains (forward, input, output, postrouting, fragments) as the table
+        """sockgate's hook chains (forward, input, output, postrouting, before_routing) as the table
         renders them (on), or deleted (off). Without them no packet runs any of the
         table's rules: the kernel calls nft per hook, and a table without hook chains
         has none. Sets, elements and the other chains stay put, so a switch is a
@@ -762,10 +762,10 @@ variant's nft commands applied on top, every variant once per round, --rounds
 rounds, and prints each one's median share of the sending CPU inside sockgate's
 hooks and its difference from B. A variant is a [name] line and the nft commands
 under it, one transaction; before each variant B's hook chains are re-rendered.
-Example, what the fragments chain costs and what a one-rule forward chain would:
+Example, what the before_routing chain costs and what a one-rule forward chain would:
 
-  [without-fragments]
-  delete chain inet sockgate fragments
+  [without-before-routing]
+  delete chain inet sockgate before_routing
   [one-lookup]
   flush chain inet sockgate forward
   add rule inet sockgate forward meta iif . ip saddr @tx4 accept

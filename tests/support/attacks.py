@@ -73,12 +73,15 @@ def _with_csum(src: str, dst: str, proto: int, segment: bytes, at: int) -> bytes
 # --- IP -------------------------------------------------------------------------
 
 def ipv4(src: str, dst: str, proto: int, payload: bytes, *, ident: int = 0, df: bool = True,
-         mf: bool = False, offset: int = 0, ttl: int = 64) -> bytes:
-    """offset in bytes (a multiple of 8)."""
+         mf: bool = False, offset: int = 0, ttl: int = 64, options: bytes = b"") -> bytes:
+    """offset in bytes (a multiple of 8); options padded to a multiple of 4 bytes."""
     assert offset % 8 == 0
+    options = options.ljust(-(-len(options) // 4) * 4, b"\0")
     frag = (0x4000 if df else 0) | (0x2000 if mf else 0) | (offset // 8)
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident or int.from_bytes(os.urandom(2), "big"),
-                      frag, ttl, proto, 0, _ip(src).packed, _ip(dst).packed)
+    size = 20 + len(options)
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x40 | size // 4, 0, size + len(payload),
+                      ident or int.from_bytes(os.urandom(2), "big"), frag, ttl, proto, 0,
+                      _ip(src).packed, _ip(dst).packed) + options
     return hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:] + payload
 
 
