@@ -65,6 +65,10 @@ LEGACY_SETS = {
     "acct_rx": "typeof oifname; counter",
 }
 
+# The node's end of every container veth holds this link-local address alone, the
+# containers' IPv6 gateway (runtime.kernel.netns).
+GATEWAY_V6 = "fe80::1"
+
 # Base chains of earlier layouts, deleted at every load: before_routing took over from
 # `fragments` (sockgate 2026-12-06), which would otherwise stay hooked.
 LEGACY_CHAINS = ("fragments",)
@@ -380,11 +384,13 @@ REGULAR_CHAINS: dict[str, list[str]] = {
         f"{_V6_LINK_LOCAL_DESTINATION} {_IN_CONTAINER} jump link_local",
     ],
     # IPv6 from or to a link-local address, from a container (see _V4_LAST_HOP). No
-    # contract flow uses one: a container's link-local address is never in tx6, so
-    # container_to_node dropped what it sent the node from there before this chain
-    # existed. Link-scoped multicast other than neighbour discovery (MLD) goes on to
-    # that chain as before.
-    "link_local": [dropped(_ND, "neighbour", "drop"), "ip6 daddr ff00::/8 return",
+    # contract flow uses one but the node's own end of the veth, GATEWAY_V6: the node
+    # may open connections from it (probes, when the node has no other IPv6 address)
+    # and a container's replies go there. A container's link-local address is never
+    # in tx6, so container_to_node dropped what it sent the node from there before
+    # this chain existed. What goes to the node (GATEWAY_V6, link-scoped multicast
+    # such as MLD) goes on to that chain as before, but neighbour discovery.
+    "link_local": [dropped(_ND, "neighbour", "drop"), f"ip6 daddr {{ ff00::/8, {GATEWAY_V6} }} return",
                    dropped("", "link-local", "drop").lstrip()],
     "node_to_container": ["ct state established,related accept", dropped("", "node-to-container", "drop").lstrip()],
 }

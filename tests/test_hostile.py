@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from netpolicy.ruleset import FlowBounds
+from netpolicy.ruleset import GATEWAY_V6, FlowBounds
 from runtime.billing.ledger import Ledger
 from runtime.lab import LAB
 from runtime.lab.policy import write_lab_policy
@@ -737,7 +737,9 @@ def test_what_the_node_would_answer_before_forward_is_dropped_first(lab, tenant,
     sources and to link-local destinations (from the container's own address too), no
     answer is sent and no neighbour entry appears; each packet is counted
     (`spoofed-source`, `link-local`). Control: the node still answers the container's
-    own TTL-1 packet, which shows the count would see the others."""
+    own TTL-1 packet, which shows the count would see the others; and what the
+    container sends the node's own link-local address (where the node's probes may
+    come from) still reaches the node's rules."""
     a = addrs(family)
     attacker = tenant("attacker")
     assert lab.probe(attacker.ns, "tcp", a.public, 9000).ok  # the node knows its gateway before the snapshot
@@ -780,5 +782,11 @@ def test_what_the_node_would_answer_before_forward_is_dropped_first(lab, tenant,
         assert atk.send(lab, attacker.ns, [own])["sent"] == 1
         time.sleep(0.3)
         assert _icmp_out(lab, family, "TimeExcds") - sent_before["TimeExcds"] == 1
+        if family == "v6":
+            to_node = atk.udp_packet(attacker.v6, GATEWAY_V6, 23001, 9, b"x")
+            assert atk.send(lab, attacker.ns, [to_node])["sent"] == 1
+            time.sleep(0.3)
+            drops = atk.delta(drops_before, atk.drop_counters(lab))
+            assert drops.get("container-to-node") == 1 and drops.get("link-local") == expected["link-local"], drops
     finally:
         _forget_new_neighbours(lab, before)

@@ -156,11 +156,12 @@ def test_what_the_node_answers_before_forward_is_checked_before_routing():
         f"@nh,32,32 & 0x000000fe == 0 meta iifgroup 0x5347 meta iif . ip6 saddr != @tx6 {_SPOOFED}",
         "@nh,64,32 & 0xffc00000 == 0xfe800000 meta iifgroup 0x5347 jump link_local",
         "@nh,192,32 & 0xffc00000 == 0xfe800000 meta iifgroup 0x5347 jump link_local"]
-    # Link-local from a container: neighbour discovery counted as before, link-scoped
-    # multicast (MLD) on to container_to_node, everything else dropped.
+    # Link-local from a container: neighbour discovery counted as before; what goes to
+    # the node (its end of the veth, link-scoped multicast such as MLD) on to
+    # container_to_node; everything else dropped.
     link_local = _chain("link_local")
     assert link_local[0].startswith("icmpv6 type {") and ends_in(link_local[0], "drop", "neighbour")
-    assert link_local[1:] == ["ip6 daddr ff00::/8 return", 'counter drop comment "drop:link-local"']
+    assert link_local[1:] == ["ip6 daddr { ff00::/8, fe80::1 } return", 'counter drop comment "drop:link-local"']
     # The first tests against ordinary headers: UDP, TTL/hop limit 64, public addresses.
     v4 = bytes.fromhex("45000054" "00004000" "40110000" "5db8d74d" "5db8d74e")
     v6 = bytes.fromhex("60000000" "00081140" "26062800" "021fcb07" + "00" * 8 + "26062800" + "00" * 16)

@@ -20,13 +20,12 @@ from typing import Callable, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from netpolicy.ruleset import CONTAINER_IFGROUP
+from netpolicy.ruleset import CONTAINER_IFGROUP, GATEWAY_V6
 from runtime.errors import KERNEL_FAILURE, UNKNOWN_CONTAINER, SockgateError
 from runtime.kernel.netlink import route as rtnl
 
 log = logging.getLogger(__name__)
-GATEWAY_V4 = "169.254.1.1"
-GATEWAY_V6 = "fe80::1"
+GATEWAY_V4 = "169.254.1.1"  # GATEWAY_V6 is netpolicy.ruleset's: rules name it
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
