@@ -185,8 +185,8 @@ _V6_EXTENSION = "@nh,48,8 != 6 @nh,48,8 != 17 @nh,48,8 != 58"
 # (host-wide limits, see _ND), at the node's ICMP rate limit (1,000 a second). A
 # link-local destination other than the node's own is routed back out the
 # container's veth, leaving a neighbour entry for it, whatever the source. (IPv6
-# hop-by-hop options are parsed, and answered, before any netfilter hook: see README
-# "Threat model".) A container's own TTL-1 packet is answered as before.
+# hop-by-hop options are parsed, and answered, before any netfilter hook: see
+# runtime.kernel.netns.HBH_LIMIT.) A container's own TTL-1 packet is answered as before.
 _V4_LAST_HOP = "@nh,64,32 & 0xfe000000 == 0"            # TTL 0 or 1
 _V4_OPTIONS = "@nh,0,32 & 0x0f000000 != 0x05000000"     # header length other than 20 bytes
 _V6_LAST_HOP = "@nh,32,32 & 0x000000fe == 0"            # hop limit 0 or 1
