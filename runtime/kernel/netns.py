@@ -309,7 +309,8 @@ def enable_forwarding() -> None:
 # error sent to a victim of its choosing and a neighbour entry for a made-up address,
 # which no rule can stop. A negative limit makes the kernel drop packets with unknown
 # options instead, unanswered (ip6_tlvopt_unknown), for the node's other traffic too:
-# they are rare, and many networks drop them anyway (README "Threat model").
+# they are rare, and many networks drop them anyway. (A malformed jumbo option, a
+# known one, is still answered: README "Threat model".)
 HBH_LIMIT = "net.ipv6.max_hbh_opts_number"
 
 
