@@ -313,6 +313,8 @@ def send_all(l3: list[bytes], l2: list[tuple[str, bytes]], ifname: str = "eth0",
                 s = socks.get(fam)
                 if s is None:
                     s = socks[fam] = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
+                    if fam == socket.AF_INET:  # 255.255.255.255 too
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
                 a = ipaddress.ip_address(dst)
                 scoped = a.version == 6 and (a.is_link_local or a.is_multicast)
                 addr = (dst, 0, 0, socket.if_nametoindex(ifname) if scoped else 0) if a.version == 6 else (dst, 0)
