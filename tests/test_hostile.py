@@ -10,6 +10,7 @@ or does change the state that the attack must leave alone.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import pytest
 
 from netpolicy.ruleset import GATEWAY_V6, FlowBounds
 from runtime.billing.ledger import Ledger
+from runtime.kernel.netns import GATEWAY_V4
 from runtime.lab import LAB
 from runtime.lab.policy import write_lab_policy
 from tests.support import attacks as atk
@@ -423,11 +425,17 @@ def test_flow_flood_is_held_at_the_containers_bound(lab, plugin, tenant, far, tm
 
 # --- c) fragments -----------------------------------------------------------------------
 
+def _snmp(lab, section: str) -> dict[str, int]:
+    """One section of the node's /proc/net/snmp ("Ip", "Icmp"): a line of names, then
+    one of values."""
+    lines = [ln.split() for ln in lab.run(lab.node, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+             if ln.startswith(f"{section}:")]
+    return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:])}
+
+
 def _reasm(lab) -> dict[str, int]:
     """The node's IPv4 reassembly counters (conntrack's defrag counts there too)."""
-    lines = [ln.split() for ln in lab.run(lab.node, ["cat", "/proc/net/snmp"]).stdout.splitlines()
-             if ln.startswith("Ip:")]
-    return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:]) if k.startswith("Reasm")}
+    return {k: v for k, v in _snmp(lab, "Ip").items() if k.startswith("Reasm")}
 
 
 def _frag_memory(lab) -> tuple[int, int]:
@@ -720,9 +728,7 @@ def test_forged_sources_towards_the_node_are_not_answered(lab, tenant, far, fami
 def _icmp_out(lab, family: str, kind: str) -> int:
     """The node's count of ICMP errors of a kind it has sent (/proc/net/snmp{,6})."""
     if family == "v4":
-        head, values = [line.split() for line in lab.run(lab.node, ["cat", "/proc/net/snmp"]).stdout.splitlines()
-                        if line.startswith("Icmp:")][:2]
-        return int(values[head.index(f"Out{kind}")])
+        return _snmp(lab, "Icmp")[f"Out{kind}"]
     pairs = dict(line.split() for line in lab.run(lab.node, ["cat", "/proc/net/snmp6"]).stdout.splitlines())
     return int(pairs[f"Icmp6Out{kind}"])
 
@@ -801,10 +807,13 @@ def _sweep(family: str, a: Addrs, own: str, other: str) -> list[bytes]:
     node, its gateway address, broadcast and multicast, another container, the
     container itself, blocked and allowed hosts."""
     srcs = [a.reflect, a.uplink_forged]
+    pools = {ipaddress.ip_network(p).version: ipaddress.ip_network(p) for p in LAB.container_pools}
     pkts: list[bytes] = []
     if family == "v4":
-        dsts = [a.public, a.node, "169.254.1.1", "255.255.255.255", "198.18.0.255", "224.0.0.1", "239.1.1.1",
-                other, own, "10.77.0.0", "10.77.255.255", a.internal, a.google]
+        uplink = ipaddress.ip_network(f"{LAB.node_uplink_v4}/{LAB.uplink_prefixlen_v4}", strict=False)
+        dsts = [a.public, a.node, GATEWAY_V4, "255.255.255.255", str(uplink.broadcast_address), "224.0.0.1",
+                "239.1.1.1", other, own, str(pools[4].network_address), str(pools[4].broadcast_address),
+                a.internal, a.google]
         options = [b"", bytes([7, 7, 4, 0, 0, 0, 0]), bytes([0x44, 12, 5, 0] + [0] * 8), bytes([0x94, 4, 0, 0]),
                    bytes([0x83, 7, 4, 10, 99, 0, 7]), bytes([0x9e, 4, 0, 0])]  # RR, TS, RA, LSRR, unknown
         for s in srcs:
@@ -815,8 +824,8 @@ def _sweep(family: str, a: Addrs, own: str, other: str) -> list[bytes]:
                 pkts += [atk.ipv4(s, d, 1, atk.icmp4(t, 0, b"\0" * 4, b"\x45" + b"\0" * 27))
                          for t in (8, 13, 17, 3, 11, 12, 5, 4, 15)]
         return pkts
-    dsts = [a.public, a.node, "fe80::1", "fe80::abcd", "ff02::1", "ff02::2", "ff02::16", "ff0e::1", other, own,
-            a.internal, a.google, "fd77:5067:6174::"]
+    dsts = [a.public, a.node, GATEWAY_V6, "fe80::abcd", "ff02::1", "ff02::2", "ff02::16", "ff0e::1", other, own,
+            a.internal, a.google, str(pools[6].network_address)]
     # Hop-by-hop: router alert, unknown options of each action. (Not a malformed jumbo
     # option: README "Threat model", what a container can still do.)
     hop_by_hop = [bytes([17, 0, 5, 2, 0, 0, 1, 0]), bytes([17, 0, 0x40, 4, 0, 0, 0, 0]),

@@ -92,8 +92,8 @@ def parse_headers(payload: bytes) -> tuple[str, Packet] | None:
     elif version == 6 and len(payload) >= 40:
         proto = payload[6]
         src, dst = socket.inet_ntop(socket.AF_INET6, payload[8:24]), socket.inet_ntop(socket.AF_INET6, payload[24:40])
-        # No extension headers to walk: a container can't send any (the
-        # `before_routing` chains drop them), and an inbound packet with one is reported without ports.
+        # No extension headers to walk: a container can't send any (the `before_routing`
+        # chains drop them), and an inbound packet with one is reported without ports.
         l4 = payload[40:]
         family = "ipv6"
     else:

@@ -1,6 +1,7 @@
 """The node's nft table in force: loaded from the compiled policy with the elements of
 every ready attachment in one transaction, under the table lock that keeps ADD and DEL
-apart from a reload."""
+apart from a reload. Its checks also keep the one node setting the table's rules
+can't stand in for (_harden)."""
 from __future__ import annotations
 
 import contextlib

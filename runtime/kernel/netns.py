@@ -120,8 +120,12 @@ def in_netns(path: str, fn: Callable[[], T]) -> T:
     return result["value"]  # type: ignore[return-value]
 
 
+def _sysctl_path(key: str) -> str:
+    return "/proc/sys/" + key.replace(".", "/")
+
+
 def sysctl(key: str, value: str) -> None:
-    with open("/proc/sys/" + key.replace(".", "/"), "w") as fh:
+    with open(_sysctl_path(key), "w") as fh:
         fh.write(value)
 
 
@@ -323,7 +327,7 @@ def drop_unknown_hop_by_hop_options() -> int | None:
     `sockgate doctor` reports it)."""
     global _hbh_warned
     try:
-        with open("/proc/sys/" + HBH_LIMIT.replace(".", "/")) as fh:
+        with open(_sysctl_path(HBH_LIMIT)) as fh:
             limit = int(fh.read())
         if limit <= 0:
             return None

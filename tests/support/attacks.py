@@ -76,7 +76,7 @@ def ipv4(src: str, dst: str, proto: int, payload: bytes, *, ident: int = 0, df: 
          mf: bool = False, offset: int = 0, ttl: int = 64, options: bytes = b"") -> bytes:
     """offset in bytes (a multiple of 8); options padded to a multiple of 4 bytes."""
     assert offset % 8 == 0
-    options = options.ljust(-(-len(options) // 4) * 4, b"\0")
+    options = options.ljust((len(options) + 3) // 4 * 4, b"\0")
     frag = (0x4000 if df else 0) | (0x2000 if mf else 0) | (offset // 8)
     size = 20 + len(options)
     hdr = struct.pack("!BBHHHBBH4s4s", 0x40 | size // 4, 0, size + len(payload),
