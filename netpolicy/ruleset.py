@@ -91,7 +91,8 @@ _ND = "icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, n
 # to the reason's chain `event_<reason>`, which logs (if the bucket allows) and then
 # refuses or drops as before. Not reported: invalid packets, neighbour discovery and
 # fragments (none of them a flow's first packet), IPv6 from or to a link-local address
-# (no flow the contract has), and what a chain accepts.
+# (no flow the contract has), the node's own answers to hop-by-hop options (no
+# container's packet), and what a chain accepts.
 # reason: (the container's interface, the verdict)
 EVENT_REASONS: dict[str, tuple[str, str]] = {
     "protocol": ("iif", "jump refuse"),
@@ -186,13 +187,23 @@ _V6_EXTENSION = "@nh,48,8 != 6 @nh,48,8 != 17 @nh,48,8 != 58"
 # link-local destination other than the node's own is routed back out the
 # container's veth, leaving a neighbour entry for it, whatever the source. (IPv6
 # hop-by-hop options are parsed, and answered, before any netfilter hook: see
-# runtime.kernel.netns.HBH_LIMIT.) A container's own TTL-1 packet is answered as before.
+# _HOP_BY_HOP_ANSWER.) A container's own TTL-1 packet is answered as before.
 _V4_LAST_HOP = "@nh,64,32 & 0xfe000000 == 0"            # TTL 0 or 1
 _V4_OPTIONS = "@nh,0,32 & 0x0f000000 != 0x05000000"     # header length other than 20 bytes
 _V6_LAST_HOP = "@nh,32,32 & 0x000000fe == 0"            # hop limit 0 or 1
 _V6_LINK_LOCAL_SOURCE = "@nh,64,32 & 0xffc00000 == 0xfe800000"       # fe80::/10
 _V6_LINK_LOCAL_DESTINATION = "@nh,192,32 & 0xffc00000 == 0xfe800000"
 _IN_CONTAINER = f"meta iifgroup {CONTAINER_IFGROUP:#x}"
+# The kernel parses an IPv6 packet's hop-by-hop options on arrival (ip6_rcv_core),
+# before any netfilter hook, and answers an unknown option whose type asks for it, or a
+# malformed jumbo payload option, with "parameter problem" to the packet's source. No
+# rule can see that packet, but the answer is the node's own packet, and the output
+# hook runs before the node resolves where it goes: dropped there, it reaches no
+# forged source and leaves no neighbour entry. An ICMPv6 error quotes the packet it is
+# about after its own 8-byte header, so byte 14 is that packet's next header; 0 is a
+# hop-by-hop header. The node answers no one's hop-by-hop options then (README "Threat
+# model"); its other parameter problems go out as before.
+_HOP_BY_HOP_ANSWER = "icmpv6 type parameter-problem @th,112,8 0"
 
 BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
     # hook chains: (declaration, rules)
@@ -235,6 +246,7 @@ BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
         "iifname @ifaces jump container_to_node",
     ]),
     "output": ("type filter hook output priority filter; policy accept;", [
+        dropped(_HOP_BY_HOP_ANSWER, "hop-by-hop", "drop"),
         "oifname @ifaces jump node_to_container",
     ]),
     # Egress-only NAT. fully-random: source ports don't reveal anything about the

@@ -137,7 +137,7 @@ def test_doctor_on_a_healthy_lab_node(plugin, agent, app, lab):
     assert cp.returncode == 0, cp.stdout + cp.stderr
     assert "checks passed" in cp.stdout
     rc, checks = doctor(lab, plugin)
-    assert rc == 0 and len(checks) == 12
+    assert rc == 0 and len(checks) == 11
     assert "1 attachments' network namespaces open here" in checks["netns-pins"]["detail"]
 
 

@@ -152,7 +152,7 @@ def fake_proc(tmp: Path, **values: str) -> str:
     return str(root)
 
 
-HEALTHY = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1", "net.ipv6.max_hbh_opts_number": "-8",
+HEALTHY = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1",
            "net.netfilter.nf_conntrack_events": "2", "net.netfilter.nf_conntrack_acct": "0",
            "net.netfilter.nf_conntrack_max": "262144"}
 
@@ -187,13 +187,6 @@ def test_forwarding(tmp_path):
     off = doctor.check_forwarding(cfg_of(tmp_path / "off", **{"net.ipv6.conf.all.forwarding": "0"}))
     assert not off.ok and "net.ipv6.conf.all.forwarding=0" in off.detail
     assert off.fix.startswith("sysctl -w net.ipv6.conf.all.forwarding=1")
-
-
-def test_hop_by_hop(tmp_path):
-    assert doctor.check_hop_by_hop(cfg_of(tmp_path)).ok
-    off = doctor.check_hop_by_hop(cfg_of(tmp_path / "off", **{"net.ipv6.max_hbh_opts_number": "8"}))
-    assert not off.ok and "net.ipv6.max_hbh_opts_number=8" in off.detail
-    assert off.fix.startswith("sysctl -w net.ipv6.max_hbh_opts_number=-8")
 
 
 def test_conntrack_events_and_accounting(tmp_path):

@@ -134,20 +134,6 @@ def check_mtu(cfg: DoctorConfig) -> Check:
                               f"(via {way_out})")
 
 
-def check_hop_by_hop(cfg: DoctorConfig) -> Check:
-    from runtime.kernel.netns import HBH_LIMIT
-    value = cfg.sysctl(HBH_LIMIT)
-    if value is None:
-        return Check("hop-by-hop", True, f"{HBH_LIMIT} missing (IPv6 off in this netns)")
-    if int(value) > 0:
-        return Check("hop-by-hop", False,
-                     f"{HBH_LIMIT}={value}: a container can make the node answer 'parameter problem' to a "
-                     f"forged source with an unknown hop-by-hop option, which the node parses before any rule",
-                     f"sysctl -w {HBH_LIMIT}=-{value} in the node's netns (the agent sets it at start and "
-                     f"every few seconds; something reset it, or the agent isn't running)")
-    return Check("hop-by-hop", True, f"{HBH_LIMIT}={value} (unknown options dropped unanswered)")
-
-
 def check_conntrack(cfg: DoctorConfig) -> Check:
     events = cfg.sysctl("net.netfilter.nf_conntrack_events")
     acct = cfg.sysctl("net.netfilter.nf_conntrack_acct")
@@ -403,7 +389,7 @@ def check_lab_namespaces(cfg: DoctorConfig) -> Check:
 
 
 CHECKS: tuple[Callable[[DoctorConfig], Check], ...] = (
-    check_agent, check_table, check_forwarding, check_mtu, check_hop_by_hop, check_conntrack, check_conntrack_max,
+    check_agent, check_table, check_forwarding, check_mtu, check_conntrack, check_conntrack_max,
     check_docker_forward, check_iptables_legacy, check_ranges, check_netns_pins, check_lab_namespaces)
 
 

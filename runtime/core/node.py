@@ -55,10 +55,6 @@ class LinkBackend(Protocol):
 
     def enable_forwarding(self) -> None: ...
 
-    def drop_unknown_hop_by_hop_options(self) -> int | None:
-        """The node drops IPv6 packets with unknown hop-by-hop options, unanswered;
-        returns the setting it replaced, None if it was already so."""
-
     def check_netns(self, netns_path: str) -> None:
         """CNI code 3 unless netns_path is a network namespace this process can open."""
 

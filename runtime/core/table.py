@@ -1,7 +1,6 @@
 """The node's nft table in force: loaded from the compiled policy with the elements of
 every ready attachment in one transaction, under the table lock that keeps ADD and DEL
-apart from a reload. Its checks also keep the one node setting the table's rules
-can't stand in for (_harden)."""
+apart from a reload."""
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +27,6 @@ def apply(node: Node, policy_file: str, state_dir: str) -> Compiled:
     result = node.policies.get(policy_file, state_dir)
     if not ensure_loaded(node, result.egress, state_dir):
         node.table.sync_node_addresses()  # a load fills them; else they may be stale
-    _harden(node)
     return result
 
 
@@ -37,17 +35,6 @@ def check(node: Node, egress: EgressPolicy, state_dir: str) -> None:
     addresses in it current (an address added to or removed from the node since)."""
     if not ensure_loaded(node, egress, state_dir):
         node.table.sync_node_addresses()
-    _harden(node)
-
-
-def _harden(node: Node) -> None:
-    """What the node must do that no rule of the table can (see
-    runtime.kernel.netns.HBH_LIMIT): set at start and put back if reset."""
-    was = node.links.drop_unknown_hop_by_hop_options()
-    if was is not None:
-        log.warning("net.ipv6.max_hbh_opts_number was %d; set to %d: the node now drops IPv6 packets with "
-                    "unknown hop-by-hop options instead of answering their source (README \"Threat model\")",
-                    was, -was)
 
 
 def table_lock(state_dir: str, exclusive: bool = False) -> contextlib.AbstractContextManager[None]:

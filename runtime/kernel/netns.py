@@ -307,40 +307,6 @@ def enable_forwarding() -> None:
         raise _kernel("enable IP forwarding", exc) from None
 
 
-# The kernel parses an IPv6 packet's hop-by-hop options on arrival (ip6_rcv_core),
-# before any netfilter hook, and answers an unknown option whose type asks for it with
-# "parameter problem" to the packet's source: from a container with a forged source, an
-# error sent to a victim of its choosing and a neighbour entry for a made-up address,
-# which no rule can stop. A negative limit makes the kernel drop packets with unknown
-# options instead, unanswered (ip6_tlvopt_unknown), for the node's other traffic too:
-# they are rare, and many networks drop them anyway. (A malformed jumbo option, a
-# known one, is still answered: README "Threat model".)
-HBH_LIMIT = "net.ipv6.max_hbh_opts_number"
-
-
-_hbh_warned = False
-
-
-def drop_unknown_hop_by_hop_options() -> int | None:
-    """-N for a limit of N > 0 (the count still applies); None if it was <= 0 already,
-    IPv6 is off, or it can't be written (logged once: it must not fail an ADD, and
-    `sockgate doctor` reports it)."""
-    global _hbh_warned
-    try:
-        with open(_sysctl_path(HBH_LIMIT)) as fh:
-            limit = int(fh.read())
-        if limit <= 0:
-            return None
-        sysctl(HBH_LIMIT, str(-limit))
-        return limit
-    except OSError as exc:
-        if exc.errno != errno.ENOENT and not _hbh_warned:
-            _hbh_warned = True
-            log.warning("cannot set %s: %s; a container can make the node answer a forged source "
-                        "(README \"Threat model\")", HBH_LIMIT, exc)
-        return None
-
-
 def configure_host(host_ifname: str, host_ifindex: int, ipv4: str, ipv6: str) -> None:
     try:
         # fe80::1 is its link-local address (addr_gen_mode 1: none generated); the one
@@ -597,7 +563,6 @@ class NetlinkLinks:
 
     check_netns = staticmethod(check_netns)
     enable_forwarding = staticmethod(enable_forwarding)
-    drop_unknown_hop_by_hop_options = staticmethod(drop_unknown_hop_by_hop_options)
     configure_container = staticmethod(configure_container)
     configure_host = staticmethod(configure_host)
     delete_link = staticmethod(delete_link)

@@ -221,9 +221,6 @@ class FakeLinks:
         self.faults.hit("links.enable_forwarding")
         self.forwarding = True
 
-    def drop_unknown_hop_by_hop_options(self) -> int | None:
-        return None
-
     def check_netns(self, netns_path: str) -> None:
         """A fake container's netns is any file that exists (the kernel's check is
         runtime.kernel.netns.open_netns, tested in the lab and test_unit_netns)."""
