@@ -201,8 +201,9 @@ _IN_CONTAINER = f"meta iifgroup {CONTAINER_IFGROUP:#x}"
 # hook runs before the node resolves where it goes: dropped there, it reaches no
 # forged source and leaves no neighbour entry. An ICMPv6 error quotes the packet it is
 # about after its own 8-byte header, so byte 14 is that packet's next header; 0 is a
-# hop-by-hop header. The node answers no one's hop-by-hop options then (README "Threat
-# model"); its other parameter problems go out as before.
+# hop-by-hop header. The node answers no one's hop-by-hop options then; its other
+# parameter problems go out as before. (The kernel has counted the answer against the
+# node's ICMP rate limit by then: README "Threat model".)
 _HOP_BY_HOP_ANSWER = "icmpv6 type parameter-problem @th,112,8 0"
 
 BASE_CHAINS: dict[str, tuple[str, list[str]]] = {

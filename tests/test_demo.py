@@ -118,7 +118,11 @@ def test_idle_socket_is_reclaimed_and_the_busy_one_lives(demo):
     _, doc, _ = demo
     idle, busy = [r for r in doc["rows"] if r["section"] == "reclaim"]
     assert idle["got"] == "aborted" and idle["detail"].startswith("next send: ECONNABORTED"), idle
-    assert idle["event"]["msg"].startswith("reclaimed idle tcp ") and "of container app-a/eth0" in idle["event"]["msg"]
+    # The conntrack event reclaims it, or the agent's sweep (every 2 s in the demo) when
+    # it runs between the entry's expiry and the event's handling (seen once in CI).
+    msg = idle["event"]["msg"]
+    assert msg.startswith(("reclaimed idle tcp ", "reclaimed expired (found by sweep) tcp ")), msg
+    assert "of container app-a/eth0" in msg, msg
     assert busy["got"] == "alive" and busy["detail"].startswith("echo ok"), busy
 
 
