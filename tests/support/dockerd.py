@@ -164,6 +164,10 @@ class DockerHost(Service):
         env = dict(os.environ)
         env["PATH"] = f"{self.bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin"
         env["DOCKER_TMPDIR"] = str(self.workdir / "tmp")
+        # And for what dockerd starts: when it gives up on its containerd (health checks
+        # failing on a loaded machine) it sends it SIGUSR1 first, and containerd writes
+        # containerd.<pid>.stacks.log to $TMPDIR, which would be the host's /tmp (seen once).
+        env["TMPDIR"] = str(self.workdir / "tmp")
         return env
 
     def run(self, argv: Sequence[str], *, timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess[str]:
