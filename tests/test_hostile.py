@@ -744,10 +744,11 @@ def test_what_the_node_would_answer_before_forward_is_dropped_first(lab, tenant,
     answer is sent and no neighbour entry appears; each packet is counted
     (`spoofed-source`, `link-local`). IPv6 hop-by-hop options (unknown ones that ask
     for an answer, a malformed jumbo payload) are answered on arrival, before any
-    hook: every answer the node makes is dropped on its way out (`hop-by-hop`). Control: the node still answers the container's
-    own TTL-1 packet, which shows the count would see the others; and what the
-    container sends the node's own link-local address (where the node's probes may
-    come from) still reaches the node's rules."""
+    hook: every answer the node makes is dropped on its way out (`hop-by-hop`).
+    Control: the node still answers the container's own TTL-1 packet, which shows the
+    count would see the others; and what the container sends the node's own
+    link-local address (where the node's probes may come from) still reaches the
+    node's rules."""
     a = addrs(family)
     attacker = tenant("attacker")
     assert lab.probe(attacker.ns, "tcp", a.public, 9000).ok  # the node knows its gateway before the snapshot

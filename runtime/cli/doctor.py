@@ -389,8 +389,8 @@ def check_lab_namespaces(cfg: DoctorConfig) -> Check:
 
 
 CHECKS: tuple[Callable[[DoctorConfig], Check], ...] = (
-    check_agent, check_table, check_forwarding, check_mtu, check_conntrack, check_conntrack_max,
-    check_docker_forward, check_iptables_legacy, check_ranges, check_netns_pins, check_lab_namespaces)
+    check_agent, check_table, check_forwarding, check_mtu, check_conntrack, check_conntrack_max, check_docker_forward,
+    check_iptables_legacy, check_ranges, check_netns_pins, check_lab_namespaces)
 
 
 def run_checks(cfg: DoctorConfig) -> list[Check]:

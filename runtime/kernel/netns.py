@@ -120,12 +120,8 @@ def in_netns(path: str, fn: Callable[[], T]) -> T:
     return result["value"]  # type: ignore[return-value]
 
 
-def _sysctl_path(key: str) -> str:
-    return "/proc/sys/" + key.replace(".", "/")
-
-
 def sysctl(key: str, value: str) -> None:
-    with open(_sysctl_path(key), "w") as fh:
+    with open("/proc/sys/" + key.replace(".", "/"), "w") as fh:
         fh.write(value)
 
 
