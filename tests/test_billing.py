@@ -232,8 +232,18 @@ def test_kill_9_of_the_flusher_loses_nothing_and_bills_nothing_twice(lab, plugin
     rng = random.Random(4242)
 
     # 1. A flusher flushing every 10 ms, with traffic, SIGKILLed at random moments.
+    # Each life waits for the flusher's first record before the traffic and the random
+    # kill: its start (0.3-0.4 s of Python) could otherwise outlast them, and on a slow
+    # run no life flushed at all (no rotation, the kills landing before any flush).
     for i in range(16):
+        for a in apps:  # what this life's first flush bills
+            assert lab.probe(a.ns, "tcp", DESTS[a.name][0], PORT, payload=b"x").ok
+        records = sum(1 for _ in Ledger(bdir).records())
         proc = lab.popen(lab.node, flusher_cmd, log=bdir.parent / "flusher.log")
+        deadline = time.monotonic() + 10
+        while sum(1 for _ in Ledger(bdir).records()) == records:
+            assert proc.poll() is None and time.monotonic() < deadline, "the flusher wrote nothing"
+            time.sleep(0.01)
         for a in apps:
             size = rng.choice((1, 700, 9000, 60_000))
             assert lab.probe(a.ns, rng.choice(("tcp", "udp")) if size < 1300 else "tcp",
