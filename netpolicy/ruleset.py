@@ -91,8 +91,8 @@ _ND = "icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, n
 # to the reason's chain `event_<reason>`, which logs (if the bucket allows) and then
 # refuses or drops as before. Not reported: invalid packets, neighbour discovery and
 # fragments (none of them a flow's first packet), IPv6 from or to a link-local address
-# (no flow the contract has), the node's own answers to hop-by-hop options (no
-# container's packet), and what a chain accepts.
+# (no flow the contract has), the node's own answers to hop-by-hop options and its
+# redirects (no container's packet), and what a chain accepts.
 # reason: (the container's interface, the verdict)
 EVENT_REASONS: dict[str, tuple[str, str]] = {
     "protocol": ("iif", "jump refuse"),
@@ -205,6 +205,14 @@ _IN_CONTAINER = f"meta iifgroup {CONTAINER_IFGROUP:#x}"
 # parameter problems go out as before. (The kernel has counted the answer against the
 # node's ICMP rate limit by then: README "Threat model".)
 _HOP_BY_HOP_ANSWER = "icmpv6 type parameter-problem @th,112,8 0"
+# ip6_forward sends a Redirect, before the forward hook, when a packet would leave by
+# the interface it came in on: from a container, a packet to its own address. The
+# Redirect goes to the packet's source, forged or not, if that is on a link of the
+# node's (the uplink's subnet), resolving it there first, and quotes the packet. Its
+# source is the veth's link-local address, GATEWAY_V6 on every container veth, so
+# only those are dropped (before the node resolves anything, as above); a redirect
+# the node sends about other traffic comes from another address and goes out as before.
+_REDIRECT_FROM_CONTAINER_VETH = f"ip6 saddr {GATEWAY_V6} icmpv6 type nd-redirect"
 
 BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
     # hook chains: (declaration, rules)
@@ -248,6 +256,7 @@ BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
     ]),
     "output": ("type filter hook output priority filter; policy accept;", [
         dropped(_HOP_BY_HOP_ANSWER, "hop-by-hop", "drop"),
+        dropped(_REDIRECT_FROM_CONTAINER_VETH, "redirect", "drop"),
         "oifname @ifaces jump node_to_container",
     ]),
     # Egress-only NAT. fully-random: source ports don't reveal anything about the

@@ -189,6 +189,11 @@ def test_agent_repairs_the_table_and_serves_adds_against_the_current_one(plugin,
         in_ns(node, "ip", "link", "set", keep_veth, "arp", "on")
         in_ns(ns, "ip", "link", "set", "eth0", "arp", "on")
         in_ns(ns, "ip", "link", "set", "eth0", "address", "02:00:5e:10:00:01")
+        # ... with segmentation offload on, and a record that says nothing of it.
+        in_ns(ns, "ethtool", "-K", "eth0", "tso", "on", "tx-udp-segmentation", "on")
+        record = plugin.state_dir / "networks" / plugin.conf["name"] / "attachments" / "keep--eth0.json"
+        record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items()
+                                      if k != "segmentation_off"}))
         # Other rules and another revision: the next ADD's transaction fails its
         # assertion and the agent reloads the table before adding.
         in_ns(node, "nft", "flush", "set", "inet", "sockgate", "revision")
@@ -210,6 +215,11 @@ def test_agent_repairs_the_table_and_serves_adds_against_the_current_one(plugin,
     assert lab.probe(ns, "tcp", LAB.public_v6, 9000).ok
     assert _ifgroup(node, keep_veth) == CONTAINER_IFGROUP
     assert "NOARP" in json.loads(in_ns(node, "ip", "-j", "link", "show", keep_veth))[0]["flags"]
+    # And the container's kernel cuts its packets itself again (billing), recorded.
+    offloads = in_ns(ns, "ethtool", "-k", "eth0")
+    assert not [ln for ln in offloads.splitlines() if "segmentation: on" in ln], offloads
+    record = plugin.state_dir / "networks" / plugin.conf["name"] / "attachments" / "keep--eth0.json"
+    assert json.loads(record.read_text())["segmentation_off"] is True
     plugin.delete("after", ns2)
     plugin.delete("keep", ns)
 

@@ -868,3 +868,173 @@ def test_no_crafted_packet_makes_the_node_answer_a_forged_source(lab, tenant, fa
         assert (reflected, new) == (0, []), f"{reflected} answer(s) reached {a.reflect}; new neighbours {new}"
     finally:
         _forget_new_neighbours(lab, before)
+
+
+# --- e) segmentation offload: one packet at the node, many on the wire --------------------
+
+COUNT_PORT = 5201  # LAB.iperf_port: bound by no lab server, so the count mode can
+
+
+def _ethtool(lab, ns: str, *args: str) -> None:
+    lab.run(ns, ["ethtool", "-K", *args])
+
+
+@pytest.fixture
+def wire(lab) -> Iterator[None]:
+    """The node's uplink splits what it sends into packets itself, as a NIC does on a
+    real wire, instead of handing the far end's veth a super-packet whole: the far
+    end's counters then see what a wire carries. Restored after."""
+    off = ["tx-udp-segmentation", "off", "tso", "off"]
+    _ethtool(lab, lab.node, LAB.uplink_if, *off)
+    try:
+        yield
+    finally:
+        _ethtool(lab, lab.node, LAB.uplink_if, *[w if w != "off" else "on" for w in off])
+
+
+def _offloads(lab, ns: str) -> list[str]:
+    """The segmentation offloads on at a netns's eth0."""
+    out = lab.run(ns, ["ethtool", "-k", "eth0"]).stdout
+    return [line.split(":")[0].strip() for line in out.splitlines()
+            if line.strip().endswith("segmentation: on") or line.strip().startswith("tx-gso-list: on")]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_segmented_sends_are_billed_as_what_left(lab, plugin, tenant, far, wire, tmp_path, family):
+    """An app asks its kernel to cut each send into 128 one-byte UDP datagrams
+    (UDP_SEGMENT, by setsockopt and as a sendmsg() control message: no capability
+    needed), and sends TCP with an MSS of 88: billed packets and bytes equal what the
+    far end received on the wire. Before the container's end of the veth had its
+    segmentation offloads turned off, the node saw (and billed) each send as one
+    packet: 1/24 (v4) and 1/36 (v6) of the bytes for UDP, about half for TCP."""
+    a = addrs(family)
+    app = tenant("segments")
+    assert _offloads(lab, app.ns) == []
+    log = tmp_path / "count.log"
+    server = lab.popen(lab.internet, atk.argv("count", a.billed, COUNT_PORT, 6), log=log)
+    atk.wait_ready(log, server)
+    far_before = far.counters()["billed"]
+    for how in ("setsockopt", "cmsg"):
+        atk.run(lab, app.ns, "segments", a.billed, COUNT_PORT, 1, 128, 10, *(["cmsg"] if how == "cmsg" else []))
+    tcp = atk.run(lab, app.ns, "small-mss", a.billed, 9000, 88, 200_000)
+    assert server.wait(15) == 0
+    got = atk.json_lines(log)[-1]
+    far_after = far.counters()["billed"]
+    plugin.delete(app.cid, app.ns)  # the final record
+    recs = [r for r in Ledger(plugin.state_dir / "billing").records() if r["container_id"] == app.cid]
+    assert recs and recs[-1]["final"], recs
+    billed = (sum(r["tx_packets"] for r in recs), sum(r["tx_bytes"] for r in recs))
+    received = (far_after[0] - far_before[0], far_after[1] - far_before[1])
+    assert got["datagrams"] == 2 * 1280, got
+    assert tcp["echoed"] > 200_000, tcp
+    # Packets on the wire: at least one per UDP datagram and one per 88 bytes of TCP.
+    assert received[0] >= 2 * 1280 + 200_000 // 88, received
+    assert billed == received, f"billed {billed} (packets, bytes), {received} left the node"
+
+
+@pytest.fixture
+def too_big_answers(lab) -> Iterator[Callable[[], int]]:
+    """How many "frag needed" / Packet Too Big messages from the node's uplink address
+    have arrived in the internet netns, wherever they were addressed."""
+    table = "sgtest_too_big"
+    d = LAB.downlink_if
+    lab.run(lab.internet, ["nft", "-f", "-"], input="\n".join([
+        f"table inet {table} {{", "  counter too_big { }",
+        "  chain c { type filter hook prerouting priority -450; policy accept;",
+        f'    iifname "{d}" ip saddr {LAB.node_uplink_v4} icmp type destination-unreachable icmp code frag-needed '
+        'counter name "too_big"',
+        f'    iifname "{d}" ip6 saddr {LAB.node_uplink_v6} icmpv6 type packet-too-big counter name "too_big"',
+        "  }", "}", ""]))
+
+    def count() -> int:
+        out = lab.run(lab.internet, ["nft", "-j", "list", "counter", "inet", table, "too_big"]).stdout
+        return next(c["counter"]["packets"] for c in json.loads(out)["nftables"] if "counter" in c)
+    try:
+        yield count
+    finally:
+        lab.run(lab.internet, ["nft", "delete", "table", "inet", table], check=False)
+
+
+def _oversized(family: str, src: str, dst: str, mac: str, mark: bytes, seg: int = 1600) -> tuple[bytes, dict]:
+    """A frame holding two UDP segments of `seg` bytes (above every MTU of the lab), and
+    the virtio header that asks the kernel to cut it there (GSO type UDP_L4)."""
+    payload = (mark * (2 * seg // len(mark) + 1))[:2 * seg]
+    if family == "v6":
+        frame = atk.ether(mac, mac, atk.ETH_P_IPV6, atk.udp_packet(src, dst, 40000, 9000, payload))
+    else:
+        frame = atk.ether(mac, mac, atk.ETH_P_IP, atk.ipv4(src, dst, atk.IPPROTO_UDP,
+                                                           atk.udp(src, dst, 40000, 9000, payload)))
+    ip_len = 40 if family == "v6" else 20
+    return frame, {"gso_type": 5, "gso_size": seg, "hdr_len": 14 + ip_len + 8, "csum_start": 14 + ip_len,
+                   "csum_offset": 6}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_oversized_segments_from_a_forged_source_are_not_answered(lab, tenant, far, sniffer, too_big_answers,
+                                                                    family):
+    """A packet socket with a virtio header hands eth0 one packet to be cut into
+    segments larger than any MTU, from forged sources (public, on the uplink, a private
+    host): a veth takes such a packet whatever its size, and the node would answer
+    "frag needed" / Packet Too Big to the forged source before any netfilter hook,
+    quoting the attacker's bytes, with no rate limit. With the container's
+    segmentation offloads off, its own kernel cuts the packet, and the veth drops
+    segments above its MTU: nothing is answered, nothing arrives, no neighbour is
+    learned. Control: with the offloads turned back on (what CAP_NET_ADMIN in the
+    container could do), the same frames are answered."""
+    a = addrs(family)
+    attacker = tenant("attacker")
+    assert lab.probe(attacker.ns, "tcp", a.public, 9000).ok  # the node knows its gateway before the snapshot
+    mark = token("too-big")
+    sources = [a.reflect, a.uplink_forged, a.billed, a.internal]
+    frames = [_oversized(family, src, a.public, attacker.mac, mark) for src in sources]
+    spec = {**frames[0][1], "frames": [f.hex() for f, _ in frames]}
+    before = atk.neighbours(lab, lab.node)
+    far_before, answered_before = far.counters(), too_big_answers()
+    try:
+        res = atk.run(lab, attacker.ns, "vnet", spec=spec)
+        assert res == {"sent": len(frames), "errors": {}}, res
+        time.sleep(0.5)
+        new = sorted(_keys(atk.neighbours(lab, lab.node)) - _keys(before), key=str)
+        reflected = far.counters()["reflected"][0] - far_before["reflected"][0]
+        seen = sniffer.seen([mark])
+        assert (too_big_answers() - answered_before, reflected, seen, new) == (0, 0, set(), []), \
+            f"answers {too_big_answers() - answered_before}, at {a.reflect} {reflected}, quoted {seen}, new {new}"
+
+        _ethtool(lab, attacker.ns, "eth0", "tx-udp-segmentation", "on")
+        assert atk.run(lab, attacker.ns, "vnet", spec=spec)["sent"] == len(frames)
+        assert sniffer.wait_for(mark), "control: the node did not answer the forged source"
+        assert too_big_answers() - answered_before >= 2
+    finally:
+        _forget_new_neighbours(lab, before)
+
+
+# --- f) redirects -------------------------------------------------------------------------
+
+def test_a_packet_to_its_own_address_from_a_forged_source_gets_no_redirect(lab, tenant, far, sniffer):
+    """A frame to the container's own IPv6 address from a forged source on the node's
+    uplink subnet (the gateway, made-up hosts): the node would route it back out the
+    veth it came from, and ip6_forward sends a Redirect to the source before the forward
+    hook, resolving it on the uplink first and quoting the packet. The output chain drops
+    it (`redirect`): nothing arrives, no neighbour is learned. (IPv4 sends none: the
+    node's end of a veth has no IPv4 address, so no source is on its link.)"""
+    attacker = tenant("attacker")
+    assert lab.probe(attacker.ns, "tcp", LAB.public_v6, 9000).ok  # the node knows its gateway before the snapshot
+    mark = token("redirected")
+    sources = [LAB.internet_v6] + [f"2001:db8:5067::{0x500 + i:x}" for i in range(5)]
+    frames = [("eth0", atk.ether(attacker.mac, attacker.mac, atk.ETH_P_IPV6,
+                                 atk.udp_packet(src, attacker.v6, 1111, 2222, mark + bytes(64)))) for src in sources]
+    before = atk.neighbours(lab, lab.node)
+    sent, drops_before = _icmp_out(lab, "v6", "Redirects"), atk.drop_counters(lab)
+    try:
+        assert atk.send(lab, attacker.ns, l2=frames)["sent"] == len(frames)
+        time.sleep(3.5)  # resolution of a made-up address gives up after 3 s
+        sent = _icmp_out(lab, "v6", "Redirects") - sent
+        new = sorted(_keys(atk.neighbours(lab, lab.node)) - _keys(before), key=str)
+        drops = atk.delta(drops_before, atk.drop_counters(lab))
+        # The node made redirects and dropped each on its way out (the kernel counts a
+        # redirect as sent after the hook). It makes at most 6 in a burst per address
+        # it redirects for (here the container's), then one a second.
+        assert (sent, drops.get("redirect")) == (0, len(sources)), (sent, drops)
+        assert (sniffer.seen([mark]), new) == (set(), []), f"arrived {sniffer.seen([mark])}, new neighbours {new}"
+    finally:
+        _forget_new_neighbours(lab, before)

@@ -2,6 +2,7 @@
 (tests/support/fakes.py): ADD, DEL, CHECK, GC and their rollbacks, without root."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,15 @@ def test_attach_then_detach_leaves_nothing(env):
     assert [(r["final"], r["tx_bytes"]) for r in records] == [(True, 1000)]
 
 
+def test_both_doors_leave_the_container_end_without_segmentation_offload(env):
+    # CNI: configured inside the container; Docker: before the runtime moves it there.
+    env.attach("c1")
+    assert env.fake.links.netns[env.netns("c1")]["eth0"].segmentation is False
+    core.attach_unplaced(env.fake.node, core.AttachRequest(conf=env.conf, container_id="d1", ifname="sgd1",
+                                                           netns=""))
+    assert env.fake.links.netns[NODE_NETNS]["sgd1"].segmentation is False
+
+
 def test_second_add_refused_and_first_kept(env):
     env.attach("c1")
     with pytest.raises(SockgateError) as err:
@@ -121,6 +131,21 @@ def test_unwatched_add_loads_a_missing_table_and_restores_the_ready_ones(env):
     assert env.fake.table.owners()["rx"] == {owned_by(env, "c1"), owned_by(env, "c2")}
     assert env.fake.flows.purged == [{env.net.attachments.load("c1", "eth0").ipv4,
                                       env.net.attachments.load("c1", "eth0").ipv6}]
+
+
+def test_a_reload_turns_off_segmentation_offload_once_for_an_earlier_versions_containers(env):
+    att = env.attach("c1")
+    # What an earlier sockgate left: the offloads on, nothing about them in the record.
+    env.fake.links.netns[env.netns("c1")]["eth0"].segmentation = True
+    env.net.attachments.save(dataclasses.replace(att, segmentation_off=False))
+    env.fake.table.flush()
+    env.attach("c2")  # finds the table missing: reloads it, restoring c1
+    assert env.fake.links.netns[env.netns("c1")]["eth0"].segmentation is False
+    assert env.net.attachments.load("c1", "eth0") == att
+    env.fake.faults.calls.clear()
+    env.fake.table.flush()
+    env.attach("c3")
+    assert "links.stop_container_segmentation" not in env.fake.faults.calls  # once
 
 
 def test_watched_add_skips_the_rules_check_but_reloads_a_table_it_finds_missing(env):

@@ -211,10 +211,12 @@ def test_pools_are_one_collapsed_command_per_family():
 
 
 def test_the_nodes_answers_to_hop_by_hop_options_are_dropped_on_their_way_out():
-    # The kernel answers hop-by-hop options before any hook; its answer takes the output
-    # hook before the node resolves where it goes. Byte 14 of an ICMPv6 error is the
-    # quoted packet's next header (8-byte ICMPv6 header, then the IPv6 header's byte 6).
+    # The kernel answers hop-by-hop options, and sends redirects, before any hook; the
+    # answer takes the output hook before the node resolves where it goes. Byte 14 of an
+    # ICMPv6 error is the quoted packet's next header (8-byte ICMPv6 header, then the
+    # IPv6 header's byte 6). Redirects: only those from a container veth's address.
     assert _chain("output") == ['icmpv6 type parameter-problem @th,112,8 0 counter drop comment "drop:hop-by-hop"',
+                                'ip6 saddr fe80::1 icmpv6 type nd-redirect counter drop comment "drop:redirect"',
                                 "oifname @ifaces jump node_to_container"]
     quoted = bytes.fromhex("60000000" "0010" "00" "40")  # payload 16 bytes, next header 0 (hop-by-hop)
     error = bytes([4, 0, 0, 0, 0, 0, 0, 42]) + quoted
@@ -235,7 +237,7 @@ def test_each_reported_reason_goes_through_its_event_chain_and_ends_as_before():
         if reason in EVENT_REASONS:
             assert ends_in(line.split(" ", 5)[5], EVENT_REASONS[reason][1], reason), line
         else:  # not a flow's first packet, nor a flow the contract has: counted, not reported
-            assert reason in ("invalid", "neighbour", "fragment", "link-local", "hop-by-hop") and " goto " not in line, line
+            assert reason in ("invalid", "neighbour", "fragment", "link-local", "hop-by-hop", "redirect") and " goto " not in line, line
     for reason, (iface, verdict) in EVENT_REASONS.items():
         report, end = _chain(event_chain(reason), text)
         # Bounded per container (one bucket per veth, all reasons), the reason in the

@@ -117,6 +117,7 @@ def _attach(node: Node, req: AttachRequest, peer_netns: str, place: Callable[[At
             with table.table_lock(req.conf.state_dir):
                 if node.table.add_if_current(ep, pools, egress):
                     place(att)
+                    att.segmentation_off = True  # both doors' place() did it
                     node.links.configure_host(att.host_ifname, att.host_ifindex, att.ipv4, att.ipv6)
                     att.state = READY
                     net.attachments.save(att)
@@ -389,6 +390,9 @@ def attach_unplaced(node: Node, req: AttachRequest) -> Attachment:
     with both ends in the node netns, the container end left down."""
 
     def place(att: Attachment) -> None:
+        # Here, while the container end is in the node netns: billing counts what the
+        # node forwards, which must be the packets the wire carries (ethtool.py).
+        node.links.stop_segmentation(req.ifname)
         att.container_mac = att.host_mac
 
     # thread-self: the calling thread may have joined the node netns with setns.

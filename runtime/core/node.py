@@ -63,7 +63,14 @@ class LinkBackend(Protocol):
         """Returns the MAC and the node end's index."""
 
     def configure_container(self, netns_path: str, ifname: str, ipv4: str, ipv6: str, gateway_mac: str) -> str:
-        """Returns the container end's MAC."""
+        """Returns the container end's MAC. Also turns off its segmentation offloads."""
+
+    def stop_segmentation(self, ifname: str) -> None:
+        """Turn off the segmentation offloads of a container end still in the calling
+        thread's netns (one the runtime will move itself)."""
+
+    def stop_container_segmentation(self, netns_path: str, ipv4: str) -> bool:
+        """The same inside a container's netns; False when it can't be entered."""
 
     def configure_host(self, host_ifname: str, host_ifindex: int, ipv4: str, ipv6: str) -> None: ...
 

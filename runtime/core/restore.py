@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 import secrets
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from netpolicy.ruleset import CONTAINER_IFGROUP, Endpoint
+from runtime.fsutil import locked
 from runtime.kernel.netlink import route as rtnl
-from runtime.state.store import READY, attachments
+from runtime.state.store import READY, Attachment, AttachmentStore, attachments
 
 if TYPE_CHECKING:
     from runtime.core.node import FlowBackend, LinkBackend
@@ -42,9 +44,24 @@ def ready_endpoints(links: LinkBackend, state_dir: str) -> list[tuple[Endpoint, 
         link = found.get(att.host_ifname)
         if link is not None and not link.flags & rtnl.IFF_NOARP:
             links.stop_neighbour_resolution(link, att.netns, att.ipv4, att.ipv6)
+        # Once per attachment an earlier sockgate made: its record says when it's done.
+        if link is not None and not att.segmentation_off and links.stop_container_segmentation(att.netns, att.ipv4):
+            _record_segmentation_off(state_dir, att)
     generation = new_generation()
     return [(Endpoint(att.host_ifname, found[att.host_ifname].index, att.ipv4, att.ipv6, generation),
              (f"{att.ipv4}/32", f"{att.ipv6}/128")) for att in ready if att.host_ifname in found]
+
+
+def _record_segmentation_off(state_dir: str, att: Attachment) -> None:
+    # Under the network's lock, as every other writer of a record (the caller holds the
+    # table lock: DEL, which takes it too, can't remove the record meanwhile).
+    root = Path(state_dir) / "networks" / att.network
+    with locked(root / "lock"):
+        store = AttachmentStore(root / "attachments")
+        current = store.load(att.container_id, att.ifname)
+        if current is not None and current.created == att.created:
+            current.segmentation_off = True
+            store.save(current)
 
 
 class ConntrackFlows:

@@ -22,6 +22,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from netpolicy.ruleset import CONTAINER_IFGROUP, GATEWAY_V6
 from runtime.errors import KERNEL_FAILURE, UNKNOWN_CONTAINER, SockgateError
+from runtime.kernel import ethtool
 from runtime.kernel.netlink import route as rtnl
 
 log = logging.getLogger(__name__)
@@ -255,6 +256,9 @@ def configure_container(netns_path: str, ifname: str, ipv4: str, ipv6: str, gate
     def body() -> str:
         # No SLAAC, no router advertisements: the container's only v6 address is ours.
         interface_sysctls("ipv6", ifname, {"accept_ra": "0", "autoconf": "0", "accept_dad": "0"})
+        # Before the link is up: the node must never see a container's packet whole
+        # that the wire carries as several (billing, MTU; runtime/kernel/ethtool.py).
+        ethtool.segmentation_off(ifname)
         with rtnl.Rtnl() as nl:
             link = rtnl.find(nl, ifname)
             if link is None:
@@ -277,6 +281,26 @@ def configure_container(netns_path: str, ifname: str, ipv4: str, ipv6: str, gate
         return in_netns(netns_path, body)
     except (NetlinkError, OSError) as exc:
         raise _kernel(f"configure {ifname} in {netns_path}", exc) from None
+
+
+def stop_segmentation(ifname: str) -> None:
+    try:
+        ethtool.segmentation_off(ifname)
+    except OSError as exc:
+        raise _kernel(f"turn off segmentation offload of {ifname}", exc) from None
+
+
+def stop_container_segmentation(netns_path: str, ipv4: str) -> bool:
+    """What configure_container does now, for a container end an earlier sockgate
+    configured (found by its address: Docker renames it). False when the container
+    can't be entered (it keeps its offloads)."""
+    try:
+        in_netns(netns_path, lambda: ethtool.segmentation_off(socket.if_indextoname(_container_link(ipv4).index)))
+    except (OSError, NetlinkError, SockgateError) as exc:
+        log.warning("the container end with %s (netns %s) keeps its segmentation offloads: %s",
+                    ipv4, netns_path or "-", exc)
+        return False
+    return True
 
 
 def enable_forwarding() -> None:
@@ -472,6 +496,18 @@ def mark_container_links(indexes: list[int]) -> None:
             raise _kernel("set interface group", exc) from None
 
 
+def _container_link(ipv4: str) -> rtnl.Link:
+    """The link holding `ipv4` in this thread's netns (a container's end of its veth)."""
+    with IPRoute() as ipr:
+        found = [a["index"] for a in ipr.get_addr(address=ipv4)]
+    if not found:
+        raise SockgateError(UNKNOWN_CONTAINER, f"no interface with {ipv4}")
+    with rtnl.Rtnl() as nl:
+        link = nl.run(rtnl.get_link_by_index(found[0]))[0]
+    assert isinstance(link, rtnl.Link)
+    return link
+
+
 def stop_neighbour_resolution(host: rtnl.Link, netns_path: str, ipv4: str, ipv6: str) -> bool:
     """Bring a veth made by an earlier sockgate (ARP and ND between its ends) to what
     create_veth makes now: permanent entries for the gateways in the container, NOARP
@@ -479,13 +515,8 @@ def stop_neighbour_resolution(host: rtnl.Link, netns_path: str, ipv4: str, ipv6:
     neighbours) and permanent entries there for the container's addresses. False when the
     container can't be entered (the veth stays as it was)."""
     def container_side() -> str:
+        link = _container_link(ipv4)
         with rtnl.Rtnl() as nl:
-            with IPRoute() as ipr:
-                found = [a["index"] for a in ipr.get_addr(address=ipv4)]
-            if not found:
-                raise SockgateError(UNKNOWN_CONTAINER, f"no interface with {ipv4}")
-            link = nl.run(rtnl.get_link_by_index(found[0]))[0]
-            assert isinstance(link, rtnl.Link)
             nl.run(rtnl.new_neigh(link.index, GATEWAY_V4, host.mac, replace=True),
                    rtnl.new_neigh(link.index, GATEWAY_V6, host.mac, replace=True))
             return link.mac
@@ -560,6 +591,8 @@ class NetlinkLinks:
     check_netns = staticmethod(check_netns)
     enable_forwarding = staticmethod(enable_forwarding)
     configure_container = staticmethod(configure_container)
+    stop_segmentation = staticmethod(stop_segmentation)
+    stop_container_segmentation = staticmethod(stop_container_segmentation)
     configure_host = staticmethod(configure_host)
     delete_link = staticmethod(delete_link)
     link_exists = staticmethod(link_exists)

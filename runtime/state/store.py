@@ -53,6 +53,9 @@ class Attachment:
     # The token of the elements ADD created (runtime.core.restore.new_generation): billing
     # tells by it that a table reload re-created them before the first record.
     generation: str = ""
+    # ADD turned off the container end's segmentation offloads (runtime/kernel/ethtool.py).
+    # False in a record an earlier sockgate wrote: the next table reload does it then.
+    segmentation_off: bool = False
 
     @property
     def key(self) -> tuple[str, str]:

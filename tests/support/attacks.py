@@ -20,6 +20,14 @@ Three parts:
     hold        a connected UDP socket with IP(V6)_RECVERR, one exchange per stdin line
     big-server  answers each datagram with BIG bytes (fragmented on the way)
     big-client  requests BIG answers for a while; prints the tries each took
+    segments    HOST PORT SIZE COUNT REPEAT [cmsg]: an ordinary UDP socket asking its
+                kernel to cut each send into COUNT datagrams of SIZE bytes
+                (UDP_SEGMENT; "cmsg": per sendmsg() call, no setsockopt at all)
+    small-mss   HOST PORT MSS BYTES: a TCP connection with TCP_MAXSEG=MSS sends BYTES
+    vnet        stdin {"frames": [hex], "gso_type", "gso_size", "hdr_len", "csum_start",
+                "csum_offset"}: each frame through AF_PACKET with PACKET_VNET_HDR, i.e.
+                with a virtio header that asks the kernel to segment it (GSO)
+    count       HOST PORT SECONDS: counts the UDP datagrams it receives (after READY)
 - test-side helpers (send, run, drop_counters, conntrack_entries, neighbours, ...)
   that run the above through a runtime.lab.Lab and read the node's state.
 """
@@ -389,6 +397,77 @@ def sniff() -> None:
             print(json.dumps({"src": addr[0], "type": data[0], "code": data[1], "data": data[8:].hex()}), flush=True)
 
 
+UDP_SEGMENT, SOL_PACKET, PACKET_VNET_HDR = 103, 263, 15
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if is_v6(host) else socket.AF_INET
+
+
+def segments(host: str, port: int, size: int, count: int, repeat: int, cmsg: bool) -> dict:
+    """No capability needed: each send is one packet inside the container's kernel
+    (GSO), which leaves as `count` datagrams."""
+    s = socket.socket(_family(host), socket.SOCK_DGRAM)
+    if not cmsg:
+        s.setsockopt(IPPROTO_UDP, UDP_SEGMENT, size)
+    s.connect((host, port))
+    sent = 0
+    for _ in range(repeat):
+        data = b"G" * (size * count)
+        sent += (s.sendmsg([data], [(IPPROTO_UDP, UDP_SEGMENT, struct.pack("=H", size))]) if cmsg
+                 else s.send(data))
+        time.sleep(0.01)
+    return {"sent_bytes": sent}
+
+
+def small_mss(host: str, port: int, mss: int, size: int) -> dict:
+    s = socket.socket(_family(host), socket.SOCK_STREAM)
+    s.setsockopt(IPPROTO_TCP, socket.TCP_MAXSEG, mss)
+    s.settimeout(10)
+    s.connect((host, port))
+    s.sendall(b"T" * size)
+    s.shutdown(socket.SHUT_WR)
+    got = 0
+    while chunk := s.recv(1 << 20):  # the echo, until the server closes: all has arrived
+        got += len(chunk)
+    s.close()
+    return {"sent_bytes": size, "echoed": got}
+
+
+def vnet(spec: dict) -> dict:
+    """virtio_net_hdr {flags NEEDS_CSUM, gso_type, hdr_len, gso_size, csum_start,
+    csum_offset} in front of each frame: the kernel takes the frame as one GSO packet."""
+    hdr = struct.pack("<BBHHHH", 1, spec["gso_type"], spec["hdr_len"], spec["gso_size"],
+                      spec["csum_start"], spec["csum_offset"])
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+    s.bind((spec.get("ifname", "eth0"), 0))
+    sent, errors = 0, {}
+    for frame in spec["frames"]:
+        try:
+            s.send(hdr + bytes.fromhex(frame))
+            sent += 1
+        except OSError as e:
+            errors[str(e.errno)] = errors.get(str(e.errno), 0) + 1
+    return {"sent": sent, "errors": errors}
+
+
+def count(host: str, port: int, seconds: float) -> None:
+    s = socket.socket(_family(host), socket.SOCK_DGRAM)
+    s.bind((host, port))
+    s.settimeout(0.1)
+    print("READY", flush=True)
+    n = size = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            size += len(s.recv(65535))
+            n += 1
+        except socket.timeout:
+            pass
+    print(json.dumps({"datagrams": n, "bytes": size}), flush=True)
+
+
 SOL_IP, IP_RECVERR, IP_MTU, IPV6_RECVERR, IPV6_MTU, MSG_ERRQUEUE = 0, 11, 14, 25, 24, 0x2000
 
 
@@ -587,6 +666,15 @@ def main(args: list[str]) -> int:
         big_server(int(args[0]), args[1:])
     elif mode == "big-client":
         print(json.dumps(big_client(args[0], int(args[1]), float(args[2]), int(args[3]))))
+    elif mode == "segments":
+        print(json.dumps(segments(args[0], int(args[1]), int(args[2]), int(args[3]), int(args[4]),
+                                  args[5:] == ["cmsg"])))
+    elif mode == "small-mss":
+        print(json.dumps(small_mss(args[0], int(args[1]), int(args[2]), int(args[3]))))
+    elif mode == "count":
+        count(args[0], int(args[1]), float(args[2]))
+    elif mode == "vnet":
+        print(json.dumps(vnet(json.loads(sys.stdin.read()))))
     elif mode in ("send", "flows"):
         spec = json.loads(sys.stdin.read() or "{}")
         if mode == "send":

@@ -176,6 +176,7 @@ class FakeLink:
     addresses: set[str] = field(default_factory=set)
     group: int = 0
     flags: int = 0
+    segmentation: bool = True  # segmentation offload, what a new veth has
 
 
 class FakeLinks:
@@ -251,10 +252,19 @@ class FakeLinks:
         if link is None:
             raise SockgateError(KERNEL_FAILURE, f"failed to configure {ifname} in {netns_path}", "No such device")
         link.addresses |= {ipv4, ipv6}
+        link.segmentation = False
         link.up = True
         self.routes[ns] |= {(f"{GATEWAY_V4}/32", ifname, ""), ("0.0.0.0/0", ifname, GATEWAY_V4),
                             ("::/0", ifname, GATEWAY_V6)}
         return link.mac
+
+    def stop_segmentation(self, ifname: str) -> None:
+        self.faults.hit("links.stop_segmentation")
+        link = self.netns[NODE_NETNS].get(ifname)
+        if link is None:
+            raise SockgateError(KERNEL_FAILURE, f"failed to turn off segmentation offload of {ifname}",
+                                "No such device")
+        link.segmentation = False
 
     def configure_host(self, host_ifname: str, host_ifindex: int, ipv4: str, ipv6: str) -> None:
         self.faults.hit("links.configure_host")
@@ -308,6 +318,13 @@ class FakeLinks:
             if link.index == host.index:
                 link.flags |= rtnl.IFF_NOARP
         return True
+
+    def stop_container_segmentation(self, netns_path: str, ipv4: str) -> bool:
+        self.faults.hit("links.stop_container_segmentation")
+        found = [link for link in self._in(self._ns(netns_path)).values() if ipv4 in link.addresses]
+        for link in found:
+            link.segmentation = False
+        return bool(found)
 
 
 class FakeFlows:
