@@ -955,53 +955,79 @@ def too_big_answers(lab) -> Iterator[Callable[[], int]]:
         lab.run(lab.internet, ["nft", "delete", "table", "inet", table], check=False)
 
 
-def _oversized(family: str, src: str, dst: str, mac: str, mark: bytes, seg: int = 1600) -> tuple[bytes, dict]:
-    """A frame holding two UDP segments of `seg` bytes (above every MTU of the lab), and
-    the virtio header that asks the kernel to cut it there (GSO type UDP_L4)."""
+def _oversized(family: str, src: str, dst: str, mac: str, mark: bytes, ip_size: int, df: bool = True) -> bytes:
+    """A frame holding two UDP segments of `ip_size` IP bytes each, for the virtio
+    header of _oversized_spec to cut."""
+    seg = ip_size - (48 if family == "v6" else 28)
     payload = (mark * (2 * seg // len(mark) + 1))[:2 * seg]
     if family == "v6":
-        frame = atk.ether(mac, mac, atk.ETH_P_IPV6, atk.udp_packet(src, dst, 40000, 9000, payload))
-    else:
-        frame = atk.ether(mac, mac, atk.ETH_P_IP, atk.ipv4(src, dst, atk.IPPROTO_UDP,
-                                                           atk.udp(src, dst, 40000, 9000, payload)))
+        return atk.ether(mac, mac, atk.ETH_P_IPV6, atk.udp_packet(src, dst, 40000, 9000, payload))
+    return atk.ether(mac, mac, atk.ETH_P_IP, atk.ipv4(src, dst, atk.IPPROTO_UDP,
+                                                      atk.udp(src, dst, 40000, 9000, payload), df=df))
+
+
+def _oversized_spec(family: str, ip_size: int, frames: list[bytes]) -> dict:
+    """The virtio header that asks the kernel to cut each frame into UDP segments of
+    `ip_size` IP bytes (GSO type UDP_L4)."""
     ip_len = 40 if family == "v6" else 20
-    return frame, {"gso_type": 5, "gso_size": seg, "hdr_len": 14 + ip_len + 8, "csum_start": 14 + ip_len,
-                   "csum_offset": 6}
+    return {"gso_type": 5, "gso_size": ip_size - ip_len - 8, "hdr_len": 14 + ip_len + 8,
+            "csum_start": 14 + ip_len, "csum_offset": 6, "frames": [f.hex() for f in frames]}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_oversized_segments_from_a_forged_source_are_not_answered(lab, tenant, far, sniffer, too_big_answers,
                                                                     family):
-    """A packet socket with a virtio header hands eth0 one packet to be cut into
-    segments larger than any MTU, from forged sources (public, on the uplink, a private
-    host): a veth takes such a packet whatever its size, and the node would answer
-    "frag needed" / Packet Too Big to the forged source before any netfilter hook,
-    quoting the attacker's bytes, with no rate limit. With the container's
-    segmentation offloads off, its own kernel cuts the packet, and the veth drops
-    segments above its MTU: nothing is answered, nothing arrives, no neighbour is
-    learned. Control: with the offloads turned back on (what CAP_NET_ADMIN in the
-    container could do), the same frames are answered."""
+    """A packet socket with a virtio header asks eth0 to cut one packet into segments
+    larger than the MTU, from forged sources (public, on the uplink, a private host,
+    another container): the node would answer "frag needed" / Packet Too Big to the
+    forged source before any netfilter hook, quoting the attacker's bytes, with no rate
+    limit. With the container's segmentation offloads off, its own kernel cuts the
+    packet (not checking the size); a veth takes a frame up to 4 bytes over its MTU
+    (room for a VLAN tag), so the node's end is 4 bytes smaller: segments of 1 to 100
+    bytes over the network's MTU are dropped there, and so is one 4 bytes over it sent
+    from the container's own address without DF (the node would have fragmented it).
+    Nothing is answered, nothing arrives, no neighbour is learned. The routes to the
+    container carry its MTU: a full-size packet towards it is neither refused nor
+    fragmented. Control: with the offloads turned back on (what CAP_NET_ADMIN in the
+    container could do), the 100-byte excess is answered."""
     a = addrs(family)
-    attacker = tenant("attacker")
+    attacker, victim = tenant("attacker"), tenant("victim")
     assert lab.probe(attacker.ns, "tcp", a.public, 9000).ok  # the node knows its gateway before the snapshot
     mark = token("too-big")
-    sources = [a.reflect, a.uplink_forged, a.billed, a.internal]
-    frames = [_oversized(family, src, a.public, attacker.mac, mark) for src in sources]
-    spec = {**frames[0][1], "frames": [f.hex() for f, _ in frames]}
+    sources = [a.reflect, a.uplink_forged, a.billed, a.internal, victim.ip(family)]
+    sizes = (1501, 1504, 1600)  # the network's MTU is 1500
     before = atk.neighbours(lab, lab.node)
     far_before, answered_before = far.counters(), too_big_answers()
+    errors_before = (_icmp_out(lab, family, "PktTooBigs" if family == "v6" else "DestUnreachs"),
+                     _snmp(lab, "Ip")["FragCreates"])
     try:
-        res = atk.run(lab, attacker.ns, "vnet", spec=spec)
-        assert res == {"sent": len(frames), "errors": {}}, res
+        for size in sizes:
+            spec = _oversized_spec(family, size, [_oversized(family, src, a.public, attacker.mac, mark, size)
+                                                  for src in sources])
+            assert atk.run(lab, attacker.ns, "vnet", spec=spec) == {"sent": len(sources), "errors": {}}
+        if family == "v4":
+            spec = _oversized_spec(family, 1504, [_oversized(family, attacker.v4, a.billed, attacker.mac, mark,
+                                                             1504, df=False)])
+            assert atk.run(lab, attacker.ns, "vnet", spec=spec)["sent"] == 1
+        # A full-size packet towards each container, and a big TCP exchange.
+        assert lab.probe(attacker.ns, "tcp", a.public, 9000, payload=os.urandom(20_000)).echo_ok
         time.sleep(0.5)
         new = sorted(_keys(atk.neighbours(lab, lab.node)) - _keys(before), key=str)
-        reflected = far.counters()["reflected"][0] - far_before["reflected"][0]
+        far_after = far.counters()
+        reflected = far_after["reflected"][0] - far_before["reflected"][0]
+        fragments = far_after["fragments"][0] - far_before["fragments"][0]
+        errors = (_icmp_out(lab, family, "PktTooBigs" if family == "v6" else "DestUnreachs"),
+                  _snmp(lab, "Ip")["FragCreates"])
         seen = sniffer.seen([mark])
-        assert (too_big_answers() - answered_before, reflected, seen, new) == (0, 0, set(), []), \
-            f"answers {too_big_answers() - answered_before}, at {a.reflect} {reflected}, quoted {seen}, new {new}"
+        assert (too_big_answers() - answered_before, reflected, seen, new, fragments) == (0, 0, set(), [], 0), \
+            f"answers {too_big_answers() - answered_before}, at {a.reflect} {reflected}, quoted {seen}, new {new}, " \
+            f"fragments {fragments}"
+        assert errors == errors_before, f"the node sent errors or fragments: {errors_before} -> {errors}"
 
         _ethtool(lab, attacker.ns, "eth0", "tx-udp-segmentation", "on")
-        assert atk.run(lab, attacker.ns, "vnet", spec=spec)["sent"] == len(frames)
+        spec = _oversized_spec(family, 1600, [_oversized(family, src, a.public, attacker.mac, mark, 1600)
+                                              for src in sources])
+        assert atk.run(lab, attacker.ns, "vnet", spec=spec)["sent"] == len(sources)
         assert sniffer.wait_for(mark), "control: the node did not answer the forged source"
         assert too_big_answers() - answered_before >= 2
     finally:

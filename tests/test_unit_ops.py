@@ -224,15 +224,19 @@ def _link(name: str, mtu: int, group: str = "default") -> dict:
 
 
 @pytest.mark.parametrize("links, v4, ok, words", [
-    ([_link("eth0", 1460), _link("sg01", 1460, "21319")], [{"dst": "default", "dev": "eth0"}], True,
+    # The node's end of a veth is 4 bytes below the network's mtu, and takes 4 more.
+    ([_link("eth0", 1460), _link("sg01", 1456, "21319")], [{"dst": "default", "dev": "eth0"}], True,
      "1 container veths at most the default route's MTU 1460 (via eth0 (IPv4))"),
     # GCE's 1460 with the network's default mtu: the one that fails.
-    ([_link("eth0", 1460), _link("sg01", 1500, "21319"), _link("sg02", 1460, "21319"), _link("docker0", 1500)],
-     [{"dst": "default", "dev": "eth0"}], False, "1 of 2 container veths (sg01) have an MTU above 1460"),
+    ([_link("eth0", 1460), _link("sg01", 1496, "21319"), _link("sg02", 1456, "21319"), _link("docker0", 1500)],
+     [{"dst": "default", "dev": "eth0"}], False, "1 of 2 container veths (sg01) take packets above 1460 bytes"),
+    # A veth an earlier sockgate made, both ends at the network's mtu.
+    ([_link("eth0", 1500), _link("sg01", 1500, "21319")], [{"dst": "default", "dev": "eth0"}], False,
+     "(sg01) take packets above 1500 bytes"),
     # ip_forward honours a route's MTU metric over its device's.
-    ([_link("eth0", 1500), _link("sg01", 1500, "21319")],
+    ([_link("eth0", 1500), _link("sg01", 1496, "21319")],
      [{"dst": "default", "dev": "eth0", "metrics": [{"mtu": 1400}]}], False, "above 1400"),
-    ([_link("eth0", 1500), _link("eth1", 1400), _link("sg01", 1500, "21319")],
+    ([_link("eth0", 1500), _link("eth1", 1400), _link("sg01", 1496, "21319")],
      [{"dst": "default", "nexthops": [{"dev": "eth0"}, {"dev": "eth1"}]}], False, "via eth1 (IPv4)"),
     ([_link("eth0", 1460)], [{"dst": "default", "dev": "eth0"}], True, "no container veth here"),
     ([_link("sg01", 9000, "21319")], [], True, "no default route"),
@@ -243,7 +247,7 @@ def test_mtu(tmp_path, links, v4, ok, words):
     result = doctor.check_mtu(cfg)
     assert result.ok is ok and words in result.detail, result
     if not ok:
-        assert result.fix.startswith("set the network's mtu to 14")
+        assert result.fix.startswith(f"set the network's mtu to {'1500' if 'above 1500' in words else '14'}")
 
 
 DOCKER_FORWARD = "-P FORWARD DROP\n-A FORWARD -j DOCKER-USER\n-A FORWARD -j DOCKER-FORWARD\n"

@@ -100,7 +100,10 @@ def check_mtu(cfg: DoctorConfig) -> Check:
     "packet too big") by ip_forward before any nft rule sees it, to whatever source it
     names: with a veth MTU above the uplink's, a container could aim those answers at
     a victim of its choosing (README "Threat model"). The way out is the default
-    route's: its MTU metric if it has one (ip_forward honours it), else its device's."""
+    route's: its MTU metric if it has one (ip_forward honours it), else its device's.
+    The node's end of a veth takes IP packets up to 4 bytes over its own MTU (room for
+    a VLAN tag): sockgate makes it 4 bytes smaller than the container's end
+    (runtime.kernel.netns.node_end_mtu), so what it takes is the network's MTU."""
     from netpolicy.ruleset import CONTAINER_IFGROUP
     tool = cfg.which("ip")
     if tool is None:
@@ -121,15 +124,17 @@ def check_mtu(cfg: DoctorConfig) -> Check:
     if not exits:
         return Check("mtu", True, "no default route: containers' packets go nowhere to be too big for")
     way_out, smallest = min(exits.items(), key=lambda item: item[1])
-    above = sorted(name for name, mtu in veths.items() if mtu > smallest)
+    takes = {name: mtu + 4 for name, mtu in veths.items()}
+    above = sorted(name for name, mtu in takes.items() if mtu > smallest)
     if above:
         return Check("mtu", False,
                      f"{len(above)} of {len(veths)} container veths ({', '.join(above[:3])}"
-                     f"{' …' if len(above) > 3 else ''}) have an MTU above {smallest}, the default route's "
-                     f"via {way_out}: a container can make the node send 'fragmentation needed' to a forged "
-                     f"source before any rule sees the packet",
+                     f"{' …' if len(above) > 3 else ''}) take packets above {smallest} bytes (their MTU + 4), "
+                     f"the default route's MTU via {way_out}: a container can make the node send "
+                     f"'fragmentation needed' to a forged source before any rule sees the packet",
                      f"set the network's mtu to {smallest} or less (CNI config `mtu`, Docker's "
-                     f"com.docker.network.driver.mtu); containers attached after that get it")
+                     f"com.docker.network.driver.mtu); containers attached after that get it, and so do "
+                     f"containers attached again that a sockgate before 2026-12-07 attached")
     return Check("mtu", True, f"{len(veths)} container veths at most the default route's MTU {smallest} "
                               f"(via {way_out})")
 

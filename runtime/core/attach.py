@@ -118,7 +118,7 @@ def _attach(node: Node, req: AttachRequest, peer_netns: str, place: Callable[[At
                 if node.table.add_if_current(ep, pools, egress):
                     place(att)
                     att.segmentation_off = True  # both doors' place() did it
-                    node.links.configure_host(att.host_ifname, att.host_ifindex, att.ipv4, att.ipv6)
+                    node.links.configure_host(att.host_ifname, att.host_ifindex, att.ipv4, att.ipv6, att.mtu)
                     att.state = READY
                     net.attachments.save(att)
                     break

@@ -72,7 +72,8 @@ class LinkBackend(Protocol):
     def stop_container_segmentation(self, netns_path: str, ipv4: str) -> bool:
         """The same inside a container's netns; False when it can't be entered."""
 
-    def configure_host(self, host_ifname: str, host_ifindex: int, ipv4: str, ipv6: str) -> None: ...
+    def configure_host(self, host_ifname: str, host_ifindex: int, ipv4: str, ipv6: str, mtu: int) -> None:
+        """Up, with fe80::1 and the routes to the container (carrying its MTU)."""
 
     def retire_link(self, ifname: str) -> bool:
         """Take a node-side link out of service (deleted now or by the reaper)."""

@@ -25,7 +25,7 @@ DOCKER_ID = re.compile(r"^[0-9a-f]{64}$")
 OPTIONS = {
     "ipv4Pool": "container IPv4 addresses (CIDR), default " + DEFAULT_IPV4_POOL,
     "ipv6Pool": "container IPv6 addresses (CIDR), default " + DEFAULT_IPV6_POOL,
-    "mtu": "MTU of both veth ends, 1280-65535 (also com.docker.network.driver.mtu)",
+    "mtu": "MTU of the container's veth end, 1280-65535; the node's is 4 less (also com.docker.network.driver.mtu)",
 }
 
 

@@ -220,6 +220,22 @@ def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int, mac: s
 
 
 
+# A veth takes a frame from its peer if it is at most MTU + 18 bytes long: Ethernet
+# header and room for a VLAN tag (is_skb_forwardable), tag or no tag. A container
+# that cuts its packets itself (a packet socket's virtio header, runtime/kernel/ethtool.py)
+# can so hand the node an IP packet 4 bytes over its MTU, which ip_forward answers
+# "fragmentation needed" to its (forged) source before any hook, or fragments. So the
+# node's end is 4 bytes smaller than the container's, and the routes to the container
+# carry the container's MTU (configure_host): what the node forwards to it is not
+# limited by its own end. IPv6 needs 1280 on a link: a network of less than 1284
+# keeps up to 3 bytes of the slack.
+_VLAN_HLEN = 4
+
+
+def node_end_mtu(mtu: int) -> int:
+    return max(mtu - _VLAN_HLEN, 1280)
+
+
 def _peer_index(ifname: str) -> int | None:
     """The index, in its own netns, of the veth peer of `ifname` (in this thread's netns)."""
     with rtnl.Rtnl() as nl:
@@ -237,7 +253,8 @@ def _create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int, mac: 
             if rtnl.find(nl, host_ifname) is not None:
                 delete_link(host_ifname)
             _, link = nl.run(rtnl.new_veth(host_ifname, ifname, fd, mtu, CONTAINER_IFGROUP,
-                                           mac or veth_mac(host_ifname), noarp=True),
+                                           mac or veth_mac(host_ifname), noarp=True,
+                                           name_mtu=node_end_mtu(mtu)),
                              rtnl.get_link(host_ifname))
     except rtnl.RtnlError as exc:
         if exc.errno == errno.EEXIST:
@@ -327,7 +344,7 @@ def enable_forwarding() -> None:
         raise _kernel("enable IP forwarding", exc) from None
 
 
-def configure_host(host_ifname: str, host_ifindex: int, ipv4: str, ipv6: str) -> None:
+def configure_host(host_ifname: str, host_ifindex: int, ipv4: str, ipv6: str, mtu: int) -> None:
     try:
         # fe80::1 is its link-local address (addr_gen_mode 1: none generated); the one
         # the shared MAC would give is the container end's.
@@ -335,8 +352,8 @@ def configure_host(host_ifname: str, host_ifindex: int, ipv4: str, ipv6: str) ->
         with rtnl.Rtnl() as nl:
             nl.run(rtnl.new_addr(host_ifindex, GATEWAY_V6, 64, nodad=True),
                    rtnl.set_up(host_ifindex),
-                   rtnl.new_route(f"{ipv4}/32", host_ifindex, scope=rtnl.RT_SCOPE_LINK),
-                   rtnl.new_route(f"{ipv6}/128", host_ifindex))
+                   rtnl.new_route(f"{ipv4}/32", host_ifindex, scope=rtnl.RT_SCOPE_LINK, mtu=mtu),
+                   rtnl.new_route(f"{ipv6}/128", host_ifindex, mtu=mtu))
     except (NetlinkError, OSError) as exc:
         raise _kernel(f"configure {host_ifname}", exc) from None
 

@@ -266,7 +266,7 @@ class FakeLinks:
                                 "No such device")
         link.segmentation = False
 
-    def configure_host(self, host_ifname: str, host_ifindex: int, ipv4: str, ipv6: str) -> None:
+    def configure_host(self, host_ifname: str, host_ifindex: int, ipv4: str, ipv6: str, mtu: int) -> None:
         self.faults.hit("links.configure_host")
         link = self.netns[NODE_NETNS].get(host_ifname)
         if link is None or link.index != host_ifindex:

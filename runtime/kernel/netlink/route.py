@@ -39,7 +39,8 @@ IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_LINKINFO, IFLA_GROUP, IFLA_
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 NDA_DST, NDA_LLADDR = 1, 2
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY = 1, 4, 5, 6
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_METRICS = 1, 4, 5, 6, 8
+RTAX_LOCK, RTAX_MTU = 1, 2
 NETCONFA_IFINDEX, NETCONFA_FORWARDING = 1, 2
 NETCONFA_IFINDEX_ALL, NETCONFA_IFINDEX_DEFAULT = -1, -2
 # values
@@ -90,15 +91,16 @@ class Request:
 
 
 def new_veth(name: str, peer: str, peer_netns_fd: int, mtu: int, group: int = 0, mac: str = "",
-             noarp: bool = False) -> Request:
+             noarp: bool = False, name_mtu: int = 0) -> Request:
     """`group` (the interface group, IFLA_GROUP) applies to `name`, the node end; `mac`
-    and `noarp` (IFF_NOARP) to both ends."""
+    and `noarp` (IFF_NOARP) to both ends; `mtu` to the peer, and to `name` too unless
+    `name_mtu` is given."""
     flags = IFINFOMSG.pack(0, 0, 0, IFF_NOARP, IFF_NOARP) if noarp else IFINFOMSG.pack(0, 0, 0, 0, 0)
     address = attr(IFLA_ADDRESS, _mac(mac)) if mac else b""
     peer_info = flags + attr(IFLA_IFNAME, cstr(peer)) + attr(IFLA_MTU, u32(mtu)) + address \
         + attr(IFLA_NET_NS_FD, u32(peer_netns_fd))
     linkinfo = attr(IFLA_INFO_KIND, b"veth") + attr(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer_info))
-    body = flags + attr(IFLA_IFNAME, cstr(name)) + attr(IFLA_MTU, u32(mtu)) + address \
+    body = flags + attr(IFLA_IFNAME, cstr(name)) + attr(IFLA_MTU, u32(name_mtu or mtu)) + address \
         + attr(IFLA_GROUP, u32(group)) + attr(IFLA_LINKINFO, linkinfo)
     return Request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body, f"create veth {name} (peer {peer})")
 
@@ -146,7 +148,8 @@ def new_neigh(index: int, address: str, lladdr: str, replace: bool = False) -> R
 
 
 def new_route(dst: str, oif: int, gateway: str = "", scope: int = RT_SCOPE_UNIVERSE,
-              priority: int | None = None) -> Request:
+              priority: int | None = None, mtu: int = 0) -> Request:
+    """`mtu`: the route's own MTU, locked (`mtu lock`), whatever its device's."""
     net, _, plen = dst.partition("/")
     family, raw = _addr(net)
     attrs = attr(RTA_OIF, u32(oif))
@@ -156,6 +159,8 @@ def new_route(dst: str, oif: int, gateway: str = "", scope: int = RT_SCOPE_UNIVE
         attrs += attr(RTA_GATEWAY, _addr(gateway)[1])
     if priority is not None:
         attrs += attr(RTA_PRIORITY, u32(priority))
+    if mtu:
+        attrs += attr(RTA_METRICS, attr(RTAX_LOCK, u32(1 << RTAX_MTU)) + attr(RTAX_MTU, u32(mtu)))
     body = RTMSG.pack(family, int(plen), 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, scope, RTN_UNICAST, 0) + attrs
     return Request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body,
                    f"add route {dst}" + (f" via {gateway}" if gateway else ""))
