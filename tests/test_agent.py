@@ -18,6 +18,7 @@ from typing import Iterator
 import pytest
 
 from netpolicy.ruleset import CONTAINER_IFGROUP
+from runtime.fsutil import atomic_write_json
 from runtime.lab import LAB
 from runtime.lab.policy import write_lab_policy
 from runtime.state.store import host_ifname
@@ -192,8 +193,8 @@ def test_agent_repairs_the_table_and_serves_adds_against_the_current_one(plugin,
         # ... with segmentation offload on, and a record that says nothing of it.
         in_ns(ns, "ethtool", "-K", "eth0", "tso", "on", "tx-udp-segmentation", "on")
         record = plugin.state_dir / "networks" / plugin.conf["name"] / "attachments" / "keep--eth0.json"
-        record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items()
-                                      if k != "segmentation_off"}))
+        atomic_write_json(record, {k: v for k, v in json.loads(record.read_text()).items()
+                                   if k != "segmentation_off"}, durable=False)
         # Other rules and another revision: the next ADD's transaction fails its
         # assertion and the agent reloads the table before adding.
         in_ns(node, "nft", "flush", "set", "inet", "sockgate", "revision")

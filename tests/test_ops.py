@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from runtime.agent.event_log import last_events
+from runtime.fsutil import atomic_write_json
 from runtime.lab import LAB
 from runtime.state.store import host_ifname
 from runtime.version import version
@@ -286,7 +287,9 @@ def test_the_sweep_never_takes_an_attachment_being_added(plugin, app, lab, tmp_p
         assert all(r.rc == 0 for r in adds), [r.stdout for r in adds if r.rc]
         # Mid-ADD as on disk: the record says adding and the veth is not made yet.
         record = next((plugin.state_dir / "networks" / plugin.conf["name"] / "attachments").glob("p0--*.json"))
-        record.write_text(json.dumps(dict(json.loads(record.read_text()), state="adding")))
+        # Atomically, as sockgate writes records: a sweep that read it half written would
+        # rightly remove an unreadable record (seen once in CI).
+        atomic_write_json(record, dict(json.loads(record.read_text()), state="adding"), durable=False)
         in_node(lab, "ip", "link", "del", host_ifname(plugin.conf["name"], "p0", "eth0"))
         time.sleep(1.0)  # twenty sweeps
         assert len(plugin.records()) == 12 and len(plugin.leases()) == 24
