@@ -25,6 +25,7 @@ import pytest
 
 from runtime.lab import LAB, ProbeResult
 from runtime.lab.builder import PROBE_PY
+from tests.support.attacks import offloads_on
 from tests.support.dockerd import IMAGE, DockerEnv, docker_env
 from tests.support.plugin import nft_set
 
@@ -173,7 +174,7 @@ def test_network_create_run_and_contract(denv, net):
     # The container's kernel cuts its packets itself (billing counts what leaves).
     offloads = subprocess.run(["nsenter", f"--net=/proc/{pid_of(ct)}/ns/net", "ethtool", "-k", "eth0"],
                               capture_output=True, text=True, check=True).stdout
-    assert not [ln for ln in offloads.splitlines() if "segmentation: on" in ln or "tx-gso-list: on" in ln], offloads
+    assert offloads_on(offloads) == [], offloads
     assert_contract(denv, ct)
     # The agent timed Docker's calls, by call and result.
     calls = {line.split("{", 1)[1].split("}", 1)[0]: float(line.split()[-1]) for line in denv.agent.scrape().splitlines()

@@ -894,9 +894,7 @@ def wire(lab) -> Iterator[None]:
 
 def _offloads(lab, ns: str) -> list[str]:
     """The segmentation offloads on at a netns's eth0."""
-    out = lab.run(ns, ["ethtool", "-k", "eth0"]).stdout
-    return [line.split(":")[0].strip() for line in out.splitlines()
-            if line.strip().endswith("segmentation: on") or line.strip().startswith("tx-gso-list: on")]
+    return atk.offloads_on(lab.run(ns, ["ethtool", "-k", "eth0"]).stdout)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

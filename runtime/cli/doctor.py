@@ -105,6 +105,7 @@ def check_mtu(cfg: DoctorConfig) -> Check:
     a VLAN tag): sockgate makes it 4 bytes smaller than the container's end
     (runtime.kernel.netns.node_end_mtu), so what it takes is the network's MTU."""
     from netpolicy.ruleset import CONTAINER_IFGROUP
+    from runtime.kernel.netns import VETH_SLACK
     tool = cfg.which("ip")
     if tool is None:
         return Check("mtu", False, "no `ip` tool found: the veths' MTU can't be read", "install iproute2")
@@ -124,13 +125,13 @@ def check_mtu(cfg: DoctorConfig) -> Check:
     if not exits:
         return Check("mtu", True, "no default route: containers' packets go nowhere to be too big for")
     way_out, smallest = min(exits.items(), key=lambda item: item[1])
-    takes = {name: mtu + 4 for name, mtu in veths.items()}
-    above = sorted(name for name, mtu in takes.items() if mtu > smallest)
+    above = sorted(name for name, mtu in veths.items() if mtu + VETH_SLACK > smallest)
     if above:
         return Check("mtu", False,
                      f"{len(above)} of {len(veths)} container veths ({', '.join(above[:3])}"
-                     f"{' …' if len(above) > 3 else ''}) take packets above {smallest} bytes (their MTU + 4), "
-                     f"the default route's MTU via {way_out}: a container can make the node send "
+                     f"{' …' if len(above) > 3 else ''}) take packets above {smallest} bytes "
+                     f"(their MTU + {VETH_SLACK}), the default route's MTU via {way_out}: a container can make "
+                     f"the node send "
                      f"'fragmentation needed' to a forged source before any rule sees the packet",
                      f"set the network's mtu to {smallest} or less (CNI config `mtu`, Docker's "
                      f"com.docker.network.driver.mtu); containers attached after that get it, and so do "

@@ -23,7 +23,7 @@ from runtime.core.node import Node
 from runtime.errors import ALREADY_ATTACHED, CHECK_FAILED, KERNEL_FAILURE, NOT_AVAILABLE, SockgateError
 from runtime.fsutil import locked, remove_stale_temps
 from runtime.state.ipam import LeaseStore, Owner
-from runtime.state.store import ADDING, READY, Attachment, AttachmentStore, attachments, host_ifname
+from runtime.state.store import ADDING, READY, Attachment, AttachmentStore, attachments, host_ifname, network_root
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Network:
 
     def __init__(self, conf: NetConf) -> None:
         self.conf = conf
-        self.root = Path(conf.state_dir) / "networks" / conf.name
+        self.root = network_root(conf.state_dir, conf.name)
         self.leases = LeaseStore(self.root / "leases")
         self.attachments = AttachmentStore(self.root / "attachments")
 

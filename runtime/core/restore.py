@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import logging
 import secrets
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from netpolicy.ruleset import CONTAINER_IFGROUP, Endpoint
 from runtime.fsutil import locked
 from runtime.kernel.netlink import route as rtnl
-from runtime.state.store import READY, Attachment, AttachmentStore, attachments
+from runtime.state.store import READY, Attachment, AttachmentStore, attachments, network_root
 
 if TYPE_CHECKING:
     from runtime.core.node import FlowBackend, LinkBackend
@@ -55,7 +54,7 @@ def ready_endpoints(links: LinkBackend, state_dir: str) -> list[tuple[Endpoint, 
 def _record_segmentation_off(state_dir: str, att: Attachment) -> None:
     # Under the network's lock, as every other writer of a record (the caller holds the
     # table lock: DEL, which takes it too, can't remove the record meanwhile).
-    root = Path(state_dir) / "networks" / att.network
+    root = network_root(state_dir, att.network)
     with locked(root / "lock"):
         store = AttachmentStore(root / "attachments")
         current = store.load(att.container_id, att.ifname)

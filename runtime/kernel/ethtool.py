@@ -98,11 +98,3 @@ def segmentation_off(ifname: str) -> None:
         still = ", ".join(name for bit, name in enumerate(names) if left >> bit & 1)
         raise OSError(f"{ifname}: segmentation offload still on: {still}")
 
-
-def segmentation_on(ifname: str) -> list[str]:
-    """The segmentation offloads on at `ifname` (in this thread's netns): for checks."""
-    names = _feature_names(ifname)
-    blocks = (len(names) + 31) // 32
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        active = _active(sock, ifname, blocks)
-    return [name for bit, name in enumerate(names) if _is_segmentation(name) and active >> bit & 1]

@@ -229,11 +229,11 @@ def create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int, mac: s
 # carry the container's MTU (configure_host): what the node forwards to it is not
 # limited by its own end. IPv6 needs 1280 on a link: a network of less than 1284
 # keeps up to 3 bytes of the slack.
-_VLAN_HLEN = 4
+VETH_SLACK = 4  # VLAN_HLEN
 
 
 def node_end_mtu(mtu: int) -> int:
-    return max(mtu - _VLAN_HLEN, 1280)
+    return max(mtu - VETH_SLACK, 1280)
 
 
 def _peer_index(ifname: str) -> int | None:

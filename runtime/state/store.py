@@ -135,10 +135,15 @@ class Listing:
         return set(self.networks) - {path.parent.parent.name for path in self.unreadable}
 
 
+def network_root(state_dir: str | os.PathLike[str], network: str) -> Path:
+    """One network's directory: its leases, attachment records and lock."""
+    return Path(state_dir) / "networks" / network
+
+
 def _network_dirs(state_dir: str | os.PathLike[str], network: str | None) -> list[Path]:
-    root = Path(state_dir) / "networks"
     if network is not None:
-        return [root / network]
+        return [network_root(state_dir, network)]
+    root = Path(state_dir) / "networks"
     return sorted(root.iterdir()) if root.is_dir() else []
 
 

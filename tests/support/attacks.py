@@ -596,6 +596,13 @@ def spec_file(path, l3=(), l2=(), **kw):
     return path
 
 
+def offloads_on(ethtool_k: str) -> list[str]:
+    """The segmentation offloads `ethtool -k` says are on (what sockgate turns off on
+    a container's end of its veth)."""
+    return [line.split(":")[0].strip() for line in ethtool_k.splitlines()
+            if line.strip().endswith("segmentation: on") or line.strip().startswith("tx-gso-list: on")]
+
+
 def wait_ready(log, proc, timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
     while "READY" not in open(log).read():
