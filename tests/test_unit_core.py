@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from runtime.core import attach as core
+from runtime.core import restore
 from runtime.core.netconf import NetConf, parse_netconf
 from runtime.core.policy import CompiledPolicies
 from runtime.errors import (
@@ -146,6 +147,29 @@ def test_a_reload_turns_off_segmentation_offload_once_for_an_earlier_versions_co
     env.fake.table.flush()
     env.attach("c3")
     assert "links.stop_container_segmentation" not in env.fake.faults.calls  # once
+
+
+def test_a_reload_killed_between_the_offloads_and_the_record_does_it_again(env, monkeypatch):
+    # The worst moment: the container's offloads are off, its record doesn't say so yet.
+    att = env.attach("c1")
+    env.fake.links.netns[env.netns("c1")]["eth0"].segmentation = True
+    env.net.attachments.save(dataclasses.replace(att, segmentation_off=False))
+    env.fake.table.flush()
+
+    def killed(state_dir, att):
+        raise KeyboardInterrupt  # SIGKILL's stand-in: nothing after it runs
+    monkeypatch.setattr(restore, "_record_segmentation_off", killed)
+    with pytest.raises(KeyboardInterrupt):
+        env.attach("c2")
+    assert env.fake.links.netns[env.netns("c1")]["eth0"].segmentation is False
+    assert env.net.attachments.load("c1", "eth0").segmentation_off is False
+    monkeypatch.undo()
+    env.fake.faults.calls.clear()
+    env.fake.table.flush()
+    env.attach("c3")  # the next reload does it again (idempotent) and records it
+    assert "links.stop_container_segmentation" in env.fake.faults.calls
+    assert env.net.attachments.load("c1", "eth0") == att
+    assert env.fake.table.owners()["rx"] >= {owned_by(env, "c1"), owned_by(env, "c3")}
 
 
 def test_watched_add_skips_the_rules_check_but_reloads_a_table_it_finds_missing(env):
