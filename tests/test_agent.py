@@ -172,7 +172,9 @@ def test_agent_repairs_the_table_and_serves_adds_against_the_current_one(plugin,
     """An ADD served by the agent doesn't list the table (its element transaction only
     asserts the revision); the agent checks the rules every few seconds instead."""
     ns = app()
-    keep_veth = plugin.add("keep", ns)["interfaces"][0]["name"]
+    kept = plugin.add("keep", ns)
+    keep_veth = kept["interfaces"][0]["name"]
+    keep_v4, keep_v6 = (ip["address"].split("/")[0] for ip in kept["ips"])
     node = plugin.node_netns
     assert _ifgroup(node, keep_veth) == CONTAINER_IFGROUP
     if damage == "flushed chain":
@@ -190,6 +192,10 @@ def test_agent_repairs_the_table_and_serves_adds_against_the_current_one(plugin,
         in_ns(node, "ip", "link", "set", keep_veth, "arp", "on")
         in_ns(ns, "ip", "link", "set", "eth0", "arp", "on")
         in_ns(ns, "ip", "link", "set", "eth0", "address", "02:00:5e:10:00:01")
+        # ... with its node end at the container's MTU and routes that don't carry one,
+        in_ns(node, "ip", "link", "set", keep_veth, "mtu", "1500")
+        in_ns(node, "ip", "route", "replace", f"{keep_v4}/32", "dev", keep_veth, "scope", "link")
+        in_ns(node, "ip", "-6", "route", "replace", f"{keep_v6}/128", "dev", keep_veth)
         # ... with segmentation offload on, and a record that says nothing of it.
         in_ns(ns, "ethtool", "-K", "eth0", "tso", "on", "tx-udp-segmentation", "on")
         record = plugin.state_dir / "networks" / plugin.conf["name"] / "attachments" / "keep--eth0.json"
@@ -216,6 +222,11 @@ def test_agent_repairs_the_table_and_serves_adds_against_the_current_one(plugin,
     assert lab.probe(ns, "tcp", LAB.public_v6, 9000).ok
     assert _ifgroup(node, keep_veth) == CONTAINER_IFGROUP
     assert "NOARP" in json.loads(in_ns(node, "ip", "-j", "link", "show", keep_veth))[0]["flags"]
+    # Its node end is 4 bytes narrower than the container's again, and the routes to
+    # the container carry the container's MTU, locked.
+    assert json.loads(in_ns(node, "ip", "-j", "link", "show", keep_veth))[0]["mtu"] == 1496
+    assert "mtu lock 1500" in in_ns(node, "ip", "route", "show", f"{keep_v4}/32")
+    assert "mtu lock 1500" in in_ns(node, "ip", "-6", "route", "show", f"{keep_v6}/128")
     # And the container's kernel cuts its packets itself again (billing), recorded.
     offloads = in_ns(ns, "ethtool", "-k", "eth0")
     assert not [ln for ln in offloads.splitlines() if "segmentation: on" in ln], offloads

@@ -149,6 +149,20 @@ def test_a_reload_turns_off_segmentation_offload_once_for_an_earlier_versions_co
     assert "links.stop_container_segmentation" not in env.fake.faults.calls  # once
 
 
+def test_a_reload_narrows_the_node_end_of_an_earlier_versions_veth_once(env):
+    env.attach("c1")
+    host = owned_by(env, "c1")
+    assert env.fake.links.netns[NODE_NETNS][host].mtu == 1496  # what ADD makes now
+    env.fake.links.netns[NODE_NETNS][host].mtu = 1500          # what an earlier sockgate made
+    env.fake.table.flush()
+    env.attach("c2")  # reload
+    assert env.fake.links.netns[NODE_NETNS][host].mtu == 1496
+    assert env.fake.links.narrowed == [host]
+    env.fake.table.flush()
+    env.attach("c3")
+    assert env.fake.links.narrowed == [host]  # nothing to do the second time
+
+
 def test_a_reload_killed_between_the_offloads_and_the_record_does_it_again(env, monkeypatch):
     # The worst moment: the container's offloads are off, its record doesn't say so yet.
     att = env.attach("c1")

@@ -26,8 +26,10 @@ def test_parse_netconf_reads_forwarding_and_ifindex():
 def test_parse_link_reads_index_mac_flags_and_group():
     body = (route.IFINFOMSG.pack(0, 0, 42, route.IFF_UP | route.IFF_NOARP, 0)
             + attr(route.IFLA_ADDRESS, bytes.fromhex("0a0b0c0d0e0f"))
-            + attr(route.IFLA_GROUP, u32(0x5347)))
-    assert route.parse_link(body) == route.Link(42, "0a:0b:0c:0d:0e:0f", route.IFF_UP | route.IFF_NOARP, 0x5347)
+            + attr(route.IFLA_GROUP, u32(0x5347))
+            + attr(route.IFLA_MTU, u32(1496)))
+    assert route.parse_link(body) == route.Link(42, "0a:0b:0c:0d:0e:0f", route.IFF_UP | route.IFF_NOARP, 0x5347,
+                                                mtu=1496)
     # No IFLA_GROUP (not in the answer): group 0, as the kernel defaults.
     assert route.parse_link(route.IFINFOMSG.pack(0, 0, 7, 0, 0)).group == 0
 
@@ -46,3 +48,16 @@ def test_new_route_is_laid_out_as_before():
                         + struct.pack("=HH", 8, route.RTA_GATEWAY) + socket.inet_aton("169.254.1.1")
                         + struct.pack("=HHI", 8, route.RTA_PRIORITY, 7))
     assert req.flags == route.NLM_F_CREATE | route.NLM_F_EXCL
+
+
+def test_a_replaced_route_overwrites_and_says_so():
+    req = route.new_route("10.1.0.2/32", 7, mtu=1500, replace=True)
+    assert req.flags == route.NLM_F_CREATE | route.NLM_F_REPLACE
+    assert req.what == "replace route 10.1.0.2/32"
+    assert req.body == route.new_route("10.1.0.2/32", 7, mtu=1500).body
+
+
+def test_set_mtu_carries_the_mtu():
+    req = route.set_mtu(9, 1496)
+    assert req.kind == route.RTM_SETLINK
+    assert dict(attributes(req.body[route.IFINFOMSG.size:])) == {route.IFLA_MTU: u32(1496)}

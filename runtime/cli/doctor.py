@@ -134,8 +134,9 @@ def check_mtu(cfg: DoctorConfig) -> Check:
                      f"the node send "
                      f"'fragmentation needed' to a forged source before any rule sees the packet",
                      f"set the network's mtu to {smallest} or less (CNI config `mtu`, Docker's "
-                     f"com.docker.network.driver.mtu); containers attached after that get it, and so do "
-                     f"containers attached again that a sockgate before 2026-12-07 attached")
+                     f"com.docker.network.driver.mtu); containers attached after that get it. "
+                     f"A veth a sockgate before 2026-12-07 made is narrowed at the next table "
+                     f"reload, which an upgrade brings")
     return Check("mtu", True, f"{len(veths)} container veths at most the default route's MTU {smallest} "
                               f"(via {way_out})")
 

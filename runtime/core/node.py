@@ -92,6 +92,10 @@ class LinkBackend(Protocol):
 
     def stop_neighbour_resolution(self, host: Link, netns_path: str, ipv4: str, ipv6: str) -> bool: ...
 
+    def narrow_node_end(self, host: Link, ipv4: str, ipv6: str, mtu: int) -> bool:
+        """The node end of a veth an earlier sockgate made, at the MTU create_veth gives it
+        now; nothing for one already there. True when it changed it."""
+
 
 class FlowBackend(Protocol):
     """Conntrack, as far as a table reload needs it."""

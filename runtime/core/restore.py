@@ -43,6 +43,10 @@ def ready_endpoints(links: LinkBackend, state_dir: str) -> list[tuple[Endpoint, 
         link = found.get(att.host_ifname)
         if link is not None and not link.flags & rtnl.IFF_NOARP:
             links.stop_neighbour_resolution(link, att.netns, att.ipv4, att.ipv6)
+        # Veths from before the node end was narrower than the container's (netns.VETH_SLACK):
+        # the link itself says whether it's done.
+        if link is not None:
+            links.narrow_node_end(link, att.ipv4, att.ipv6, att.mtu)
         # Once per attachment an earlier sockgate made: its record says when it's done.
         if link is not None and not att.segmentation_off and links.stop_container_segmentation(att.netns, att.ipv4):
             _record_segmentation_off(state_dir, att)

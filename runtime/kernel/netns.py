@@ -352,10 +352,34 @@ def configure_host(host_ifname: str, host_ifindex: int, ipv4: str, ipv6: str, mt
         with rtnl.Rtnl() as nl:
             nl.run(rtnl.new_addr(host_ifindex, GATEWAY_V6, 64, nodad=True),
                    rtnl.set_up(host_ifindex),
-                   rtnl.new_route(f"{ipv4}/32", host_ifindex, scope=rtnl.RT_SCOPE_LINK, mtu=mtu),
-                   rtnl.new_route(f"{ipv6}/128", host_ifindex, mtu=mtu))
+                   *_routes_to_container(host_ifindex, ipv4, ipv6, mtu))
     except (NetlinkError, OSError) as exc:
         raise _kernel(f"configure {host_ifname}", exc) from None
+
+
+def _routes_to_container(host_ifindex: int, ipv4: str, ipv6: str, mtu: int,
+                         replace: bool = False) -> tuple[rtnl.Request, rtnl.Request]:
+    return (rtnl.new_route(f"{ipv4}/32", host_ifindex, scope=rtnl.RT_SCOPE_LINK, mtu=mtu, replace=replace),
+            rtnl.new_route(f"{ipv6}/128", host_ifindex, mtu=mtu, replace=replace))
+
+
+def narrow_node_end(host: rtnl.Link, ipv4: str, ipv6: str, mtu: int) -> bool:
+    """Bring the node end of a veth an earlier sockgate made (both ends at the network's
+    MTU, see VETH_SLACK) to what create_veth and configure_host make now. The routes
+    first: once they carry the MTU, locked, the smaller end no longer limits what the
+    node forwards to the container. Idempotent, so a reload killed halfway does it again.
+    False when there was nothing to do, the veth went meanwhile or the kernel refused
+    (it stays as it was)."""
+    if host.mtu <= node_end_mtu(mtu):
+        return False
+    try:
+        with rtnl.Rtnl() as nl:
+            nl.run(*_routes_to_container(host.index, ipv4, ipv6, mtu, replace=True),
+                   rtnl.set_mtu(host.index, node_end_mtu(mtu)))
+    except (NetlinkError, OSError) as exc:
+        log.warning("the node end %d of the veth to %s keeps MTU %d: %s", host.index, ipv4, host.mtu, exc)
+        return False
+    return True
 
 
 def delete_link(ifname: str) -> bool:
@@ -618,3 +642,4 @@ class NetlinkLinks:
     host_routes = staticmethod(host_routes)
     mark_container_links = staticmethod(mark_container_links)
     stop_neighbour_resolution = staticmethod(stop_neighbour_resolution)
+    narrow_node_end = staticmethod(narrow_node_end)

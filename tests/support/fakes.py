@@ -18,7 +18,7 @@ from runtime.core.node import Node
 from runtime.core.policy import CompiledPolicies
 from runtime.errors import KERNEL_FAILURE, UNKNOWN_CONTAINER, SockgateError
 from runtime.kernel.netlink import route as rtnl
-from runtime.kernel.netns import GATEWAY_V4, GATEWAY_V6, ContainerView, veth_mac
+from runtime.kernel.netns import GATEWAY_V4, GATEWAY_V6, ContainerView, node_end_mtu, veth_mac
 from runtime.kernel.nft import Counters
 
 NODE_NETNS = "node"
@@ -177,6 +177,7 @@ class FakeLink:
     group: int = 0
     flags: int = 0
     segmentation: bool = True  # segmentation offload, what a new veth has
+    mtu: int = 1500
 
 
 class FakeLinks:
@@ -188,6 +189,7 @@ class FakeLinks:
         self.netns: dict[str, dict[str, FakeLink]] = {NODE_NETNS: {}}
         self.routes: dict[str, set[tuple[str, str, str]]] = {NODE_NETNS: set()}
         self.forwarding = False
+        self.narrowed: list[str] = []  # node ends narrow_node_end changed
         self._index = itertools.count(100)
 
     @staticmethod
@@ -239,10 +241,10 @@ class FakeLinks:
                                 f"{host_ifname} on the node or {ifname} in {netns_path}")
         mac = mac or veth_mac(host_ifname)
         host = FakeLink(host_ifname, next(self._index), mac, (ns, ifname), group=CONTAINER_IFGROUP,
-                        flags=rtnl.IFF_NOARP)
+                        flags=rtnl.IFF_NOARP, mtu=node_end_mtu(mtu))
         self.netns[NODE_NETNS][host_ifname] = host
         self._in(ns)[ifname] = FakeLink(ifname, next(self._index), mac, (NODE_NETNS, host_ifname),
-                                        group=CONTAINER_IFGROUP, flags=rtnl.IFF_NOARP)
+                                        group=CONTAINER_IFGROUP, flags=rtnl.IFF_NOARP, mtu=mtu)
         return host.mac, host.index
 
     def configure_container(self, netns_path: str, ifname: str, ipv4: str, ipv6: str, gateway_mac: str) -> str:
@@ -290,7 +292,8 @@ class FakeLinks:
     def links(self, ifnames: list[str]) -> dict[str, rtnl.Link]:
         self.faults.hit("links.links")
         found = [self.netns[NODE_NETNS][name] for name in ifnames if name in self.netns[NODE_NETNS]]
-        return {link.name: rtnl.Link(link.index, link.mac, link.flags | (rtnl.IFF_UP if link.up else 0), link.group)
+        return {link.name: rtnl.Link(link.index, link.mac, link.flags | (rtnl.IFF_UP if link.up else 0), link.group,
+                                     mtu=link.mtu)
                 for link in found}
 
     def inspect_container(self, netns_path: str, ifname: str) -> ContainerView | None:
@@ -317,6 +320,16 @@ class FakeLinks:
         for link in self.netns[NODE_NETNS].values():
             if link.index == host.index:
                 link.flags |= rtnl.IFF_NOARP
+        return True
+
+    def narrow_node_end(self, host: rtnl.Link, ipv4: str, ipv6: str, mtu: int) -> bool:
+        self.faults.hit("links.narrow_node_end")
+        if host.mtu <= node_end_mtu(mtu):
+            return False
+        for link in self.netns[NODE_NETNS].values():
+            if link.index == host.index:
+                link.mtu = node_end_mtu(mtu)
+                self.narrowed.append(link.name)
         return True
 
     def stop_container_segmentation(self, netns_path: str, ipv4: str) -> bool:

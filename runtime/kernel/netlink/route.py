@@ -123,6 +123,11 @@ def set_group(index: int, group: int) -> Request:
                    f"set link {index} group {group:#x}")
 
 
+def set_mtu(index: int, mtu: int) -> Request:
+    return Request(RTM_SETLINK, 0, IFINFOMSG.pack(0, 0, index, 0, 0) + attr(IFLA_MTU, u32(mtu)),
+                   f"set link {index} mtu {mtu}")
+
+
 def set_noarp(index: int) -> Request:
     return Request(RTM_SETLINK, 0, IFINFOMSG.pack(0, 0, index, IFF_NOARP, IFF_NOARP), f"set link {index} noarp")
 
@@ -148,8 +153,9 @@ def new_neigh(index: int, address: str, lladdr: str, replace: bool = False) -> R
 
 
 def new_route(dst: str, oif: int, gateway: str = "", scope: int = RT_SCOPE_UNIVERSE,
-              priority: int | None = None, mtu: int = 0) -> Request:
-    """`mtu`: the route's own MTU, locked (`mtu lock`), whatever its device's."""
+              priority: int | None = None, mtu: int = 0, replace: bool = False) -> Request:
+    """`mtu`: the route's own MTU, locked (`mtu lock`), whatever its device's.
+    `replace`: overwrite the route to `dst` (via `oif`) if there is one."""
     net, _, plen = dst.partition("/")
     family, raw = _addr(net)
     attrs = attr(RTA_OIF, u32(oif))
@@ -162,8 +168,8 @@ def new_route(dst: str, oif: int, gateway: str = "", scope: int = RT_SCOPE_UNIVE
     if mtu:
         attrs += attr(RTA_METRICS, attr(RTAX_LOCK, u32(1 << RTAX_MTU)) + attr(RTAX_MTU, u32(mtu)))
     body = RTMSG.pack(family, int(plen), 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, scope, RTN_UNICAST, 0) + attrs
-    return Request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body,
-                   f"add route {dst}" + (f" via {gateway}" if gateway else ""))
+    return Request(RTM_NEWROUTE, NLM_F_CREATE | (NLM_F_REPLACE if replace else NLM_F_EXCL), body,
+                   f"{'replace' if replace else 'add'} route {dst}" + (f" via {gateway}" if gateway else ""))
 
 
 def get_netconf(family: int, ifindex: int = NETCONFA_IFINDEX_ALL) -> Request:
@@ -188,6 +194,7 @@ class Link:
     flags: int = 0
     group: int = 0  # IFLA_GROUP
     peer_index: int = 0  # IFLA_LINK: a veth's peer, in the peer's netns
+    mtu: int = 0
 
 
 class Rtnl(NetlinkSocket):
@@ -241,15 +248,17 @@ class Rtnl(NetlinkSocket):
 def parse_link(body: bytes) -> Link:
     """An RTM_NEWLINK message's payload (struct ifinfomsg, then attributes)."""
     _, _, index, flags, _ = IFINFOMSG.unpack_from(body)
-    mac, group, peer = "", 0, 0
+    mac, group, peer, mtu = "", 0, 0, 0
     for kind, value in attributes(body[IFINFOMSG.size:]):
         if kind == IFLA_ADDRESS:
             mac = value.hex(":")
+        elif kind == IFLA_MTU and len(value) >= 4:
+            mtu = _U32.unpack_from(value)[0]
         elif kind == IFLA_GROUP and len(value) >= 4:
             group = _U32.unpack_from(value)[0]
         elif kind == IFLA_LINK and len(value) >= 4:
             peer = _I32.unpack_from(value)[0]
-    return Link(index, mac, flags, group, peer)
+    return Link(index, mac, flags, group, peer, mtu)
 
 
 def parse_netconf(body: bytes) -> Netconf:
