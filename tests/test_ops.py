@@ -138,8 +138,24 @@ def test_doctor_on_a_healthy_lab_node(plugin, agent, app, lab):
     assert cp.returncode == 0, cp.stdout + cp.stderr
     assert "checks passed" in cp.stdout
     rc, checks = doctor(lab, plugin)
-    assert rc == 0 and len(checks) == 11
+    assert rc == 0 and len(checks) == 12
     assert "1 attachments' network namespaces open here" in checks["netns-pins"]["detail"]
+    assert "1 container end(s) with segmentation offload off" in checks["segmentation"]["detail"]
+
+
+def test_doctor_finds_a_container_that_turned_segmentation_offload_back_on(plugin, agent, app, lab):
+    """What CAP_NET_ADMIN in the container could do: billing would count each of its
+    super-packets once (README "Billing")."""
+    ns = app()
+    plugin.add("offloaded", ns)
+    plugin.add("kept-off", app())
+    lab.run(ns, ["ethtool", "-K", "eth0", "tso", "on", "tx-udp-segmentation", "on"])
+    rc, checks = doctor(lab, plugin)
+    assert rc == 1 and failed(checks) == {"segmentation"}
+    detail = checks["segmentation"]["detail"]
+    assert detail.startswith("1 container end(s) with segmentation offload on: offloaded (")
+    assert "tx-tcp-segmentation" in detail and "tx-udp-segmentation" in detail and "kept-off" not in detail
+    assert "CAP_NET_ADMIN" in checks["segmentation"]["fix"]
 
 
 def test_doctor_finds_forwarding_off(plugin, agent, app, lab):

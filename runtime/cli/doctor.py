@@ -372,6 +372,39 @@ def check_netns_pins(cfg: DoctorConfig) -> Check:
     return Check("netns-pins", True, f"{len(ready) - vanished} attachments' network namespaces open here{note}")
 
 
+def check_segmentation(cfg: DoctorConfig) -> Check:
+    """Every container end must have its segmentation offloads off: a veth hands the
+    node a super-packet whole, and billing counts it once while the wire carries every
+    segment (README "Billing"). Only a container with CAP_NET_ADMIN can turn them back
+    on. Costs a thread that enters each container's netns (~0.1 ms each)."""
+    from runtime.kernel import netns
+    from runtime.state.store import READY, attachments
+    ready = [a for a in attachments(cfg.state_dir).records if a.state == READY and a.netns and a.ipv4]
+    present = set(netns.links([a.host_ifname for a in ready]))
+    on: list[tuple[str, tuple[str, ...]]] = []
+    unread = 0
+    for att in ready:
+        if att.host_ifname not in present:
+            continue  # a vanished container: netns-pins and `sockgate gc` speak of it
+        try:
+            features = netns.container_segmentation(att.netns, att.ipv4)
+        except SockgateError:
+            unread += 1
+            continue
+        if features:
+            on.append((att.pod or att.container_id, features))
+    note = f"; {unread} could not be read (netns-pins says why)" if unread else ""
+    if on:
+        shown = ", ".join(f"{who} ({', '.join(features)})" for who, features in on[:3]) + (" …" if len(on) > 3 else "")
+        return Check("segmentation", False,
+                     f"{len(on)} container end(s) with segmentation offload on: {shown}; the node bills each "
+                     f"super-packet they send once, while the wire carries every segment{note}",
+                     "a container that holds CAP_NET_ADMIN turned them on: take that capability away "
+                     "and attach it again (ADD turns them off)")
+    return Check("segmentation", True, f"{len(present & {a.host_ifname for a in ready}) - unread} container "
+                                       f"end(s) with segmentation offload off{note}")
+
+
 def check_agent(cfg: DoctorConfig) -> Check:
     from runtime.cli.status import probe_socket
     path = wire.agent_socket(cfg.run_dir)
@@ -397,7 +430,7 @@ def check_lab_namespaces(cfg: DoctorConfig) -> Check:
 
 CHECKS: tuple[Callable[[DoctorConfig], Check], ...] = (
     check_agent, check_table, check_forwarding, check_mtu, check_conntrack, check_conntrack_max, check_docker_forward,
-    check_iptables_legacy, check_ranges, check_netns_pins, check_lab_namespaces)
+    check_iptables_legacy, check_ranges, check_netns_pins, check_segmentation, check_lab_namespaces)
 
 
 def run_checks(cfg: DoctorConfig) -> list[Check]:

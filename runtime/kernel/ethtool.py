@@ -83,18 +83,34 @@ def _active(sock: socket.socket, ifname: str, blocks: int) -> int:
     return active
 
 
+def _segmentation_mask(ifname: str) -> tuple[tuple[str, ...], int, int]:
+    """(feature names, the segmentation features' bits, the number of 32-bit blocks)."""
+    names = _feature_names(ifname)
+    return names, sum(1 << bit for bit, name in enumerate(names) if _is_segmentation(name)), (len(names) + 31) // 32
+
+
+def _named(names: tuple[str, ...], bits: int) -> tuple[str, ...]:
+    return tuple(name for bit, name in enumerate(names) if bits >> bit & 1)
+
+
 def segmentation_off(ifname: str) -> None:
     """Turn off `ifname`'s segmentation offloads (in this thread's netns). Raises
     OSError when the device is missing or one of them is still on afterwards."""
-    names = _feature_names(ifname)
-    mask = sum(1 << bit for bit, name in enumerate(names) if _is_segmentation(name))
-    blocks = (len(names) + 31) // 32
+    names, mask, blocks = _segmentation_mask(ifname)
     body = b"".join(struct.pack("II", (mask >> (32 * i)) & 0xFFFFFFFF, 0) for i in range(blocks))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         _ioctl(sock, ifname, ctypes.create_string_buffer(struct.pack("II", _ETHTOOL_SFEATURES, blocks) + body))
         # SFEATURES succeeds with a warning flag when the driver kept some on: check.
         left = _active(sock, ifname, blocks) & mask
     if left:
-        still = ", ".join(name for bit, name in enumerate(names) if left >> bit & 1)
-        raise OSError(f"{ifname}: segmentation offload still on: {still}")
+        raise OSError(f"{ifname}: segmentation offload still on: {', '.join(_named(names, left))}")
+
+
+def segmentation_on(ifname: str) -> tuple[str, ...]:
+    """The names of `ifname`'s segmentation offloads that are on (in this thread's
+    netns): none on a container end sockgate configured, unless the container (with
+    CAP_NET_ADMIN) turned them back on. Raises OSError when the device is missing."""
+    names, mask, blocks = _segmentation_mask(ifname)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        return _named(names, _active(sock, ifname, blocks) & mask)
 

@@ -320,6 +320,16 @@ def stop_container_segmentation(netns_path: str, ipv4: str) -> bool:
     return True
 
 
+def container_segmentation(netns_path: str, ipv4: str) -> tuple[str, ...]:
+    """The segmentation offloads that are on at the container end with `ipv4` (found
+    by its address, as stop_container_segmentation does). Raises SockgateError when
+    the container can't be entered or the link isn't there."""
+    try:
+        return in_netns(netns_path, lambda: ethtool.segmentation_on(socket.if_indextoname(_container_link(ipv4).index)))
+    except (OSError, NetlinkError) as exc:
+        raise _kernel(f"read the offloads of the container end with {ipv4} in {netns_path}", exc) from None
+
+
 def enable_forwarding() -> None:
     """The node must route between veths and its uplink (what ptp does too). Note: with
     IPv6 forwarding on, the node ignores router advertisements unless accept_ra=2.
