@@ -29,6 +29,8 @@ REASON_WORDS = {
     "spoofed-source": "a container sends only from its own addresses",
     "spoofed-node": "a forwarded packet claiming to come from the node is forged",
     "tcp-without-flow": "a TCP flow starts with a SYN (this one is unknown, or was reclaimed)",
+    "tcp-reopen": "a connection the peer reset is not reopened on the same ports while its entry closes "
+                  "(about 10 s)",
     "container-to-container": "containers can't reach each other (C1)",
     "icmp-error": "ICMP errors leave only about the container's own flows (C3)",
     "flow-rate": "the container's rate of new flows (limits.newFlowsPerSecond, newFlowsBurst)",

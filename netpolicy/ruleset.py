@@ -101,6 +101,7 @@ EVENT_REASONS: dict[str, tuple[str, str]] = {
     "container-pool": ("iif", "jump refuse"),
     "spoofed-source": ("iif", "drop"),
     "tcp-without-flow": ("iif", "jump refuse"),
+    "tcp-reopen": ("iif", "jump refuse"),
     "container-to-container": ("iif", "jump refuse"),
     "container-to-node": ("iif", "jump refuse"),
     "icmp-error": ("iif", "drop"),
@@ -187,7 +188,11 @@ _V6_EXTENSION = "@nh,48,8 != 6 @nh,48,8 != 17 @nh,48,8 != 58"
 # link-local destination other than the node's own is routed back out the
 # container's veth, leaving a neighbour entry for it, whatever the source. (IPv6
 # hop-by-hop options are parsed, and answered, before any netfilter hook: see
-# _HOP_BY_HOP_ANSWER.) A container's own TTL-1 packet is answered as before.
+# _HOP_BY_HOP_ANSWER.) From the container's own address such a packet is dropped too:
+# conntrack (-200) has seen it before ip_forward drops it, so it would refresh its
+# flow, and make it assured, without reaching the peer or being billed: one packet
+# now and then would keep any flow from idle reclaim. (A traceroute from a container
+# gets no answer from its first hop, the node.)
 _V4_LAST_HOP = "@nh,64,32 & 0xfe000000 == 0"            # TTL 0 or 1
 _V4_OPTIONS = "@nh,0,32 & 0x0f000000 != 0x05000000"     # header length other than 20 bytes
 _V6_LAST_HOP = "@nh,32,32 & 0x000000fe == 0"            # hop limit 0 or 1
@@ -229,6 +234,16 @@ BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
         # CONTAINER_IFGROUP, which costs a compare where `iifname @ifaces` would cost
         # a lookup on every reply.
         f"ct direction reply meta iifgroup != {CONTAINER_IFGROUP:#x} ct state established,related meta oif @rx accept",
+        # A container's SYN on a flow conntrack holds as established: a connection its
+        # peer reset (CLOSE, no FIN seen), reopened on the same ports. conntrack lets
+        # that SYN through without a new entry and takes the peer's SYN-ACK as the old
+        # flow coming back in sync, so the new connection would never pass the flow
+        # bounds, which count a flow at its first, unconfirmed packet; and `ct count`
+        # forgets closing entries. Refused, it fails at once (a reset); the entry
+        # expires CLOSING_S later and the same ports open a counted flow. The
+        # protocol test first: everything else a container sends fails it inline.
+        dropped(f"tcp flags & (syn | ack) == syn ct direction original ct state established {_IN_CONTAINER}",
+                "tcp-reopen"),
         # A container's packets, from the address its veth owns (anti-spoofing).
         "ct state established meta iif . ip saddr @tx4 accept",
         "ct state established meta iif . ip6 saddr @tx6 accept",
@@ -390,18 +405,25 @@ REGULAR_CHAINS: dict[str, list[str]] = {
     "refuse": _REJECT,
     "before_routing4": [
         dropped(f"{_V4_FRAGMENT} {_IN_CONTAINER}", "fragment", "drop"),
-        # Anti-spoofing before routing, for the packets the node would answer before
-        # `forward` (see _V4_LAST_HOP); every other packet is checked where it goes
-        # (`forward`, container_to_node).
-        dropped(f"{_V4_LAST_HOP} {_IN_CONTAINER} meta iif . ip saddr != @tx4", "spoofed-source", "drop"),
-        dropped(f"{_V4_OPTIONS} {_IN_CONTAINER} meta iif . ip saddr != @tx4", "spoofed-source", "drop"),
+        # The packets the node would answer, or drop, before `forward` (see
+        # _V4_LAST_HOP): a goto, so that an ordinary packet pays one failed test for
+        # each; every other packet is checked where it goes (`forward`, container_to_node).
+        f"{_V4_LAST_HOP} {_IN_CONTAINER} goto last_hop4",
+        f"{_V4_OPTIONS} {_IN_CONTAINER} goto options4",
     ],
+    # Counted as forged when they are (spoofed-source), else by what they are.
+    "last_hop4": [dropped("meta iif . ip saddr != @tx4", "spoofed-source", "drop"),
+                  dropped("", "last-hop", "drop").lstrip()],
+    "options4": [dropped("meta iif . ip saddr != @tx4", "spoofed-source", "drop"),
+                 dropped("", "ip-options", "drop").lstrip()],
+    "last_hop6": [dropped("meta iif . ip6 saddr != @tx6", "spoofed-source", "drop"),
+                  dropped("", "last-hop", "drop").lstrip()],
     "before_routing6": [
         # A fragment header may hide behind other extension headers, and walking them
         # (`exthdr frag exists`) costs more than this: a container's packet carries no
         # extension header at all (TCP, UDP, ICMPv6 only; C3).
         dropped(f"{_V6_EXTENSION} {_IN_CONTAINER}", "fragment", "drop"),
-        dropped(f"{_V6_LAST_HOP} {_IN_CONTAINER} meta iif . ip6 saddr != @tx6", "spoofed-source", "drop"),
+        f"{_V6_LAST_HOP} {_IN_CONTAINER} goto last_hop6",
         f"{_V6_LINK_LOCAL_SOURCE} {_IN_CONTAINER} jump link_local",
         f"{_V6_LINK_LOCAL_DESTINATION} {_IN_CONTAINER} jump link_local",
     ],

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from netpolicy.ruleset import GATEWAY_V6, FlowBounds
+from netpolicy.ruleset import CLOSING_S, GATEWAY_V6, FlowBounds
 from runtime.billing.ledger import Ledger
 from runtime.kernel.netns import GATEWAY_V4
 from runtime.lab import LAB
@@ -423,6 +423,60 @@ def test_flow_flood_is_held_at_the_containers_bound(lab, plugin, tenant, far, tm
     assert drops.get("flow-limit", 0) > 0 and drops.get("flow-rate", 0) > 0, drops
 
 
+def _wait_json(log: Path, key: str, proc, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [line for line in atk.json_lines(log) if key in line]
+        if found:
+            return found[0]
+        assert proc.poll() is None and time.monotonic() < deadline, f"no {key!r}: {log.read_text()[-2000:]}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_connection_its_peer_reset_is_not_reopened_past_the_bounds(lab, tenant, tmp_path, family):
+    """A connection the peer reset (no FIN) leaves a CLOSE entry that `ct count` no
+    longer counts. A SYN on its ports again would be taken by conntrack as part of that
+    entry, and the peer's SYN-ACK as the old flow coming back in sync: a live,
+    assured connection no bound ever counted, and the way to hold any number of them
+    (review 3). The node refuses that SYN at once (`tcp-reopen`), nothing reaches the
+    peer, and the entry closes as it should; once it has, the same ports open a new,
+    counted connection. Control: the peer holds every connection it sees from the
+    same address and port twice, as it would a reopened one."""
+    a = addrs(family)
+    attacker = tenant("attacker")
+    atk.forget_flows(lab, attacker.v4, attacker.v6)
+    port, first_port, count = 9101, 20000, 5
+    server = lab.popen(lab.internet, atk.argv("reset-once", a.public, port), log=tmp_path / "server.log")
+    atk.wait_ready(tmp_path / "server.log", server)
+    before = atk.drop_counters(lab)
+    opener = lab.popen(attacker.ns, atk.argv("reopen", a.public, port, first_port, count),
+                       stdin=subprocess.PIPE, log=tmp_path / "reopen.log")
+    try:
+        out = _wait_json(tmp_path / "reopen.log", "again", opener, 30)
+        entries = atk.conntrack_entries(lab, attacker.ip(family))
+        assert out["first"] == ["reset"] * count, out
+        assert out["again"] == ["ECONNREFUSED"] * count, out
+        assert atk.delta(before, atk.drop_counters(lab)).get("tcp-reopen") == count
+        assert [e for e in atk.json_lines(tmp_path / "server.log") if "held" in e] == []
+        assert entries and {state for _, state in entries} == {"CLOSE"}, entries
+    finally:
+        opener.communicate(b"", timeout=10)
+    # The CLOSE entries go after CLOSING_S; the same ports then open a new flow
+    # (the peer sees a new NAT port: fully random), which it resets as a first.
+    deadline = time.monotonic() + CLOSING_S + 5
+    while atk.conntrack_entries(lab, attacker.ip(family)):
+        assert time.monotonic() < deadline, atk.conntrack_entries(lab, attacker.ip(family))
+        time.sleep(0.5)
+    again = lab.popen(attacker.ns, atk.argv("reopen", a.public, port, first_port, 1),
+                      stdin=subprocess.PIPE, log=tmp_path / "later.log")
+    try:
+        assert _wait_json(tmp_path / "later.log", "again", again, 30)["first"] == ["reset"]
+    finally:
+        again.communicate(b"", timeout=10)
+        server.kill()
+
+
 # --- c) fragments -----------------------------------------------------------------------
 
 def _snmp(lab, section: str) -> dict[str, int]:
@@ -745,8 +799,9 @@ def test_what_the_node_would_answer_before_forward_is_dropped_first(lab, tenant,
     (`spoofed-source`, `link-local`). IPv6 hop-by-hop options (unknown ones that ask
     for an answer, a malformed jumbo payload) are answered on arrival, before any
     hook: every answer the node makes is dropped on its way out (`hop-by-hop`).
-    Control: the node still answers the container's own TTL-1 packet, which shows the
-    count would see the others; and what the container sends the node's own
+    The container's own TTL-1 packet is dropped too (`last-hop`: see the next test).
+    Control: the node's refusal of the container's own packet to a blocked range is an
+    ICMP error the count sees; and what the container sends the node's own
     link-local address (where the node's probes may come from) still reaches the
     node's rules."""
     a = addrs(family)
@@ -795,9 +850,12 @@ def test_what_the_node_would_answer_before_forward_is_dropped_first(lab, tenant,
         assert not problems, problems
 
         own = atk.udp_packet(attacker.ip(family), a.public, 23000, 9000, b"x", **last_hop)
-        assert atk.send(lab, attacker.ns, [own])["sent"] == 1
+        refused = atk.udp_packet(attacker.ip(family), a.internal, 23001, 9000, b"x")
+        assert atk.send(lab, attacker.ns, [own, refused])["sent"] == 2
         time.sleep(0.3)
-        assert _icmp_out(lab, family, "TimeExcds") - sent_before["TimeExcds"] == 1
+        assert _icmp_out(lab, family, "TimeExcds") - sent_before["TimeExcds"] == 0
+        assert _icmp_out(lab, family, "DestUnreachs") - sent_before["DestUnreachs"] == 1
+        assert atk.delta(drops_before, atk.drop_counters(lab)).get("last-hop") == 1
         if family == "v6":
             to_node = atk.udp_packet(attacker.v6, GATEWAY_V6, 23001, 9, b"x")
             assert atk.send(lab, attacker.ns, [to_node])["sent"] == 1
@@ -806,6 +864,57 @@ def test_what_the_node_would_answer_before_forward_is_dropped_first(lab, tenant,
             assert drops.get("container-to-node") == 1 and drops.get("link-local") == expected["link-local"], drops
     finally:
         _forget_new_neighbours(lab, before)
+
+
+def _flow_entry(lab, me: str, sport: int) -> tuple[int, bool]:
+    """(seconds left, assured) of the node's conntrack entry of a UDP flow."""
+    cmd = ["conntrack", "-L", "-s", me, "-p", "udp", "--sport", str(sport)] + (["-f", "ipv6"] if ":" in me else [])
+    lines = lab.run(lab.node, cmd, check=False).stdout.splitlines()
+    assert len(lines) == 1, lines
+    return int(lines[0].split()[2]), "[ASSURED]" in lines[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_packet_the_node_would_not_forward_keeps_no_flow_alive(lab, tenant, far, holders, family):
+    """conntrack (prerouting -200) sees a packet before ip_forward drops it for its TTL
+    (and answers "time exceeded"), or ip_rcv_finish for malformed IPv4 options: from
+    the container's own address, on its own flow, such a packet would refresh the
+    flow, make it assured (600 s) and leave nothing at the peer and nothing billed, so
+    one now and then keeps any flow from idle reclaim (review 3). They are dropped
+    before conntrack (`last-hop`, `ip-options`): the flow keeps its 30 s, unassured,
+    and no answer is sent. Control: an ordinary packet on the same flow refreshes it."""
+    a = addrs(family)
+    keeper = tenant("keeper")
+    me = keeper.ip(family)
+    flow = holders(lab, keeper.ns, a.billed, 9000)
+    first = flow.exchange("open")
+    assert first["reply"], first
+    sport = first["port"]
+    time.sleep(2.5)  # past the 2 s after which a UDP flow's next packet makes it assured
+    left, assured = _flow_entry(lab, me, sport)
+    assert left <= 30 and not assured
+    last_hop = {"hlim": 1} if family == "v6" else {"ttl": 1}
+    packets = [atk.udp_packet(me, a.billed, sport, 9000, b"keep", **last_hop)]
+    expected = {"last-hop": 1}
+    if family == "v4":  # a timestamp option too short to hold its pointer and flags
+        packets.append(atk.udp_packet(me, a.billed, sport, 9000, b"keep", options=bytes([0x44, 3, 5])))
+        expected["ip-options"] = 1
+    answers = ("TimeExcds", "ParmProbs" if family == "v4" else "ParmProblems")
+    sent_before = {k: _icmp_out(lab, family, k) for k in answers}
+    drops_before, far_before = atk.drop_counters(lab), far.counters()
+    assert atk.send(lab, keeper.ns, packets)["sent"] == len(packets)
+    time.sleep(0.3)
+    later, assured = _flow_entry(lab, me, sport)
+    drops = atk.delta(drops_before, atk.drop_counters(lab))
+    assert later <= left and not assured, (left, later)
+    assert {k: drops.get(k, 0) for k in expected} == expected, drops
+    assert {k: _icmp_out(lab, family, k) - sent_before[k] for k in answers} == dict.fromkeys(answers, 0)
+    assert far.counters()["billed"] == far_before["billed"]
+    # Control: the same flow's ordinary packet.
+    assert atk.send(lab, keeper.ns, [atk.udp_packet(me, a.billed, sport, 9000, b"keep")])["sent"] == 1
+    time.sleep(0.3)
+    refreshed, assured = _flow_entry(lab, me, sport)
+    assert refreshed > 500 and assured, refreshed
 
 
 def _sweep(family: str, a: Addrs, own: str, other: str) -> list[bytes]:

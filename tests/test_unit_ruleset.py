@@ -59,12 +59,24 @@ def test_busy_path_is_one_lookup_before_any_jump():
     # direction and meets its own lookup next.
     assert ("forward ct direction reply meta iifgroup != 0x5347 ct state established,related "
             "meta oif @rx accept") in forward[0]
-    assert forward[1].endswith("forward ct state established meta iif . ip saddr @tx4 accept")
-    assert "jump" not in " ".join(forward[:4])
+    # Then a test every packet but a TCP SYN fails on its first expressions (the
+    # protocol, then the flags), before the container's own lookup.
+    assert forward[1].startswith("add rule inet sockgate forward tcp flags & (syn | ack) == syn ")
+    assert forward[2].endswith("forward ct state established meta iif . ip saddr @tx4 accept")
+    assert "jump" not in " ".join(forward[:5])
     # What lets a packet into a container without its flow's first packet being
     # checked never takes one that came from a container (forged replies).
-    for rule in forward[:4]:
+    for rule in forward[:5]:
         assert "@rx" not in rule or "meta iifgroup != 0x5347" in rule, rule
+
+
+def test_a_containers_syn_on_an_established_entry_is_refused_before_the_busy_path():
+    # A connection its peer reset, reopened on the same ports: conntrack would take
+    # the SYN as part of the old entry and never count the new connection.
+    rule = _chain("forward")[1]
+    assert rule.startswith("tcp flags & (syn | ack) == syn ct direction original ct state established "
+                           "meta iifgroup 0x5347 ")
+    assert ends_in(rule, "jump refuse", "tcp-reopen")
 
 
 def test_revision_stamp_changes_with_the_rules():
@@ -150,12 +162,19 @@ def test_what_the_node_answers_before_forward_is_checked_before_routing():
     # ordinary packet fails (no call on the busy path); only then the veth's group
     # and, for a forged source, the same lookup as anti-spoofing in `forward`.
     assert _chain("before_routing4")[1:] == [
-        f"@nh,64,32 & 0xfe000000 == 0 meta iifgroup 0x5347 meta iif . ip saddr != @tx4 {_SPOOFED}",
-        f"@nh,0,32 & 0x0f000000 != 0x05000000 meta iifgroup 0x5347 meta iif . ip saddr != @tx4 {_SPOOFED}"]
+        "@nh,64,32 & 0xfe000000 == 0 meta iifgroup 0x5347 goto last_hop4",
+        "@nh,0,32 & 0x0f000000 != 0x05000000 meta iifgroup 0x5347 goto options4"]
     assert _chain("before_routing6")[1:] == [
-        f"@nh,32,32 & 0x000000fe == 0 meta iifgroup 0x5347 meta iif . ip6 saddr != @tx6 {_SPOOFED}",
+        "@nh,32,32 & 0x000000fe == 0 meta iifgroup 0x5347 goto last_hop6",
         "@nh,64,32 & 0xffc00000 == 0xfe800000 meta iifgroup 0x5347 jump link_local",
         "@nh,192,32 & 0xffc00000 == 0xfe800000 meta iifgroup 0x5347 jump link_local"]
+    # From a forged source counted as such; from the container's own, dropped all the
+    # same: conntrack would have refreshed its flow with a packet that never leaves.
+    for chain, family, what in (("last_hop4", "ip", "last-hop"), ("options4", "ip", "ip-options"),
+                                ("last_hop6", "ip6", "last-hop")):
+        tx = "tx4" if family == "ip" else "tx6"
+        assert _chain(chain) == [f"meta iif . {family} saddr != @{tx} {_SPOOFED}",
+                                 f'counter drop comment "drop:{what}"'], chain
     # Link-local from a container: neighbour discovery counted as before; what goes to
     # the node (its end of the veth, link-scoped multicast such as MLD) on to
     # container_to_node; everything else dropped.
@@ -237,7 +256,8 @@ def test_each_reported_reason_goes_through_its_event_chain_and_ends_as_before():
         if reason in EVENT_REASONS:
             assert ends_in(line.split(" ", 5)[5], EVENT_REASONS[reason][1], reason), line
         else:  # not a flow's first packet, nor a flow the contract has: counted, not reported
-            assert reason in ("invalid", "neighbour", "fragment", "link-local", "hop-by-hop", "redirect") and " goto " not in line, line
+            assert reason in ("invalid", "neighbour", "fragment", "link-local", "hop-by-hop", "redirect", "last-hop",
+                              "ip-options") and " goto " not in line, line
     for reason, (iface, verdict) in EVENT_REASONS.items():
         report, end = _chain(event_chain(reason), text)
         # Bounded per container (one bucket per veth, all reasons), the reason in the

@@ -468,6 +468,63 @@ def count(host: str, port: int, seconds: float) -> None:
     print(json.dumps({"datagrams": n, "bytes": size}), flush=True)
 
 
+def reset_once(host: str, port: int) -> None:
+    """A TCP server that resets (SO_LINGER 0) the first connection from each address
+    and port, and holds every later one: a peer that resets a connection and takes
+    it again when the same ports come back. Prints READY, then a line per accept."""
+    ls = socket.socket(_family(host), socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((host, port))
+    ls.listen(256)
+    print("READY", flush=True)
+    seen: set = set()
+    held = []
+    while True:
+        c, peer = ls.accept()
+        if peer[:2] in seen:
+            held.append(c)
+            print(json.dumps({"held": peer[1]}), flush=True)
+            continue
+        seen.add(peer[:2])
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+        print(json.dumps({"reset": peer[1]}), flush=True)
+
+
+def _connect_from(host: str, port: int, sport: int) -> tuple[socket.socket | None, str]:
+    """Connect from a fixed source port; wait for what the far end does next."""
+    import errno as errnos
+    s = socket.socket(_family(host), socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("", sport))
+    s.settimeout(2.0)
+    try:
+        s.connect((host, port))
+        s.settimeout(0.5)
+        try:
+            return (None, "reset") if not s.recv(1) else (s, "data")
+        except ConnectionResetError:
+            return None, "reset"
+        except socket.timeout:
+            return s, "held"
+    except OSError as e:
+        s.close()
+        return None, errnos.errorcode.get(e.errno or 0, "timeout")
+
+
+def reopen(host: str, port: int, first_port: int, count: int) -> None:
+    """For each of `count` source ports: connect (the peer resets it), then connect again
+    at once from the same port. Prints the outcomes of both rounds, holds the
+    connections that stayed until stdin closes."""
+    first = [_connect_from(host, port, first_port + i)[1] for i in range(count)]
+    again = [_connect_from(host, port, first_port + i) for i in range(count)]
+    print(json.dumps({"first": first, "again": [r for _, r in again]}), flush=True)
+    sys.stdin.read()
+    for s, _ in again:
+        if s is not None:
+            s.close()
+
+
 SOL_IP, IP_RECVERR, IP_MTU, IPV6_RECVERR, IPV6_MTU, MSG_ERRQUEUE = 0, 11, 14, 25, 24, 0x2000
 
 
@@ -678,6 +735,10 @@ def main(args: list[str]) -> int:
                                   args[5:] == ["cmsg"])))
     elif mode == "small-mss":
         print(json.dumps(small_mss(args[0], int(args[1]), int(args[2]), int(args[3]))))
+    elif mode == "reset-once":
+        reset_once(args[0], int(args[1]))
+    elif mode == "reopen":
+        reopen(args[0], int(args[1]), int(args[2]), int(args[3]))
     elif mode == "count":
         count(args[0], int(args[1]), float(args[2]))
     elif mode == "vnet":
