@@ -316,10 +316,17 @@ class FlowBounds:
     new_flows_burst: int = 200
 
     @property
+    def closing(self) -> int:
+        """The most closing TCP entries (TIME_WAIT, CLOSE) its new-flow rate can leave
+        behind while each stays CLOSING_S. More means the container keeps them alive by
+        sending on them: the agent then deletes them (runtime.agent.closing_trim)."""
+        return self.new_flows_burst + self.new_flows_per_second * CLOSING_S
+
+    @property
     def entries(self) -> int:
         """The most conntrack entries one container can hold: its live flows, plus the
         closing TCP flows its new-flow rate can leave behind."""
-        return self.max_flows + self.new_flows_burst + self.new_flows_per_second * CLOSING_S
+        return self.max_flows + self.closing
 
 
 @dataclass(frozen=True)

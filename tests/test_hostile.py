@@ -477,6 +477,55 @@ def test_a_connection_its_peer_reset_is_not_reopened_past_the_bounds(lab, tenant
         server.kill()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_closing_entries_a_container_keeps_alive_are_deleted(lab, plugin, tenant, tmp_path, family):
+    """Every packet of a flow refreshes its conntrack entry before any rule sees it, and
+    `ct count` leaves out closing ones: a container that sends an ACK every 3 s on each
+    connection its peer reset keeps all their CLOSE entries, more than its new-flow rate
+    could leave behind (FlowBounds.closing), for as long as it likes (review 3). Without
+    an agent, they stay (the attack works: the observation sees it); the agent deletes
+    them (runtime.agent.closing_trim), and the container's ACKs then open nothing (TCP
+    without a flow). Small limits, so that the attack is quick."""
+    from tests.conftest import AgentProcess
+    limits = {"maxFlows": 16, "newFlowsPerSecond": 4, "newFlowsBurst": 4}
+    policy = write_lab_policy(tmp_path / "limits.json", limits=limits)
+    plugin.conf = dict(plugin.conf, policyFile=str(policy))
+    cap = FlowBounds(**{"max_flows": 16, "new_flows_per_second": 4, "new_flows_burst": 4}).closing  # 44
+    a = addrs(family)
+    attacker = tenant("attacker")
+    me = attacker.ip(family)
+    atk.forget_flows(lab, attacker.v4, attacker.v6)
+    port, count = 9103, cap + 16
+    server = lab.popen(lab.internet, atk.argv("reset-once", a.public, port), log=tmp_path / "server.log")
+    atk.wait_ready(tmp_path / "server.log", server)
+    opening = count / 3.5
+    keeper = lab.popen(attacker.ns, atk.argv("close-keep", me, a.public, port, 21000, count, 3.5, opening + 40),
+                       log=tmp_path / "keep.log")
+
+    def closing() -> int:
+        return sum(1 for proto, state in atk.conntrack_entries(lab, me) if state in CLOSING)
+    agent = None
+    try:
+        time.sleep(opening + CLOSING_S + 2)   # all opened, and each entry older than CLOSING_S
+        held = closing()
+        assert held > cap, f"the container kept {held} closing entries, not more than {cap}: no attack to stop"
+        agent = AgentProcess(lab, plugin, tmp_path, ("--closing-trim-interval", "2")).start()
+        deadline = time.monotonic() + 10
+        while closing() > cap:
+            assert time.monotonic() < deadline, f"{closing()} closing entries still"
+            time.sleep(0.5)
+        later = [closing() for _ in range(10) if not time.sleep(1)]
+        assert max(later) <= cap, later
+        assert "deleted the closing TCP conntrack entries of 1 container(s)" in agent.log.read_text()
+        assert keeper.poll() is None, "the keeper stopped before the checks"
+    finally:
+        keeper.kill()
+        server.kill()
+        if agent is not None:
+            agent.stop()
+        atk.forget_flows(lab, attacker.v4, attacker.v6)
+
+
 # --- c) fragments -----------------------------------------------------------------------
 
 def _snmp(lab, section: str) -> dict[str, int]:

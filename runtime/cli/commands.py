@@ -41,4 +41,5 @@ def bounded(convert: Callable[[str], Any], what: str, ok: Callable[[Any], bool],
 count = bounded(int, "a whole number", lambda v: v >= 0, "0 or more")
 at_least_one = bounded(int, "a whole number", lambda v: v >= 1, "at least 1")
 seconds = bounded(float, "a number of seconds", lambda v: v > 0, "more than 0")
+seconds_or_never = bounded(float, "a number of seconds", lambda v: v >= 0, "0 (never) or more")
 days = bounded(float, "a number of days", lambda v: v > 0, "more than 0")

@@ -8,7 +8,7 @@ import sys
 
 from runtime import defaults
 from runtime.cli.billing import add_billing_commands
-from runtime.cli.commands import at_least_one, command, seconds
+from runtime.cli.commands import at_least_one, command, seconds, seconds_or_never
 from runtime.cli.events import add_events_commands
 from runtime.cli.install import install_cni
 from runtime.cli.ops import add_ops_commands
@@ -43,6 +43,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
+    from runtime.agent.closing_trim import ClosingTrim
     from runtime.agent.conntrack_budget import BudgetWatch
     from runtime.agent.policy_watch import PolicyKeeper
     from runtime.agent.reclaim import Reclaimer
@@ -60,6 +61,9 @@ def _agent(args: argparse.Namespace) -> int:
     cfg.components.append(("reaper", lambda c: reaper))
     cfg.components.append(("conntrack", lambda c: BudgetWatch(c.policy_file, c.state_dir,
                                                               policies=c.node.policies)))
+    cfg.components.append(("closing", lambda c: ClosingTrim(c.policy_file, c.state_dir,
+                                                            every=args.closing_trim_interval,
+                                                            policies=c.node.policies)))
     cfg.components.append(("billing", lambda c: BillingFlusher(c.state_dir, interval=args.billing_interval)))
     reclaimer = Reclaimer(args.state_dir, nudge_interval=args.reclaim_nudge,
                           sweep_interval=args.reclaim_sweep_interval, rcvbuf=args.reclaim_rcvbuf)
@@ -145,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "also runs at start and right after lost events); keep it well below the "
                         "policy's idleTimeout (the agent warns otherwise), or an expired UDP flow whose "
                         "event was lost can escape reclaim (default: %(default)s)")
+    p.add_argument("--closing-trim-interval", type=seconds_or_never, default=30.0, metavar="SECONDS",
+                   help="seconds between looks at the containers' closing TCP conntrack entries (TIME_WAIT, "
+                        "CLOSE): a container holding more than its new-flow rate leaves behind keeps them "
+                        "alive by sending on them, and they are deleted; 0: never (README \"Threat model\"; "
+                        "default: %(default)s)")
     p.add_argument("--reclaim-rcvbuf", type=int, default=8 << 20, metavar="BYTES",
                    help="receive buffer for conntrack DESTROY events (default: %(default)s)")
     p.add_argument("--table-check-interval", type=seconds, default=2.0, metavar="SECONDS",

@@ -525,6 +525,56 @@ def reopen(host: str, port: int, first_port: int, count: int) -> None:
             s.close()
 
 
+def _last_ack(sniffer: socket.socket, sport: int, v6: bool) -> tuple[int, int] | None:
+    """(seq, ack) of the last ACK-carrying segment sent from `sport` that the packet
+    socket on eth0 holds; drains it."""
+    last = None
+    while True:
+        try:
+            frame, where = sniffer.recvfrom(65535)
+        except (BlockingIOError, socket.timeout):
+            return last
+        ip = frame[14:]
+        if where[2] != socket.PACKET_OUTGOING or (ip[6] if v6 else ip[9]) != IPPROTO_TCP:
+            continue
+        tcp = ip[40 if v6 else (ip[0] & 15) * 4:]
+        sp, _, seq, ack = struct.unpack("!HHII", tcp[:12])
+        if sp == sport and tcp[13] & 0x10:
+            last = (seq, ack)
+
+
+def close_keep(me: str, host: str, port: int, first_port: int, count: int, pps: float, seconds: float) -> dict:
+    """Open `count` connections from consecutive source ports, `pps` a second, each of
+    which the peer resets (a CLOSE entry on the node); then, until `seconds` have gone
+    since the start, send an in-window ACK on each every 3 s, as a raw packet: what
+    keeps a closing entry alive (review 3)."""
+    v6 = is_v6(host)
+    sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    sniffer.bind(("eth0", 0))
+    sniffer.setblocking(False)
+    raw = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    tuples: dict[int, tuple[int, int]] = {}
+    t0, acks, opened, next_keep = time.monotonic(), 0, 0, time.monotonic() + 3
+    while time.monotonic() - t0 < seconds:
+        if opened < count and time.monotonic() >= t0 + opened / pps:
+            sport = first_port + opened
+            opened += 1
+            if _connect_from(host, port, sport)[1] == "reset":
+                time.sleep(0.05)
+                found = _last_ack(sniffer, sport, v6)
+                if found:
+                    tuples[sport] = found
+        if time.monotonic() >= next_keep:
+            for sport, (seq, ack) in tuples.items():
+                seg = struct.pack("!HHIIBBHHH", sport, port, seq, ack, 5 << 4, 0x10, 64240, 0, 0)
+                raw.sendto(ip_packet(me, host, IPPROTO_TCP, _with_csum(me, host, IPPROTO_TCP, seg, 16)), (host, 0))
+                acks += 1
+            next_keep += 3
+        _last_ack(sniffer, 0, v6)  # keep the packet socket's queue short
+        time.sleep(0.02)
+    return {"reset": len(tuples), "acks": acks}
+
+
 SOL_IP, IP_RECVERR, IP_MTU, IPV6_RECVERR, IPV6_MTU, MSG_ERRQUEUE = 0, 11, 14, 25, 24, 0x2000
 
 
@@ -737,6 +787,9 @@ def main(args: list[str]) -> int:
         print(json.dumps(small_mss(args[0], int(args[1]), int(args[2]), int(args[3]))))
     elif mode == "reset-once":
         reset_once(args[0], int(args[1]))
+    elif mode == "close-keep":
+        print(json.dumps(close_keep(args[0], args[1], int(args[2]), int(args[3]), int(args[4]), float(args[5]),
+                                    float(args[6]))))
     elif mode == "reopen":
         reopen(args[0], int(args[1]), int(args[2]), int(args[3]))
     elif mode == "count":

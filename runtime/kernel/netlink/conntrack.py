@@ -55,6 +55,8 @@ CT_DESTROY_TYPE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
 CT_NEW_TYPE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW     # also a GET's answer
 # attributes (linux/netfilter/nfnetlink_conntrack.h)
 CTA_TUPLE_ORIG, CTA_STATUS, CTA_MARK, CTA_ID, CTA_MARK_MASK, CTA_STATUS_MASK = 1, 3, 8, 12, 21, 26
+CTA_PROTOINFO, CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE = 4, 1, 1
+TCP_CONNTRACK_TIME_WAIT, TCP_CONNTRACK_CLOSE = 7, 8
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
@@ -172,19 +174,35 @@ def parse_unmasqueraded(payload: bytes, sources: set[str]) -> bytes | None:
     if status is None or status & IPS_SRC_NAT:
         return None
     orig = attrs.get(CTA_TUPLE_ORIG)
-    if orig is None:
-        return None
-    ip = attr_map(attr_map(orig).get(CTA_TUPLE_IP, b""))
-    if CTA_IP_V4_SRC in ip:
-        src = socket.inet_ntop(socket.AF_INET, ip[CTA_IP_V4_SRC])
-    elif CTA_IP_V6_SRC in ip:
-        src = socket.inet_ntop(socket.AF_INET6, ip[CTA_IP_V6_SRC])
-    else:
-        return None
-    if src not in sources:
+    if orig is None or _orig_source(orig) not in sources:
         return None
     ident = attr(CTA_ID, attrs[CTA_ID]) if CTA_ID in attrs else b""
     return attr(CTA_TUPLE_ORIG, orig) + ident
+
+
+def _orig_source(orig: bytes) -> str | None:
+    ip = attr_map(attr_map(orig).get(CTA_TUPLE_IP, b""))
+    if CTA_IP_V4_SRC in ip:
+        return socket.inet_ntop(socket.AF_INET, ip[CTA_IP_V4_SRC])
+    if CTA_IP_V6_SRC in ip:
+        return socket.inet_ntop(socket.AF_INET6, ip[CTA_IP_V6_SRC])
+    return None
+
+
+def parse_closing(payload: bytes) -> tuple[str, bytes] | None:
+    """(original source, the CTA_TUPLE_ORIG and CTA_ID attributes ready for a DELETE)
+    of a dumped TCP entry in TIME_WAIT or CLOSE; None for any other entry."""
+    attrs = attr_map(payload[NFGENMSG.size:])
+    tcp = attr_map(attr_map(attrs.get(CTA_PROTOINFO, b"")).get(CTA_PROTOINFO_TCP, b""))
+    state = tcp.get(CTA_PROTOINFO_TCP_STATE, b"")[:1]
+    if state not in (bytes([TCP_CONNTRACK_TIME_WAIT]), bytes([TCP_CONNTRACK_CLOSE])):
+        return None
+    orig = attrs.get(CTA_TUPLE_ORIG)
+    src = _orig_source(orig) if orig is not None else None
+    if orig is None or src is None:
+        return None
+    ident = attr(CTA_ID, attrs[CTA_ID]) if CTA_ID in attrs else b""
+    return src, attr(CTA_TUPLE_ORIG, orig) + ident
 
 
 def parse_udp_idle_timeout(payload: bytes) -> int | None:
@@ -305,14 +323,36 @@ class Conntrack(NetlinkSocket):
         if err:
             log.warning("conntrack dump for flows that escaped masquerading failed: %s", os.strerror(err))
             return -1
-        deleted = 0
-        for family, attrs in victims:
-            try:
-                if self._call(attrs, IPCTNL_MSG_CT_DELETE, NLM_F_ACK, family) == 0:
-                    deleted += 1
-            except OSError:
-                continue  # gone meanwhile, or no answer: the next reload's purge tries again
-        return deleted
+        # Gone meanwhile, or no answer: the next reload's purge tries again.
+        return sum(self.delete(family, attrs) for family, attrs in victims)
+
+    def delete(self, family: int, attrs: bytes) -> bool:
+        """Delete the entry a dump described (its CTA_TUPLE_ORIG and CTA_ID): False when
+        it is gone already or the kernel did not answer."""
+        try:
+            return self._call(attrs, IPCTNL_MSG_CT_DELETE, NLM_F_ACK, family) == 0
+        except OSError:
+            return False
+
+    def closing_entries(self) -> dict[str, list[tuple[int, bytes]]] | None:
+        """The TCP entries in TIME_WAIT or CLOSE, by original source: {address: [(family,
+        DELETE attributes)]}; None when the dump failed. One walk of the whole table
+        (the kernel filters no TCP state), each entry parsed here."""
+        found: dict[str, list[tuple[int, bytes]]] = {}
+
+        def entry(mtype: int, payload: bytes) -> None:
+            if mtype == CT_NEW_TYPE:
+                closing = parse_closing(payload)
+                if closing is not None:
+                    found.setdefault(closing[0], []).append((payload[NFGENMSG.offset("family")], closing[1]))
+        try:
+            err = self._call(b"", IPCTNL_MSG_CT_GET, NLM_F_DUMP, socket.AF_UNSPEC, on_message=entry)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+        if err:
+            log.warning("conntrack dump for closing entries failed: %s", os.strerror(err))
+            return None
+        return found
 
     def nudge(self) -> None:
         """Walk the conntrack hash with a dump that matches nothing: the walk evicts
