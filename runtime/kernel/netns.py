@@ -384,8 +384,10 @@ def narrow_node_end(host: rtnl.Link, ipv4: str, ipv6: str, mtu: int) -> bool:
         return False
     try:
         with rtnl.Rtnl() as nl:
-            nl.run(*_routes_to_container(host.index, ipv4, ipv6, mtu, replace=True),
-                   rtnl.set_mtu(host.index, node_end_mtu(mtu)))
+            # Two calls: a batch goes on past a refused request, and the end must not
+            # narrow under routes that don't carry the MTU.
+            nl.run(*_routes_to_container(host.index, ipv4, ipv6, mtu, replace=True))
+            nl.run(rtnl.set_mtu(host.index, node_end_mtu(mtu)))
     except (NetlinkError, OSError) as exc:
         log.warning("the node end %d of the veth to %s keeps MTU %d: %s", host.index, ipv4, host.mtu, exc)
         return False
