@@ -51,5 +51,5 @@ def test_the_trim_deletes_every_closing_entry_of_a_container_over_its_bound_and_
     monkeypatch.setattr(conntrack, "Conntrack", FakeConntrack)
     policies = SimpleNamespace(get=lambda *_: SimpleNamespace(egress=SimpleNamespace(bounds=bounds)))
     trim = closing_trim.ClosingTrim("policy.json", str(tmp_path), policies=policies)
-    assert trim.trim() == {"over": 50}
+    assert trim.trim() == {"over/eth0 (net)": 50}
     assert sorted(set(deleted)) == [b"a", b"b"] and len(deleted) == 50 and trim.deleted == 50

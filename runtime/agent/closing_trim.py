@@ -50,7 +50,10 @@ class ClosingTrim:
             cap = self.policies.get(self.policy_file, self.state_dir).egress.bounds.closing
         except SockgateError:
             return {}  # the policy keeper logs why
-        owner = {addr: att.pod or att.container_id for att in attachments(self.state_dir).records
+        # One count per attachment (both its addresses), named by pod or container and
+        # interface (and network, which tells apart the same container on two).
+        owner = {addr: f"{att.pod or att.container_id}/{att.ifname} ({att.network})"
+                 for att in attachments(self.state_dir).records
                  if att.state == READY for addr in (att.ipv4, att.ipv6) if addr}
         ct = Conntrack()
         try:
