@@ -193,6 +193,14 @@ _V6_EXTENSION = "@nh,48,8 != 6 @nh,48,8 != 17 @nh,48,8 != 58"
 # flow, and make it assured, without reaching the peer or being billed: one packet
 # now and then would keep any flow from idle reclaim. (A traceroute from a container
 # gets no answer from its first hop, the node.)
+# The same holds for a frame to a broadcast or multicast MAC carrying a packet to a
+# unicast address (review 4): ip_forward and ip6_forward drop what isn't PACKET_HOST,
+# after conntrack saw it. A container needs no such frame: what it sends to a
+# broadcast or multicast address is refused anyway (a range the policy blocks, the
+# node). (A frame to another unicast MAC never gets this far: ip_rcv drops it before
+# any hook.) ICMPv6 is left to the chains after this one, which count neighbour
+# discovery as such; no ICMPv6 packet refreshes a flow a container may have.
+_NOT_FOR_NODE = "meta pkttype != host"
 _V4_LAST_HOP = "@nh,64,32 & 0xfe000000 == 0"            # TTL 0 or 1
 _V4_OPTIONS = "@nh,0,32 & 0x0f000000 != 0x05000000"     # header length other than 20 bytes
 _V6_LAST_HOP = "@nh,32,32 & 0x000000fe == 0"            # hop limit 0 or 1
@@ -417,6 +425,7 @@ REGULAR_CHAINS: dict[str, list[str]] = {
         # each; every other packet is checked where it goes (`forward`, container_to_node).
         f"{_V4_LAST_HOP} {_IN_CONTAINER} goto last_hop4",
         f"{_V4_OPTIONS} {_IN_CONTAINER} goto options4",
+        dropped(f"{_NOT_FOR_NODE} {_IN_CONTAINER}", "link-broadcast", "drop"),
     ],
     # Counted as forged when they are (spoofed-source), else by what they are.
     "last_hop4": [dropped("meta iif . ip saddr != @tx4", "spoofed-source", "drop"),
@@ -433,6 +442,7 @@ REGULAR_CHAINS: dict[str, list[str]] = {
         f"{_V6_LAST_HOP} {_IN_CONTAINER} goto last_hop6",
         f"{_V6_LINK_LOCAL_SOURCE} {_IN_CONTAINER} jump link_local",
         f"{_V6_LINK_LOCAL_DESTINATION} {_IN_CONTAINER} jump link_local",
+        dropped(f"{_NOT_FOR_NODE} @nh,48,8 != 58 {_IN_CONTAINER}", "link-broadcast", "drop"),
     ],
     # IPv6 from or to a link-local address, from a container (see _V4_LAST_HOP). No
     # contract flow uses one but the node's own end of the veth, GATEWAY_V6: the node

@@ -16,6 +16,7 @@ import math
 import os
 import select
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -516,11 +517,97 @@ def test_closing_entries_a_container_keeps_alive_are_deleted(lab, plugin, tenant
             time.sleep(0.5)
         later = [closing() for _ in range(10) if not time.sleep(1)]
         assert max(later) <= cap, later
-        assert "deleted the closing TCP conntrack entries of 1 container(s)" in agent.log.read_text()
+        assert "deleted conntrack entries of 1 container(s) over their bounds" in agent.log.read_text()
         assert keeper.poll() is None, "the keeper stopped before the checks"
     finally:
         keeper.kill()
         server.kill()
+        if agent is not None:
+            agent.stop()
+        atk.forget_flows(lab, attacker.v4, attacker.v6)
+
+
+_HOLD = ("import socket, sys\n"
+         "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+         "s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(64); print('READY', flush=True); held = []\n"
+         "while True:\n    held.append(s.accept()[0])\n")
+_CONNECT = ("import socket, sys, json\n"
+            "kept = []\n"
+            "for _ in range(int(sys.argv[3])):\n"
+            "    s = socket.socket(); s.settimeout(2)\n"
+            "    try:\n        s.connect((sys.argv[1], int(sys.argv[2]))); kept.append(s)\n"
+            "    except OSError:\n        pass\n"
+            "print(json.dumps({'connected': len(kept)}), flush=True); sys.stdin.read()\n")
+
+
+def test_connections_revived_past_max_flows_are_deleted(lab, plugin, tenant, far, tmp_path):
+    """conntrack records a container's SYN on a CLOSE entry (a connection its peer reset)
+    at prerouting, even though `forward` refuses it (`tcp-reopen`); a peer in league with
+    the container then answers with a SYN-ACK of its own, conntrack takes it as the old
+    flow coming back in sync, and the container's ACK makes it ESTABLISHED: live
+    connections `ct count` never counted, beyond maxFlows (review 4). Played for 30 ports
+    with maxFlows 16, then 16 ordinary connections: without an agent the container
+    holds them all (the attack works); the agent deletes the live entries beyond
+    maxFlows + SLACK (runtime.agent.closing_trim). Both ends keep their kernels quiet
+    with a TCP_MD5SIG listener on their port, which drops unsigned segments unanswered."""
+    from runtime.agent.closing_trim import SLACK
+    from tests.conftest import AgentProcess
+    limits = {"maxFlows": 16, "newFlowsPerSecond": 20, "newFlowsBurst": 20}
+    plugin.conf = dict(plugin.conf, policyFile=str(write_lab_policy(tmp_path / "limits.json", limits=limits)))
+    a = addrs("v4")
+    peer, port, port2 = a.billed, 9107, 9108
+    attacker = tenant("attacker")
+    me = attacker.v4
+    atk.forget_flows(lab, attacker.v4, attacker.v6)
+    server = lab.popen(lab.internet, atk.argv("reset-once", peer, port), log=tmp_path / "server.log")
+    atk.wait_ready(tmp_path / "server.log", server)
+    sports = list(range(22011, 22041))
+    for i in range(0, len(sports), 10):   # within the new-flow rate: each port reset, then refused
+        first = json.loads(lab.run(attacker.ns, atk.argv("reopen", peer, port, sports[i], 10), input="",
+                                   timeout=30).stdout.splitlines()[0])
+        assert first["first"] == ["reset"] * 10, first
+        time.sleep(0.6)
+    server.kill()
+    procs = [lab.popen(lab.internet, atk.argv("md5-listener", peer, port, LAB.node_uplink_v4),
+                       stdin=subprocess.PIPE, log=tmp_path / "far-md5.log")]
+    atk.wait_ready(tmp_path / "far-md5.log", procs[0])
+    for p in sports:
+        procs.append(lab.popen(attacker.ns, atk.argv("md5-listener", me, p, peer), stdin=subprocess.PIPE,
+                               log=tmp_path / f"md5-{p}.log"))
+        atk.wait_ready(tmp_path / f"md5-{p}.log", procs[-1])
+    agent = None
+
+    def live() -> int:
+        return sum(1 for proto, state in atk.conntrack_entries(lab, me) if proto == "tcp" and state not in CLOSING)
+    try:
+        for i, p in enumerate(sports):
+            line = lab.run(lab.node, ["conntrack", "-L", "-s", me, "-p", "tcp", "--sport", str(p)]).stdout
+            nat_port = int(line.split("dport=")[2].split()[0])
+            syn, their = 3_000_000 + i * 7919, 7_000_000 + i * 104729
+            atk.send(lab, attacker.ns, [atk.tcp_segment(me, peer, p, port, syn, 0, 0x02)])
+            atk.send(lab, lab.internet, [atk.tcp_segment(peer, LAB.node_uplink_v4, port, nat_port, their, syn + 1,
+                                                         0x12)])
+            atk.send(lab, attacker.ns, [atk.tcp_segment(me, peer, p, port, syn + 1, their + 1, 0x10)])
+        holder = lab.popen(lab.internet, [sys.executable, "-I", "-S", "-c", _HOLD, peer, str(port2)],
+                           log=tmp_path / "hold.log")
+        procs.append(holder)
+        atk.wait_ready(tmp_path / "hold.log", holder)
+        time.sleep(1.0)   # new-flow tokens back
+        client = lab.popen(attacker.ns, [sys.executable, "-I", "-S", "-c", _CONNECT, peer, str(port2), "16"],
+                           stdin=subprocess.PIPE, log=tmp_path / "client.log")
+        procs.append(client)
+        assert _wait_json(tmp_path / "client.log", "connected", client, 30)["connected"] == 16
+        held = live()
+        assert held > limits["maxFlows"] + SLACK + 10, f"{held} live entries: the revival did not work"
+        agent = AgentProcess(lab, plugin, tmp_path, ("--closing-trim-interval", "1")).start()
+        deadline = time.monotonic() + 10
+        while live() > limits["maxFlows"] + SLACK:
+            assert time.monotonic() < deadline, f"{live()} live entries still"
+            time.sleep(0.5)
+        assert "deleted conntrack entries of 1 container(s) over their bounds" in agent.log.read_text()
+    finally:
+        for proc in procs:
+            proc.kill()
         if agent is not None:
             agent.stop()
         atk.forget_flows(lab, attacker.v4, attacker.v6)
@@ -964,6 +1051,38 @@ def test_a_packet_the_node_would_not_forward_keeps_no_flow_alive(lab, tenant, fa
     time.sleep(0.3)
     refreshed, assured = _flow_entry(lab, me, sport)
     assert refreshed > 500 and assured, refreshed
+
+
+@pytest.mark.parametrize("l2", ["broadcast", "multicast"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_frame_to_a_broadcast_mac_keeps_no_flow_alive(lab, tenant, far, holders, family, l2):
+    """The same, for a packet of the container's own flow in a frame to the broadcast
+    or a multicast MAC (review 4): ip_forward drops what isn't addressed to the node's
+    MAC, after conntrack refreshed and assured the flow. Dropped before conntrack
+    (`link-broadcast`). Control: the kernel drops a frame to another unicast MAC before
+    any hook (no refresh, nothing counted), and the flow still works."""
+    a = addrs(family)
+    keeper = tenant("keeper")
+    me = keeper.ip(family)
+    flow = holders(lab, keeper.ns, a.billed, 9000)
+    first = flow.exchange("open")
+    assert first["reply"], first
+    sport = first["port"]
+    time.sleep(2.5)
+    left, _ = _flow_entry(lab, me, sport)
+    ethertype = 0x86DD if family == "v6" else 0x0800
+    pkt = atk.udp_packet(me, a.billed, sport, 9000, b"keep")
+    mac = {"broadcast": atk.BROADCAST, "multicast": "33:33:00:00:00:01" if family == "v6" else "01:00:5e:00:00:01"}
+    frames = [("eth0", atk.ether(mac[l2], keeper.mac, ethertype, pkt)),
+              ("eth0", atk.ether("02:11:22:33:44:55", keeper.mac, ethertype, pkt))]   # another host's MAC
+    drops_before, far_before = atk.drop_counters(lab), far.counters()
+    assert atk.send(lab, keeper.ns, l2=frames)["sent"] == 2
+    time.sleep(0.3)
+    later, assured = _flow_entry(lab, me, sport)
+    assert later <= left and not assured, (left, later, assured)
+    assert atk.delta(drops_before, atk.drop_counters(lab)) == {"link-broadcast": 1}
+    assert far.counters()["billed"] == far_before["billed"]
+    assert flow.exchange("again")["reply"]
 
 
 def _sweep(family: str, a: Addrs, own: str, other: str) -> list[bytes]:

@@ -20,26 +20,36 @@ def test_room_fits_and_the_value_to_set():
     assert "nf_conntrack_max is 262144" in short.describe() and f"holds {room} containers" in short.describe()
 
 
-def test_the_trim_deletes_every_closing_entry_of_a_container_over_its_bound_and_no_other(tmp_path, monkeypatch):
+def test_the_trim_deletes_what_an_attachment_holds_beyond_its_bounds_and_nothing_else(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from runtime.agent import closing_trim
     from runtime.kernel.netlink import conntrack
+    from runtime.kernel.netlink.conntrack import DumpedEntry
     from runtime.state.store import READY, Attachment, AttachmentStore, network_root
 
     store = AttachmentStore(network_root(str(tmp_path), "net") / "attachments")
-    for cid, n in (("over", 1), ("under", 2)):
+    for cid, n in (("closing", 1), ("live", 2), ("within", 3)):
         store.save(Attachment("net", cid, "eth0", "/run/netns/x", f"sg{cid}", ipv4=f"10.77.0.{n}",
                               ipv6=f"fd77::{n}", state=READY))
     bounds = FlowBounds(max_flows=16, new_flows_per_second=4, new_flows_burst=4)   # closing: 44
-    # "over": 30 + 20 closing entries over its two addresses (50 > 44); "under": 44;
-    # a source that is no container's: 100.
-    found = {"10.77.0.1": [(2, b"a")] * 30, "fd77::1": [(10, b"b")] * 20, "10.77.0.2": [(2, b"c")] * 44,
-             "192.0.2.9": [(2, b"d")] * 100}
+
+    def made(src: str, n: int, closing: bool, tag: bytes) -> list[DumpedEntry]:
+        return [DumpedEntry(src, 10 if ":" in src else 2, tag, closing) for _ in range(n)]
+    found = {
+        # 30 + 20 closing over its two addresses (50 > 44), and 10 live: the closing go.
+        "10.77.0.1": made("10.77.0.1", 30, True, b"c1") + made("10.77.0.1", 10, False, b"l1"),
+        "fd77::1": made("fd77::1", 20, True, b"c1"),
+        # 44 closing (at its bound) and 40 live: the live beyond 16 + SLACK go.
+        "10.77.0.2": made("10.77.0.2", 44, True, b"c2") + made("10.77.0.2", 40, False, b"l2"),
+        # At both bounds: nothing.
+        "10.77.0.3": made("10.77.0.3", 44, True, b"c3") + made("10.77.0.3", 16 + closing_trim.SLACK, False, b"l3"),
+        "192.0.2.9": made("192.0.2.9", 100, True, b"x"),   # no container's
+    }
     deleted: list[bytes] = []
 
     class FakeConntrack:
-        def closing_entries(self):
+        def entries_by_source(self):
             return found
 
         def delete(self, family, attrs):
@@ -51,5 +61,6 @@ def test_the_trim_deletes_every_closing_entry_of_a_container_over_its_bound_and_
     monkeypatch.setattr(conntrack, "Conntrack", FakeConntrack)
     policies = SimpleNamespace(get=lambda *_: SimpleNamespace(egress=SimpleNamespace(bounds=bounds)))
     trim = closing_trim.ClosingTrim("policy.json", str(tmp_path), policies=policies)
-    assert trim.trim() == {"over/eth0 (net)": 50}
-    assert sorted(set(deleted)) == [b"a", b"b"] and len(deleted) == 50 and trim.deleted == 50
+    over = 40 - 16 - closing_trim.SLACK
+    assert trim.trim() == {"closing/eth0 (net)": 50, "live/eth0 (net)": over}
+    assert sorted(deleted) == sorted([b"c1"] * 50 + [b"l2"] * over) and trim.deleted == 50 + over

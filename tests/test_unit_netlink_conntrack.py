@@ -15,8 +15,8 @@ from runtime.kernel.netlink.conntrack import (
     CtEntry,
     Flow,
     ct_tuple_orig,
-    parse_closing,
     parse_ct_status,
+    parse_entry,
     parse_udp_idle_timeout,
     parse_unmasqueraded,
 )
@@ -97,7 +97,7 @@ def test_parse_unmasqueraded_picks_unnated_flows_of_the_given_sources():
     assert parse_unmasqueraded(b"\x02\x00\x00\x00", ours) is None
 
 
-def test_parse_closing_picks_tcp_entries_in_time_wait_or_close():
+def test_parse_entry_tells_closing_tcp_entries_and_what_a_delete_needs():
     from runtime.kernel.netlink.conntrack import (
         CTA_PROTOINFO,
         CTA_PROTOINFO_TCP,
@@ -111,11 +111,15 @@ def test_parse_closing_picks_tcp_entries_in_time_wait_or_close():
         orig = ct_tuple_orig(Flow(6, src, 4000, "2606:2800:21f:cb07::14" if ":" in src else "93.184.215.14", 443))
         info = b"" if state is None else attr(CTA_PROTOINFO, attr(CTA_PROTOINFO_TCP,
                                                                   attr(CTA_PROTOINFO_TCP_STATE, bytes([state]))))
-        return b"\x02\x00\x00\x00" + orig + info + attr(CTA_ID, struct.pack("!I", 9))
+        return (b"\x0a" if ":" in src else b"\x02") + b"\x00\x00\x00" + orig + info \
+            + attr(CTA_ID, struct.pack("!I", 9))
+    closed = parse_entry(entry("10.77.0.5", TCP_CONNTRACK_CLOSE))
     # What a DELETE needs: the original tuple as dumped, and the entry's id.
-    assert parse_closing(entry("10.77.0.5", TCP_CONNTRACK_CLOSE)) == (
-        "10.77.0.5", ct_tuple_orig(Flow(6, "10.77.0.5", 4000, "93.184.215.14", 443)) + attr(CTA_ID, struct.pack("!I", 9)))
-    assert parse_closing(entry("fd77::5", TCP_CONNTRACK_TIME_WAIT))[0] == "fd77::5"
-    assert parse_closing(entry("10.77.0.5", TCP_CONNTRACK_ESTABLISHED)) is None
-    assert parse_closing(entry("10.77.0.5", None)) is None        # UDP: no TCP state
-    assert parse_closing(b"\x02\x00\x00\x00") is None
+    assert (closed.source, closed.family, closed.closing) == ("10.77.0.5", socket.AF_INET, True)
+    assert closed.delete == ct_tuple_orig(Flow(6, "10.77.0.5", 4000, "93.184.215.14", 443)) \
+        + attr(CTA_ID, struct.pack("!I", 9))
+    waiting = parse_entry(entry("fd77::5", TCP_CONNTRACK_TIME_WAIT))
+    assert (waiting.source, waiting.family, waiting.closing) == ("fd77::5", socket.AF_INET6, True)
+    assert parse_entry(entry("10.77.0.5", TCP_CONNTRACK_ESTABLISHED)).closing is False
+    assert parse_entry(entry("10.77.0.5", None)).closing is False        # UDP: no TCP state
+    assert parse_entry(b"\x02\x00\x00\x00") is None

@@ -163,11 +163,13 @@ def test_what_the_node_answers_before_forward_is_checked_before_routing():
     # and, for a forged source, the same lookup as anti-spoofing in `forward`.
     assert _chain("before_routing4")[1:] == [
         "@nh,64,32 & 0xfe000000 == 0 meta iifgroup 0x5347 goto last_hop4",
-        "@nh,0,32 & 0x0f000000 != 0x05000000 meta iifgroup 0x5347 goto options4"]
+        "@nh,0,32 & 0x0f000000 != 0x05000000 meta iifgroup 0x5347 goto options4",
+        'meta pkttype != host meta iifgroup 0x5347 counter drop comment "drop:link-broadcast"']
     assert _chain("before_routing6")[1:] == [
         "@nh,32,32 & 0x000000fe == 0 meta iifgroup 0x5347 goto last_hop6",
         "@nh,64,32 & 0xffc00000 == 0xfe800000 meta iifgroup 0x5347 jump link_local",
-        "@nh,192,32 & 0xffc00000 == 0xfe800000 meta iifgroup 0x5347 jump link_local"]
+        "@nh,192,32 & 0xffc00000 == 0xfe800000 meta iifgroup 0x5347 jump link_local",
+        'meta pkttype != host @nh,48,8 != 58 meta iifgroup 0x5347 counter drop comment "drop:link-broadcast"']
     # From a forged source counted as such; from the container's own, dropped all the
     # same: conntrack would have refreshed its flow with a packet that never leaves.
     for chain, family, what in (("last_hop4", "ip", "last-hop"), ("options4", "ip", "ip-options"),
@@ -257,7 +259,7 @@ def test_each_reported_reason_goes_through_its_event_chain_and_ends_as_before():
             assert ends_in(line.split(" ", 5)[5], EVENT_REASONS[reason][1], reason), line
         else:  # not a flow's first packet, nor a flow the contract has: counted, not reported
             assert reason in ("invalid", "neighbour", "fragment", "link-local", "hop-by-hop", "redirect", "last-hop",
-                              "ip-options") and " goto " not in line, line
+                              "ip-options", "link-broadcast") and " goto " not in line, line
     for reason, (iface, verdict) in EVENT_REASONS.items():
         report, end = _chain(event_chain(reason), text)
         # Bounded per container (one bucket per veth, all reasons), the reason in the

@@ -1,20 +1,25 @@
-"""Closing TCP entries a container keeps alive: deleted by the agent.
+"""Conntrack entries a container holds beyond its bounds: deleted by the agent.
 
-Why: `ct count` leaves out TCP entries in TIME_WAIT and CLOSE, so a container's bound
-(FlowBounds.entries) counts on them going CLOSING_S after they close. But every packet
-of a flow refreshes its entry in conntrack, before any rule of sockgate's sees it (a
-later drop doesn't undo the refresh), so a container that sends one packet every few
-seconds on each connection its peer reset (review 3: an in-window ACK every 3 s kept
-a CLOSE entry for as long as it went on) keeps them all, and opens new ones at its
-new-flow rate: given time, any number, and the node's conntrack table is shared.
-Only user space can end an entry, and no rule can tell a refreshed closing entry
-from a fresh one.
+Why: the kernel-side bounds (`ct count` over maxFlows, the new-flow rate) act when a
+flow's first packet is seen, and `ct count` leaves out TCP entries in TIME_WAIT and
+CLOSE, counting on them going CLOSING_S after they close. conntrack handles every
+packet at prerouting -200, before any rule of sockgate's, and a drop later undoes
+none of it, so a container can walk entries where the bounds don't look:
+- keep closing entries alive by sending on them (review 3: an in-window ACK every 3 s
+  kept a CLOSE entry for as long as it went on), and open new ones at its new-flow
+  rate: given time, any number;
+- bring a CLOSE entry (a connection the peer reset) back to ESTABLISHED: conntrack
+  records the container's SYN on it even when `forward` refuses it (`tcp-reopen`),
+  and takes a SYN-ACK from a peer in league with the container as the old flow coming
+  back in sync (review 4): a live connection `ct count` never counted, beyond maxFlows.
+Only user space can end an entry, and no rule can tell these entries from others.
 
-What is done: every `every` seconds, one dump of the node's conntrack table; a
-container holding more closing entries than its new-flow rate can leave behind
-(FlowBounds.closing) is sending on them, and all its closing entries are deleted.
-A deleted entry's connection is over anyway (reset or closed): a late packet on it is
-a TCP packet without a flow, refused as such. So a container holds at most
+What is done: every `every` seconds, one dump of the node's conntrack table, counted
+per attachment (both its addresses). A container holding more closing entries than its
+new-flow rate can leave behind (FlowBounds.closing) has all of them deleted; one
+holding more live entries than maxFlows (plus SLACK, for adds racing on two CPUs) has
+the excess deleted. A legitimate container can't exceed either. A deleted entry's next
+packet is a TCP packet without a flow, refused as such. So a container holds at most
 FlowBounds.entries + new_flows_per_second x `every` entries. The dump walks the whole
 table and each entry is parsed here: 0.35-0.52 s for 50,000 entries on the 2-core
 development machine (docs/measurements.md), so a full table of 262,144 takes about
@@ -25,17 +30,32 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 from runtime.core import policy
 from runtime.errors import SockgateError
 from runtime.state.store import READY, attachments
 
+if TYPE_CHECKING:
+    from netpolicy.ruleset import FlowBounds
+    from runtime.kernel.netlink.conntrack import DumpedEntry
+
 log = logging.getLogger(__name__)
 DEFAULT_EVERY_S = 30.0
+SLACK = 4
+
+
+def over_bounds(entries: list[DumpedEntry], bounds: FlowBounds) -> list[DumpedEntry]:
+    """The entries of one attachment to delete: every closing one when there are more
+    than its rate leaves behind; the live ones beyond maxFlows + SLACK."""
+    closing = [e for e in entries if e.closing]
+    live = [e for e in entries if not e.closing]
+    doomed = closing if len(closing) > bounds.closing else []
+    return doomed + live[bounds.max_flows + SLACK:]
 
 
 class ClosingTrim:
-    """Agent component: deletes the closing entries of containers over their bound."""
+    """Agent component: deletes the conntrack entries of containers over their bounds."""
 
     def __init__(self, policy_file: str, state_dir: str, every: float = DEFAULT_EVERY_S,
                  policies: policy.CompiledPolicies | None = None) -> None:
@@ -44,10 +64,10 @@ class ClosingTrim:
         self.deleted = 0  # entries deleted since start
 
     def trim(self) -> dict[str, int]:
-        """One pass: {container: entries deleted} for the containers over their bound."""
+        """One pass: {attachment: entries deleted} for those over their bounds."""
         from runtime.kernel.netlink.conntrack import Conntrack
         try:
-            cap = self.policies.get(self.policy_file, self.state_dir).egress.bounds.closing
+            bounds = self.policies.get(self.policy_file, self.state_dir).egress.bounds
         except SockgateError:
             return {}  # the policy keeper logs why
         # One count per attachment (both its addresses), named by pod or container and
@@ -57,22 +77,26 @@ class ClosingTrim:
                  if att.state == READY for addr in (att.ipv4, att.ipv6) if addr}
         ct = Conntrack()
         try:
-            found = ct.closing_entries()
+            found = ct.entries_by_source()
             if not found:
                 return {}
-            held: dict[str, list[tuple[int, bytes]]] = defaultdict(list)
+            held: dict[str, list[DumpedEntry]] = defaultdict(list)
             for addr, entries in found.items():
                 if addr in owner:
                     held[owner[addr]] += entries
-            trimmed = {who: sum(ct.delete(*e) for e in entries)
-                       for who, entries in held.items() if len(entries) > cap}
+            trimmed = {}
+            for who, entries in held.items():
+                doomed = over_bounds(entries, bounds)
+                if doomed:
+                    trimmed[who] = sum(ct.delete(e.family, e.delete) for e in doomed)
         finally:
             ct.close()
         if trimmed:
             self.deleted += sum(trimmed.values())
-            log.warning("deleted the closing TCP conntrack entries of %d container(s) that held more than "
-                        "their new-flow rate leaves (%d): %s; they keep them alive by sending on them",
-                        len(trimmed), cap, ", ".join(f"{who} ({n})" for who, n in sorted(trimmed.items())[:5]))
+            log.warning("deleted conntrack entries of %d container(s) over their bounds (closing: at most %d, "
+                        "live: maxFlows %d): %s; they keep closing entries alive or revive them by sending on "
+                        "them", len(trimmed), bounds.closing, bounds.max_flows,
+                        ", ".join(f"{who} ({n})" for who, n in sorted(trimmed.items())[:5]))
         return trimmed
 
     def run(self, stop: threading.Event) -> None:

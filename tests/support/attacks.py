@@ -507,6 +507,9 @@ def _connect_from(host: str, port: int, sport: int) -> tuple[socket.socket | Non
             return None, "reset"
         except socket.timeout:
             return s, "held"
+    except ConnectionResetError:   # the peer's reset came before connect() returned
+        s.close()
+        return None, "reset"
     except OSError as e:
         s.close()
         return None, errnos.errorcode.get(e.errno or 0, "timeout")
@@ -573,6 +576,32 @@ def close_keep(me: str, host: str, port: int, first_port: int, count: int, pps: 
         _last_ack(sniffer, 0, v6)  # keep the packet socket's queue short
         time.sleep(0.02)
     return {"reset": len(tuples), "acks": acks}
+
+
+def md5_listener(host: str, port: int, peer: str) -> None:
+    """A TCP listener with a TCP_MD5SIG key for `peer` (no privilege needed): the kernel
+    then drops, without answering, every segment from that peer that lacks the
+    signature, so raw segments can play TCP on this port without the kernel resetting
+    them (review 4). Holds until stdin closes."""
+    fam = _family(host)
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port))
+    key = b"k" * 16
+    if fam == socket.AF_INET6:
+        addr = struct.pack("=H", fam) + struct.pack("!HI", 0, 0) + socket.inet_pton(fam, peer) + struct.pack("=I", 0)
+    else:
+        addr = struct.pack("=H", fam) + struct.pack("!H", 0) + socket.inet_aton(peer)
+    s.setsockopt(socket.IPPROTO_TCP, 14, addr.ljust(128, b"\0") + struct.pack("=BBHi", 0, 0, len(key), 0)
+                 + key.ljust(80, b"\0"))   # TCP_MD5SIG, struct tcp_md5sig
+    s.listen(8)
+    print("READY", flush=True)
+    sys.stdin.read()
+
+
+def tcp_segment(src: str, dst: str, sport: int, dport: int, seq: int, ack: int, flags: int) -> bytes:
+    seg = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 64240, 0, 0)
+    return ip_packet(src, dst, IPPROTO_TCP, _with_csum(src, dst, IPPROTO_TCP, seg, 16))
 
 
 SOL_IP, IP_RECVERR, IP_MTU, IPV6_RECVERR, IPV6_MTU, MSG_ERRQUEUE = 0, 11, 14, 25, 24, 0x2000
@@ -787,6 +816,8 @@ def main(args: list[str]) -> int:
         print(json.dumps(small_mss(args[0], int(args[1]), int(args[2]), int(args[3]))))
     elif mode == "reset-once":
         reset_once(args[0], int(args[1]))
+    elif mode == "md5-listener":
+        md5_listener(args[0], int(args[1]), args[2])
     elif mode == "close-keep":
         print(json.dumps(close_keep(args[0], args[1], int(args[2]), int(args[3]), int(args[4]), float(args[5]),
                                     float(args[6]))))

@@ -189,20 +189,26 @@ def _orig_source(orig: bytes) -> str | None:
     return None
 
 
-def parse_closing(payload: bytes) -> tuple[str, bytes] | None:
-    """(original source, the CTA_TUPLE_ORIG and CTA_ID attributes ready for a DELETE)
-    of a dumped TCP entry in TIME_WAIT or CLOSE; None for any other entry."""
+@dataclass(frozen=True)
+class DumpedEntry:
+    source: str      # the original direction's source address
+    family: int
+    delete: bytes    # CTA_TUPLE_ORIG and CTA_ID, ready for a DELETE
+    closing: bool    # TCP in TIME_WAIT or CLOSE: what `ct count` leaves out
+
+
+def parse_entry(payload: bytes) -> DumpedEntry | None:
+    """What the closing trim needs of a dumped entry; None when it has no original tuple."""
     attrs = attr_map(payload[NFGENMSG.size:])
-    tcp = attr_map(attr_map(attrs.get(CTA_PROTOINFO, b"")).get(CTA_PROTOINFO_TCP, b""))
-    state = tcp.get(CTA_PROTOINFO_TCP_STATE, b"")[:1]
-    if state not in (bytes([TCP_CONNTRACK_TIME_WAIT]), bytes([TCP_CONNTRACK_CLOSE])):
-        return None
     orig = attrs.get(CTA_TUPLE_ORIG)
     src = _orig_source(orig) if orig is not None else None
     if orig is None or src is None:
         return None
+    tcp = attr_map(attr_map(attrs.get(CTA_PROTOINFO, b"")).get(CTA_PROTOINFO_TCP, b""))
+    state = tcp.get(CTA_PROTOINFO_TCP_STATE, b"")[:1]
     ident = attr(CTA_ID, attrs[CTA_ID]) if CTA_ID in attrs else b""
-    return src, attr(CTA_TUPLE_ORIG, orig) + ident
+    return DumpedEntry(src, payload[NFGENMSG.offset("family")], attr(CTA_TUPLE_ORIG, orig) + ident,
+                       state in (bytes([TCP_CONNTRACK_TIME_WAIT]), bytes([TCP_CONNTRACK_CLOSE])))
 
 
 def parse_udp_idle_timeout(payload: bytes) -> int | None:
@@ -334,23 +340,22 @@ class Conntrack(NetlinkSocket):
         except OSError:
             return False
 
-    def closing_entries(self) -> dict[str, list[tuple[int, bytes]]] | None:
-        """The TCP entries in TIME_WAIT or CLOSE, by original source: {address: [(family,
-        DELETE attributes)]}; None when the dump failed. One walk of the whole table
-        (the kernel filters no TCP state), each entry parsed here."""
-        found: dict[str, list[tuple[int, bytes]]] = {}
+    def entries_by_source(self) -> dict[str, list[DumpedEntry]] | None:
+        """Every entry, by original source address; None when the dump failed. One walk
+        of the whole table, each entry parsed here."""
+        found: dict[str, list[DumpedEntry]] = {}
 
         def entry(mtype: int, payload: bytes) -> None:
             if mtype == CT_NEW_TYPE:
-                closing = parse_closing(payload)
-                if closing is not None:
-                    found.setdefault(closing[0], []).append((payload[NFGENMSG.offset("family")], closing[1]))
+                dumped = parse_entry(payload)
+                if dumped is not None:
+                    found.setdefault(dumped.source, []).append(dumped)
         try:
             err = self._call(b"", IPCTNL_MSG_CT_GET, NLM_F_DUMP, socket.AF_UNSPEC, on_message=entry)
         except OSError as exc:
             err = exc.errno or errno.EIO
         if err:
-            log.warning("conntrack dump for closing entries failed: %s", os.strerror(err))
+            log.warning("conntrack dump of the containers' entries failed: %s", os.strerror(err))
             return None
         return found
 
