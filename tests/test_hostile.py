@@ -1010,6 +1010,21 @@ def _flow_entry(lab, me: str, sport: int) -> tuple[int, bool]:
     return int(lines[0].split()[2]), "[ASSURED]" in lines[0]
 
 
+def _aging_flow(lab, tenant, holders, family: str) -> tuple[Tenant, str, Holder, int, int]:
+    """A container's UDP flow to the billed host after one exchange, 2.5 s old: past the
+    2 s after which its next packet would make it assured. (container, its address,
+    the flow, its source port, its entry's seconds left)"""
+    keeper = tenant("keeper")
+    me = keeper.ip(family)
+    flow = holders(lab, keeper.ns, addrs(family).billed, 9000)
+    first = flow.exchange("open")
+    assert first["reply"], first
+    time.sleep(2.5)
+    left, assured = _flow_entry(lab, me, first["port"])
+    assert left <= 30 and not assured
+    return keeper, me, flow, first["port"], left
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_packet_the_node_would_not_forward_keeps_no_flow_alive(lab, tenant, far, holders, family):
     """conntrack (prerouting -200) sees a packet before ip_forward drops it for its TTL
@@ -1020,15 +1035,7 @@ def test_a_packet_the_node_would_not_forward_keeps_no_flow_alive(lab, tenant, fa
     before conntrack (`last-hop`, `ip-options`): the flow keeps its 30 s, unassured,
     and no answer is sent. Control: an ordinary packet on the same flow refreshes it."""
     a = addrs(family)
-    keeper = tenant("keeper")
-    me = keeper.ip(family)
-    flow = holders(lab, keeper.ns, a.billed, 9000)
-    first = flow.exchange("open")
-    assert first["reply"], first
-    sport = first["port"]
-    time.sleep(2.5)  # past the 2 s after which a UDP flow's next packet makes it assured
-    left, assured = _flow_entry(lab, me, sport)
-    assert left <= 30 and not assured
+    keeper, me, flow, sport, left = _aging_flow(lab, tenant, holders, family)
     last_hop = {"hlim": 1} if family == "v6" else {"ttl": 1}
     packets = [atk.udp_packet(me, a.billed, sport, 9000, b"keep", **last_hop)]
     expected = {"last-hop": 1}
@@ -1062,14 +1069,7 @@ def test_a_frame_to_a_broadcast_mac_keeps_no_flow_alive(lab, tenant, far, holder
     (`link-broadcast`). Control: the kernel drops a frame to another unicast MAC before
     any hook (no refresh, nothing counted), and the flow still works."""
     a = addrs(family)
-    keeper = tenant("keeper")
-    me = keeper.ip(family)
-    flow = holders(lab, keeper.ns, a.billed, 9000)
-    first = flow.exchange("open")
-    assert first["reply"], first
-    sport = first["port"]
-    time.sleep(2.5)
-    left, _ = _flow_entry(lab, me, sport)
+    keeper, me, flow, sport, left = _aging_flow(lab, tenant, holders, family)
     ethertype = 0x86DD if family == "v6" else 0x0800
     pkt = atk.udp_packet(me, a.billed, sport, 9000, b"keep")
     mac = {"broadcast": atk.BROADCAST, "multicast": "33:33:00:00:00:01" if family == "v6" else "01:00:5e:00:00:01"}
