@@ -113,4 +113,3 @@ def segmentation_on(ifname: str) -> tuple[str, ...]:
     names, mask, blocks = _segmentation_mask(ifname)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         return _named(names, _active(sock, ifname, blocks) & mask)
-
