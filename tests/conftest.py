@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 import pytest
 
 from runtime.cli.install import install_cni
+from runtime.kernel import segment_meter
 from runtime.lab import Lab
 from runtime.lab.agent import LabAgent
 from runtime.lab.policy import write_lab_policy
@@ -60,11 +61,19 @@ def cni_exe(tmp_path_factory, shim: str) -> str:
     return str(install_cni(str(tmp_path_factory.mktemp(f"cni-bin-{shim}")), shim=shim))
 
 
+def _meter_pins() -> set[str]:
+    return {p.name for p in segment_meter.pin_root().glob("net-*")} if segment_meter.pin_root().is_dir() else set()
+
+
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
     Lab.cleanup_stale()
+    before = _meter_pins()
     with Lab() as the_lab:
         yield the_lab
+    # A pinned meter keeps its netns alive after `ip netns del` (segment_meter.remove).
+    left = _meter_pins() - before
+    assert not left, f"segment meters left pinned in {segment_meter.pin_root()}: {sorted(left)}"
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ import json
 import math
 import os
 import select
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -26,7 +28,8 @@ import pytest
 
 from netpolicy.ruleset import CLOSING_S, GATEWAY_V6, FlowBounds
 from runtime.billing.ledger import Ledger
-from runtime.kernel.netns import GATEWAY_V4
+from runtime.kernel import nft, segment_meter
+from runtime.kernel.netns import GATEWAY_V4, in_netns
 from runtime.lab import LAB
 from runtime.lab.policy import write_lab_policy
 from tests.support import attacks as atk
@@ -1152,39 +1155,34 @@ def test_no_crafted_packet_makes_the_node_answer_a_forged_source(lab, tenant, fa
 COUNT_PORT = 5201  # LAB.iperf_port: bound by no lab server, so the count mode can
 
 
-def _ethtool(lab, ns: str, *args: str) -> None:
-    lab.run(ns, ["ethtool", "-K", *args])
-
-
-@pytest.fixture
-def wire(lab) -> Iterator[None]:
-    """The node's uplink splits what it sends into packets itself, as a NIC does on a
-    real wire, instead of handing the far end's veth a super-packet whole: the far
-    end's counters then see what a wire carries. Restored after."""
-    off = ["tx-udp-segmentation", "off", "tso", "off"]
-    _ethtool(lab, lab.node, LAB.uplink_if, *off)
-    try:
-        yield
-    finally:
-        _ethtool(lab, lab.node, LAB.uplink_if, *[w if w != "off" else "on" for w in off])
-
-
 def _offloads(lab, ns: str) -> list[str]:
     """The segmentation offloads on at a netns's eth0."""
     return atk.offloads_on(lab.run(ns, ["ethtool", "-k", "eth0"]).stdout)
 
 
+def _metered(lab, host_if: str) -> segment_meter.Extra:
+    """What the node's segment meter counted for a veth so far."""
+    def read() -> segment_meter.Extra:
+        return segment_meter.extras([socket.if_nametoindex(host_if)]).popitem()[1]
+    return in_netns(f"/run/netns/{lab.node}", read)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_segmented_sends_are_billed_as_what_left(lab, plugin, tenant, far, wire, tmp_path, family):
+def test_segmented_sends_are_billed_as_what_left(lab, plugin, tenant, far, tmp_path, family):
     """An app asks its kernel to cut each send into 128 one-byte UDP datagrams
     (UDP_SEGMENT, by setsockopt and as a sendmsg() control message: no capability
     needed), and sends TCP with an MSS of 88: billed packets and bytes equal what the
-    far end received on the wire. Before the container's end of the veth had its
-    segmentation offloads turned off, the node saw (and billed) each send as one
-    packet: 1/24 (v4) and 1/36 (v6) of the bytes for UDP, about half for TCP."""
+    far end received on the wire. The container's UDP segmentation offload is off, so
+    its kernel cuts those datagrams itself; its TCP segmentation offload is on, and the
+    node's segment meter counts what each TCP super-packet becomes on the wire (it
+    must have counted something: the test would pass without super-packets too).
+    Before either, the node saw (and billed) each send as one packet: 1/24 (v4) and
+    1/36 (v6) of the bytes for UDP, about half for TCP. (The lab's uplink cuts what it
+    sends itself, as a NIC does on a wire: Lab(wire=True).)"""
     a = addrs(family)
     app = tenant("segments")
-    assert _offloads(lab, app.ns) == []
+    on = _offloads(lab, app.ns)
+    assert "tx-tcp-segmentation" in on and all("tcp" in f for f in on), on
     log = tmp_path / "count.log"
     server = lab.popen(lab.internet, atk.argv("count", a.billed, COUNT_PORT, 6), log=log)
     atk.wait_ready(log, server)
@@ -1195,6 +1193,7 @@ def test_segmented_sends_are_billed_as_what_left(lab, plugin, tenant, far, wire,
     assert server.wait(15) == 0
     got = atk.json_lines(log)[-1]
     far_after = far.counters()["billed"]
+    metered = _metered(lab, app.host_if)
     plugin.delete(app.cid, app.ns)  # the final record
     recs = [r for r in Ledger(plugin.state_dir / "billing").records() if r["container_id"] == app.cid]
     assert recs and recs[-1]["final"], recs
@@ -1202,9 +1201,10 @@ def test_segmented_sends_are_billed_as_what_left(lab, plugin, tenant, far, wire,
     received = (far_after[0] - far_before[0], far_after[1] - far_before[1])
     assert got["datagrams"] == 2 * 1280, got
     assert tcp["echoed"] > 200_000, tcp
+    assert metered.packets > 1000, metered  # TCP super-packets crossed the node
     # Packets on the wire: at least one per UDP datagram and one per 88 bytes of TCP.
     assert received[0] >= 2 * 1280 + 200_000 // 88, received
-    assert billed == received, f"billed {billed} (packets, bytes), {received} left the node"
+    assert billed == received, f"billed {billed} (packets, bytes), {received} left the node; meter {metered}"
 
 
 @pytest.fixture
@@ -1241,6 +1241,31 @@ def _oversized(family: str, src: str, dst: str, mac: str, mark: bytes, ip_size: 
                                                       atk.udp(src, dst, 40000, 9000, payload), df=df))
 
 
+def _oversized_tcp(family: str, src: str, dst: str, mac: str, mark: bytes, ip_size: int) -> bytes:
+    """A frame holding two TCP segments of `ip_size` IP bytes each (an established
+    flow's data, as far as the header goes), for _oversized_tcp_spec to cut."""
+    seg = ip_size - (60 if family == "v6" else 40)
+    payload = (mark * (2 * seg // len(mark) + 1))[:2 * seg]
+    tcp = struct.pack("!HHIIBBHHH", 40000, 9000, 1, 1, 5 << 4, 0x18, 64240, 0, 0) + payload
+    etype = atk.ETH_P_IPV6 if family == "v6" else atk.ETH_P_IP
+    return atk.ether(mac, mac, etype, atk.ip_packet(src, dst, atk.IPPROTO_TCP, tcp))
+
+
+def _oversized_tcp_spec(family: str, ip_size: int, frames: list[bytes]) -> dict:
+    """The virtio header that asks for TCP segments of `ip_size` IP bytes (GSO type
+    TCPV4 or TCPV6: what the container's TCP segmentation offload, on with the segment
+    meter, lets through to the node whole)."""
+    ip_len = 40 if family == "v6" else 20
+    return {"gso_type": 4 if family == "v6" else 1, "gso_size": ip_size - ip_len - 20, "hdr_len": 14 + ip_len + 20,
+            "csum_start": 14 + ip_len, "csum_offset": 16, "frames": [f.hex() for f in frames]}
+
+
+def _meter_dropped(lab) -> int:
+    """The segment meter's drops, as the metrics read them (sockgate_policy_drops_total)."""
+    got = in_netns(f"/run/netns/{lab.node}", nft.drop_counters).get(segment_meter.OVERSIZED_REASON)
+    return got.packets if got else 0
+
+
 def _oversized_spec(family: str, ip_size: int, frames: list[bytes]) -> dict:
     """The virtio header that asks the kernel to cut each frame into UDP segments of
     `ip_size` IP bytes (GSO type UDP_L4)."""
@@ -1255,16 +1280,18 @@ def test_oversized_segments_from_a_forged_source_are_not_answered(lab, tenant, f
     """A packet socket with a virtio header asks eth0 to cut one packet into segments
     larger than the MTU, from forged sources (public, on the uplink, a private host,
     another container): the node would answer "frag needed" / Packet Too Big to the
-    forged source before any netfilter hook, quoting the attacker's bytes, with no rate
-    limit. With the container's segmentation offloads off, its own kernel cuts the
-    packet (not checking the size); a veth takes a frame up to 4 bytes over its MTU
-    (room for a VLAN tag), so the node's end is 4 bytes smaller: segments of 1 to 100
-    bytes over the network's MTU are dropped there, and so is one 4 bytes over it sent
-    from the container's own address without DF (the node would have fragmented it).
-    Nothing is answered, nothing arrives, no neighbour is learned. The routes to the
-    container carry its MTU: a full-size packet towards it is neither refused nor
-    fragmented. Control: with the offloads turned back on (what CAP_NET_ADMIN in the
-    container could do), the 100-byte excess is answered."""
+    forged source before any netfilter hook of the table, quoting the attacker's bytes,
+    with no rate limit. UDP: with the container's UDP segmentation offload off, its own
+    kernel cuts the packet (not checking the size); a veth takes a frame up to 4 bytes
+    over its MTU (room for a VLAN tag), so the node's end is 4 bytes smaller: segments
+    of 1 to 100 bytes over the network's MTU are dropped there, and so is one 4 bytes
+    over it sent from the container's own address without DF (the node would have
+    fragmented it). TCP: its offload is on (the segment meter counts it), so the node
+    gets the super-packet whole; the meter drops it at prerouting, before routing, and
+    counts it. Nothing is answered, nothing arrives, no neighbour is learned. The
+    routes to the container carry its MTU: a full-size packet towards it is neither
+    refused nor fragmented. Control: with the meter removed (and put back after), a
+    TCP super-packet with a 100-byte excess is answered."""
     a = addrs(family)
     attacker, victim = tenant("attacker"), tenant("victim")
     assert lab.probe(attacker.ns, "tcp", a.public, 9000).ok  # the node knows its gateway before the snapshot
@@ -1276,9 +1303,13 @@ def test_oversized_segments_from_a_forged_source_are_not_answered(lab, tenant, f
     errors_before = (_icmp_out(lab, family, "PktTooBigs" if family == "v6" else "DestUnreachs"),
                      _snmp(lab, "Ip")["FragCreates"])
     try:
+        dropped_before = _meter_dropped(lab)
         for size in sizes:
             spec = _oversized_spec(family, size, [_oversized(family, src, a.public, attacker.mac, mark, size)
                                                   for src in sources])
+            assert atk.run(lab, attacker.ns, "vnet", spec=spec) == {"sent": len(sources), "errors": {}}
+            spec = _oversized_tcp_spec(family, size, [_oversized_tcp(family, src, a.public, attacker.mac, mark, size)
+                                                      for src in sources])
             assert atk.run(lab, attacker.ns, "vnet", spec=spec) == {"sent": len(sources), "errors": {}}
         if family == "v4":
             spec = _oversized_spec(family, 1504, [_oversized(family, attacker.v4, a.billed, attacker.mac, mark,
@@ -1298,15 +1329,23 @@ def test_oversized_segments_from_a_forged_source_are_not_answered(lab, tenant, f
             f"answers {too_big_answers() - answered_before}, at {a.reflect} {reflected}, quoted {seen}, new {new}, " \
             f"fragments {fragments}"
         assert errors == errors_before, f"the node sent errors or fragments: {errors_before} -> {errors}"
+        # Every TCP super-packet: its segments are over the network's MTU.
+        assert _meter_dropped(lab) - dropped_before == len(sizes) * len(sources)
 
-        _ethtool(lab, attacker.ns, "eth0", "tx-udp-segmentation", "on")
-        spec = _oversized_spec(family, 1600, [_oversized(family, src, a.public, attacker.mac, mark, 1600)
-                                              for src in sources])
-        assert atk.run(lab, attacker.ns, "vnet", spec=spec)["sent"] == len(sources)
-        assert sniffer.wait_for(mark), "control: the node did not answer the forged source"
-        assert too_big_answers() - answered_before >= 2
+        node = f"/run/netns/{lab.node}"
+        in_netns(node, segment_meter.remove)
+        try:
+            spec = _oversized_tcp_spec(family, 1600, [_oversized_tcp(family, src, a.public, attacker.mac, mark, 1600)
+                                                      for src in sources])
+            assert atk.run(lab, attacker.ns, "vnet", spec=spec)["sent"] == len(sources)
+            assert sniffer.wait_for(mark), "control: the node did not answer the forged source"
+            assert too_big_answers() - answered_before >= 2
+        finally:
+            assert in_netns(node, segment_meter.install)
     finally:
         _forget_new_neighbours(lab, before)
+
+
 
 
 # --- f) redirects -------------------------------------------------------------------------

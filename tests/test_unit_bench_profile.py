@@ -54,3 +54,19 @@ def test_counts_sockgates_prerouting_chain_but_not_conntracks_hooks():
     text = "\n".join([IN_HOOK, IN_PREROUTING_CHAIN, OTHER_HOOK, IN_PREROUTING_CHAIN.replace(" ip_rcv", " ipv6_rcv")])
     got = forward_hook_share(text)
     assert (got.samples, got.in_hook, got.in_prerouting) == (4, 3, 2)
+
+
+# The segment meter's program (runtime/kernel/segment_meter.py), at either hook.
+IN_METER = """\
+\tffffffff81200001 copy_from_kernel_nofault
+\tffffffff81200002 bpf_probe_read_kernel
+\tffffffffc0001234 bpf_prog_6deef7357e7b4530_sg_segments
+\tffffffff81f28e13 nf_hook_slow
+\tffffffff81ff0001 ip_rcv
+"""
+
+
+def test_counts_the_segment_meter_at_prerouting_and_forward_as_sockgates():
+    text = "\n".join([IN_METER, IN_METER.replace(" ip_rcv", " ip6_forward"), OTHER_HOOK, IN_PREROUTING_CHAIN])
+    got = forward_hook_share(text)
+    assert (got.samples, got.in_hook, got.in_prerouting, got.in_meter) == (4, 3, 1, 2)

@@ -14,6 +14,8 @@ FORWARD_CALLERS = ("ip_forward", "ip6_forward")
 PREROUTING_CALLERS = ("ip_rcv", "ipv6_rcv")
 HOOK = "nf_hook_slow"
 NFT_INET = "nft_do_chain_inet"
+# The segment meter's program, as perf names its JIT image (bpf_prog_<tag>_<name>).
+METER = "_sg_segments"
 # A sample whose stack holds one of these is the CPU idling.
 IDLE_FRAMES = ("do_idle", "cpu_idle_poll", "default_idle_call")
 
@@ -25,9 +27,10 @@ class ProfileError(Exception):
 @dataclass(frozen=True)
 class HookShare:
     samples: int        # all samples of the CPU
-    in_hook: int        # inside sockgate's hooks (forward, and prerouting's nft chain)
+    in_hook: int        # inside sockgate's hooks (forward, prerouting's nft chain and meter)
     idle: int           # the CPU idling
     in_prerouting: int = 0  # of in_hook: the prerouting chain
+    in_meter: int = 0       # of in_hook: the segment meter's program, at both hooks
 
     @property
     def share(self) -> float:
@@ -55,18 +58,29 @@ def _in_prerouting_chain(frames: list[str]) -> bool:
                for a, b, c in zip(frames, frames[1:], frames[2:]))
 
 
+def _in_meter(frames: list[str]) -> bool:
+    return any(f.endswith(METER) and f.startswith("bpf_prog_") for f in frames)
+
+
+def _under_prerouting_hook(frames: list[str]) -> bool:
+    return any(f == HOOK and caller in PREROUTING_CALLERS for f, caller in zip(frames, frames[1:]))
+
+
 def forward_hook_share(script_output: str) -> HookShare:
-    in_hook = in_pre = idle = 0
+    in_hook = in_pre = in_meter = idle = 0
     stacks = _stacks(script_output)
     for frames in stacks:
+        meter = _in_meter(frames)
         if any(f in IDLE_FRAMES for f in frames):
             idle += 1
         elif any(f == HOOK and caller in FORWARD_CALLERS for f, caller in zip(frames, frames[1:])):
             in_hook += 1
-        elif _in_prerouting_chain(frames):
+            in_meter += meter
+        elif _in_prerouting_chain(frames) or (meter and _under_prerouting_hook(frames)):
             in_hook += 1
-            in_pre += 1
-    return HookShare(len(stacks), in_hook, idle, in_pre)
+            in_pre += not meter
+            in_meter += meter
+    return HookShare(len(stacks), in_hook, idle, in_pre, in_meter)
 
 
 def available() -> bool:

@@ -375,14 +375,17 @@ def check_netns_pins(cfg: DoctorConfig) -> Check:
 def check_segmentation(cfg: DoctorConfig) -> Check:
     """Every container end must have its segmentation offloads off: a veth hands the
     node a super-packet whole, and billing counts it once while the wire carries every
-    segment (README "Billing"). Only a container with CAP_NET_ADMIN can turn them back
-    on. Costs a thread that enters each container's netns (~0.1 ms each)."""
-    from runtime.kernel import netns
+    segment (README "Billing"). TCP's may be on where the node has a segment meter,
+    which counts them (runtime/kernel/segment_meter.py). Only a container with
+    CAP_NET_ADMIN can turn the others back on. Costs a thread that enters each
+    container's netns (~0.1 ms each)."""
+    from runtime.kernel import ethtool, netns
     from runtime.state.store import READY, attachments
     ready = [a for a in attachments(cfg.state_dir).records if a.state == READY and a.netns and a.ipv4]
     present = set(netns.links([a.host_ifname for a in ready]))
     on: list[tuple[str, tuple[str, ...]]] = []
     unread = 0
+    metered = netns.tcp_offload_metered()
     for att in ready:
         if att.host_ifname not in present:
             continue  # a vanished container: netns-pins and `sockgate gc` speak of it
@@ -391,18 +394,29 @@ def check_segmentation(cfg: DoctorConfig) -> Check:
         except SockgateError:
             unread += 1
             continue
+        features = tuple(f for f in features if not (metered and ethtool.is_tcp(f)))
         if features:
             on.append((att.pod or att.container_id, features))
     note = f"; {unread} could not be read (netns-pins says why)" if unread else ""
     if on:
         shown = ", ".join(f"{who} ({', '.join(features)})" for who, features in on[:3]) + (" …" if len(on) > 3 else "")
+        if not metered and all(ethtool.is_tcp(f) for _, features in on for f in features):
+            # ADD left TCP's on for a meter that has gone since (its pins removed).
+            return Check("segmentation", False,
+                         f"{len(on)} container end(s) with TCP segmentation offload on and no segment meter on "
+                         f"the node: {shown}; the node bills each of their TCP super-packets once, while the "
+                         f"wire carries every segment{note}",
+                         "the meter's pins under /run/sockgate/bpf were removed: delete sockgate's table (nft "
+                         "delete table inet sockgate); the agent loads it again within seconds, with the meter. (Or a "
+                         "container holding CAP_NET_ADMIN turned them on: take that capability away.)")
         return Check("segmentation", False,
                      f"{len(on)} container end(s) with segmentation offload on: {shown}; the node bills each "
                      f"super-packet they send once, while the wire carries every segment{note}",
                      "a container that holds CAP_NET_ADMIN turned them on: take that capability away "
                      "and attach it again (ADD turns them off)")
+    kept = "TCP's metered, the others off" if metered else "off"
     return Check("segmentation", True, f"{len(present) - unread} container end(s) with segmentation offload "
-                                       f"off{note}")
+                                       f"{kept}{note}")
 
 
 def check_agent(cfg: DoctorConfig) -> Check:

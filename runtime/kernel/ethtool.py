@@ -93,10 +93,20 @@ def _named(names: tuple[str, ...], bits: int) -> tuple[str, ...]:
     return tuple(name for bit, name in enumerate(names) if bits >> bit & 1)
 
 
-def segmentation_off(ifname: str) -> None:
-    """Turn off `ifname`'s segmentation offloads (in this thread's netns). Raises
-    OSError when the device is missing or one of them is still on afterwards."""
+def is_tcp(name: str) -> bool:
+    """One of TCP's segmentation offloads (tx-tcp-segmentation, tx-tcp6-…, tx-tcp-ecn-…,
+    and what newer kernels add), which the segment meter counts
+    (runtime/kernel/segment_meter.py): with it, they stay on."""
+    return name.startswith("tx-tcp") and name.endswith("-segmentation")
+
+
+def segmentation_off(ifname: str, keep_tcp: bool = False) -> None:
+    """Turn off `ifname`'s segmentation offloads (in this thread's netns), TCP's too
+    unless keep_tcp (then left as they are). Raises OSError when the device is missing
+    or one of them is still on afterwards."""
     names, mask, blocks = _segmentation_mask(ifname)
+    if keep_tcp:
+        mask &= ~sum(1 << bit for bit, name in enumerate(names) if is_tcp(name))
     body = b"".join(struct.pack("II", (mask >> (32 * i)) & 0xFFFFFFFF, 0) for i in range(blocks))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         _ioctl(sock, ifname, ctypes.create_string_buffer(struct.pack("II", _ETHTOOL_SFEATURES, blocks) + body))

@@ -22,7 +22,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from netpolicy.ruleset import CONTAINER_IFGROUP, GATEWAY_V6
 from runtime.errors import KERNEL_FAILURE, UNKNOWN_CONTAINER, SockgateError
-from runtime.kernel import ethtool
+from runtime.kernel import ethtool, segment_meter
 from runtime.kernel.netlink import route as rtnl
 
 log = logging.getLogger(__name__)
@@ -270,12 +270,15 @@ def _create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int, mac: 
 def configure_container(netns_path: str, ifname: str, ipv4: str, ipv6: str, gateway_mac: str) -> str:
     """Addresses, routes and gateway neighbours inside the container; returns the
     container side's MAC."""
+    keep_tcp = tcp_offload_metered()  # asked here, in the node's netns
+
     def body() -> str:
         # No SLAAC, no router advertisements: the container's only v6 address is ours.
         interface_sysctls("ipv6", ifname, {"accept_ra": "0", "autoconf": "0", "accept_dad": "0"})
         # Before the link is up: the node must never see a container's packet whole
-        # that the wire carries as several (billing, MTU; runtime/kernel/ethtool.py).
-        ethtool.segmentation_off(ifname)
+        # that the wire carries as several (billing, MTU; runtime/kernel/ethtool.py),
+        # unless the segment meter counts it.
+        ethtool.segmentation_off(ifname, keep_tcp)
         with rtnl.Rtnl() as nl:
             link = rtnl.find(nl, ifname)
             if link is None:
@@ -300,9 +303,15 @@ def configure_container(netns_path: str, ifname: str, ipv4: str, ipv6: str, gate
         raise _kernel(f"configure {ifname} in {netns_path}", exc) from None
 
 
+def tcp_offload_metered() -> bool:
+    """A container end keeps TCP's segmentation offloads on: this netns (the node's) has
+    a segment meter to count them."""
+    return segment_meter.installed()
+
+
 def stop_segmentation(ifname: str) -> None:
     try:
-        ethtool.segmentation_off(ifname)
+        ethtool.segmentation_off(ifname, tcp_offload_metered())
     except OSError as exc:
         raise _kernel(f"turn off segmentation offload of {ifname}", exc) from None
 

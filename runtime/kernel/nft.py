@@ -5,10 +5,12 @@ command; one attachment's elements through runtime/kernel/netlink/nftables.py. N
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import json
 import logging
+import socket
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from netpolicy.ruleset import (
     revision_key,
 )
 from runtime.errors import KERNEL_FAILURE, SockgateError
+from runtime.kernel import segment_meter
 from runtime.kernel.libnft import Nft, Unavailable
 from runtime.kernel.netlink import nftables as nftnl
 
@@ -112,6 +115,10 @@ def load_table(policy: EgressPolicy, endpoints: Sequence[tuple[Endpoint, tuple[s
     leaves one table."""
     run(render_table(policy) + add_pools([p for _, pools in endpoints for p in pools])
         + "".join(add_endpoint(ep) for ep, _ in endpoints) + node_addresses_script(node_addresses()))
+    # The elements' counters start from zero (a new generation), and so do the segment
+    # meter's counts that go with them. (What the meter adds for a super-packet
+    # forwarded between the two is counted with the new generation.)
+    segment_meter.after_load()
 
 
 def node_addresses() -> tuple[str, ...]:
@@ -174,6 +181,7 @@ def add_if_current(ep: Endpoint, pools: tuple[str, ...], policy: EgressPolicy) -
     they are the network's, harmless to add twice, and checked by the same assert."""
     if pools and _nft(add_pools(pools))[0] != 0:
         return False
+    segment_meter.forget(ep.host_ifindex)  # a veth before this one had its index
     mark = revision_key(policy)
     ops = [nftnl.ElementOp("delete", REVISION_SET, mark), nftnl.ElementOp("add", REVISION_SET, mark),
            *_endpoint_ops(ep, "add")]
@@ -188,6 +196,11 @@ def add_if_current(ep: Endpoint, pools: tuple[str, ...], policy: EgressPolicy) -
 
 
 def remove(ep: Endpoint) -> None:
+    _remove_elements(ep)
+    segment_meter.forget(ep.host_ifindex)
+
+
+def _remove_elements(ep: Endpoint) -> None:
     if ep.host_ifindex:
         # Idempotent: `delete` of a missing element would abort the transaction, so
         # each element is first added (a no-op if it is there).
@@ -302,7 +315,8 @@ def endpoint_counters_of(ep: Endpoint) -> Counters | None:
     counted = {s: Counted(e.packets, e.bytes, parse_comment(e.comment)[1]) for s, e in got.items() if e is not None}
     if "rx" not in counted:
         return None
-    return _summed([c for s, c in counted.items() if s != "rx"], [counted["rx"]])
+    summed = _summed([c for s, c in counted.items() if s != "rx"], [counted["rx"]])
+    return _metered(summed, segment_meter.extras([ep.host_ifindex]).get(ep.host_ifindex))
 
 
 def endpoint_counters() -> dict[str, Counters] | None:
@@ -311,7 +325,18 @@ def endpoint_counters() -> dict[str, Counters] | None:
     tx4, tx6, rx = (counters(s) for s in COUNTED_SETS)
     if tx4 is None or tx6 is None or rx is None:
         return None
-    return {name: _summed(tx4.get(name, []) + tx6.get(name, []), rx_elems) for name, rx_elems in rx.items()}
+    extras = segment_meter.extras()
+    index = {name: i for i, name in socket.if_nameindex()} if extras else {}
+    return {name: _metered(_summed(tx4.get(name, []) + tx6.get(name, []), rx_elems), extras.get(index.get(name, 0)))
+            for name, rx_elems in rx.items()}
+
+
+def _metered(c: Counters, extra: segment_meter.Extra | None) -> Counters:
+    """The tx counters with what the segment meter counted beside them: the packets
+    and header bytes the veth's super-packets became on the wire."""
+    if not extra:
+        return c
+    return dataclasses.replace(c, tx_packets=c.tx_packets + extra.packets, tx_bytes=c.tx_bytes + extra.bytes)
 
 
 def drop_counters() -> dict[str, Count]:
@@ -327,6 +352,9 @@ def drop_counters() -> dict[str, Count]:
             if isinstance(expr, dict) and isinstance(expr.get("counter"), dict):
                 seen = out.get(reason, Count())
                 out[reason] = Count(seen.packets + expr["counter"]["packets"], seen.bytes + expr["counter"]["bytes"])
+    oversized = segment_meter.oversized()
+    if oversized:
+        out[segment_meter.OVERSIZED_REASON] = Count(oversized, 0)  # the meter keeps no bytes for them
     return out
 
 

@@ -10,6 +10,7 @@ import atexit
 import fcntl
 import ipaddress
 import json
+import logging
 import os
 import re
 import secrets
@@ -27,6 +28,10 @@ from types import FrameType, MappingProxyType
 from typing import Any, Iterator, Mapping, Sequence
 
 from runtime.fsutil import atomic_write, remove_stale_temps
+from runtime.kernel import ethtool, segment_meter
+from runtime.kernel.netns import in_netns
+
+log = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/run/netns")
 RUN_DIR = Path("/run/sockgate-lab")
@@ -245,11 +250,22 @@ def _kill_netns_procs(names: Sequence[str], grace: float = KILL_GRACE) -> None:
             time.sleep(0.02)  # a zombie has no ns link any more: it counts as gone
 
 
+def _remove_segment_meter(name: str) -> None:
+    """A node netns's segment meter goes first: its pinned links would keep the netns
+    alive after `ip netns del` (runtime/kernel/segment_meter.py)."""
+    try:
+        segment_meter.remove(in_netns(str(NETNS_DIR / name), segment_meter.netns_cookie))
+        segment_meter.unmount_if_unused()
+    except OSError as exc:
+        log.warning("lab: the segment meter of %s: %s", name, exc)
+
+
 def _delete_namespaces(names: Sequence[str]) -> list[str]:
     """Kill what runs inside, then `ip netns del`. Returns names that remain."""
     names = [n for n in names if (NETNS_DIR / n).exists()]
     _kill_netns_procs(names)
     for n in names:
+        _remove_segment_meter(n)
         subprocess.run(["ip", "netns", "del", n], capture_output=True, text=True, timeout=30)
     return [n for n in names if (NETNS_DIR / n).exists()]
 
@@ -308,7 +324,7 @@ class Lab:
 
     def __init__(self, prefix: str | None = None,
                  container_pools: Sequence[str] = LAB.container_pools, *,
-                 start_servers: bool = True, clean_stale: bool = True) -> None:
+                 start_servers: bool = True, clean_stale: bool = True, wire: bool = True) -> None:
         if prefix is None:
             prefix = f"sgl-{secrets.token_hex(3)}"
         if not PREFIX_RE.match(prefix):
@@ -322,6 +338,7 @@ class Lab:
         self.events_file = self.run_dir / "events.jsonl"
         self._start_servers = start_servers
         self._clean_stale = clean_stale
+        self._wire = wire
         self._apps: dict[str, str] = {}      # short -> full name, once created
         self._owned: list[str] = []          # namespaces *this* Lab created: all it may delete
         self._made_run_dir = False
@@ -433,6 +450,12 @@ class Lab:
             f"route add default via {L.internet_v4} dev {L.uplink_if}",
             f"route add default via {L.internet_v6} dev {L.uplink_if}",
         ])
+        if self._wire:
+            # The internet's end is a veth, which takes a super-packet whole: the node's
+            # uplink cuts its packets itself, so the internet counts what a wire would
+            # carry (what billing bills, README "Billing"). Benchmarks leave it off
+            # (wire=False): a NIC cuts them in hardware, at no cost to the node's CPU.
+            in_netns(self.ns_path(self.node), lambda: ethtool.segmentation_off(L.uplink_if))
         inet = [
             "link set lo up",
             f"addr add {L.internet_v4}/{L.uplink_prefixlen_v4} dev {L.downlink_if}",

@@ -1,0 +1,439 @@
+"""The segment meter: what a container's TCP segmentation offload hides from billing,
+counted by a netfilter BPF program, so the offload can stay on.
+
+Why: with TCP segmentation offload on, a container's kernel hands its veth one
+super-packet of up to 64 KiB, and the node's hooks (and sockgate's tx counters) see
+one packet where the wire carries many, each with its own headers: an app that asks
+for small segments (TCP_MAXSEG 88) was billed for half of what left. With the offload
+off the container cuts its packets itself and billing is exact, but every hook then
+runs per segment: 6-8 points of TCP's forwarding rate (docs/measurements.md). The
+meter keeps billing exact with the offload on: for every super-packet a container's
+veth hands the node and the node forwards, it adds to that veth's count the packets
+and header bytes the super-packet will become on the wire, (segments - 1) and
+(segments - 1) x header length. Billing adds them to the nft tx counters
+(runtime/billing).
+
+And it guards what the offload would open again: a packet socket with a virtio
+header can hand the node a super-packet whose segments are bigger than the MTU, from
+a forged source; ip_forward answers "frag needed" to that source before any
+netfilter hook sockgate's table has there (README "Threat model"). At prerouting,
+after the table's before_routing chain (so IPv4 options and IPv6 extension headers
+are gone) and before conntrack, the program drops a container's super-packet whose
+segments would exceed its veth's MTU, and counts it.
+
+One program, two hooks per family (prerouting -420, forward 1: after sockgate's
+forward chain, so only what it accepted counts), loaded once per node netns, not per
+ADD. The links and the map are pinned in a bpffs (pin_root(), one directory per
+netns), so they outlive the process that loaded them; a pinned
+link also keeps its netns alive, so `remove` must run before a node netns is deleted.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import functools
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from netpolicy.ruleset import CONTAINER_IFGROUP
+from runtime.defaults import RUN_DIR
+from runtime.kernel import bpf, btf
+from runtime.kernel.bpf import (
+    EXIT,
+    Insn,
+    add,
+    addr,
+    atomic_add,
+    call,
+    divr,
+    ja,
+    jeq,
+    jle_reg,
+    jne,
+    kfunc,
+    ld_map,
+    ldx,
+    lsh,
+    mov,
+    movr,
+    mulr,
+    rsh,
+    stx,
+    subr,
+)
+
+log = logging.getLogger(__name__)
+
+NAME = b"sg_segments"
+SYSTEM_BPFFS = Path("/sys/fs/bpf")
+OWN_BPFFS = Path(RUN_DIR) / "bpf"
+MAP_ENTRIES = 65536            # veths with a count; more than a node's containers
+VETH_SLACK = 4                 # runtime.kernel.netns: the node end is this much below the container's MTU
+PREROUTING_PRIORITY = -420     # after before_routing (-450), before defrag (-400) and conntrack (-200)
+FORWARD_PRIORITY = 1           # after sockgate's forward chain (filter, 0)
+OVERSIZED_KEY = 0              # no interface has index 0: the count of dropped super-packets
+OVERSIZED_REASON = "oversized-segments"  # their drop reason (metrics, `nft.drop_counters`)
+
+_NF_PRE_ROUTING, _NF_FORWARD = 0, 2
+_NFPROTO_IPV4, _NFPROTO_IPV6 = 2, 10
+_NF_DROP, _NF_ACCEPT = 0, 1
+_HELPER_MAP_LOOKUP, _HELPER_MAP_UPDATE = 1, 2
+_KEY = struct.Struct("=I")
+_VALUE = struct.Struct("=QQ")  # packets, bytes
+_SO_NETNS_COOKIE = 71
+
+
+class MeterError(OSError):
+    """The meter could not be loaded, attached or read."""
+
+
+@dataclass(frozen=True)
+class Extra:
+    """What a veth's super-packets add to its tx counters."""
+    packets: int = 0
+    bytes: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.packets or self.bytes)
+
+
+@dataclass(frozen=True)
+class Offsets:
+    """The kernel structs' fields the program reads, and the BTF ids it casts to
+    (runtime/kernel/btf.py)."""
+    skb_dev: int
+    skb_len: int
+    skb_head: int
+    skb_end: int
+    skb_network_header: int
+    dev_mtu: int
+    dev_group: int
+    dev_ifindex: int
+    state_hook: int
+    shinfo_gso_size: int
+    rdonly_cast: int = 0       # the kfunc
+    shinfo_id: int = 0
+    iphdr_id: int = 0
+    ipv6hdr_id: int = 0
+    tcphdr_id: int = 0
+
+    @classmethod
+    def of(cls, types: btf.Btf) -> Offsets:
+        want = {"skb_dev": ("sk_buff", "dev", 8), "skb_len": ("sk_buff", "len", 4),
+                "skb_head": ("sk_buff", "head", 8), "skb_end": ("sk_buff", "end", 4),
+                "skb_network_header": ("sk_buff", "network_header", 2),
+                "dev_mtu": ("net_device", "mtu", 4), "dev_group": ("net_device", "group", 4),
+                "dev_ifindex": ("net_device", "ifindex", 4), "state_hook": ("nf_hook_state", "hook", 1),
+                "shinfo_gso_size": ("skb_shared_info", "gso_size", 2)}
+        found = {}
+        for name, (struct_name, field_name, size) in want.items():
+            f = types.field(struct_name, field_name)
+            if f.size != size:
+                # `end` is an offset from `head` only where sk_buff_data_t is 32 bits
+                # (64-bit kernels); a pointer there would make head + end wrong.
+                raise btf.BtfError(f"{struct_name}.{field_name} is {f.size} bytes, not {size}")
+            found[name] = f.offset
+        return cls(**found, rdonly_cast=types.func_id("bpf_rdonly_cast"),
+                   shinfo_id=types.struct_id("skb_shared_info"), iphdr_id=types.struct_id("iphdr"),
+                   ipv6hdr_id=types.struct_id("ipv6hdr"), tcphdr_id=types.struct_id("tcphdr"))
+
+
+def _cast(o: Offsets, type_id: int) -> list[Insn | str]:
+    """r0 = (type *)r1, through the kfunc bpf_rdonly_cast: the verifier turns the call
+    into a move, and loads through r0 into plain loads that return 0 where they fault.
+    What the helper bpf_probe_read_kernel does with a call and a copy per read, which
+    cost 0.7 % of a 64-byte UDP packet's forwarding (docs/measurements.md). Clobbers
+    r1-r5, as any call."""
+    return [mov(2, type_id), kfunc(o.rdonly_cast)]
+
+
+def program(map_fd: int, o: Offsets) -> bytes:
+    """The program. r6 skb, r7 hook state then gso_size, r8 input device, r9 the hook;
+    r1-r5 are the calls' (clobbered by each), the stack keeps what must outlive one."""
+    p: list[Insn | str] = [
+        ldx("dw", 6, 1, 8), ldx("dw", 7, 1, 0),
+        ldx("dw", 8, 6, o.skb_dev),
+        ldx("w", 2, 8, o.dev_group), jne(2, CONTAINER_IFGROUP, "accept"),   # not from a container
+        ldx("b", 9, 7, o.state_hook),
+        jne(9, _NF_PRE_ROUTING, "gso"),
+        # Prerouting: only a packet longer than the veth's MTU can have segments over it.
+        ldx("w", 2, 6, o.skb_len), ldx("w", 3, 8, o.dev_mtu), add(3, VETH_SLACK),
+        jle_reg(2, 3, "accept"),
+        "gso",
+        # gso_size, in skb_shinfo(skb) = head + end
+        ldx("dw", 1, 6, o.skb_head), ldx("w", 2, 6, o.skb_end), addr(1, 2),
+        *_cast(o, o.shinfo_id),
+        ldx("h", 7, 0, o.shinfo_gso_size), jeq(7, 0, "accept"),          # 0: one packet
+        # The network header: IPv4 without options, IPv6 without extension headers
+        # (before_routing dropped those), then TCP's data offset.
+        ldx("dw", 1, 6, o.skb_head), ldx("h", 2, 6, o.skb_network_header), addr(1, 2),
+        stx("dw", 10, 1, -16),
+        *_cast(o, o.iphdr_id),
+        ldx("b", 2, 0, 0), rsh(2, 4),
+        jeq(2, 4, "v4"), jne(2, 6, "accept"),
+        ldx("dw", 1, 10, -16), *_cast(o, o.ipv6hdr_id),
+        ldx("b", 3, 0, 6), mov(4, 40), ja("l4"),
+        "v4",
+        ldx("b", 3, 0, 9), mov(4, 20),
+        "l4",
+        # r4 = header bytes of each segment: IP + TCP (data offset) or + UDP (8)
+        jne(3, 6, "udp"),
+        stx("dw", 10, 4, -24), ldx("dw", 1, 10, -16), addr(1, 4), *_cast(o, o.tcphdr_id),
+        ldx("b", 5, 0, 12), rsh(5, 4), lsh(5, 2), ldx("dw", 4, 10, -24), addr(4, 5), ja("hdr"),
+        "udp",
+        jne(3, 17, "accept"), add(4, 8),
+        "hdr",
+        jne(9, _NF_PRE_ROUTING, "count"),
+        # Prerouting: segments bigger than the veth's MTU are dropped, counted under
+        # OVERSIZED_KEY.
+        movr(2, 7), addr(2, 4), ldx("w", 3, 8, o.dev_mtu), add(3, VETH_SLACK),
+        jle_reg(2, 3, "accept"),
+        mov(2, OVERSIZED_KEY), mov(7, 1), mov(9, 0), mov(6, _NF_DROP), ja("update"),
+        "count",
+        # Forward: r7 = segments - 1 = (len - headers - 1) / gso_size, r9 = r7 x headers.
+        ldx("w", 2, 6, o.skb_len), jle_reg(2, 4, "accept"), subr(2, 4), add(2, -1), divr(2, 7),
+        jeq(2, 0, "accept"),
+        movr(7, 2), movr(9, 2), mulr(9, 4),
+        ldx("w", 2, 8, o.dev_ifindex), mov(6, _NF_ACCEPT),
+        "update",
+        # r2 = key, r7/r9 = what to add, r6 = verdict
+        stx("w", 10, 2, -4),
+        ld_map(1, map_fd), movr(2, 10), add(2, -4), call(_HELPER_MAP_LOOKUP),
+        jne(0, 0, "add"),
+        mov(3, 0), stx("dw", 10, 3, -40), stx("dw", 10, 3, -32),
+        ld_map(1, map_fd), movr(2, 10), add(2, -4), movr(3, 10), add(3, -40), mov(4, bpf.NOEXIST),
+        call(_HELPER_MAP_UPDATE),
+        ld_map(1, map_fd), movr(2, 10), add(2, -4), call(_HELPER_MAP_LOOKUP),
+        jeq(0, 0, "verdict"),
+        "add",
+        atomic_add(0, 7, 0), atomic_add(0, 9, 8),
+        "verdict",
+        movr(0, 6), EXIT,
+        "accept",
+        mov(0, _NF_ACCEPT), EXIT,
+    ]
+    return bpf.assemble(p)
+
+
+# --- in a node netns -------------------------------------------------------------
+
+def netns_cookie() -> int:
+    """The calling thread's netns' cookie: unique until reboot, unlike its inode."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        return int(struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, _SO_NETNS_COOKIE, 8))[0])
+
+
+@functools.lru_cache(maxsize=1)
+def pin_root() -> Path:
+    """Where meters are pinned: in the host's bpffs at /sys/fs/bpf when it has one
+    (systemd mounts it at boot): that outlives any process, pod or mount namespace;
+    else in a bpffs of sockgate's own at /run/sockgate/bpf, which lives as long as its
+    mount (in a pod without /sys/fs/bpf: as long as the pod)."""
+    return SYSTEM_BPFFS / "sockgate" if _is_bpffs(SYSTEM_BPFFS) else OWN_BPFFS
+
+
+def pin_dir(cookie: int | None = None) -> Path:
+    return pin_root() / f"net-{netns_cookie() if cookie is None else cookie}"
+
+
+_LINKS = {"pre4": (_NFPROTO_IPV4, _NF_PRE_ROUTING, PREROUTING_PRIORITY),
+          "pre6": (_NFPROTO_IPV6, _NF_PRE_ROUTING, PREROUTING_PRIORITY),
+          "fwd4": (_NFPROTO_IPV4, _NF_FORWARD, FORWARD_PRIORITY),
+          "fwd6": (_NFPROTO_IPV6, _NF_FORWARD, FORWARD_PRIORITY)}
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _is_bpffs(path: Path) -> bool:
+    want = str(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(len(parts) > 8 and parts[4] == want and parts[parts.index("-") + 1] == "bpf"
+                   for parts in (line.split() for line in f))
+
+
+def _mount_bpffs() -> None:
+    """pin_root() exists: a directory in the host's bpffs, or a bpffs of sockgate's own
+    (a new instance: nothing else pinned anywhere is seen or touched)."""
+    root = pin_root()
+    if root != OWN_BPFFS:
+        root.mkdir(exist_ok=True)
+        return
+    if _is_bpffs(root):
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    if _libc.mount(b"bpf", str(root).encode(), b"bpf", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise MeterError(err, f"cannot mount a bpffs at {root}: {os.strerror(err)}")
+
+
+def installed(cookie: int | None = None) -> bool:
+    d = pin_dir(cookie)
+    return all((d / name).exists() for name in ("map", *_LINKS))
+
+
+def install() -> bool:
+    """The meter in the calling thread's netns (the node's): loaded, attached and pinned,
+    unless it is already. True when it had to be. The pins are made in a directory of
+    their own and renamed into place, so a process killed halfway leaves nothing that
+    counts twice: a leftover directory is removed (its links with it) by the next call."""
+    if installed():
+        return False
+    _mount_bpffs()
+    final = pin_dir()
+    for stale in pin_root().glob(f"{final.name}-*"):
+        _unpin(stale)
+    if final.exists():
+        _unpin(final)  # a part of one: links without their map, or the reverse
+    work = final.with_name(f"{final.name}-{os.getpid()}")  # bpffs refuses dots in names
+    work.mkdir()
+    fds: list[int] = []
+    try:
+        offsets = Offsets.of(btf.kernel())
+        map_fd = bpf.create_hash(b"sg_segments", _KEY.size, _VALUE.size, MAP_ENTRIES)
+        fds.append(map_fd)
+        prog_fd = bpf.load_netfilter(NAME, program(map_fd, offsets))
+        fds.append(prog_fd)
+        bpf.pin(map_fd, str(work / "map"))
+        for name, (pf, hook, priority) in _LINKS.items():
+            link = bpf.link_netfilter(prog_fd, pf, hook, priority)
+            fds.append(link)
+            bpf.pin(link, str(work / name))
+        work.rename(final)
+    except (OSError, btf.BtfError) as exc:
+        _unpin(work)
+        if isinstance(exc, MeterError):
+            raise
+        raise MeterError(getattr(exc, "errno", 0) or errno.EOPNOTSUPP, f"segment meter: {exc}") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return True
+
+
+def _unpin(d: Path) -> None:
+    for f in d.iterdir() if d.is_dir() else ():
+        f.unlink()
+    if d.exists():
+        d.rmdir()
+
+
+def remove(cookie: int | None = None) -> bool:
+    """Detach and free the meter of a netns (the calling thread's by default). Must run
+    before a node netns that has one is deleted: its pinned links keep the netns alive."""
+    d = pin_dir(cookie)
+    found = d.exists()
+    for stale in d.parent.glob(f"{d.name}-*") if d.parent.exists() else ():
+        _unpin(stale)
+    _unpin(d)
+    return found
+
+
+def unmount_if_unused() -> bool:
+    """Unmount sockgate's own bpffs when no netns has a meter in it any more."""
+    if pin_root() != OWN_BPFFS or not _is_bpffs(OWN_BPFFS) or any(OWN_BPFFS.glob("net-*")):
+        return False
+    if _libc.umount2(str(OWN_BPFFS).encode(), 0) != 0:
+        return False
+    OWN_BPFFS.rmdir()
+    with contextlib.suppress(OSError):
+        OWN_BPFFS.parent.rmdir()  # only if _mount_bpffs made it: nothing else is in it
+    return True
+
+
+class Counts:
+    """The meter's map in the calling thread's netns, opened once."""
+
+    def __init__(self, cookie: int | None = None) -> None:
+        try:
+            self.fd = bpf.pinned(str(pin_dir(cookie) / "map"))
+        except bpf.BpfError as exc:
+            raise MeterError(exc.errno, f"the segment meter is not installed: {exc.strerror}") from None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> Counts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def of(self, ifindex: int) -> Extra:
+        raw = bpf.lookup(self.fd, _KEY.pack(ifindex), _VALUE.size)
+        return Extra(*_VALUE.unpack(raw)) if raw else Extra()
+
+    def all(self) -> dict[int, Extra]:
+        """{ifindex: Extra} of every veth with a count."""
+        out = {}
+        for key in bpf.keys(self.fd, _KEY.size):
+            (ifindex,) = _KEY.unpack(key)
+            if ifindex != OVERSIZED_KEY:
+                out[ifindex] = self.of(ifindex)
+        return out
+
+    def oversized(self) -> int:
+        """Super-packets dropped for segments over their veth's MTU."""
+        return self.of(OVERSIZED_KEY).packets
+
+    def forget(self, ifindex: int) -> None:
+        bpf.delete(self.fd, _KEY.pack(ifindex))
+
+    def reset(self) -> None:
+        """Every veth's count from zero (the nft counters were just created again)."""
+        for key in bpf.keys(self.fd, _KEY.size):
+            if _KEY.unpack(key)[0] != OVERSIZED_KEY:
+                bpf.delete(self.fd, key)
+
+
+# --- what the table's users call (runtime/kernel/nft.py, netns.py) ---------------
+
+def extras(ifindexes: list[int] | None = None) -> dict[int, Extra]:
+    """{ifindex: Extra} in the calling thread's netns: of `ifindexes`, or of every veth
+    with a count; {} without a meter."""
+    if not installed():
+        return {}
+    with Counts() as c:
+        if ifindexes is None:
+            return c.all()
+        return {i: c.of(i) for i in ifindexes}
+
+
+def oversized() -> int:
+    """Super-packets the meter in the calling thread's netns dropped; 0 without one."""
+    if not installed():
+        return 0
+    with Counts() as c:
+        return c.oversized()
+
+
+def forget(ifindex: int) -> None:
+    """A veth's count gone: one made before it with the same index (ADD), or its own
+    once billed for the last time (DEL)."""
+    if ifindex and installed():
+        with Counts() as c:
+            c.forget(ifindex)
+
+
+_unsupported = ""
+
+
+def after_load() -> None:
+    """The table was just (re)loaded with its counters from zero: the meter in place,
+    its counts from zero too. A kernel without netfilter BPF programs (before 6.4) or
+    BTF gets no meter: containers then keep their TCP segmentation offload off, as
+    before (one warning per process)."""
+    global _unsupported
+    if _unsupported:
+        return
+    try:
+        if not install():
+            with Counts() as c:
+                c.reset()
+    except MeterError as exc:
+        _unsupported = str(exc)
+        log.warning("no segment meter (%s): containers' TCP segmentation offload stays off", exc)

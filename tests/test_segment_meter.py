@@ -1,0 +1,106 @@
+"""The segment meter's life on a node (runtime/kernel/segment_meter.py): what ADD does
+with and without it, a reload, and an install killed halfway. What it counts and drops
+is shown by tests/test_hostile.py (test_segmented_sends_are_billed_as_what_left,
+test_oversized_segments_from_a_forged_source_are_not_answered)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from runtime.kernel import segment_meter
+from runtime.kernel.netns import in_netns
+from runtime.lab import LAB
+from tests.support import attacks as atk
+from tests.support import temp_netns
+
+pytestmark = pytest.mark.lab
+
+
+def _offloads(lab, ns: str) -> list[str]:
+    return atk.offloads_on(lab.run(ns, ["ethtool", "-k", "eth0"]).stdout)
+
+
+def _node(lab) -> str:
+    return f"/run/netns/{lab.node}"
+
+
+def _extra(lab, host_if: str) -> segment_meter.Extra:
+    return in_netns(_node(lab), lambda: segment_meter.extras([socket.if_nametoindex(host_if)]).popitem()[1])
+
+
+def test_without_a_meter_add_turns_tcp_segmentation_offload_off_too(lab, plugin, app):
+    """A node whose kernel can't load the meter (before 6.4, no BTF) must bill each TCP
+    packet as the wire carries it: ADD leaves no offload on there. With the meter,
+    TCP's stay on, and nothing else."""
+    with_meter = app()
+    plugin.add("metered", with_meter)
+    on = _offloads(lab, with_meter)
+    assert "tx-tcp-segmentation" in on and "tx-tcp6-segmentation" in on and all("tcp" in f for f in on), on
+    in_netns(_node(lab), segment_meter.remove)
+    try:
+        without = app()
+        plugin.add("unmetered", without)
+        assert _offloads(lab, without) == []
+    finally:
+        assert in_netns(_node(lab), segment_meter.install)
+
+
+def test_a_reload_starts_the_meters_counts_from_zero_with_the_nft_counters(lab, plugin, app):
+    """A reload creates every counted element again (a new generation, which billing
+    counts from zero): the meter's counts must start from zero with them, or what the
+    old generation billed would be billed again."""
+    ns = app()
+    res = plugin.add("sender", ns)
+    host_if = res["interfaces"][0]["name"]
+    # Super-packets: 200 kB of TCP in segments of 88 bytes.
+    assert atk.run(lab, ns, "small-mss", LAB.public_v4, 9000, 88, 200_000)["echoed"] >= 200_000
+    assert _extra(lab, host_if).packets > 100
+    lab.run(lab.node, ["nft", "delete", "table", "inet", "sockgate"])
+    plugin.add("reloads-it", app())  # finds no table: loads it, with the sender's elements
+    assert _extra(lab, host_if) == segment_meter.Extra()
+
+
+def test_an_install_killed_before_its_pins_were_in_place_is_undone_by_the_next(tmp_path):
+    """install() pins the map and the four links in a directory of its own and renames
+    it into place: killed before the rename, it leaves that directory, whose links
+    hold hooks (and their netns) until someone unpins them. The next install removes
+    it and puts one meter in place."""
+    script = tmp_path / "killed_install.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys
+        from pathlib import Path
+        from runtime.kernel import segment_meter
+        from runtime.kernel.netns import in_netns
+
+        def killed(self, target):
+            os.kill(os.getpid(), signal.SIGKILL)  # the worst moment: everything pinned, nothing renamed
+        Path.rename = killed
+        in_netns(sys.argv[1], segment_meter.install)
+    """))
+    with temp_netns("sgm") as ns:
+        cookie = in_netns(ns, segment_meter.netns_cookie)
+        try:
+            child = subprocess.run([sys.executable, str(script), ns], cwd=os.getcwd(), capture_output=True, text=True)
+            assert child.returncode == -signal.SIGKILL, child.stderr
+            work = segment_meter.pin_dir(cookie).with_name(f"net-{cookie}-{_pid_of(cookie)}")
+            assert sorted(p.name for p in work.iterdir()) == ["fwd4", "fwd6", "map", "pre4", "pre6"]
+            assert not in_netns(ns, segment_meter.installed)
+            assert in_netns(ns, segment_meter.install) is True
+            assert not work.exists() and in_netns(ns, segment_meter.installed)
+            assert [p.name for p in segment_meter.pin_root().glob(f"net-{cookie}*")] == [f"net-{cookie}"]
+        finally:
+            segment_meter.remove(cookie)
+            segment_meter.unmount_if_unused()
+
+
+def _pid_of(cookie: int) -> str:
+    """The pid in the name of the directory a killed install left."""
+    left = [p.name for p in segment_meter.pin_root().glob(f"net-{cookie}-*")]
+    assert len(left) == 1, left
+    return left[0].rsplit("-", 1)[1]
