@@ -13,6 +13,7 @@ import pytest
 
 from runtime.cli.install import install_cni
 from runtime.kernel import segment_meter
+from runtime.kernel.netns import in_netns
 from runtime.lab import Lab
 from runtime.lab.agent import LabAgent
 from runtime.lab.policy import write_lab_policy
@@ -61,19 +62,29 @@ def cni_exe(tmp_path_factory, shim: str) -> str:
     return str(install_cni(str(tmp_path_factory.mktemp(f"cni-bin-{shim}")), shim=shim))
 
 
-def _meter_pins() -> set[str]:
-    return {p.name for p in segment_meter.pin_root().glob("net-*")} if segment_meter.pin_root().is_dir() else set()
+def _orphan_meters() -> set[str]:
+    """Meters pinned for a netns that no longer has a name (`ip netns del` ran): their
+    links keep it alive. Another process's live lab is not counted."""
+    root = segment_meter.pin_root()
+    if not root.is_dir():
+        return set()
+    netns_dir = Path("/run/netns")
+    live = {segment_meter.netns_cookie()}
+    for name in os.listdir(netns_dir) if netns_dir.is_dir() else []:
+        try:
+            live.add(in_netns(str(netns_dir / name), segment_meter.netns_cookie))
+        except OSError:
+            pass  # deleted meanwhile
+    return {p.name for p in root.glob("net-*")} - {f"net-{c}" for c in live}
 
 
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
     Lab.cleanup_stale()
-    before = _meter_pins()
     with Lab() as the_lab:
         yield the_lab
-    # A pinned meter keeps its netns alive after `ip netns del` (segment_meter.remove).
-    left = _meter_pins() - before
-    assert not left, f"segment meters left pinned in {segment_meter.pin_root()}: {sorted(left)}"
+    left = _orphan_meters()
+    assert not left, f"segment meters left pinned in {segment_meter.pin_root()} for deleted netns: {sorted(left)}"
 
 
 @pytest.fixture(scope="session")

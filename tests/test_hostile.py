@@ -1260,9 +1260,9 @@ def _oversized_tcp_spec(family: str, ip_size: int, frames: list[bytes]) -> dict:
             "csum_start": 14 + ip_len, "csum_offset": 16, "frames": [f.hex() for f in frames]}
 
 
-def _meter_dropped(lab) -> int:
-    """The segment meter's drops, as the metrics read them (sockgate_policy_drops_total)."""
-    got = in_netns(f"/run/netns/{lab.node}", nft.drop_counters).get(segment_meter.OVERSIZED_REASON)
+def _meter_dropped(lab, key: int = segment_meter.OVERSIZED_KEY) -> int:
+    """The segment meter's refusals, as the metrics read them (sockgate_policy_drops_total)."""
+    got = in_netns(f"/run/netns/{lab.node}", nft.drop_counters).get(segment_meter.REFUSED[key])
     return got.packets if got else 0
 
 
@@ -1346,6 +1346,38 @@ def test_oversized_segments_from_a_forged_source_are_not_answered(lab, tenant, f
         _forget_new_neighbours(lab, before)
 
 
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_super_packet_of_more_segments_than_a_tcp_stack_makes_is_refused(lab, tenant, far, family):
+    """A virtio header may ask for segments of one byte: one frame through the table,
+    thousands of packets on the wire (a review: one 20 kB frame became 20,017
+    packets, ten of them overflowed the far end's backlog). A container's own TCP stack
+    builds super-packets of at most 64 segments (its veth end's gso_max_segs); the
+    meter refuses more at prerouting (`segment-count`), before anything counts or
+    forwards it, whatever its length. Control: the container's TCP with an MSS of 88
+    still flows, in super-packets the meter counts."""
+    a = addrs(family)
+    attacker = tenant("attacker")
+    mark = token("segments")
+    ip_len = 40 if family == "v6" else 20
+    frames = []
+    for size, gso in ((1400, 1), (20_000, 10), (64 * 88 + 88, 88)):   # the last: 65 segments of 88 bytes
+        payload = (mark * (size // len(mark) + 1))[:size]
+        tcp = struct.pack("!HHIIBBHHH", 40000, 9000, 1, 1, 5 << 4, 0x18, 64240, 0, 0) + payload
+        frames.append(({"gso_type": 4 if family == "v6" else 1, "gso_size": gso, "hdr_len": 14 + ip_len + 20,
+                        "csum_start": 14 + ip_len, "csum_offset": 16},
+                       atk.ether(attacker.mac, attacker.mac, atk.ETH_P_IPV6 if family == "v6" else atk.ETH_P_IP,
+                                 atk.ip_packet(attacker.ip(family), a.billed, atk.IPPROTO_TCP, tcp))))
+    refused_before, far_before = _meter_dropped(lab, segment_meter.TOO_MANY_KEY), far.counters()["billed"]
+    for header, frame in frames:
+        assert atk.run(lab, attacker.ns, "vnet", spec=dict(header, frames=[frame.hex()]))["sent"] == 1
+    time.sleep(0.3)
+    assert _meter_dropped(lab, segment_meter.TOO_MANY_KEY) - refused_before == len(frames)
+    assert far.counters()["billed"] == far_before, "a refused super-packet reached the far end"
+    before = _metered(lab, attacker.host_if)
+    assert atk.run(lab, attacker.ns, "small-mss", a.public, 9000, 88, 100_000)["echoed"] >= 100_000
+    assert _metered(lab, attacker.host_if).packets > before.packets
 
 
 # --- f) redirects -------------------------------------------------------------------------

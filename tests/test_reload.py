@@ -1,6 +1,6 @@
 """A table reload on a busy node: `nft flush ruleset` while ADDs and DELs run. The
 agent loads the table again with every ready attachment's elements in the same
-transaction; ADD and DEL can't slip between (runtime.core.table.table_lock). Billing stays
+transaction; ADD and DEL can't slip between (runtime.state.store.table_lock). Billing stays
 exact across the reload, also for a counter that climbs past its last billed value
 before the next flush: its elements are of a new generation, so it counts from zero."""
 from __future__ import annotations

@@ -19,7 +19,7 @@ from runtime.errors import IO_FAILURE, KERNEL_FAILURE, SockgateError
 from runtime.fsutil import remove_stale_temps
 from runtime.kernel import nft
 from runtime.kernel.nft import Counters
-from runtime.state.store import READY, Attachment, attachments
+from runtime.state.store import READY, Attachment, attachments, table_lock
 
 if TYPE_CHECKING:
     from runtime.core.node import TableBackend
@@ -67,7 +67,11 @@ def flush(state_dir: str | os.PathLike, billing_dir: str | os.PathLike | None = 
             log.warning("billing: unreadable attachment record %s", path)
         # Only there can a missing record mean a finished attachment.
         networks = listing.complete()
-        counters = read_counters()
+        # Shared with ADD and DEL, never during a reload: a reload creates the elements
+        # (from zero) and resets the segment meter's counts in two steps, and a read
+        # between them would add counts billed before to the new elements.
+        with table_lock(str(state_dir)):
+            counters = read_counters()
         live = set()
         for att in listing.records:
             if att.created:  # no `created`, no key (never written by this version)

@@ -23,7 +23,16 @@ from runtime.core.node import Node
 from runtime.errors import ALREADY_ATTACHED, CHECK_FAILED, KERNEL_FAILURE, NOT_AVAILABLE, SockgateError
 from runtime.fsutil import locked, remove_stale_temps
 from runtime.state.ipam import LeaseStore, Owner
-from runtime.state.store import ADDING, READY, Attachment, AttachmentStore, attachments, host_ifname, network_root
+from runtime.state.store import (
+    ADDING,
+    READY,
+    Attachment,
+    AttachmentStore,
+    attachments,
+    host_ifname,
+    network_root,
+    table_lock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +123,7 @@ def _attach(node: Node, req: AttachRequest, peer_netns: str, place: Callable[[At
             # Under the table lock until the record says ready: a reload restores the
             # ready attachments, so this one's elements are either added here, after
             # any reload, or restored by a reload that comes later.
-            with table.table_lock(req.conf.state_dir):
+            with table_lock(req.conf.state_dir):
                 if node.table.add_if_current(ep, pools, egress):
                     place(att)
                     att.segmentation_off = True  # both doors' place() did it
@@ -140,7 +149,7 @@ def _teardown(node: Node, net: Network, att: Attachment) -> None:
     """Undo an attachment, each step idempotent. The record goes last, so a crash here
     leaves it for the next DEL or GC. Under the table lock (shared): a reload can't
     restore the elements of an attachment half torn down."""
-    with table.table_lock(net.conf.state_dir):
+    with table_lock(net.conf.state_dir):
         _teardown_locked(node, net, att)
 
 
@@ -331,7 +340,7 @@ def remove_vanished(node: Node, conf: NetConf, att: Attachment) -> Vanished | No
     name (and the same veth name) is never touched. A DEL of the same attachment at
     the same time does the same steps, each idempotent."""
     net = Network(conf)
-    with table.table_lock(conf.state_dir), net.lock():
+    with table_lock(conf.state_dir), net.lock():
         now = net.attachments.load(att.container_id, att.ifname)
         if now is None or now.state != READY or (now.created, now.generation) != (att.created, att.generation):
             return None

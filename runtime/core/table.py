@@ -3,16 +3,14 @@ every ready attachment in one transaction, under the table lock that keeps ADD a
 apart from a reload."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from netpolicy.compile import Compiled
 from netpolicy.ruleset import EgressPolicy
 from runtime.core import restore
-from runtime.fsutil import locked
+from runtime.state.store import table_lock
 
 if TYPE_CHECKING:
     from runtime.core.node import Node
@@ -35,13 +33,6 @@ def check(node: Node, egress: EgressPolicy, state_dir: str) -> None:
     addresses in it current (an address added to or removed from the node since)."""
     if not ensure_loaded(node, egress, state_dir):
         node.table.sync_node_addresses()
-
-
-def table_lock(state_dir: str, exclusive: bool = False) -> contextlib.AbstractContextManager[None]:
-    """ADD and DEL hold it (shared, side by side) while they change an attachment's
-    elements and record; a reload holds it alone, so the attachments it restores are
-    exactly the ready ones, none half added or half removed."""
-    return locked(Path(state_dir) / "table.lock", shared=not exclusive)
 
 
 def ensure_loaded(node: Node, egress: EgressPolicy, state_dir: str) -> bool:

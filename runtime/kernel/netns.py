@@ -252,9 +252,12 @@ def _create_veth(host_ifname: str, netns_path: str, ifname: str, mtu: int, mac: 
             # was killed before its reaper got to it).
             if rtnl.find(nl, host_ifname) is not None:
                 delete_link(host_ifname)
+            # The container end's super-packets hold at most MAX_SEGMENTS segments (its
+            # TCP stack's; the meter refuses bigger ones: runtime/kernel/segment_meter.py).
             _, link = nl.run(rtnl.new_veth(host_ifname, ifname, fd, mtu, CONTAINER_IFGROUP,
                                            mac or veth_mac(host_ifname), noarp=True,
-                                           name_mtu=node_end_mtu(mtu)),
+                                           name_mtu=node_end_mtu(mtu),
+                                           peer_gso_max_segs=segment_meter.MAX_SEGMENTS),
                              rtnl.get_link(host_ifname))
     except rtnl.RtnlError as exc:
         if exc.errno == errno.EEXIST:
@@ -320,8 +323,10 @@ def stop_container_segmentation(netns_path: str, ipv4: str) -> bool:
     """What configure_container does now, for a container end an earlier sockgate
     configured (found by its address: Docker renames it). False when the container
     can't be entered (it keeps its offloads)."""
+    keep_tcp = tcp_offload_metered()  # asked here, in the node's netns
     try:
-        in_netns(netns_path, lambda: ethtool.segmentation_off(socket.if_indextoname(_container_link(ipv4).index)))
+        in_netns(netns_path, lambda: ethtool.segmentation_off(socket.if_indextoname(_container_link(ipv4).index),
+                                                              keep_tcp))
     except (OSError, NetlinkError, SockgateError) as exc:
         log.warning("the container end with %s (netns %s) keeps its segmentation offloads: %s",
                     ipv4, netns_path or "-", exc)

@@ -115,10 +115,23 @@ def load_table(policy: EgressPolicy, endpoints: Sequence[tuple[Endpoint, tuple[s
     leaves one table."""
     run(render_table(policy) + add_pools([p for _, pools in endpoints for p in pools])
         + "".join(add_endpoint(ep) for ep, _ in endpoints) + node_addresses_script(node_addresses()))
-    # The elements' counters start from zero (a new generation), and so do the segment
-    # meter's counts that go with them. (What the meter adds for a super-packet
-    # forwarded between the two is counted with the new generation.)
-    segment_meter.after_load()
+    segment_meter.after_load(_created(endpoints))
+
+
+def _created(endpoints: Sequence[tuple[Endpoint, tuple[str, ...]]]) -> list[int]:
+    """The veth indexes of the endpoints whose elements a load just created: their rx
+    element carries the load's generation. Their counters start from zero, and so must
+    the segment meter's counts that go with them. The others were there already (a
+    table rendered again keeps its elements, counters and comments): theirs go on. A
+    set that can't be read: all of them, as created (what a reload may lose, billing
+    notes as counter_reset)."""
+    if not endpoints:
+        return []
+    rx = counters("rx")
+    if rx is None:
+        return [ep.host_ifindex for ep, _ in endpoints]
+    return [ep.host_ifindex for ep, _ in endpoints
+            if any(c.generation == ep.generation for c in rx.get(ep.host_ifname, []))]
 
 
 def node_addresses() -> tuple[str, ...]:
@@ -251,6 +264,7 @@ class Counted:
     packets: int
     bytes: int
     generation: str = ""
+    key: str = ""  # as nft lists it: rx's is the veth's name, or its index once the veth is gone
 
 
 # An endpoint's counters, in the order billing records them.
@@ -294,7 +308,8 @@ def counters(set_name: str) -> dict[str, list[Counted]] | None:
         if isinstance(elem, dict) and "comment" in elem.get("elem", {}):
             name, generation = parse_comment(elem["elem"]["comment"])
             c = elem["elem"].get("counter", {})
-            out.setdefault(name, []).append(Counted(int(c.get("packets", 0)), int(c.get("bytes", 0)), generation))
+            out.setdefault(name, []).append(Counted(int(c.get("packets", 0)), int(c.get("bytes", 0)), generation,
+                                                    str(elem["elem"].get("val", ""))))
     return out
 
 
@@ -310,25 +325,37 @@ def endpoint_counters_of(ep: Endpoint) -> Counters | None:
     """One endpoint's counters (see endpoint_counters), read element by element: what
     a DEL needs, at the same cost whatever the size of the sets. None when it has no
     rx element (its elements are gone)."""
+    extra = segment_meter.extras([ep.host_ifindex]).get(ep.host_ifindex)  # first: see endpoint_counters
     with nftnl.current() as sock:
         got = {s: sock.get(TABLE, s, key) for s, key in endpoint_keys(ep) if s in COUNTED_SETS}
     counted = {s: Counted(e.packets, e.bytes, parse_comment(e.comment)[1]) for s, e in got.items() if e is not None}
     if "rx" not in counted:
         return None
-    summed = _summed([c for s, c in counted.items() if s != "rx"], [counted["rx"]])
-    return _metered(summed, segment_meter.extras([ep.host_ifindex]).get(ep.host_ifindex))
+    return _metered(_summed([c for s, c in counted.items() if s != "rx"], [counted["rx"]]), extra)
 
 
 def endpoint_counters() -> dict[str, Counters] | None:
     """{host veth: Counters} for every endpoint with an element in rx. None when a
-    set can't be read."""
+    set can't be read.
+
+    The segment meter's counts are read first and the elements after: a DEL removes
+    the elements first and the counts after, so a read that meets no counts meets no
+    elements either; read the other way round, a DEL in between would show a counter
+    that went down, which billing takes for one created again (billed twice). A veth's
+    index: rx's key, which nft lists as the veth's name while it exists, looked up in
+    the names taken before the elements were (a veth named only after that is newer
+    than its counts, which ADD cleared)."""
+    extras = segment_meter.extras()
+    index = {name: i for i, name in socket.if_nameindex()} if extras else {}
     tx4, tx6, rx = (counters(s) for s in COUNTED_SETS)
     if tx4 is None or tx6 is None or rx is None:
         return None
-    extras = segment_meter.extras()
-    index = {name: i for i, name in socket.if_nameindex()} if extras else {}
-    return {name: _metered(_summed(tx4.get(name, []) + tx6.get(name, []), rx_elems), extras.get(index.get(name, 0)))
-            for name, rx_elems in rx.items()}
+    out = {}
+    for name, rx_elems in rx.items():
+        key = rx_elems[0].key
+        ifindex = int(key) if key.isdigit() else index.get(key, 0)
+        out[name] = _metered(_summed(tx4.get(name, []) + tx6.get(name, []), rx_elems), extras.get(ifindex))
+    return out
 
 
 def _metered(c: Counters, extra: segment_meter.Extra | None) -> Counters:
@@ -352,9 +379,8 @@ def drop_counters() -> dict[str, Count]:
             if isinstance(expr, dict) and isinstance(expr.get("counter"), dict):
                 seen = out.get(reason, Count())
                 out[reason] = Count(seen.packets + expr["counter"]["packets"], seen.bytes + expr["counter"]["bytes"])
-    oversized = segment_meter.oversized()
-    if oversized:
-        out[segment_meter.OVERSIZED_REASON] = Count(oversized, 0)  # the meter keeps no bytes for them
+    for reason, packets in segment_meter.refused().items():
+        out[reason] = Count(packets, 0)  # the meter keeps no bytes for them
     return out
 
 

@@ -33,6 +33,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import functools
 import logging
 import os
@@ -40,6 +41,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from netpolicy.ruleset import CONTAINER_IFGROUP
 from runtime.defaults import RUN_DIR
@@ -54,6 +56,8 @@ from runtime.kernel.bpf import (
     divr,
     ja,
     jeq,
+    jgt_reg,
+    jle,
     jle_reg,
     jne,
     kfunc,
@@ -77,8 +81,17 @@ MAP_ENTRIES = 65536            # veths with a count; more than a node's containe
 VETH_SLACK = 4                 # runtime.kernel.netns: the node end is this much below the container's MTU
 PREROUTING_PRIORITY = -420     # after before_routing (-450), before defrag (-400) and conntrack (-200)
 FORWARD_PRIORITY = 1           # after sockgate's forward chain (filter, 0)
-OVERSIZED_KEY = 0              # no interface has index 0: the count of dropped super-packets
-OVERSIZED_REASON = "oversized-segments"  # their drop reason (metrics, `nft.drop_counters`)
+# The counts of super-packets refused at prerouting, under keys no container veth has
+# (0 is no interface's index, 1 is every netns's loopback), by their drop reason
+# (metrics, `nft.drop_counters`).
+OVERSIZED_KEY, TOO_MANY_KEY = 0, 1
+REFUSED = {OVERSIZED_KEY: "oversized-segments", TOO_MANY_KEY: "segment-count"}
+# A container's veth end lets its TCP stack build super-packets of at most this many
+# segments (its gso_max_segs, set at creation: runtime.kernel.netns); the meter refuses
+# one with more, which only a packet socket's virtio header can ask for (1 byte each:
+# one frame of the table's work, 20,000 packets on the wire). 64 x 1448 bytes is above
+# the 64 KiB a super-packet holds anyway: only small segments are held back.
+MAX_SEGMENTS = 64
 
 _NF_PRE_ROUTING, _NF_FORWARD = 0, 2
 _NFPROTO_IPV4, _NFPROTO_IPV6 = 2, 10
@@ -161,11 +174,6 @@ def program(map_fd: int, o: Offsets) -> bytes:
         ldx("dw", 8, 6, o.skb_dev),
         ldx("w", 2, 8, o.dev_group), jne(2, CONTAINER_IFGROUP, "accept"),   # not from a container
         ldx("b", 9, 7, o.state_hook),
-        jne(9, _NF_PRE_ROUTING, "gso"),
-        # Prerouting: only a packet longer than the veth's MTU can have segments over it.
-        ldx("w", 2, 6, o.skb_len), ldx("w", 3, 8, o.dev_mtu), add(3, VETH_SLACK),
-        jle_reg(2, 3, "accept"),
-        "gso",
         # gso_size, in skb_shinfo(skb) = head + end
         ldx("dw", 1, 6, o.skb_head), ldx("w", 2, 6, o.skb_end), addr(1, 2),
         *_cast(o, o.shinfo_id),
@@ -189,15 +197,21 @@ def program(map_fd: int, o: Offsets) -> bytes:
         "udp",
         jne(3, 17, "accept"), add(4, 8),
         "hdr",
-        jne(9, _NF_PRE_ROUTING, "count"),
-        # Prerouting: segments bigger than the veth's MTU are dropped, counted under
-        # OVERSIZED_KEY.
-        movr(2, 7), addr(2, 4), ldx("w", 3, 8, o.dev_mtu), add(3, VETH_SLACK),
-        jle_reg(2, 3, "accept"),
-        mov(2, OVERSIZED_KEY), mov(7, 1), mov(9, 0), mov(6, _NF_DROP), ja("update"),
-        "count",
-        # Forward: r7 = segments - 1 = (len - headers - 1) / gso_size, r9 = r7 x headers.
+        # r2 = segments - 1 = (len - headers - 1) / gso_size
         ldx("w", 2, 6, o.skb_len), jle_reg(2, 4, "accept"), subr(2, 4), add(2, -1), divr(2, 7),
+        jne(9, _NF_PRE_ROUTING, "count"),
+        # Prerouting: refused when its segments would be bigger than the veth's MTU, or
+        # more than MAX_SEGMENTS; counted under their keys.
+        movr(3, 7), addr(3, 4), ldx("w", 5, 8, o.dev_mtu), add(5, VETH_SLACK),
+        jgt_reg(3, 5, "oversized"),
+        jle(2, MAX_SEGMENTS - 1, "accept"),
+        mov(2, TOO_MANY_KEY), ja("refuse"),
+        "oversized",
+        mov(2, OVERSIZED_KEY),
+        "refuse",
+        mov(7, 1), mov(9, 0), mov(6, _NF_DROP), ja("update"),
+        "count",
+        # Forward: r7 = segments - 1, r9 = r7 x headers, added to the veth's count.
         jeq(2, 0, "accept"),
         movr(7, 2), movr(9, 2), mulr(9, 4),
         ldx("w", 2, 8, o.dev_ifindex), mov(6, _NF_ACCEPT),
@@ -271,6 +285,22 @@ def _mount_bpffs() -> None:
         raise MeterError(err, f"cannot mount a bpffs at {root}: {os.strerror(err)}")
 
 
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    """One process at a time installs, removes or unmounts: another's unfinished work
+    directory would look stale, and an unmount could take the bpffs from under a
+    pin. An flock on the run directory (not in the bpffs, which may come and go); the
+    kernel drops it when the process dies."""
+    run = Path(RUN_DIR)
+    run.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def installed(cookie: int | None = None) -> bool:
     d = pin_dir(cookie)
     return all((d / name).exists() for name in ("map", *_LINKS))
@@ -283,6 +313,13 @@ def install() -> bool:
     counts twice: a leftover directory is removed (its links with it) by the next call."""
     if installed():
         return False
+    with _locked():
+        return _install()
+
+
+def _install() -> bool:
+    if installed():
+        return False  # another process did, while this one waited
     _mount_bpffs()
     final = pin_dir()
     for stale in pin_root().glob(f"{final.name}-*"):
@@ -326,22 +363,27 @@ def remove(cookie: int | None = None) -> bool:
     """Detach and free the meter of a netns (the calling thread's by default). Must run
     before a node netns that has one is deleted: its pinned links keep the netns alive."""
     d = pin_dir(cookie)
-    found = d.exists()
-    for stale in d.parent.glob(f"{d.name}-*") if d.parent.exists() else ():
-        _unpin(stale)
-    _unpin(d)
+    if not d.parent.exists():
+        return False
+    with _locked():
+        found = d.exists()
+        for stale in d.parent.glob(f"{d.name}-*"):
+            _unpin(stale)
+        _unpin(d)
     return found
 
 
 def unmount_if_unused() -> bool:
-    """Unmount sockgate's own bpffs when no netns has a meter in it any more."""
-    if pin_root() != OWN_BPFFS or not _is_bpffs(OWN_BPFFS) or any(OWN_BPFFS.glob("net-*")):
+    """Unmount sockgate's own bpffs when no netns has a meter in it any more (the run
+    directory stays: it is what the lock is taken on)."""
+    if pin_root() != OWN_BPFFS or not OWN_BPFFS.exists():
         return False
-    if _libc.umount2(str(OWN_BPFFS).encode(), 0) != 0:
-        return False
-    OWN_BPFFS.rmdir()
-    with contextlib.suppress(OSError):
-        OWN_BPFFS.parent.rmdir()  # only if _mount_bpffs made it: nothing else is in it
+    with _locked():
+        if not _is_bpffs(OWN_BPFFS) or any(OWN_BPFFS.glob("net-*")):
+            return False
+        if _libc.umount2(str(OWN_BPFFS).encode(), 0) != 0:
+            return False
+        OWN_BPFFS.rmdir()
     return True
 
 
@@ -372,22 +414,13 @@ class Counts:
         out = {}
         for key in bpf.keys(self.fd, _KEY.size):
             (ifindex,) = _KEY.unpack(key)
-            if ifindex != OVERSIZED_KEY:
+            if ifindex not in REFUSED:
                 out[ifindex] = self.of(ifindex)
         return out
-
-    def oversized(self) -> int:
-        """Super-packets dropped for segments over their veth's MTU."""
-        return self.of(OVERSIZED_KEY).packets
 
     def forget(self, ifindex: int) -> None:
         bpf.delete(self.fd, _KEY.pack(ifindex))
 
-    def reset(self) -> None:
-        """Every veth's count from zero (the nft counters were just created again)."""
-        for key in bpf.keys(self.fd, _KEY.size):
-            if _KEY.unpack(key)[0] != OVERSIZED_KEY:
-                bpf.delete(self.fd, key)
 
 
 # --- what the table's users call (runtime/kernel/nft.py, netns.py) ---------------
@@ -403,12 +436,13 @@ def extras(ifindexes: list[int] | None = None) -> dict[int, Extra]:
         return {i: c.of(i) for i in ifindexes}
 
 
-def oversized() -> int:
-    """Super-packets the meter in the calling thread's netns dropped; 0 without one."""
+def refused() -> dict[str, int]:
+    """Super-packets the meter in the calling thread's netns refused, by drop reason;
+    {} without one."""
     if not installed():
-        return 0
+        return {}
     with Counts() as c:
-        return c.oversized()
+        return {reason: c.of(key).packets for key, reason in REFUSED.items() if c.of(key).packets}
 
 
 def forget(ifindex: int) -> None:
@@ -422,18 +456,21 @@ def forget(ifindex: int) -> None:
 _unsupported = ""
 
 
-def after_load() -> None:
-    """The table was just (re)loaded with its counters from zero: the meter in place,
-    its counts from zero too. A kernel without netfilter BPF programs (before 6.4) or
-    BTF gets no meter: containers then keep their TCP segmentation offload off, as
-    before (one warning per process)."""
+def after_load(created: list[int]) -> None:
+    """The table was just loaded, creating the elements of the veths `created` (their
+    counters from zero): the meter in place, and their counts from zero too. A kernel
+    without netfilter BPF programs (before 6.4), BTF or bpf_rdonly_cast gets no meter:
+    containers then keep their TCP segmentation offload off, as before (one warning per
+    process)."""
     global _unsupported
     if _unsupported:
         return
     try:
-        if not install():
-            with Counts() as c:
-                c.reset()
+        if install():
+            return  # a new map: no counts
+        with Counts() as c:
+            for ifindex in created:
+                c.forget(ifindex)
     except MeterError as exc:
         _unsupported = str(exc)
         log.warning("no segment meter (%s): containers' TCP segmentation offload stays off", exc)

@@ -7,6 +7,7 @@ on SIGTERM, and Lab.cleanup_stale() after a SIGKILL). Safety model: docs/lab.md.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import ipaddress
 import json
@@ -27,6 +28,7 @@ from pathlib import Path
 from types import FrameType, MappingProxyType
 from typing import Any, Iterator, Mapping, Sequence
 
+from runtime.defaults import RUN_DIR as DEFAULT_RUN_DIR
 from runtime.fsutil import atomic_write, remove_stale_temps
 from runtime.kernel import ethtool, segment_meter
 from runtime.kernel.netns import in_netns
@@ -255,7 +257,9 @@ def _remove_segment_meter(name: str) -> None:
     alive after `ip netns del` (runtime/kernel/segment_meter.py)."""
     try:
         segment_meter.remove(in_netns(str(NETNS_DIR / name), segment_meter.netns_cookie))
-        segment_meter.unmount_if_unused()
+        if segment_meter.unmount_if_unused():
+            with contextlib.suppress(OSError):
+                Path(DEFAULT_RUN_DIR).rmdir()  # made for the meter's lock, if nothing else is there
     except OSError as exc:
         log.warning("lab: the segment meter of %s: %s", name, exc)
 

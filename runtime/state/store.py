@@ -11,13 +11,14 @@ A writer killed in the middle of a write leaves the record's temp file
 GC every one that no live writer holds."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from runtime.fsutil import atomic_write_json, read_json, remove, remove_stale_temps, remove_temp
+from runtime.fsutil import atomic_write_json, locked, read_json, remove, remove_stale_temps, remove_temp
 
 ADDING = "adding"
 READY = "ready"
@@ -179,3 +180,11 @@ def attachments(state_dir: str | os.PathLike[str], network: str | None = None) -
         else:
             found.append(att)
     return Listing(found, unreadable, [net.name for net in nets])
+
+
+def table_lock(state_dir: str, exclusive: bool = False) -> contextlib.AbstractContextManager[None]:
+    """ADD and DEL hold it (shared, side by side) while they change an attachment's
+    elements and record; a reload holds it alone, so the attachments it restores are
+    exactly the ready ones, none half added or half removed. The billing flush reads
+    the counters under it too (runtime/billing/flush.py)."""
+    return locked(Path(state_dir) / "table.lock", shared=not exclusive)

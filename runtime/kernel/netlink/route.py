@@ -36,6 +36,7 @@ RTM_NEWADDR, RTM_NEWROUTE, RTM_NEWNEIGH = 20, 24, 28
 RTM_NEWNETCONF, RTM_GETNETCONF = 80, 82
 # attributes (linux/if_link.h, if_addr.h, neighbour.h, rtnetlink.h, netconf.h)
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_LINKINFO, IFLA_GROUP, IFLA_NET_NS_FD = 1, 3, 4, 5, 18, 27, 28
+IFLA_GSO_MAX_SEGS = 40
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 NDA_DST, NDA_LLADDR = 1, 2
@@ -91,14 +92,15 @@ class Request:
 
 
 def new_veth(name: str, peer: str, peer_netns_fd: int, mtu: int, group: int = 0, mac: str = "",
-             noarp: bool = False, name_mtu: int = 0) -> Request:
+             noarp: bool = False, name_mtu: int = 0, peer_gso_max_segs: int = 0) -> Request:
     """`group` (the interface group, IFLA_GROUP) applies to `name`, the node end; `mac`
     and `noarp` (IFF_NOARP) to both ends; `mtu` to the peer, and to `name` too unless
-    `name_mtu` is given."""
+    `name_mtu` is given; `peer_gso_max_segs` (0: the kernel's default) to the peer."""
     flags = IFINFOMSG.pack(0, 0, 0, IFF_NOARP, IFF_NOARP) if noarp else IFINFOMSG.pack(0, 0, 0, 0, 0)
     address = attr(IFLA_ADDRESS, _mac(mac)) if mac else b""
     peer_info = flags + attr(IFLA_IFNAME, cstr(peer)) + attr(IFLA_MTU, u32(mtu)) + address \
-        + attr(IFLA_NET_NS_FD, u32(peer_netns_fd))
+        + attr(IFLA_NET_NS_FD, u32(peer_netns_fd)) \
+        + (attr(IFLA_GSO_MAX_SEGS, u32(peer_gso_max_segs)) if peer_gso_max_segs else b"")
     linkinfo = attr(IFLA_INFO_KIND, b"veth") + attr(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer_info))
     body = flags + attr(IFLA_IFNAME, cstr(name)) + attr(IFLA_MTU, u32(name_mtu or mtu)) + address \
         + attr(IFLA_GROUP, u32(group)) + attr(IFLA_LINKINFO, linkinfo)
