@@ -23,6 +23,7 @@ from typing import Iterator
 import docker
 import pytest
 
+from runtime.kernel import segment_meter
 from runtime.lab import LAB, ProbeResult
 from runtime.lab.builder import PROBE_PY
 from tests.support.attacks import offloads_on
@@ -171,10 +172,16 @@ def test_network_create_run_and_contract(denv, net):
     # No second way out: one interface, no docker_gwbridge endpoint.
     _, links = sh(ct, "ls /sys/class/net")
     assert sorted(links.split()) == ["eth0", "lo"]
-    # The container's kernel cuts its packets itself (billing counts what leaves).
-    offloads = subprocess.run(["nsenter", f"--net=/proc/{pid_of(ct)}/ns/net", "ethtool", "-k", "eth0"],
-                              capture_output=True, text=True, check=True).stdout
-    assert offloads_on(offloads) == [], offloads
+    # The container's kernel cuts its packets itself (billing counts what leaves), all
+    # but TCP's, which the node's segment meter counts, in super-packets of at most the
+    # segments the meter lets through.
+    net = ["nsenter", f"--net=/proc/{pid_of(ct)}/ns/net"]
+    offloads = subprocess.run([*net, "ethtool", "-k", "eth0"], capture_output=True, text=True, check=True).stdout
+    on = offloads_on(offloads)
+    assert "tx-tcp-segmentation" in on and all("tcp" in f for f in on), offloads
+    link = json.loads(subprocess.run([*net, "ip", "-d", "-j", "link", "show", "eth0"], capture_output=True,
+                                     text=True, check=True).stdout)[0]
+    assert link["gso_max_segs"] == segment_meter.MAX_SEGMENTS
     assert_contract(denv, ct)
     # The agent timed Docker's calls, by call and result.
     calls = {line.split("{", 1)[1].split("}", 1)[0]: float(line.split()[-1]) for line in denv.agent.scrape().splitlines()

@@ -98,3 +98,14 @@ def test_meters_are_pinned_in_the_hosts_bpffs_when_it_has_one(monkeypatch):
         monkeypatch.setattr(segment_meter, "_is_bpffs", lambda path, v=system_has_one: v)
         assert segment_meter.pin_root() == want
     segment_meter.pin_root.cache_clear()
+
+
+def test_a_meter_that_cant_be_read_is_a_kernel_failure_that_says_what():
+    """Its counts are a part of the tx counters: never mistaken for zero."""
+    from runtime.errors import KERNEL_FAILURE, SockgateError
+    from runtime.kernel import nft
+    with pytest.raises(SockgateError) as got:
+        with nft._meter("read the segment meter's counts"):
+            raise bpf.BpfError(13, "open the BPF object pinned at /x: Permission denied")
+    assert got.value.code == KERNEL_FAILURE
+    assert "cannot read the segment meter's counts" in str(got.value) and "Permission denied" in str(got.value)

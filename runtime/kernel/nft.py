@@ -5,6 +5,7 @@ command; one attachment's elements through runtime/kernel/netlink/nftables.py. N
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import ipaddress
@@ -12,7 +13,7 @@ import json
 import logging
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from netpolicy.ruleset import (
@@ -194,7 +195,8 @@ def add_if_current(ep: Endpoint, pools: tuple[str, ...], policy: EgressPolicy) -
     they are the network's, harmless to add twice, and checked by the same assert."""
     if pools and _nft(add_pools(pools))[0] != 0:
         return False
-    segment_meter.forget(ep.host_ifindex)  # a veth before this one had its index
+    with _meter(f"clear the segment meter's count of {ep.host_ifname}"):
+        segment_meter.forget(ep.host_ifindex)  # a veth before this one had its index
     mark = revision_key(policy)
     ops = [nftnl.ElementOp("delete", REVISION_SET, mark), nftnl.ElementOp("add", REVISION_SET, mark),
            *_endpoint_ops(ep, "add")]
@@ -210,7 +212,8 @@ def add_if_current(ep: Endpoint, pools: tuple[str, ...], policy: EgressPolicy) -
 
 def remove(ep: Endpoint) -> None:
     _remove_elements(ep)
-    segment_meter.forget(ep.host_ifindex)
+    with _meter(f"clear the segment meter's count of {ep.host_ifname}"):
+        segment_meter.forget(ep.host_ifindex)
 
 
 def _remove_elements(ep: Endpoint) -> None:
@@ -325,7 +328,8 @@ def endpoint_counters_of(ep: Endpoint) -> Counters | None:
     """One endpoint's counters (see endpoint_counters), read element by element: what
     a DEL needs, at the same cost whatever the size of the sets. None when it has no
     rx element (its elements are gone)."""
-    extra = segment_meter.extras([ep.host_ifindex]).get(ep.host_ifindex)  # first: see endpoint_counters
+    with _meter("read the segment meter's counts"):
+        extra = segment_meter.extras([ep.host_ifindex]).get(ep.host_ifindex)  # first: see endpoint_counters
     with nftnl.current() as sock:
         got = {s: sock.get(TABLE, s, key) for s, key in endpoint_keys(ep) if s in COUNTED_SETS}
     counted = {s: Counted(e.packets, e.bytes, parse_comment(e.comment)[1]) for s, e in got.items() if e is not None}
@@ -345,7 +349,8 @@ def endpoint_counters() -> dict[str, Counters] | None:
     index: rx's key, which nft lists as the veth's name while it exists, looked up in
     the names taken before the elements were (a veth named only after that is newer
     than its counts, which ADD cleared)."""
-    extras = segment_meter.extras()
+    with _meter("read the segment meter's counts"):
+        extras = segment_meter.extras()
     index = {name: i for i, name in socket.if_nameindex()} if extras else {}
     tx4, tx6, rx = (counters(s) for s in COUNTED_SETS)
     if tx4 is None or tx6 is None or rx is None:
@@ -356,6 +361,16 @@ def endpoint_counters() -> dict[str, Counters] | None:
         ifindex = int(key) if key.isdigit() else index.get(key, 0)
         out[name] = _metered(_summed(tx4.get(name, []) + tx6.get(name, []), rx_elems), extras.get(ifindex))
     return out
+
+
+@contextlib.contextmanager
+def _meter(what: str) -> Iterator[None]:
+    """A segment meter that can't be read or changed is a kernel failure, named: its
+    counts are a part of the tx counters (never mistaken for zero)."""
+    try:
+        yield
+    except OSError as exc:
+        raise SockgateError(KERNEL_FAILURE, f"cannot {what}", f"segment meter: {exc}") from exc
 
 
 def _metered(c: Counters, extra: segment_meter.Extra | None) -> Counters:
@@ -379,7 +394,9 @@ def drop_counters() -> dict[str, Count]:
             if isinstance(expr, dict) and isinstance(expr.get("counter"), dict):
                 seen = out.get(reason, Count())
                 out[reason] = Count(seen.packets + expr["counter"]["packets"], seen.bytes + expr["counter"]["bytes"])
-    for reason, packets in segment_meter.refused().items():
+    with _meter("read the segment meter's refusals"):
+        refused = segment_meter.refused()
+    for reason, packets in refused.items():
         out[reason] = Count(packets, 0)  # the meter keeps no bytes for them
     return out
 

@@ -16,10 +16,12 @@ and header bytes the super-packet will become on the wire, (segments - 1) and
 And it guards what the offload would open again: a packet socket with a virtio
 header can hand the node a super-packet whose segments are bigger than the MTU, from
 a forged source; ip_forward answers "frag needed" to that source before any
-netfilter hook sockgate's table has there (README "Threat model"). At prerouting,
-after the table's before_routing chain (so IPv4 options and IPv6 extension headers
-are gone) and before conntrack, the program drops a container's super-packet whose
-segments would exceed its veth's MTU, and counts it.
+netfilter hook sockgate's table has there (README "Threat model"); and it can ask
+for one-byte segments, one frame through the table and thousands of packets on the
+wire. At prerouting, after the table's before_routing chain (so IPv4 options and IPv6
+extension headers are gone) and before conntrack, the program refuses a container's
+super-packet whose segments would exceed its veth's MTU, or that holds more than
+MAX_SEGMENTS of them, and counts it.
 
 One program, two hooks per family (prerouting -420, forward 1: after sockgate's
 forward chain, so only what it accepted counts), loaded once per node netns, not per
@@ -313,8 +315,13 @@ def install() -> bool:
     counts twice: a leftover directory is removed (its links with it) by the next call."""
     if installed():
         return False
-    with _locked():
-        return _install()
+    try:
+        with _locked():
+            return _install()
+    except MeterError:
+        raise
+    except OSError as exc:  # the run directory, the bpffs: what the node lacks is named
+        raise MeterError(exc.errno or errno.EIO, f"segment meter: {exc}") from None
 
 
 def _install() -> bool:
@@ -394,7 +401,7 @@ class Counts:
         try:
             self.fd = bpf.pinned(str(pin_dir(cookie) / "map"))
         except bpf.BpfError as exc:
-            raise MeterError(exc.errno, f"the segment meter is not installed: {exc.strerror}") from None
+            raise MeterError(exc.errno, f"cannot open the segment meter's map: {exc.strerror}") from None
 
     def close(self) -> None:
         os.close(self.fd)
