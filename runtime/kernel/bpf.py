@@ -11,7 +11,6 @@ short program that fits on a screen as instructions.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import platform
@@ -53,7 +52,8 @@ MAP_ELEM_ATTR = Layout(("map_fd", "I"), ("_pad", "4x"), ("key", "Q"), ("value", 
 LINK_CREATE_ATTR = Layout(("prog_fd", "I"), ("target_fd", "I"), ("attach_type", "I"), ("flags", "I"),
                           ("pf", "I"), ("hooknum", "I"), ("priority", "i"), ("nf_flags", "I"))
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The process's own symbols: find_library would run ldconfig, on every in-process ADD.
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class BpfError(OSError):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import functools
@@ -262,7 +261,7 @@ _LINKS = {"pre4": (_NFPROTO_IPV4, _NF_PRE_ROUTING, PREROUTING_PRIORITY),
           "pre6": (_NFPROTO_IPV6, _NF_PRE_ROUTING, PREROUTING_PRIORITY),
           "fwd4": (_NFPROTO_IPV4, _NF_FORWARD, FORWARD_PRIORITY),
           "fwd6": (_NFPROTO_IPV6, _NF_FORWARD, FORWARD_PRIORITY)}
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # as runtime/kernel/netns.py: no ldconfig run
 
 
 def _is_bpffs(path: Path) -> bool:
@@ -429,15 +428,25 @@ class Counts:
         bpf.delete(self.fd, _KEY.pack(ifindex))
 
 
-
 # --- what the table's users call (runtime/kernel/nft.py, netns.py) ---------------
+
+def _opened() -> Counts | None:
+    """The map of the calling thread's netns; None without a meter (nothing pinned)."""
+    try:
+        return Counts()
+    except MeterError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+
 
 def extras(ifindexes: list[int] | None = None) -> dict[int, Extra]:
     """{ifindex: Extra} in the calling thread's netns: of `ifindexes`, or of every veth
     with a count; {} without a meter."""
-    if not installed():
+    c = _opened()
+    if c is None:
         return {}
-    with Counts() as c:
+    with c:
         if ifindexes is None:
             return c.all()
         return {i: c.of(i) for i in ifindexes}
@@ -446,17 +455,20 @@ def extras(ifindexes: list[int] | None = None) -> dict[int, Extra]:
 def refused() -> dict[str, int]:
     """Super-packets the meter in the calling thread's netns refused, by drop reason;
     {} without one."""
-    if not installed():
+    c = _opened()
+    if c is None:
         return {}
-    with Counts() as c:
-        return {reason: c.of(key).packets for key, reason in REFUSED.items() if c.of(key).packets}
+    with c:
+        counted = {reason: c.of(key).packets for key, reason in REFUSED.items()}
+    return {reason: n for reason, n in counted.items() if n}
 
 
 def forget(ifindex: int) -> None:
     """A veth's count gone: one made before it with the same index (ADD), or its own
     once billed for the last time (DEL)."""
-    if ifindex and installed():
-        with Counts() as c:
+    c = _opened() if ifindex else None
+    if c is not None:
+        with c:
             c.forget(ifindex)
 
 

@@ -254,9 +254,12 @@ def _kill_netns_procs(names: Sequence[str], grace: float = KILL_GRACE) -> None:
 
 def _remove_segment_meter(name: str) -> None:
     """A node netns's segment meter goes first: its pinned links would keep the netns
-    alive after `ip netns del` (runtime/kernel/segment_meter.py)."""
+    alive after `ip netns del` (runtime/kernel/segment_meter.py). Nothing to enter the
+    netns for when no meter is pinned at all (app namespaces never have one)."""
+    root = segment_meter.pin_root()
     try:
-        segment_meter.remove(in_netns(str(NETNS_DIR / name), segment_meter.netns_cookie))
+        if root.is_dir() and any(root.glob("net-*")):
+            segment_meter.remove(in_netns(str(NETNS_DIR / name), segment_meter.netns_cookie))
         if segment_meter.unmount_if_unused():
             with contextlib.suppress(OSError):
                 Path(DEFAULT_RUN_DIR).rmdir()  # made for the meter's lock, if nothing else is there
