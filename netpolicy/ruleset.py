@@ -505,6 +505,32 @@ def _mark(rev: str) -> str:
     return "0x" + rev[:8]
 
 
+# The segment meter the table's tx counters go with (runtime/kernel/segment_meter.py):
+# the one element of the set `segment_meter` is its map's id, 0 for "counted without one". The
+# counters of a super-packet's sender are the nft counter plus the meter's count, so
+# when the meter is gone (its pins removed, its bpffs unmounted) or replaced, the
+# counters that went with it are no longer readable: readers refuse them, ADD's
+# transaction asserts the element as it does the revision's, and the next load
+# creates the counted elements again. The runtime writes it with every load.
+METER_SET = "segment_meter"
+
+
+def meter_key(map_id: int) -> bytes:
+    return _u32(map_id)
+
+
+def meter_record_script(map_id: int) -> str:
+    t = f"{FAMILY} {TABLE}"
+    return f"flush set {t} {METER_SET}\nadd element {t} {METER_SET} {{ {map_id} }}\n"
+
+
+def renew_counted_script() -> str:
+    """Every counted element gone, in the transaction that adds them again: created
+    anew, counters from zero, under the load's new generation (billing counts them
+    from zero, runtime.billing.session)."""
+    return "".join(f"flush set {FAMILY} {TABLE} {name}\n" for name in COUNTED_SETS)
+
+
 def _render(policy: EgressPolicy, rev: str) -> str:
     t = f"{FAMILY} {TABLE}"
     lines = [f"add table {t}"]
@@ -518,6 +544,7 @@ def _render(policy: EgressPolicy, rev: str) -> str:
     lines += [f"flush set {t} {name}" for name in BOUND_SETS]
     lines += list(policy.elements)
     lines.append(f"add set {t} {REVISION_SET} {{ type mark; }}")
+    lines.append(f"add set {t} {METER_SET} {{ type mark; }}")
     if rev:
         lines += [f"flush set {t} {REVISION_SET}", f"add element {t} {REVISION_SET} {{ {_mark(rev)} }}"]
     chains: dict[str, list[str]] = {name: rules for name, (_, rules) in BASE_CHAINS.items()}

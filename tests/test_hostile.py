@@ -15,6 +15,7 @@ import json
 import math
 import os
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -27,11 +28,13 @@ from typing import Callable, Iterator
 import pytest
 
 from netpolicy.ruleset import CLOSING_S, GATEWAY_V6, FlowBounds
+from runtime.billing.flush import flush
 from runtime.billing.ledger import Ledger
 from runtime.kernel import nft, segment_meter
 from runtime.kernel.netns import GATEWAY_V4, in_netns
 from runtime.lab import LAB
 from runtime.lab.policy import write_lab_policy
+from tests.conftest import AgentProcess
 from tests.support import attacks as atk
 
 pytestmark = pytest.mark.lab
@@ -1163,7 +1166,7 @@ def _offloads(lab, ns: str) -> list[str]:
 def _metered(lab, host_if: str) -> segment_meter.Extra:
     """What the node's segment meter counted for a veth so far."""
     def read() -> segment_meter.Extra:
-        return segment_meter.extras([socket.if_nametoindex(host_if)]).popitem()[1]
+        return segment_meter.count(socket.if_nametoindex(host_if))
     return in_netns(f"/run/netns/{lab.node}", read)
 
 
@@ -1359,10 +1362,22 @@ def test_a_super_packet_of_more_segments_than_a_tcp_stack_makes_is_refused(lab, 
     still flows, in super-packets the meter counts."""
     a = addrs(family)
     attacker = tenant("attacker")
+    # The last: 65 segments of 88 bytes.
+    _assert_too_many_segments_refused(lab, far, attacker, family, ((1400, 1), (20_000, 10), (64 * 88 + 88, 88)))
+    before = _metered(lab, attacker.host_if)
+    assert atk.run(lab, attacker.ns, "small-mss", a.public, 9000, 88, 100_000)["echoed"] >= 100_000
+    assert _metered(lab, attacker.host_if).packets > before.packets
+
+
+def _assert_too_many_segments_refused(lab, far: FarSide, attacker: Tenant, family: str,
+                                      sizes: tuple[tuple[int, int], ...]) -> None:
+    """TCP super-packets of (length, segment size) sent through a virtio header: each
+    is refused as `segment-count`, and nothing reaches the far end."""
+    a = addrs(family)
     mark = token("segments")
     ip_len = 40 if family == "v6" else 20
     frames = []
-    for size, gso in ((1400, 1), (20_000, 10), (64 * 88 + 88, 88)):   # the last: 65 segments of 88 bytes
+    for size, gso in sizes:
         payload = (mark * (size // len(mark) + 1))[:size]
         tcp = struct.pack("!HHIIBBHHH", 40000, 9000, 1, 1, 5 << 4, 0x18, 64240, 0, 0) + payload
         frames.append(({"gso_type": 4 if family == "v6" else 1, "gso_size": gso, "hdr_len": 14 + ip_len + 20,
@@ -1375,9 +1390,101 @@ def test_a_super_packet_of_more_segments_than_a_tcp_stack_makes_is_refused(lab, 
     time.sleep(0.3)
     assert _meter_dropped(lab, segment_meter.TOO_MANY_KEY) - refused_before == len(frames)
     assert far.counters()["billed"] == far_before, "a refused super-packet reached the far end"
-    before = _metered(lab, attacker.host_if)
-    assert atk.run(lab, attacker.ns, "small-mss", a.public, 9000, 88, 100_000)["echoed"] >= 100_000
-    assert _metered(lab, attacker.host_if).packets > before.packets
+
+
+def test_a_meter_removed_under_the_agent_is_put_back_and_nothing_is_billed_twice(lab, plugin, tenant, far, tmp_path):
+    """An operator removes the segment meter's pins (or its bpffs goes with a pod):
+    its counts are gone, and with them a part of every veth's tx counters. A review
+    found billing taking the smaller sum for a counter created again (230 kB billed
+    twice), and nothing putting the meter back while the table stayed (a frame of
+    1-byte segments went out as 200 packets). Now the table records the meter it counts
+    along: a flush refuses counters whose meter is gone, the agent's table check loads
+    the table again with a new meter and the counted elements anew (billing counts
+    them from zero: counter_reset), and the meter refuses again. Billed equals what the
+    far end received (nothing was sent while the meter was gone)."""
+    a = addrs("v4")
+    agent = AgentProcess(lab, plugin, tmp_path, ("--billing-interval", "0.2", "--metrics-address", "")).start()
+    try:
+        app = tenant("sender")
+        far_before = far.counters()["billed"]
+        assert atk.run(lab, app.ns, "small-mss", a.billed, 9000, 88, 200_000)["echoed"] >= 200_000
+        assert _metered(lab, app.host_if).packets > 100
+        time.sleep(0.6)  # billed by a flush or two
+        node = f"/run/netns/{lab.node}"
+        old = in_netns(node, segment_meter.current_id)
+        assert in_netns(node, segment_meter.remove)
+        deadline = time.monotonic() + 10  # the agent checks the table every 2 s
+        while not in_netns(node, lambda: segment_meter.current_id() not in (0, old) and nft.counts_along_meter()):
+            assert time.monotonic() < deadline, "the agent did not put a meter back"
+            time.sleep(0.1)
+        _assert_too_many_segments_refused(lab, far, app, "v4", ((1400, 1),))
+        assert atk.run(lab, app.ns, "small-mss", a.billed, 9000, 88, 200_000)["echoed"] >= 200_000
+        assert _metered(lab, app.host_if).packets > 100  # the new meter counts
+        far_after = far.counters()["billed"]
+        plugin.delete(app.cid, app.ns)  # the final record
+    finally:
+        agent.stop()
+    recs = [r for r in Ledger(plugin.state_dir / "billing").records() if r["container_id"] == app.cid]
+    assert recs[-1]["final"] and any(r.get("counter_reset") for r in recs), recs
+    billed = (sum(r["tx_packets"] for r in recs), sum(r["tx_bytes"] for r in recs))
+    received = (far_after[0] - far_before[0], far_after[1] - far_before[1])
+    assert billed == received, f"billed {billed} (packets, bytes), {received} left the node"
+
+
+_KILLED_RELOAD = """
+import dataclasses, json, os, signal, sys
+from netpolicy.ruleset import Endpoint
+from runtime.core import policy
+from runtime.kernel import nft
+from runtime.kernel.netns import in_netns
+
+node, policy_file, state_dir, moment, endpoint = sys.argv[1:6]
+real = nft.run
+
+def killed(script):
+    if moment == "after":
+        real(script)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+nft.run = killed
+ep = Endpoint(**json.loads(endpoint))
+egress = policy.compiled(policy_file, state_dir).egress
+in_netns(node, lambda: nft.load_table(egress, [(ep, (ep.ipv4 + "/32", ep.ipv6 + "/128"))]))
+"""
+
+
+@pytest.mark.parametrize("moment", ["before", "after"])
+def test_a_reload_killed_at_its_transaction_bills_nothing_twice(lab, plugin, tenant, far, tmp_path, moment):
+    """A reload creates a veth's counted elements from zero, and the meter's counts of
+    it must start with them. A review killed one between its nft transaction and
+    clearing the counts: the old counts went on beside the new counters, 5,272 packets
+    billed for 2,672 on the wire. The counts are now cleared before the transaction.
+    Killed (SIGKILL) just before it or just after it, and the table loaded again by
+    the next ADD: billed equals what the far end received."""
+    a = addrs("v4")
+    node = f"/run/netns/{lab.node}"
+    app = tenant("sender")
+    far_before = far.counters()["billed"]
+    assert atk.run(lab, app.ns, "small-mss", a.billed, 9000, 88, 200_000)["echoed"] >= 200_000
+    assert _metered(lab, app.host_if).packets > 100
+    assert in_netns(node, lambda: flush(plugin.state_dir))  # billed so far
+    lab.run(lab.node, ["nft", "delete", "table", "inet", "sockgate"])
+    script = tmp_path / "killed_reload.py"
+    script.write_text(_KILLED_RELOAD)
+    ep = {"host_ifname": app.host_if, "host_ifindex": in_netns(node, lambda: socket.if_nametoindex(app.host_if)),
+          "ipv4": app.v4, "ipv6": app.v6, "generation": "deadbeef"}
+    child = subprocess.run([sys.executable, str(script), node, plugin.conf["policyFile"], str(plugin.state_dir),
+                            moment, json.dumps(ep)], cwd=os.getcwd(), capture_output=True, text=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    tenant("reloads-it")  # loads the table if the killed reload didn't
+    assert atk.run(lab, app.ns, "small-mss", a.billed, 9000, 88, 200_000)["echoed"] >= 200_000
+    far_after = far.counters()["billed"]
+    plugin.delete(app.cid, app.ns)
+    recs = [r for r in Ledger(plugin.state_dir / "billing").records() if r["container_id"] == app.cid]
+    billed = (sum(r["tx_packets"] for r in recs), sum(r["tx_bytes"] for r in recs))
+    received = (far_after[0] - far_before[0], far_after[1] - far_before[1])
+    assert recs[-1]["final"] and any(r.get("counter_reset") for r in recs), recs
+    assert billed == received, f"billed {billed} (packets, bytes), {received} left the node"
 
 
 # --- f) redirects -------------------------------------------------------------------------

@@ -163,17 +163,21 @@ def test_doctor_finds_a_container_that_turned_segmentation_offload_back_on(plugi
 
 def test_doctor_finds_tcp_offload_left_on_for_a_segment_meter_that_is_gone(plugin, agent, app, lab):
     """ADD leaves TCP's offload on for the node's segment meter; with its pins removed
-    since, nothing counts what those super-packets become on the wire."""
+    since, nothing counts what those super-packets become on the wire. The agent puts
+    a meter back within seconds (test_hostile.py::test_a_meter_removed_under_the_agent_
+    is_put_back_and_nothing_is_billed_twice); with the agent stopped, doctor names it."""
     plugin.add("metered", app())
     node = f"/run/netns/{lab.node}"
     rc, checks = doctor(lab, plugin)
     assert rc == 0 and "TCP's metered" in checks["segmentation"]["detail"], checks["segmentation"]
+    agent.stop()
     in_netns(node, segment_meter.remove)
     try:
         rc, checks = doctor(lab, plugin)
-        assert rc == 1 and failed(checks) == {"segmentation"}
-        assert "no segment meter on the node: metered (tx-tcp" in checks["segmentation"]["detail"]
-        assert checks["segmentation"]["fix"].startswith("the meter's pins under /run/sockgate/bpf were removed")
+        assert rc == 1 and failed(checks) == {"segmentation", "agent"}
+        assert "not the segment meter the table counts along: metered (tx-tcp" in checks["segmentation"]["detail"]
+        assert checks["segmentation"]["fix"].startswith("the meter's pins (under /run/sockgate/bpf")
+        assert "the next ADD does" in checks["segmentation"]["fix"]
     finally:
         assert in_netns(node, segment_meter.install)
 

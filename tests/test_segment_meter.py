@@ -11,10 +11,11 @@ import socket
 import subprocess
 import sys
 import textwrap
+from typing import Callable, Iterator
 
 import pytest
 
-from netpolicy.ruleset import Endpoint
+from netpolicy.ruleset import METER_SET, Endpoint
 from runtime.kernel import nft, segment_meter
 from runtime.kernel.netns import in_netns
 from runtime.lab import LAB
@@ -33,13 +34,42 @@ def _node(lab) -> str:
 
 
 def _extra(lab, host_if: str) -> segment_meter.Extra:
-    return in_netns(_node(lab), lambda: segment_meter.extras([socket.if_nametoindex(host_if)]).popitem()[1])
+    return in_netns(_node(lab), lambda: segment_meter.count(socket.if_nametoindex(host_if)))
 
 
-def test_without_a_meter_add_turns_tcp_segmentation_offload_off_too(lab, plugin, app):
-    """A node whose kernel can't load the meter (before 6.4, no BTF) must bill each TCP
-    packet as the wire carries it: ADD leaves no offload on there. With the meter,
-    TCP's stay on, and nothing else."""
+@pytest.fixture
+def no_bpffs() -> Iterator[Callable[[], str]]:
+    """Makes a mount namespace (/proc/<pid>/ns/mnt) where no bpffs can be had: the
+    host's /sys/fs/bpf and sockgate's run directory are covered by read-only tmpfs, as
+    in a pod without /sys/fs/bpf that may not mount one. The meter can't be installed
+    or seen there. (Made once a meter is in place: its run directory exists then.)"""
+    holders: list[subprocess.Popen] = []
+
+    def make() -> str:
+        holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                   f"mount -t tmpfs -o ro none {segment_meter.SYSTEM_BPFFS} && "
+                                   f"mount -t tmpfs -o ro none {segment_meter.OWN_BPFFS.parent} && "
+                                   "echo ready && exec sleep 600"], stdout=subprocess.PIPE, text=True)
+        holders.append(holder)
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        return f"/proc/{holder.pid}/ns/mnt"
+    yield make
+    for holder in holders:
+        holder.kill()
+        holder.wait()
+
+
+def _recorded(lab) -> list[int]:
+    out = lab.run(lab.node, ["nft", "-j", "list", "set", "inet", "sockgate", METER_SET]).stdout
+    return next(item["set"].get("elem", []) for item in json.loads(out)["nftables"] if "set" in item)
+
+
+def test_without_a_meter_add_turns_tcp_segmentation_offload_off_too(lab, plugin, app, no_bpffs):
+    """A node that can't have the meter (a kernel before 6.4 or without BTF, no bpffs)
+    must bill each TCP packet as the wire carries it: ADD leaves no offload on there.
+    With the meter, TCP's stay on, and nothing else. The table records which meter its
+    counters go along (0: none), and the ADD that can't see the meter loads it again:
+    its counted elements anew, since the meter's counts of them are out of its reach."""
     with_meter = app()
     plugin.add("metered", with_meter)
     on = _offloads(lab, with_meter)
@@ -47,13 +77,16 @@ def test_without_a_meter_add_turns_tcp_segmentation_offload_off_too(lab, plugin,
     # Its TCP builds super-packets of at most the segments the meter lets through.
     link = json.loads(lab.run(with_meter, ["ip", "-d", "-j", "link", "show", "eth0"]).stdout)[0]
     assert link["gso_max_segs"] == segment_meter.MAX_SEGMENTS
-    in_netns(_node(lab), segment_meter.remove)
-    try:
-        without = app()
-        plugin.add("unmetered", without)
-        assert _offloads(lab, without) == []
-    finally:
-        assert in_netns(_node(lab), segment_meter.install)
+    meter = in_netns(_node(lab), segment_meter.current_id)
+    assert meter and _recorded(lab) == [meter]
+    without = app()
+    plugin.add("unmetered", without, mount_ns=no_bpffs())
+    assert _offloads(lab, without) == []
+    assert _recorded(lab) == [0]
+    # Back where the meter is: the next ADD records it again, and keeps TCP's offload.
+    again = app()
+    plugin.add("metered-again", again)
+    assert _recorded(lab) == [meter] and "tx-tcp-segmentation" in _offloads(lab, again)
 
 
 @pytest.mark.parametrize("damage", ["deleted table", "flushed chain"])
@@ -140,4 +173,4 @@ def test_a_veth_gone_before_its_elements_keeps_its_counts_in_every_read(lab, plu
 
 
 def _extra_of(lab, ifindex: int) -> segment_meter.Extra:
-    return in_netns(_node(lab), lambda: segment_meter.extras([ifindex])[ifindex])
+    return in_netns(_node(lab), lambda: segment_meter.count(ifindex))

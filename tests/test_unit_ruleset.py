@@ -15,7 +15,10 @@ from netpolicy.ruleset import (
     endpoint_elements,
     endpoint_keys,
     event_chain,
+    meter_key,
+    meter_record_script,
     render_table,
+    renew_counted_script,
 )
 
 
@@ -27,6 +30,19 @@ def test_render_is_deterministic_and_idempotent_in_form():
         assert f"flush chain inet sockgate {chain}\n" in text
     assert "masquerade fully-random" in text
     assert "ct state invalid counter drop" in text
+
+
+def test_the_meter_record_is_declared_by_the_rendering_and_written_by_the_load_alone():
+    """A rendering never empties the record (a table rendered again keeps counting
+    along the same meter); the load writes it in the same transaction as the elements.
+    Renewing the counted elements leaves the other sets alone."""
+    text = render_table()
+    assert "add set inet sockgate segment_meter { type mark; }" in text
+    assert "flush set inet sockgate segment_meter" not in text
+    assert meter_record_script(77) == ("flush set inet sockgate segment_meter\n"
+                                       "add element inet sockgate segment_meter { 77 }\n")
+    assert meter_key(77) == (77).to_bytes(4, sys.byteorder)
+    assert renew_counted_script().splitlines() == [f"flush set inet sockgate {s}" for s in ("tx4", "tx6", "rx")]
 
 
 def test_policy_plugs_into_egress_chain():

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Protocol
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from runtime.errors import SockgateError
 from runtime.kernel import nft
 from runtime.state import store
 from runtime.version import version
@@ -55,7 +56,7 @@ class SockgateCollector:
     def collect(self) -> Iterator[Metric]:
         atts = store.attachments(self.state_dir).records
         yield GaugeMetricFamily("sockgate_attachments", "Containers attached on this node", value=len(atts))
-        counted = nft.endpoint_counters() or {}
+        counted = self._counted()
         families = {
             name: CounterMetricFamily(f"sockgate_{name}_total", help_text, labels=_ATT_LABELS)
             for name, help_text in (
@@ -68,10 +69,11 @@ class SockgateCollector:
             pods = [att.labels.get(name, "") for name in _POD_LABELS]
             pod_labels[(att.network, att.container_id, att.ifname)] = pods
             labels = [att.network, att.container_id, att.ifname, *pods]
-            c = counted.get(att.host_ifname)
+            c = counted.get(att.host_ifname) if counted is not None else None
             for name in nft.COUNTER_FIELDS:
                 families[name].add_metric(labels, getattr(c, name) if c else 0)
-        yield from families.values()
+        if counted is not None:
+            yield from families.values()
         drops = CounterMetricFamily("sockgate_policy_drops_total", "Packets refused or dropped, by reason",
                                     labels=["reason"])
         for reason, count in sorted(nft.drop_counters().items()):
@@ -88,6 +90,19 @@ class SockgateCollector:
         build = GaugeMetricFamily("sockgate_build_info", "1, labelled with the agent's version", labels=["version"])
         build.add_metric([version()], 1)
         yield build
+
+
+    def _counted(self) -> dict[str, nft.Counters] | None:
+        """The counters billing reads, as billing reads them: under the table lock
+        (shared), so never in the middle of a reload, which creates elements and
+        clears meter counts. None when they can't be read (the series are left out of
+        this scrape: a counter shown lower than it was reads as a reset)."""
+        try:
+            with store.table_lock(self.state_dir):
+                return nft.endpoint_counters() or {}
+        except SockgateError as exc:
+            log.warning("metrics: per-container counters left out of this scrape: %s", exc)
+            return None
 
 
 class RequestMetrics:

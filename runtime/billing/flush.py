@@ -67,9 +67,9 @@ def flush(state_dir: str | os.PathLike, billing_dir: str | os.PathLike | None = 
             log.warning("billing: unreadable attachment record %s", path)
         # Only there can a missing record mean a finished attachment.
         networks = listing.complete()
-        # Shared with ADD and DEL, never during a reload: a reload creates elements (from
-        # zero) and clears the segment meter's counts for them in two steps, and a read
-        # between them would add counts billed before to the new elements.
+        # Shared with ADD and DEL, never during a reload: a reload clears the segment
+        # meter's counts of the elements it creates, then creates them (from zero), and
+        # a read between the two would see a counter that went down.
         with table_lock(str(state_dir)):
             counters = read_counters()
         live = set()

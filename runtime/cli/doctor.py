@@ -379,13 +379,13 @@ def check_segmentation(cfg: DoctorConfig) -> Check:
     which counts them (runtime/kernel/segment_meter.py). Only a container with
     CAP_NET_ADMIN can turn the others back on. Costs a thread that enters each
     container's netns (~0.1 ms each)."""
-    from runtime.kernel import ethtool, netns
+    from runtime.kernel import ethtool, netns, nft
     from runtime.state.store import READY, attachments
     ready = [a for a in attachments(cfg.state_dir).records if a.state == READY and a.netns and a.ipv4]
     present = set(netns.links([a.host_ifname for a in ready]))
     on: list[tuple[str, tuple[str, ...]]] = []
     unread = 0
-    metered = netns.tcp_offload_metered()
+    metered = netns.tcp_offload_metered() and nft.counts_along_meter()
     for att in ready:
         if att.host_ifname not in present:
             continue  # a vanished container: netns-pins and `sockgate gc` speak of it
@@ -403,12 +403,13 @@ def check_segmentation(cfg: DoctorConfig) -> Check:
         if not metered and all(ethtool.is_tcp(f) for _, features in on for f in features):
             # ADD left TCP's on for a meter that has gone since (its pins removed).
             return Check("segmentation", False,
-                         f"{len(on)} container end(s) with TCP segmentation offload on and no segment meter on "
-                         f"the node: {shown}; the node bills each of their TCP super-packets once, while the "
-                         f"wire carries every segment{note}",
-                         "the meter's pins under /run/sockgate/bpf were removed: delete sockgate's table (nft "
-                         "delete table inet sockgate); the agent loads it again within seconds, with the meter. (Or a "
-                         "container holding CAP_NET_ADMIN turned them on: take that capability away.)")
+                         f"{len(on)} container end(s) with TCP segmentation offload on and not the segment meter "
+                         f"the table counts along: {shown}; their TCP super-packets can't be billed as the wire "
+                         f"carries them{note}",
+                         "the meter's pins (under /run/sockgate/bpf or /sys/fs/bpf/sockgate) were removed: the "
+                         "agent's table check puts a new meter in place with the table within seconds; without an "
+                         "agent, the next ADD does. (Or a container holding CAP_NET_ADMIN turned them on: take "
+                         "that capability away.)")
         return Check("segmentation", False,
                      f"{len(on)} container end(s) with segmentation offload on: {shown}; the node bills each "
                      f"super-packet they send once, while the wire carries every segment{note}",

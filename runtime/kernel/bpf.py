@@ -14,6 +14,7 @@ import ctypes
 import errno
 import os
 import platform
+import sys
 from dataclasses import dataclass
 
 from runtime.kernel.netlink.core import Layout
@@ -27,6 +28,7 @@ MAP_GET_NEXT_KEY = 4
 PROG_LOAD = 5
 OBJ_PIN = 6
 OBJ_GET = 7
+OBJ_GET_INFO_BY_FD = 15
 MAP_LOOKUP_AND_DELETE_ELEM = 21
 LINK_CREATE = 28
 
@@ -47,6 +49,7 @@ PROG_LOAD_ATTR = Layout(("prog_type", "I"), ("insn_cnt", "I"), ("insns", "Q"), (
                         ("prog_flags", "I"), ("prog_name", "16s"), ("prog_ifindex", "I"),
                         ("expected_attach_type", "I"))
 OBJ_ATTR = Layout(("pathname", "Q"), ("bpf_fd", "I"), ("file_flags", "I"))
+INFO_ATTR = Layout(("bpf_fd", "I"), ("info_len", "I"), ("info", "Q"))
 MAP_ELEM_ATTR = Layout(("map_fd", "I"), ("_pad", "4x"), ("key", "Q"), ("value", "Q"), ("flags", "Q"))
 # link_create's netfilter member sits in the union after the four common fields
 LINK_CREATE_ATTR = Layout(("prog_fd", "I"), ("target_fd", "I"), ("attach_type", "I"), ("flags", "I"),
@@ -266,6 +269,16 @@ def pinned(path: str) -> int:
     """An fd of the object pinned at `path`."""
     p = ctypes.create_string_buffer(path.encode())
     return _call(OBJ_GET, f"open the BPF object pinned at {path}", OBJ_ATTR, pathname=ctypes.addressof(p))
+
+
+def object_id(fd: int) -> int:
+    """A map's, program's or link's id: unique among the kernel's live objects, and not
+    given again until the ids wrap (2^31 objects later). The id is the second u32 of
+    every bpf_*_info, so only that much is asked for (the kernel copies what fits)."""
+    info = ctypes.create_string_buffer(8)
+    _call(OBJ_GET_INFO_BY_FD, "read a BPF object's id", INFO_ATTR, bpf_fd=fd, info_len=8,
+          info=ctypes.addressof(info))
+    return int.from_bytes(info.raw[4:8], sys.byteorder)
 
 
 def lookup(fd: int, key: bytes, value_size: int) -> bytes | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from netpolicy.ruleset import (
     COUNTED_SETS,
     FAMILY,
+    METER_SET,
     NODE_SETS,
     REVISION_SET,
     TABLE,
@@ -28,10 +29,13 @@ from netpolicy.ruleset import (
     add_pools,
     element_comment,
     endpoint_keys,
+    meter_key,
+    meter_record_script,
     node_addresses_script,
     parse_comment,
     remove_elements,
     render_table,
+    renew_counted_script,
     revision,
     revision_key,
 )
@@ -94,9 +98,20 @@ def table_exists() -> bool:
 
 
 def table_current(policy: EgressPolicy = EgressPolicy()) -> bool:
-    """Whether the loaded table was rendered from `policy` (its first rule's stamp)."""
+    """Whether the loaded table was rendered from `policy` (its first rule's stamp) and
+    counts along the segment meter the node netns has now (METER_SET): one whose
+    meter was removed or replaced must be loaded again."""
     rc, listed, _ = _nft(f"list chain {FAMILY} {TABLE} forward")
-    return rc == 0 and f"rev {revision(policy)}" in listed
+    return rc == 0 and f"rev {revision(policy)}" in listed and counts_along_meter()
+
+
+def counts_along_meter() -> bool:
+    """Whether the table records the segment meter the node netns has now (its map's
+    id in METER_SET; 0 for none)."""
+    with _meter("identify the segment meter"):
+        meter = segment_meter.current_id()
+    with nftnl.current() as sock:
+        return sock.get(TABLE, METER_SET, meter_key(meter)) is not None
 
 
 def loaded_revision() -> str | None:
@@ -110,29 +125,59 @@ def loaded_revision() -> str | None:
 
 
 def load_table(policy: EgressPolicy, endpoints: Sequence[tuple[Endpoint, tuple[str, ...]]] = ()) -> None:
-    """The table and the elements of `endpoints` (each with its pools), and the node's
-    own addresses, in one transaction: the table never exists without them. The
-    rendering is idempotent (elements already there stay), so a load racing another
-    leaves one table."""
-    run(render_table(policy) + add_pools([p for _, pools in endpoints for p in pools])
-        + "".join(add_endpoint(ep) for ep, _ in endpoints) + node_addresses_script(node_addresses()))
-    segment_meter.after_load(_created(endpoints))
+    """The table and the elements of `endpoints` (each with its pools), the node's own
+    addresses and the segment meter it counts along, in one transaction: the table
+    never exists without them. The rendering is idempotent (elements already there
+    stay, with their counters), so a load racing another leaves one table.
+
+    A veth's tx counters are its elements' plus the meter's count, and the two must
+    start together. The counts of the veths whose elements this load creates are
+    cleared before the transaction, not after it: a process killed in between leaves
+    counts of elements that are gone (nothing bills them), never old counts beside new
+    counters. A table that counted along a meter that is gone (its pins removed, its
+    bpffs unmounted) or another one has counters that can't be read any more (see
+    endpoint_counters): its counted elements are created anew, from zero, under the
+    load's generation (billing notes counter_reset)."""
+    meter = _meter_in_place()
+    recorded = _recorded_meter()
+    renew = recorded not in (None, 0, meter)
+    if renew:
+        log.warning("the segment meter the table counted along (map %d) is gone; its counted elements "
+                    "are created anew: what was sent since the last billing flush is lost", recorded)
+    if meter:
+        with _meter("clear the segment meter's counts"):
+            c = segment_meter.opened()
+            with c or contextlib.nullcontext():
+                if c is not None:
+                    c.clear(None if recorded not in (None, meter) else _not_counted(endpoints))
+    run(render_table(policy) + (renew_counted_script() if renew else "")
+        + add_pools([p for _, pools in endpoints for p in pools])
+        + "".join(add_endpoint(ep) for ep, _ in endpoints) + node_addresses_script(node_addresses())
+        + meter_record_script(meter))
 
 
-def _created(endpoints: Sequence[tuple[Endpoint, tuple[str, ...]]]) -> list[int]:
-    """The veth indexes of the endpoints whose elements a load just created: their rx
-    element carries the load's generation. Their counters start from zero, and so must
-    the segment meter's counts that go with them. The others were there already (a
-    table rendered again keeps its elements, counters and comments): theirs go on. A
-    set that can't be read: all of them, as created (what a reload may lose, billing
-    notes as counter_reset)."""
-    if not endpoints:
-        return []
+def _meter_in_place() -> int:
+    """The node netns' segment meter, installed unless it is: its map's id; 0 where
+    there can't be one (the reason logged; containers keep TCP's offload off there)."""
+    try:
+        return segment_meter.ensure()
+    except segment_meter.MeterError as exc:
+        log.warning("no segment meter (%s): containers' TCP segmentation offload stays off", exc)
+        return 0
+
+
+def _recorded_meter() -> int | None:
+    """The meter the loaded table counts along (0: none); None without a table or a
+    record (a table from before it)."""
+    elements = _set_elements(METER_SET)
+    return int(elements[0]) if elements and isinstance(elements[0], int) else None
+
+
+def _not_counted(endpoints: Sequence[tuple[Endpoint, tuple[str, ...]]]) -> list[int]:
+    """The veth indexes of the endpoints without an rx element now: a load creates
+    their elements, counters from zero. (All of them without a table.)"""
     rx = counters("rx")
-    if rx is None:
-        return [ep.host_ifindex for ep, _ in endpoints]
-    return [ep.host_ifindex for ep, _ in endpoints
-            if any(c.generation == ep.generation for c in rx.get(ep.host_ifname, []))]
+    return [ep.host_ifindex for ep, _ in endpoints if rx is None or ep.host_ifname not in rx]
 
 
 def node_addresses() -> tuple[str, ...]:
@@ -196,10 +241,12 @@ def add_if_current(ep: Endpoint, pools: tuple[str, ...], policy: EgressPolicy) -
     if pools and _nft(add_pools(pools))[0] != 0:
         return False
     with _meter(f"clear the segment meter's count of {ep.host_ifname}"):
-        segment_meter.forget(ep.host_ifindex)  # a veth before this one had its index
-    mark = revision_key(policy)
-    ops = [nftnl.ElementOp("delete", REVISION_SET, mark), nftnl.ElementOp("add", REVISION_SET, mark),
-           *_endpoint_ops(ep, "add")]
+        meter = segment_meter.forget(ep.host_ifindex)  # a veth before this one had its index
+    # Asserted as the revision is: a table counting along a meter that is gone (or
+    # none, where there is one now) is loaded again first.
+    asserted = ((REVISION_SET, revision_key(policy)), (METER_SET, meter_key(meter)))
+    ops = [nftnl.ElementOp(op, s, key) for s, key in asserted for op in ("delete", "add")]
+    ops += _endpoint_ops(ep, "add")
     try:
         with nftnl.current() as sock:
             sock.batch(TABLE, ops)
@@ -327,20 +374,28 @@ def _summed(tx: list[Counted], rx: list[Counted]) -> Counters:
 def endpoint_counters_of(ep: Endpoint) -> Counters | None:
     """One endpoint's counters (see endpoint_counters), read element by element: what
     a DEL needs, at the same cost whatever the size of the sets. None when it has no
-    rx element (its elements are gone)."""
-    with _meter("read the segment meter's counts"):
-        extra = segment_meter.extras([ep.host_ifindex]).get(ep.host_ifindex)  # first: see endpoint_counters
+    rx element (its elements are gone), or when the meter its counters went along is
+    gone: what a DEL then bills as missing, never a counter that went down."""
+    meter, extras = _meter_counts([ep.host_ifindex])  # first: see endpoint_counters
     with nftnl.current() as sock:
         got = {s: sock.get(TABLE, s, key) for s, key in endpoint_keys(ep) if s in COUNTED_SETS}
     counted = {s: Counted(e.packets, e.bytes, parse_comment(e.comment)[1]) for s, e in got.items() if e is not None}
     if "rx" not in counted:
         return None
-    return _metered(_summed([c for s, c in counted.items() if s != "rx"], [counted["rx"]]), extra)
+    part = _meter_part(meter, extras)
+    if part is None:
+        log.warning("the counters of %s can't be read: %s", ep.host_ifname, METER_GONE)
+        return None
+    return _metered(_summed([c for s, c in counted.items() if s != "rx"], [counted["rx"]]), part.get(ep.host_ifindex))
+
+
+METER_GONE = ("the segment meter they count along is gone (its pins removed or its bpffs unmounted); "
+              "the agent's table check (or the next ADD) loads the table with new elements and a new meter")
 
 
 def endpoint_counters() -> dict[str, Counters] | None:
     """{host veth: Counters} for every endpoint with an element in rx. None when a
-    set can't be read.
+    set can't be read; a KERNEL_FAILURE when the meter the counters go along is gone.
 
     The segment meter's counts are read first and the elements after: a DEL removes
     the elements first and the counts after, so a read that meets no counts meets no
@@ -349,18 +404,45 @@ def endpoint_counters() -> dict[str, Counters] | None:
     index: rx's key, which nft lists as the veth's name while it exists, looked up in
     the names taken before the elements were (a veth named only after that is newer
     than its counts, which ADD cleared)."""
-    with _meter("read the segment meter's counts"):
-        extras = segment_meter.extras()
+    meter, extras = _meter_counts(None)
     index = {name: i for i, name in socket.if_nameindex()} if extras else {}
     tx4, tx6, rx = (counters(s) for s in COUNTED_SETS)
     if tx4 is None or tx6 is None or rx is None:
         return None
+    part = _meter_part(meter, extras)
+    if part is None:
+        raise SockgateError(KERNEL_FAILURE, "cannot read the accounting counters", METER_GONE)
     out = {}
     for name, rx_elems in rx.items():
         key = rx_elems[0].key
         ifindex = int(key) if key.isdigit() else index.get(key, 0)
-        out[name] = _metered(_summed(tx4.get(name, []) + tx6.get(name, []), rx_elems), extras.get(ifindex))
+        out[name] = _metered(_summed(tx4.get(name, []) + tx6.get(name, []), rx_elems), part.get(ifindex))
     return out
+
+
+def _meter_counts(ifindexes: list[int] | None) -> tuple[int, dict[int, segment_meter.Extra]]:
+    """(the id of the node netns' meter, 0 without one; its counts of `ifindexes`, or
+    of every veth with one)."""
+    with _meter("read the segment meter's counts"):
+        c = segment_meter.opened()
+        if c is None:
+            return 0, {}
+        with c:
+            return c.id, c.all() if ifindexes is None else {i: c.of(i) for i in ifindexes}
+
+
+def _meter_part(meter: int, extras: dict[int, segment_meter.Extra]) -> dict[int, segment_meter.Extra] | None:
+    """What of the meter's counts is a part of the table's counters: all of them when
+    the table records this meter (or nothing: a table from before the record); none
+    when it records that it counts without one; None when it records one that is gone
+    or was replaced: those counters can't be told any more."""
+    with nftnl.current() as sock:
+        if sock.get(TABLE, METER_SET, meter_key(meter)) is not None:
+            return extras
+    recorded = _recorded_meter()
+    if recorded is None:
+        return extras
+    return {} if recorded == 0 else None
 
 
 @contextlib.contextmanager

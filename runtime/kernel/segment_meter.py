@@ -26,8 +26,10 @@ MAX_SEGMENTS of them, and counts it.
 One program, two hooks per family (prerouting -420, forward 1: after sockgate's
 forward chain, so only what it accepted counts), loaded once per node netns, not per
 ADD. The links and the map are pinned in a bpffs (pin_root(), one directory per
-netns), so they outlive the process that loaded them; a pinned
-link also keeps its netns alive, so `remove` must run before a node netns is deleted.
+netns), so they outlive the process that loaded them; a pinned link also keeps its
+netns alive, so `remove` must run before a node netns is deleted. The table records
+the id of the map its counters go along (runtime/kernel/nft.py, load_table): a meter
+whose pins were removed is not read as zero counts, and the next load replaces it.
 """
 from __future__ import annotations
 
@@ -401,6 +403,11 @@ class Counts:
             self.fd = bpf.pinned(str(pin_dir(cookie) / "map"))
         except bpf.BpfError as exc:
             raise MeterError(exc.errno, f"cannot open the segment meter's map: {exc.strerror}") from None
+        try:
+            self.id = bpf.object_id(self.fd)  # what the table records (netpolicy.ruleset.METER_SET)
+        except bpf.BpfError as exc:
+            os.close(self.fd)
+            raise MeterError(exc.errno, f"cannot identify the segment meter's map: {exc.strerror}") from None
 
     def close(self) -> None:
         os.close(self.fd)
@@ -427,11 +434,19 @@ class Counts:
     def forget(self, ifindex: int) -> None:
         bpf.delete(self.fd, _KEY.pack(ifindex))
 
+    def clear(self, ifindexes: list[int] | None = None) -> None:
+        """The counts of `ifindexes`, or of every veth, gone (the refusals stay)."""
+        if ifindexes is None:
+            ifindexes = [i for (i,) in (_KEY.unpack(k) for k in bpf.keys(self.fd, _KEY.size)) if i not in REFUSED]
+        for ifindex in ifindexes:
+            self.forget(ifindex)
+
 
 # --- what the table's users call (runtime/kernel/nft.py, netns.py) ---------------
 
-def _opened() -> Counts | None:
-    """The map of the calling thread's netns; None without a meter (nothing pinned)."""
+def opened() -> Counts | None:
+    """The map of the calling thread's netns' meter, opened; None without a meter
+    (nothing pinned)."""
     try:
         return Counts()
     except MeterError as exc:
@@ -440,22 +455,29 @@ def _opened() -> Counts | None:
         raise
 
 
-def extras(ifindexes: list[int] | None = None) -> dict[int, Extra]:
-    """{ifindex: Extra} in the calling thread's netns: of `ifindexes`, or of every veth
-    with a count; {} without a meter."""
-    c = _opened()
+def current_id() -> int:
+    """The id of the map of the calling thread's netns' meter; 0 without one."""
+    c = opened()
     if c is None:
-        return {}
+        return 0
     with c:
-        if ifindexes is None:
-            return c.all()
-        return {i: c.of(i) for i in ifindexes}
+        return c.id
+
+
+def count(ifindex: int) -> Extra:
+    """What the meter of the calling thread's netns counted for one veth so far
+    (nothing without a meter)."""
+    c = opened()
+    if c is None:
+        return Extra()
+    with c:
+        return c.of(ifindex)
 
 
 def refused() -> dict[str, int]:
     """Super-packets the meter in the calling thread's netns refused, by drop reason;
     {} without one."""
-    c = _opened()
+    c = opened()
     if c is None:
         return {}
     with c:
@@ -463,33 +485,23 @@ def refused() -> dict[str, int]:
     return {reason: n for reason, n in counted.items() if n}
 
 
-def forget(ifindex: int) -> None:
+def forget(ifindex: int) -> int:
     """A veth's count gone: one made before it with the same index (ADD), or its own
-    once billed for the last time (DEL)."""
-    c = _opened() if ifindex else None
-    if c is not None:
-        with c:
+    once billed for the last time (DEL). Returns the id of the meter's map (0: no
+    meter), which ADD's transaction asserts the table records."""
+    c = opened()
+    if c is None:
+        return 0
+    with c:
+        if ifindex:
             c.forget(ifindex)
+        return c.id
 
 
-_unsupported = ""
-
-
-def after_load(created: list[int]) -> None:
-    """The table was just loaded, creating the elements of the veths `created` (their
-    counters from zero): the meter in place, and their counts from zero too. A kernel
-    without netfilter BPF programs (before 6.4), BTF or bpf_rdonly_cast gets no meter:
-    containers then keep their TCP segmentation offload off, as before (one warning per
-    process)."""
-    global _unsupported
-    if _unsupported:
-        return
-    try:
-        if install():
-            return  # a new map: no counts
-        with Counts() as c:
-            for ifindex in created:
-                c.forget(ifindex)
-    except MeterError as exc:
-        _unsupported = str(exc)
-        log.warning("no segment meter (%s): containers' TCP segmentation offload stays off", exc)
+def ensure() -> int:
+    """The meter in place in the calling thread's netns (the node's), installed unless
+    it is: its map's id. Raises MeterError where it can't be: a kernel before 6.4 (no
+    netfilter BPF programs), without BTF or bpf_rdonly_cast, or no bpffs to pin in.
+    Containers then keep their TCP segmentation offload off, as before the meter."""
+    install()
+    return current_id()
