@@ -1392,7 +1392,20 @@ def _assert_too_many_segments_refused(lab, far: FarSide, attacker: Tenant, famil
     assert far.counters()["billed"] == far_before, "a refused super-packet reached the far end"
 
 
-def test_a_meter_removed_under_the_agent_is_put_back_and_nothing_is_billed_twice(lab, plugin, tenant, far, tmp_path):
+def _damage_meter(lab, how: str) -> None:
+    node = f"/run/netns/{lab.node}"
+    if how == "pins removed":
+        assert in_netns(node, segment_meter.remove)
+    elif how == "a link's pin removed":
+        (in_netns(node, segment_meter.pin_dir) / "fwd4").unlink()  # that hook is detached
+    else:  # the record says "no meter" while there is one
+        lab.run(lab.node, ["nft", "-f", "-"], input="flush set inet sockgate segment_meter\n"
+                                                     "add element inet sockgate segment_meter { 0 }\n")
+
+
+@pytest.mark.parametrize("how", ["pins removed", "a link's pin removed", "record 0"])
+def test_a_meter_removed_under_the_agent_is_put_back_and_nothing_is_billed_twice(lab, plugin, tenant, far, tmp_path,
+                                                                                 how):
     """An operator removes the segment meter's pins (or its bpffs goes with a pod):
     its counts are gone, and with them a part of every veth's tx counters. A review
     found billing taking the smaller sum for a counter created again (230 kB billed
@@ -1401,7 +1414,9 @@ def test_a_meter_removed_under_the_agent_is_put_back_and_nothing_is_billed_twice
     along: a flush refuses counters whose meter is gone, the agent's table check loads
     the table again with a new meter and the counted elements anew (billing counts
     them from zero: counter_reset), and the meter refuses again. Billed equals what the
-    far end received (nothing was sent while the meter was gone)."""
+    far end received (nothing was sent while the meter was gone). The next review
+    removed one link's pin (a remove() killed halfway: the map stayed, a hook went),
+    and wrote 0 in the record: 72 of 2,771 packets billed, and 31 % billed twice."""
     a = addrs("v4")
     agent = AgentProcess(lab, plugin, tmp_path, ("--billing-interval", "0.2", "--metrics-address", "")).start()
     try:
@@ -1412,11 +1427,17 @@ def test_a_meter_removed_under_the_agent_is_put_back_and_nothing_is_billed_twice
         time.sleep(0.6)  # billed by a flush or two
         node = f"/run/netns/{lab.node}"
         old = in_netns(node, segment_meter.current_id)
-        assert in_netns(node, segment_meter.remove)
+        generation = in_netns(node, nft.endpoint_counters)[app.host_if].generation
+        _damage_meter(lab, how)
         deadline = time.monotonic() + 10  # the agent checks the table every 2 s
-        while not in_netns(node, lambda: segment_meter.current_id() not in (0, old) and nft.counts_along_meter()):
+
+        def repaired() -> bool:
+            fresh = segment_meter.current_id() not in (0, old) or how == "record 0"
+            return fresh and segment_meter.installed() and nft.counts_along_meter()
+        while not in_netns(node, repaired):
             assert time.monotonic() < deadline, "the agent did not put a meter back"
             time.sleep(0.1)
+        assert in_netns(node, nft.endpoint_counters)[app.host_if].generation != generation  # created anew
         _assert_too_many_segments_refused(lab, far, app, "v4", ((1400, 1),))
         assert atk.run(lab, app.ns, "small-mss", a.billed, 9000, 88, 200_000)["echoed"] >= 200_000
         assert _metered(lab, app.host_if).packets > 100  # the new meter counts

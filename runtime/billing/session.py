@@ -68,11 +68,19 @@ class Session:
             # created. The deltas count from zero anyway; what ADD's elements counted
             # before the reload is lost, and the record must say so.
             notes["counter_reset"] = True
+        # The same elements as at the last record (their generation says so): a counter
+        # of theirs can't have been created again.
+        same = bool(mark) and not notes and bool(cur.generation) and cur.generation == base.generation
         deltas = {}
         for d in ("tx", "rx"):
             # bytes and packets are one counter: either going down means it was re-created
             b, p = f"{d}_bytes", f"{d}_packets"
-            if getattr(cur, b) < getattr(base, b) or getattr(cur, p) < getattr(base, p):
+            if (getattr(cur, b) < getattr(base, b) or getattr(cur, p) < getattr(base, p)) and same:
+                # A part of it went (the segment meter's counts, its pins removed behind
+                # sockgate's back): billing the whole of what is left would bill it
+                # twice (reviews 6 and 7). This interval is unknown; the next counts on.
+                deltas[b], deltas[p], notes["counters_decreased"] = 0, 0, True
+            elif getattr(cur, b) < getattr(base, b) or getattr(cur, p) < getattr(base, p):
                 deltas[b], deltas[p], notes["counter_reset"] = getattr(cur, b), getattr(cur, p), True
             else:
                 deltas[b], deltas[p] = getattr(cur, b) - getattr(base, b), getattr(cur, p) - getattr(base, p)

@@ -72,6 +72,9 @@ class LinkBackend(Protocol):
     def stop_container_segmentation(self, netns_path: str, ipv4: str) -> bool:
         """The same inside a container's netns; False when it can't be entered."""
 
+    def tcp_offload_metered(self) -> bool:
+        """The node netns has a segment meter: container ends keep TCP's offload."""
+
     def configure_host(self, host_ifname: str, host_ifindex: int, ipv4: str, ipv6: str, mtu: int) -> None:
         """Up, with fe80::1 and the routes to the container (carrying its MTU)."""
 

@@ -55,6 +55,16 @@ def ready_endpoints(links: LinkBackend, state_dir: str) -> list[tuple[Endpoint, 
              (f"{att.ipv4}/32", f"{att.ipv6}/128")) for att in ready if att.host_ifname in found]
 
 
+def stop_tcp_offload(links: LinkBackend, state_dir: str, endpoints: list[tuple[Endpoint, tuple[str, ...]]]) -> int:
+    """Every segmentation offload off (TCP's too) in the containers of `endpoints`: what
+    a load without a segment meter leaves them. Returns how many were reached."""
+    loaded = {ep.host_ifname for ep, _ in endpoints}
+    ready = [att for att in attachments(state_dir).records if att.state == READY and att.host_ifname in loaded]
+    done = sum(links.stop_container_segmentation(att.netns, att.ipv4) for att in ready)
+    log.warning("no segment meter: TCP segmentation offload turned off in %d of %d container(s)", done, len(ready))
+    return done
+
+
 def _record_segmentation_off(state_dir: str, att: Attachment) -> None:
     # Under the network's lock, as every other writer of a record (the caller holds the
     # table lock: DEL, which takes it too, can't remove the record meanwhile).

@@ -48,6 +48,11 @@ def ensure_loaded(node: Node, egress: EgressPolicy, state_dir: str) -> bool:
             return False  # another process loaded it while we waited
         endpoints = restore.ready_endpoints(node.links, state_dir)
         node.table.load_table(egress, endpoints)
+        if endpoints and not node.links.tcp_offload_metered():
+            # Loaded without a meter (none can be had, or one this process can't see,
+            # reviews 7: F3, F5): containers attached along one keep TCP's offload, and
+            # their super-packets would be billed once each. Off with it, in each.
+            restore.stop_tcp_offload(node.links, state_dir, endpoints)
     log.warning("nft table was loaded with the elements of %d attachment(s) in %.0f ms",
                 len(endpoints), (time.monotonic() - started) * 1000)
     if endpoints:

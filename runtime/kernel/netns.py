@@ -660,6 +660,7 @@ class NetlinkLinks:
     configure_container = staticmethod(configure_container)
     stop_segmentation = staticmethod(stop_segmentation)
     stop_container_segmentation = staticmethod(stop_container_segmentation)
+    tcp_offload_metered = staticmethod(tcp_offload_metered)
     configure_host = staticmethod(configure_host)
     delete_link = staticmethod(delete_link)
     link_exists = staticmethod(link_exists)

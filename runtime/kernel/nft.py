@@ -110,8 +110,18 @@ def counts_along_meter() -> bool:
     id in METER_SET; 0 for none)."""
     with _meter("identify the segment meter"):
         meter = segment_meter.current_id()
-    with nftnl.current() as sock:
-        return sock.get(TABLE, METER_SET, meter_key(meter)) is not None
+    return _records(meter)
+
+
+def _records(meter: int) -> bool:
+    """Whether the table's record is `meter` (0: none). A meter's id is asserted by one
+    element lookup: it is unique until the ids wrap, so nothing else could match. "None"
+    must be the record's only element: a 0 beside another id (written by hand) would
+    otherwise pass for a node without a meter once that meter went (review 7)."""
+    if meter:
+        with nftnl.current() as sock:
+            return sock.get(TABLE, METER_SET, meter_key(meter)) is not None
+    return _recorded_meter() == [0]
 
 
 def loaded_revision() -> str | None:
@@ -140,16 +150,20 @@ def load_table(policy: EgressPolicy, endpoints: Sequence[tuple[Endpoint, tuple[s
     load's generation (billing notes counter_reset)."""
     meter = _meter_in_place()
     recorded = _recorded_meter()
-    renew = recorded not in (None, 0, meter)
+    # Any record but this meter's alone (another meter, gone or replaced; none while
+    # there is one now; none at all, from a table of an earlier version): the counters
+    # went along other counts, or none, and can't go on with these.
+    renew = recorded is not None and recorded != [meter]
     if renew:
-        log.warning("the segment meter the table counted along (map %d) is gone; its counted elements "
-                    "are created anew: what was sent since the last billing flush is lost", recorded)
+        log.warning("the table counted along another segment meter (%s, now %d): its counted elements are "
+                    "created anew; what was sent since the last billing flush is lost",
+                    ", ".join(map(str, recorded or [])) or "none recorded", meter)
     if meter:
         with _meter("clear the segment meter's counts"):
             c = segment_meter.opened()
             with c or contextlib.nullcontext():
                 if c is not None:
-                    c.clear(None if recorded not in (None, meter) else _not_counted(endpoints))
+                    c.clear(None if renew else _not_counted(endpoints))
     run(render_table(policy) + (renew_counted_script() if renew else "")
         + add_pools([p for _, pools in endpoints for p in pools])
         + "".join(add_endpoint(ep) for ep, _ in endpoints) + node_addresses_script(node_addresses())
@@ -166,11 +180,12 @@ def _meter_in_place() -> int:
         return 0
 
 
-def _recorded_meter() -> int | None:
-    """The meter the loaded table counts along (0: none); None without a table or a
-    record (a table from before it)."""
-    elements = _set_elements(METER_SET)
-    return int(elements[0]) if elements and isinstance(elements[0], int) else None
+def _recorded_meter() -> list[int] | None:
+    """What the loaded table records of its meter (METER_SET: one id, 0 for none); []
+    when nothing (a table from before the record); None without a table."""
+    if not table_exists():
+        return None
+    return sorted(int(e) for e in _set_elements(METER_SET) or [] if isinstance(e, int))
 
 
 def _not_counted(endpoints: Sequence[tuple[Endpoint, tuple[str, ...]]]) -> list[int]:
@@ -432,17 +447,11 @@ def _meter_counts(ifindexes: list[int] | None) -> tuple[int, dict[int, segment_m
 
 
 def _meter_part(meter: int, extras: dict[int, segment_meter.Extra]) -> dict[int, segment_meter.Extra] | None:
-    """What of the meter's counts is a part of the table's counters: all of them when
-    the table records this meter (or nothing: a table from before the record); none
-    when it records that it counts without one; None when it records one that is gone
-    or was replaced: those counters can't be told any more."""
-    with nftnl.current() as sock:
-        if sock.get(TABLE, METER_SET, meter_key(meter)) is not None:
-            return extras
-    recorded = _recorded_meter()
-    if recorded is None:
-        return extras
-    return {} if recorded == 0 else None
+    """The meter's counts as a part of the table's counters, when the table records
+    that meter (or that it has none, and there is none); None for any other record: a
+    meter gone, replaced or not the one the counters went along, whose part can't be
+    told any more."""
+    return extras if _records(meter) else None
 
 
 @contextlib.contextmanager

@@ -361,8 +361,11 @@ def _install() -> bool:
 
 
 def _unpin(d: Path) -> None:
-    for f in d.iterdir() if d.is_dir() else ():
-        f.unlink()
+    """The map's pin first: a removal cut short then leaves no map, which every reader
+    takes for no meter (the links alone count into a map nobody reads)."""
+    if d.is_dir():
+        for f in sorted(d.iterdir(), key=lambda f: f.name != "map"):
+            f.unlink()
     if d.exists():
         d.rmdir()
 
@@ -391,7 +394,10 @@ def unmount_if_unused() -> bool:
             return False
         if _libc.umount2(str(OWN_BPFFS).encode(), 0) != 0:
             return False
-        OWN_BPFFS.rmdir()
+        try:
+            OWN_BPFFS.rmdir()
+        except OSError:
+            return False  # another mount under it (not sockgate's): it stays
     return True
 
 
@@ -399,10 +405,18 @@ class Counts:
     """The meter's map in the calling thread's netns, opened once."""
 
     def __init__(self, cookie: int | None = None) -> None:
+        d = pin_dir(cookie)
         try:
-            self.fd = bpf.pinned(str(pin_dir(cookie) / "map"))
+            self.fd = bpf.pinned(str(d / "map"))
         except bpf.BpfError as exc:
             raise MeterError(exc.errno, f"cannot open the segment meter's map: {exc.strerror}") from None
+        # A link whose pin is gone is detached (nothing else holds it): its hook neither
+        # counts nor refuses, so a meter short of one is no meter (review 7: a remove()
+        # killed halfway left the map and some links, and counts that fell short).
+        missing = [name for name in _LINKS if not (d / name).exists()]
+        if missing:
+            os.close(self.fd)
+            raise MeterError(errno.ENOENT, f"the segment meter in {d} is incomplete: no {', '.join(missing)}")
         try:
             self.id = bpf.object_id(self.fd)  # what the table records (netpolicy.ruleset.METER_SET)
         except bpf.BpfError as exc:

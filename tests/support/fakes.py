@@ -332,6 +332,9 @@ class FakeLinks:
                 self.narrowed.append(link.name)
         return True
 
+    def tcp_offload_metered(self) -> bool:
+        return True
+
     def stop_container_segmentation(self, netns_path: str, ipv4: str) -> bool:
         self.faults.hit("links.stop_container_segmentation")
         found = [link for link in self._in(self._ns(netns_path)).values() if ipv4 in link.addresses]
