@@ -524,11 +524,16 @@ def meter_record_script(map_id: int) -> str:
     return f"flush set {t} {METER_SET}\nadd element {t} {METER_SET} {{ {map_id} }}\n"
 
 
-def renew_counted_script() -> str:
-    """Every counted element gone, in the transaction that adds them again: created
-    anew, counters from zero, under the load's new generation (billing counts them
-    from zero, runtime.billing.session)."""
-    return "".join(f"flush set {FAMILY} {TABLE} {name}\n" for name in COUNTED_SETS)
+def renew_counted_script(endpoints: Sequence[Endpoint]) -> str:
+    """The counted elements of `endpoints` gone, in the transaction that adds them again
+    (add_endpoint): created anew, counters from zero, under the load's new generation
+    (billing counts them from zero, runtime.billing.session). Only theirs: elements this
+    load doesn't restore (another stateDir's containers) keep their counters, which go
+    on. (Each is added first, a no-op if it is there: `delete` of a missing element
+    would abort the transaction.)"""
+    t = f"{FAMILY} {TABLE}"
+    return "".join(f"add element {t} {s} {{ {e} }}\ndelete element {t} {s} {{ {e} }}\n"
+                   for ep in endpoints for s, e in endpoint_elements(ep) if s in COUNTED_SETS)
 
 
 def _render(policy: EgressPolicy, rev: str) -> str:

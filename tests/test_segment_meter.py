@@ -19,8 +19,10 @@ from netpolicy.ruleset import METER_SET, Endpoint
 from runtime.kernel import nft, segment_meter
 from runtime.kernel.netns import in_netns
 from runtime.lab import LAB
+from tests.conftest import network_conf
 from tests.support import attacks as atk
 from tests.support import temp_netns
+from tests.support.plugin import Plugin
 
 pytestmark = pytest.mark.lab
 
@@ -178,3 +180,27 @@ def test_a_veth_gone_before_its_elements_keeps_its_counts_in_every_read(lab, plu
 
 def _extra_of(lab, ifindex: int) -> segment_meter.Extra:
     return in_netns(_node(lab), lambda: segment_meter.count(ifindex))
+
+
+def test_a_reload_that_renews_leaves_another_state_dirs_containers_alone(lab, plugin, app, cni_exe, policy_file,
+                                                                           tmp_path):
+    """A reload restores the containers of its own stateDir only. Renewing the counted
+    elements (the meter was gone) must not take another stateDir's away: their tx
+    elements are what lets their packets through (anti-spoofing), and nothing would
+    reload for them. Theirs keep their counters; billing sees the meter's part gone
+    (counters_decreased) and bills nothing twice."""
+    other = Plugin(cni_exe, lab.ns_path(lab.node),
+                   network_conf("t-other-state", tmp_path / "other", policy_file,
+                                ipv4Pool="10.79.0.0/24", ipv6Pool="fd79:5067::/64"))
+    other_ns = app()
+    other.add("other", other_ns)
+    try:
+        plugin.add("mine", app())
+        assert lab.probe(other_ns, "tcp", LAB.public_v4, 9000).ok
+        in_netns(_node(lab), segment_meter.remove)
+        plugin.add("reloads-it", app())  # finds the meter gone: loads the table, renewing its own elements
+        assert in_netns(_node(lab), nft.counts_along_meter)
+        assert lab.probe(other_ns, "tcp", LAB.public_v4, 9000).ok
+        assert lab.probe(other_ns, "tcp", LAB.public_v6, 9000).ok
+    finally:
+        other.delete("other", other_ns)

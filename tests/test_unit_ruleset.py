@@ -35,14 +35,17 @@ def test_render_is_deterministic_and_idempotent_in_form():
 def test_the_meter_record_is_declared_by_the_rendering_and_written_by_the_load_alone():
     """A rendering never empties the record (a table rendered again keeps counting
     along the same meter); the load writes it in the same transaction as the elements.
-    Renewing the counted elements leaves the other sets alone."""
+    Renewing the counted elements touches those of the endpoints it restores alone."""
     text = render_table()
     assert "add set inet sockgate segment_meter { type mark; }" in text
     assert "flush set inet sockgate segment_meter" not in text
     assert meter_record_script(77) == ("flush set inet sockgate segment_meter\n"
                                        "add element inet sockgate segment_meter { 77 }\n")
     assert meter_key(77) == (77).to_bytes(4, sys.byteorder)
-    assert renew_counted_script().splitlines() == [f"flush set inet sockgate {s}" for s in ("tx4", "tx6", "rx")]
+    ep = Endpoint("sgabc", 42, "10.77.0.5", "fd77::5")
+    assert renew_counted_script([ep]).splitlines() == [
+        f"{op} element inet sockgate {s} {{ {key} }}"
+        for s, key in (("tx4", "42 . 10.77.0.5"), ("tx6", "42 . fd77::5"), ("rx", "42")) for op in ("add", "delete")]
 
 
 def test_policy_plugs_into_egress_chain():

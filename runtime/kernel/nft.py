@@ -164,7 +164,7 @@ def load_table(policy: EgressPolicy, endpoints: Sequence[tuple[Endpoint, tuple[s
             with c or contextlib.nullcontext():
                 if c is not None:
                     c.clear(None if renew else _not_counted(endpoints))
-    run(render_table(policy) + (renew_counted_script() if renew else "")
+    run(render_table(policy) + (renew_counted_script([ep for ep, _ in endpoints]) if renew else "")
         + add_pools([p for _, pools in endpoints for p in pools])
         + "".join(add_endpoint(ep) for ep, _ in endpoints) + node_addresses_script(node_addresses())
         + meter_record_script(meter))
