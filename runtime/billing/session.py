@@ -75,12 +75,13 @@ class Session:
         for d in ("tx", "rx"):
             # bytes and packets are one counter: either going down means it was re-created
             b, p = f"{d}_bytes", f"{d}_packets"
-            if (getattr(cur, b) < getattr(base, b) or getattr(cur, p) < getattr(base, p)) and same:
+            went_down = getattr(cur, b) < getattr(base, b) or getattr(cur, p) < getattr(base, p)
+            if went_down and same:
                 # A part of it went (the segment meter's counts, its pins removed behind
                 # sockgate's back): billing the whole of what is left would bill it
                 # twice (reviews 6 and 7). This interval is unknown; the next counts on.
                 deltas[b], deltas[p], notes["counters_decreased"] = 0, 0, True
-            elif getattr(cur, b) < getattr(base, b) or getattr(cur, p) < getattr(base, p):
+            elif went_down:
                 deltas[b], deltas[p], notes["counter_reset"] = getattr(cur, b), getattr(cur, p), True
             else:
                 deltas[b], deltas[p] = getattr(cur, b) - getattr(base, b), getattr(cur, p) - getattr(base, p)

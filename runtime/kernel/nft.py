@@ -161,8 +161,8 @@ def load_table(policy: EgressPolicy, endpoints: Sequence[tuple[Endpoint, tuple[s
     if meter:
         with _meter("clear the segment meter's counts"):
             c = segment_meter.opened()
-            with c or contextlib.nullcontext():
-                if c is not None:
+            if c is not None:
+                with c:
                     c.clear(None if renew else _not_counted(endpoints))
     run(render_table(policy) + (renew_counted_script([ep for ep, _ in endpoints]) if renew else "")
         + add_pools([p for _, pools in endpoints for p in pools])
@@ -183,9 +183,10 @@ def _meter_in_place() -> int:
 def _recorded_meter() -> list[int] | None:
     """What the loaded table records of its meter (METER_SET: one id, 0 for none); []
     when nothing (a table from before the record); None without a table."""
-    if not table_exists():
-        return None
-    return sorted(int(e) for e in _set_elements(METER_SET) or [] if isinstance(e, int))
+    elements = _set_elements(METER_SET)
+    if elements is None:
+        return [] if table_exists() else None
+    return sorted(int(e) for e in elements if isinstance(e, int))
 
 
 def _not_counted(endpoints: Sequence[tuple[Endpoint, tuple[str, ...]]]) -> list[int]:
@@ -397,11 +398,11 @@ def endpoint_counters_of(ep: Endpoint) -> Counters | None:
     counted = {s: Counted(e.packets, e.bytes, parse_comment(e.comment)[1]) for s, e in got.items() if e is not None}
     if "rx" not in counted:
         return None
-    part = _meter_part(meter, extras)
-    if part is None:
+    if not _records(meter):
         log.warning("the counters of %s can't be read: %s", ep.host_ifname, METER_GONE)
         return None
-    return _metered(_summed([c for s, c in counted.items() if s != "rx"], [counted["rx"]]), part.get(ep.host_ifindex))
+    return _metered(_summed([c for s, c in counted.items() if s != "rx"], [counted["rx"]]),
+                    extras.get(ep.host_ifindex))
 
 
 METER_GONE = ("the segment meter they count along is gone (its pins removed or its bpffs unmounted); "
@@ -424,14 +425,13 @@ def endpoint_counters() -> dict[str, Counters] | None:
     tx4, tx6, rx = (counters(s) for s in COUNTED_SETS)
     if tx4 is None or tx6 is None or rx is None:
         return None
-    part = _meter_part(meter, extras)
-    if part is None:
+    if not _records(meter):  # the meter's part of them can't be told any more
         raise SockgateError(KERNEL_FAILURE, "cannot read the accounting counters", METER_GONE)
     out = {}
     for name, rx_elems in rx.items():
         key = rx_elems[0].key
         ifindex = int(key) if key.isdigit() else index.get(key, 0)
-        out[name] = _metered(_summed(tx4.get(name, []) + tx6.get(name, []), rx_elems), part.get(ifindex))
+        out[name] = _metered(_summed(tx4.get(name, []) + tx6.get(name, []), rx_elems), extras.get(ifindex))
     return out
 
 
@@ -444,14 +444,6 @@ def _meter_counts(ifindexes: list[int] | None) -> tuple[int, dict[int, segment_m
             return 0, {}
         with c:
             return c.id, c.all() if ifindexes is None else {i: c.of(i) for i in ifindexes}
-
-
-def _meter_part(meter: int, extras: dict[int, segment_meter.Extra]) -> dict[int, segment_meter.Extra] | None:
-    """The meter's counts as a part of the table's counters, when the table records
-    that meter (or that it has none, and there is none); None for any other record: a
-    meter gone, replaced or not the one the counters went along, whose part can't be
-    told any more."""
-    return extras if _records(meter) else None
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from netpolicy.ruleset import CONTAINER_IFGROUP
 from runtime.defaults import RUN_DIR
@@ -305,8 +305,12 @@ def _locked() -> Iterator[None]:
 
 
 def installed(cookie: int | None = None) -> bool:
-    d = pin_dir(cookie)
-    return all((d / name).exists() for name in ("map", *_LINKS))
+    return not _missing(pin_dir(cookie), ("map", *_LINKS))
+
+
+def _missing(d: Path, names: Iterable[str]) -> list[str]:
+    """Which of a meter's pins `d` lacks."""
+    return [name for name in names if not (d / name).exists()]
 
 
 def install() -> bool:
@@ -413,7 +417,7 @@ class Counts:
         # A link whose pin is gone is detached (nothing else holds it): its hook neither
         # counts nor refuses, so a meter short of one is no meter (review 7: a remove()
         # killed halfway left the map and some links, and counts that fell short).
-        missing = [name for name in _LINKS if not (d / name).exists()]
+        missing = _missing(d, _LINKS)
         if missing:
             os.close(self.fd)
             raise MeterError(errno.ENOENT, f"the segment meter in {d} is incomplete: no {', '.join(missing)}")
