@@ -111,11 +111,6 @@ EVENT_REASONS: dict[str, tuple[str, str]] = {
     "spoofed-node": ("oif", "drop"),
     "node-to-container": ("oif", "drop"),
 }
-# Reasons reported only for some of their packets: what the node itself sends into a
-# container's veth is also its own multicast (the MLD reports of every new link), which
-# no ingress rule could allow and no one asked about; a connection it opens is TCP or
-# UDP.
-EVENT_ONLY = {"node-to-container": "meta l4proto { tcp, udp }"}
 # "SG", as CONTAINER_IFGROUP; one group per netns (nfnetlink_log binds one listener).
 EVENTS_NFLOG_GROUP = 0x5347
 # The agent reads the headers only: an IPv6 header (40 bytes) and the transport
@@ -149,8 +144,7 @@ def event_chains(rate: EventRate) -> dict[str, list[str]]:
     then the reason's verdict."""
     chains = {}
     for reason, (iface, verdict) in EVENT_REASONS.items():
-        only = f"{EVENT_ONLY[reason]} " if reason in EVENT_ONLY else ""
-        report = (f"{only}update @event_rate {{ meta {iface} limit rate {rate.per_second}/second burst {rate.burst} "
+        report = (f"update @event_rate {{ meta {iface} limit rate {rate.per_second}/second burst {rate.burst} "
                   f'packets }} log prefix "{EVENT_PREFIX}{reason}" group {EVENTS_NFLOG_GROUP} '
                   f"snaplen {EVENTS_SNAPLEN} queue-threshold {EVENTS_QUEUE_THRESHOLD}")
         chains[event_chain(reason)] = ([report] if rate.per_second else []) + [verdict]
@@ -207,6 +201,24 @@ _V6_LAST_HOP = "@nh,32,32 & 0x000000fe == 0"            # hop limit 0 or 1
 _V6_LINK_LOCAL_SOURCE = "@nh,64,32 & 0xffc00000 == 0xfe800000"       # fe80::/10
 _V6_LINK_LOCAL_DESTINATION = "@nh,192,32 & 0xffc00000 == 0xfe800000"
 _IN_CONTAINER = f"meta iifgroup {CONTAINER_IFGROUP:#x}"
+# Neighbour discovery (ICMPv6 types 133-137) in raw loads: the fragment rule before it
+# has dropped every packet whose next header is not its transport header.
+_V6_ND = "@nh,48,8 58 @th,0,8 133-137"
+# Anti-spoofing before conntrack (review 8). conntrack (-200) takes a packet for the
+# flow whose addresses and ports it carries, whoever sent it: a packet from another
+# container's address and port refreshed that container's entry, and made it assured
+# (600 s, counted against its flow bound: one forged packet per port of its ephemeral
+# range pinned its short exchanges until it could open no new flow), and a blind RST
+# in its window cut its idle connection to the 10 s CLOSE timeout, all before
+# `forward` dropped the packet as forged. From here, a container's packet reaches
+# conntrack only from an address its veth owns. A lookup per packet a container
+# sends (a negated lookup never counts: billing stays with `forward`); other packets
+# fail the group test inline. Last in each family's chain, so that what the rules
+# before it drop keeps its own reason.
+_NOT_OWN_V4 = "meta iif . ip saddr != @tx4"
+_NOT_OWN_V6 = "meta iif . ip6 saddr != @tx6"
+_SPOOFED_V4 = f"{_IN_CONTAINER} {_NOT_OWN_V4}"
+_SPOOFED_V6 = f"{_IN_CONTAINER} {_NOT_OWN_V6}"
 # The kernel parses an IPv6 packet's hop-by-hop options on arrival (ip6_rcv_core),
 # before any netfilter hook, and answers an unknown option whose type asks for it, or a
 # malformed jumbo payload option, with "parameter problem" to the packet's source. No
@@ -232,7 +244,7 @@ BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
     "forward": ("type filter hook forward priority filter; policy accept;", [
         # The busy path first: every packet of an accepted flow is counted and
         # accepted in one lookup. (The policy decided the flow's first packet; a
-        # policy change applies to new flows, established ones keep going.)
+        # policy change applies to new flows, those already open keep going.)
         # Everything else takes the full path below.
         # Replies to a container's own flows, and ICMP errors about them (C2); the
         # direction test keeps a container's own packets from paying this lookup.
@@ -255,6 +267,16 @@ BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
         # A container's packets, from the address its veth owns (anti-spoofing).
         "ct state established meta iif . ip saddr @tx4 accept",
         "ct state established meta iif . ip6 saddr @tx6 accept",
+        # A UDP flow nobody answers (metrics, logs, a one-way stream, a flood) stays
+        # "new" in conntrack for every packet, and would take the full path each time:
+        # a dozen rules and the policy's lookups, several times the busy path's cost,
+        # paid by the node for any container that sends without replies. Once a packet
+        # of the flow passed every hook, conntrack confirmed the entry, and a later one
+        # carries the same addresses and ports, so the policy's answer is the same; it
+        # goes the established flow's way (TCP doesn't: a flow that was never answered
+        # must still start with a SYN, see tcp-without-flow).
+        "meta l4proto udp ct state new ct status confirmed meta iif . ip saddr @tx4 accept",
+        "meta l4proto udp ct state new ct status confirmed meta iif . ip6 saddr @tx6 accept",
         # Into a container in the original direction: a flow a platform proxy opened
         # (ingress allowance, see to_container); from outside, as above.
         f"meta iifgroup != {CONTAINER_IFGROUP:#x} ct state established,related meta oif @rx accept",
@@ -268,8 +290,9 @@ BASE_CHAINS: dict[str, tuple[str, list[str]]] = {
     # and a datagram sent in tiny fragments would be billed once, as the reassembled
     # packet, while many more bytes leave the node. A container's kernel fragments
     # only UDP datagrams larger than the path MTU; those are lost (README: "Threat
-    # model"). The family's chain also holds the anti-spoofing that can't wait for
-    # `forward` (see _V4_LAST_HOP). Every packet pays this hook (docs/measurements.md).
+    # model"). The family's chains also hold the anti-spoofing that can't wait for
+    # `forward` (see _SPOOFED_V4, _V4_LAST_HOP). Every packet pays this hook
+    # (docs/measurements.md).
     "before_routing": ("type filter hook prerouting priority -450; policy accept;", [
         f"{_IS_V4} goto before_routing4",
         "goto before_routing6",
@@ -365,16 +388,16 @@ ICMP_FROM_CONTAINER = (
 
 # A container sends only from its own addresses. (A negated lookup never counts.)
 # Dropped, never refused: a refusal would go to the forged address, and the node
-# would first resolve it on its uplink.
-ANTI_SPOOFING = [dropped("meta nfproto ipv4 meta iif . ip saddr != @tx4", "spoofed-source", "drop"),
-                 dropped("meta nfproto ipv6 meta iif . ip6 saddr != @tx6", "spoofed-source", "drop")]
+# would first resolve it on its uplink. before_routing4/6 drop a forged packet before
+# conntrack sees it (_SPOOFED_V4); these are the second line, where a chain that falls
+# through would accept.
+ANTI_SPOOFING = [dropped(f"meta nfproto ipv4 {_NOT_OWN_V4}", "spoofed-source", "drop"),
+                 dropped(f"meta nfproto ipv6 {_NOT_OWN_V6}", "spoofed-source", "drop")]
 
 
 def _from_container(idle_timeout: int, bounds: FlowBounds) -> list[str]:
     tcp_obj, udp_obj = idle_timeouts(idle_timeout)
     return [
-        # (A packet of an established flow that gets here failed exactly this lookup
-        # in `forward`.)
         *ANTI_SPOOFING,
         # Invalid packets are not NATed and would leak container addresses upstream.
         dropped("ct state invalid", "invalid", "drop"),
@@ -389,7 +412,8 @@ def _from_container(idle_timeout: int, bounds: FlowBounds) -> list[str]:
         # that isn't this container's (the node's, another container's).
         dropped("ct state related meta l4proto { icmp, ipv6-icmp }", "icmp-error", "drop"),
         # The bounds count a flow once, at its first packet (not yet confirmed by
-        # conntrack): a UDP flow without an answer sends every packet as "new".
+        # conntrack; a UDP flow without an answer stays "new", but once confirmed its
+        # packets are accepted in `forward` and never get here).
         # The rate comes before the policy so that refused attempts spend it too.
         dropped(f"ct status ! confirmed update @flow_rate {{ meta iif limit rate over "
                 f"{bounds.new_flows_per_second}/second burst {bounds.new_flows_burst} packets }}", "flow-rate"),
@@ -426,13 +450,14 @@ REGULAR_CHAINS: dict[str, list[str]] = {
         f"{_V4_LAST_HOP} {_IN_CONTAINER} goto last_hop4",
         f"{_V4_OPTIONS} {_IN_CONTAINER} goto options4",
         dropped(f"{_NOT_FOR_NODE} {_IN_CONTAINER}", "link-broadcast", "drop"),
+        dropped(_SPOOFED_V4, "spoofed-source", "drop"),
     ],
     # Counted as forged when they are (spoofed-source), else by what they are.
-    "last_hop4": [dropped("meta iif . ip saddr != @tx4", "spoofed-source", "drop"),
+    "last_hop4": [dropped(_NOT_OWN_V4, "spoofed-source", "drop"),
                   dropped("", "last-hop", "drop").lstrip()],
-    "options4": [dropped("meta iif . ip saddr != @tx4", "spoofed-source", "drop"),
+    "options4": [dropped(_NOT_OWN_V4, "spoofed-source", "drop"),
                  dropped("", "ip-options", "drop").lstrip()],
-    "last_hop6": [dropped("meta iif . ip6 saddr != @tx6", "spoofed-source", "drop"),
+    "last_hop6": [dropped(_NOT_OWN_V6, "spoofed-source", "drop"),
                   dropped("", "last-hop", "drop").lstrip()],
     "before_routing6": [
         # A fragment header may hide behind other extension headers, and walking them
@@ -443,6 +468,11 @@ REGULAR_CHAINS: dict[str, list[str]] = {
         f"{_V6_LINK_LOCAL_SOURCE} {_IN_CONTAINER} jump link_local",
         f"{_V6_LINK_LOCAL_DESTINATION} {_IN_CONTAINER} jump link_local",
         dropped(f"{_NOT_FOR_NODE} @nh,48,8 != 58 {_IN_CONTAINER}", "link-broadcast", "drop"),
+        # Neighbour discovery from no address (duplicate address detection, from ::)
+        # or the container's own goes no further either (see _ND), as such, not as
+        # forged; from a link-local address, link_local dropped it.
+        dropped(f"{_V6_ND} {_IN_CONTAINER}", "neighbour", "drop"),
+        dropped(_SPOOFED_V6, "spoofed-source", "drop"),
     ],
     # IPv6 from or to a link-local address, from a container (see _V4_LAST_HOP). No
     # contract flow uses one but the node's own end of the veth, GATEWAY_V6: the node
@@ -453,7 +483,13 @@ REGULAR_CHAINS: dict[str, list[str]] = {
     # such as MLD) goes on to that chain as before, but neighbour discovery.
     "link_local": [dropped(_ND, "neighbour", "drop"), f"ip6 daddr {{ ff00::/8, {GATEWAY_V6} }} return",
                    dropped("", "link-local", "drop").lstrip()],
-    "node_to_container": ["ct state established,related accept", dropped("", "node-to-container", "drop").lstrip()],
+    # The node's own link-local multicast (the MLD reports of each new veth, a few in
+    # its first seconds) is no connection: counted apart, so that `node-to-container`
+    # counts only what the node opened.
+    "node_to_container": ["ct state established,related accept",
+                          dropped("ip6 daddr ff02::/16", "node-multicast", "drop"),
+                          dropped("ip daddr 224.0.0.0/24", "node-multicast", "drop"),
+                          dropped("", "node-to-container", "drop").lstrip()],
 }
 
 
@@ -490,8 +526,23 @@ def revision(policy: EgressPolicy = EgressPolicy()) -> str:
     return hashlib.sha256(_render(policy, "").encode()).hexdigest()[:16]
 
 
-def render_table(policy: EgressPolicy = EgressPolicy()) -> str:
-    return _render(policy, revision(policy))
+def render_table(policy: EgressPolicy = EgressPolicy(), *, pending: bool = False) -> str:
+    """The table's script. pending: without its revision element, so that nothing
+    takes the table for current (or adds to it) until revision_script() follows:
+    for a load that has more to do before it counts as done (runtime.core.table)."""
+    return _render(policy, revision(policy), pending)
+
+
+def revision_script(policy: EgressPolicy) -> str:
+    """The revision element of a table rendered with pending=True: now it is current."""
+    return "\n".join(_revision_lines(revision(policy))) + "\n"
+
+
+def _revision_lines(rev: str, pending: bool = False) -> list[str]:
+    """The set `revision` emptied, and (unless pending) holding the table's mark."""
+    t = f"{FAMILY} {TABLE}"
+    mark = [] if pending else [f"add element {t} {REVISION_SET} {{ {_mark(rev)} }}"]
+    return [f"flush set {t} {REVISION_SET}", *mark]
 
 
 # The revision is also the one element of the set `revision`, so that a transaction
@@ -536,7 +587,7 @@ def renew_counted_script(endpoints: Sequence[Endpoint]) -> str:
                    for ep in endpoints for s, e in endpoint_elements(ep) if s in COUNTED_SETS)
 
 
-def _render(policy: EgressPolicy, rev: str) -> str:
+def _render(policy: EgressPolicy, rev: str, pending: bool = False) -> str:
     t = f"{FAMILY} {TABLE}"
     lines = [f"add table {t}"]
     lines += [f"add ct timeout {t} {name} {{ {decl} }}" for name, decl in idle_timeouts(policy.idle_timeout).items()]
@@ -551,7 +602,7 @@ def _render(policy: EgressPolicy, rev: str) -> str:
     lines.append(f"add set {t} {REVISION_SET} {{ type mark; }}")
     lines.append(f"add set {t} {METER_SET} {{ type mark; }}")
     if rev:
-        lines += [f"flush set {t} {REVISION_SET}", f"add element {t} {REVISION_SET} {{ {_mark(rev)} }}"]
+        lines += _revision_lines(rev, pending)
     chains: dict[str, list[str]] = {name: rules for name, (_, rules) in BASE_CHAINS.items()}
     chains |= REGULAR_CHAINS
     chains |= event_chains(policy.events)

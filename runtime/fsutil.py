@@ -202,3 +202,40 @@ def locked(path: Path, shared: bool = False) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def held_while(path: Path) -> Iterator[None]:
+    """An flock on `path` for the block, the file removed at its end (before the lock
+    goes): whoever finds the file and gets its lock knows the holder died in the block
+    (see abandoned)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        remove(path)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def abandoned(path: Path) -> Iterator[bool]:
+    """Whether a held_while() block that made `path` died in it: the file is there and
+    nobody holds its lock. True: the lock is held for the caller's block, and the file
+    removed at its end."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False  # its holder lives
+            return
+        yield True
+        remove(path)
+    finally:
+        os.close(fd)

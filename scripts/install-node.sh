@@ -40,7 +40,9 @@ the systemd units of the node agent. Run scripts/setup first (it makes the virtu
                         the CNI executable (sockgate install-cni --shim; default: auto,
                         the compiled one when scripts/build-shim built it)
   --no-enable           with --root /: install the units but don't enable or start them
-  --uninstall           stop and remove what this script installed (policy and state stay)
+  --uninstall           stop and remove what this script installed, and sockgate's nft
+                        table and segment meter (sockgate teardown); refused while
+                        containers are attached (policy and state stay)
   -h, --help            this text
 EOF
 }
@@ -137,21 +139,50 @@ fi
 
 # ---- uninstall -----------------------------------------------------------------------
 if [ "$uninstall" = yes ]; then
+  # The compiled executable names its launcher (sockgate-python); a launcher runs cni_plugin.shim.
+  exes=()
+  for exe in "$P$cni_bin_dir/sockgate" "$P$cni_bin_dir/sockgate-python"; do
+    [ -e "$exe" ] || continue
+    grep -aqE 'cni_plugin\.shim|sockgate-python' "$exe" 2>/dev/null || die "$exe is not sockgate's; nothing removed"
+    exes+=("$exe")
+  done
+  teardown=("$sockgate" teardown --state-dir "$state_dir" --run-dir "$run_dir")
+  if [ -z "$P" ]; then
+    # Containers still attached would lose their sandbox with the table, and their DEL
+    # with the executable: refuse before anything is stopped or removed. (The agent is
+    # the other blocker sockgate teardown names; it is stopped below.)
+    report=$("${teardown[@]}" --check --json) || true   # 1 when something blocks (the agent, at least)
+    left=$(printf '%s' "$report" | "$python" -I -c '
+import json, sys
+print("\n".join("  - " + b["detail"] for b in json.load(sys.stdin)["blockers"] if b["kind"] != "agent"))') ||
+      die "sockgate teardown --check gave no report: $report"
+    [ -z "$left" ] || die "nothing removed: containers are still attached on this node (DEL them through their runtime, or drain the node, first):
+$left"
+  fi
+  # The conflist first: no runtime starts a sockgate container after this.
+  conflist=$P$cni_conf_dir/$conflist_name
+  if [ -e "$conflist" ]; then rm -f "$conflist"; say "removed $conflist"; fi
   if [ "$systemd_up" = yes ]; then
     systemctl disable --now sockgate-ranges.timer sockgate-agent.service >/dev/null 2>&1 || true
+  fi
+  if [ -z "$P" ]; then
+    # The table's hooks see every packet of the node, and the segment meter's BPF
+    # programs stay attached as long as their pins: no file removal takes them. It
+    # looks again, under the table lock: a container attached since the check above
+    # keeps the executable, so that its DEL works.
+    if "${teardown[@]}" | sed "s/^/$prog: /"; then :; else
+      status=${PIPESTATUS[0]}
+      # Killed (OOM killer, kill -9): nothing refused; the rerun finishes what it left.
+      [ "$status" -le 128 ] ||
+        die "sockgate teardown was killed (signal $((status - 128))) before it finished. The conflist is gone and the agent stopped; the CNI executable and the units stay. Run --uninstall again: it finishes the teardown"
+      die "sockgate teardown refused (see above): a container was attached meanwhile. The conflist is gone and the agent stopped; the CNI executable and the units stay, so that its DEL works. DEL it, then run --uninstall again"
+    fi
   fi
   for u in "${units[@]}"; do
     if [ -e "$unit_dir/$u" ]; then rm -f "$unit_dir/$u"; say "removed $unit_dir/$u"; fi
   done
   if [ "$systemd_up" = yes ]; then systemctl daemon-reload; fi
-  conflist=$P$cni_conf_dir/$conflist_name
-  if [ -e "$conflist" ]; then rm -f "$conflist"; say "removed $conflist"; fi
-  # The compiled executable names its launcher (sockgate-python); a launcher runs cni_plugin.shim.
-  for exe in "$P$cni_bin_dir/sockgate" "$P$cni_bin_dir/sockgate-python"; do
-    [ -e "$exe" ] || continue
-    grep -aqE 'cni_plugin\.shim|sockgate-python' "$exe" 2>/dev/null || die "$exe is not sockgate's; left alone"
-    rm -f "$exe" && say "removed $exe"
-  done
+  for exe in "${exes[@]}"; do rm -f "$exe" && say "removed $exe"; done
   say "kept the policy ($P$policy_file) and the state ($P$state_dir: leases, billing)"
   exit 0
 fi

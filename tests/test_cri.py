@@ -360,17 +360,17 @@ def p50_run_pod(n: CriNode, count: int) -> float:
 
 
 def test_run_pod_sandbox_latency(cri_node, capsys) -> None:
-    """Not a benchmark: RunPodSandbox's median over 10 sequential pods, with the agent
+    """Not a benchmark: RunPodSandbox's median over 6 sequential pods, with the agent
     and with the CNI executable handling ADD in-process (the image bundle with its
     dependencies, as when no agent runs). Printed for the record; only sanity-checked."""
     with_agent = cri_node(bundle_dependencies=True)
-    p_agent = p50_run_pod(with_agent, 10)
+    p_agent = p50_run_pod(with_agent, 6)
     with_agent.assert_clean()
     with_agent.stop()
     without = cri_node(agent=False, bundle_dependencies=True)
-    p_alone = p50_run_pod(without, 10)
+    p_alone = p50_run_pod(without, 6)
     without.assert_clean()
     with capsys.disabled():
-        print(f"\nRunPodSandbox p50 over 10 pods: with agent {p_agent * 1000:.0f} ms, "
+        print(f"\nRunPodSandbox p50 over 6 pods: with agent {p_agent * 1000:.0f} ms, "
               f"without agent (in-process CNI) {p_alone * 1000:.0f} ms")
     assert 0 < p_agent < 30 and 0 < p_alone < 30

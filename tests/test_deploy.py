@@ -8,6 +8,7 @@ Nothing here writes to the host's /etc, /opt, /usr or systemd: installs go to tm
 and containerd sees the temporary root's dirs through private bind mounts."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -25,7 +26,9 @@ import yaml
 
 from netpolicy.policy import parse_policy
 from runtime.core.netconf import parse_netconf
-from runtime.defaults import SUPPORTED_VERSIONS
+from runtime.defaults import RUN_DIR, SUPPORTED_VERSIONS
+from runtime.kernel import segment_meter
+from runtime.kernel.netns import in_netns
 from runtime.lab import LAB
 from runtime.lab.builder import PROJECT_ROOT
 from runtime.lab.policy import GOOGLE_RANGES_DIR, lab_policy, write_lab_policy
@@ -53,7 +56,12 @@ HOST_PATHS = ["/etc/cni/net.d", "/opt/cni", "/opt/sockgate", "/etc/sockgate", "/
 
 
 def _snapshot_host() -> dict:
-    return {p: sorted(os.listdir(p)) if os.path.isdir(p) else os.path.exists(p) for p in HOST_PATHS}
+    listed = {p: sorted(os.listdir(p)) if os.path.isdir(p) else os.path.exists(p) for p in HOST_PATHS}
+    # A lab test's ADD mounts the segment meter's bpffs at /run/sockgate/bpf (where the
+    # host has none at /sys/fs/bpf), which the lab's teardown removes: not an install's.
+    if listed["/run/sockgate"] == ["bpf"]:
+        listed["/run/sockgate"] = False
+    return listed
 
 
 @pytest.fixture(autouse=True)
@@ -609,6 +617,52 @@ def test_install_node_layout(tmp_path: Path) -> None:
     r = install_node(root, "--uninstall")
     assert r.returncode == 0, r.stderr
     assert layout(root) == {"etc/cni/net.d/87-podman-bridge.conflist", "etc/sockgate/policy.json"}
+
+
+@pytest.mark.lab
+def test_install_node_uninstall_takes_the_table_and_the_meter_once_no_container_needs_them(lab, plugin, app,
+                                                                                           tmp_path: Path) -> None:
+    """--uninstall on a node (no --root): the table and the segment meter go too, but
+    never from under an attached container. Run in the lab's node netns, with the node
+    paths it writes or reads (CNI dirs, units, /run/systemd: no systemctl here) bound
+    to scratch dirs in a private mount namespace, and the plugin's state and run dirs
+    at node-like paths: nothing on the host is touched."""
+    scratch = {d: tmp_path / "node" / d.strip("/").replace("/", "_")
+               for d in ("/etc/cni/net.d", "/opt/cni/bin", "/etc/systemd/system", "/run/systemd")}
+    for d in scratch.values():
+        d.mkdir(parents=True)
+    binds = {**scratch, "/var/lib/sgtest-state": plugin.state_dir, "/run/sgtest-run": Path(plugin.conf["runDir"])}
+    Path(plugin.conf["runDir"]).mkdir(parents=True, exist_ok=True)
+
+    def uninstall() -> subprocess.CompletedProcess[str]:
+        argv = ["bash", str(INSTALL_NODE), "--uninstall", "--state-dir", "/var/lib/sgtest-state",
+                "--run-dir", "/run/sgtest-run"]
+        work = tmp_path / f"privmount{len(list(tmp_path.glob('privmount*')))}"
+        work.mkdir()
+        return subprocess.run(["nsenter", f"--net={lab.ns_path(lab.node)}", *private_mounts(binds, work, argv)],
+                              capture_output=True, text=True, timeout=120)
+
+    def table_there() -> bool:
+        return lab.run(lab.node, ["nft", "list", "table", "inet", "sockgate"], check=False).returncode == 0
+
+    ns = app()
+    assert plugin.add("still-here", ns)
+    try:
+        r = uninstall()
+        assert r.returncode == 1 and "nothing removed: containers are still attached" in r.stderr, r.stdout + r.stderr
+        assert "container still-here is attached" in r.stderr and table_there()
+        plugin.delete("still-here", ns)
+        r = uninstall()
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "install-node.sh: removed:" in r.stdout and "nft table inet sockgate" in r.stdout
+        assert not table_there()
+        assert not in_netns(lab.ns_path(lab.node), segment_meter.installed)
+    finally:
+        # The ADD mounted the meter's bpffs in the host's view; the script's teardown
+        # unmounted it in its private mounts only.
+        if segment_meter.unmount_if_unused():
+            with contextlib.suppress(OSError):
+                Path(RUN_DIR).rmdir()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -268,6 +268,25 @@ def test_node_to_container(ev, lab, tenant, family):
                     "rule allows it (C2)")
 
 
+def test_the_nodes_own_multicast_is_counted_apart_and_not_reported(ev, lab, tenant):
+    """A new veth's first seconds: the node sends its MLD reports into it. They are no
+    connection the node opened, so `node-to-container` neither counts nor reports them;
+    `node-multicast` counts them. What the node does open, other than TCP or UDP (an
+    echo request), is still a `node-to-container` event."""
+    tenant("first")  # (the table is there)
+    before = atk.drop_counters(lab)
+    a = tenant("app")
+    time.sleep(3)  # the kernel repeats a new link's reports within its first seconds
+    drops = atk.delta(before, atk.drop_counters(lab), noise=())
+    assert drops.get("node-multicast", 0) > 0 and "node-to-container" not in drops, drops
+    assert ev.events(a.cid) == []
+    echo = atk.icmp6(LAB.node_uplink_v6, a.v6, 128, 0, bytes(4), b"sockgate-lab-echo")
+    # (a packet the output hook drops fails the node's own send with EPERM)
+    assert atk.send(lab, lab.node, [atk.ipv6(LAB.node_uplink_v6, a.v6, 58, echo)])["errors"] == {"1": 1}
+    expect_one(ev, a, reason="node-to-container", protocol="ipv6-icmp", destination=a.v6, port=None)
+    assert atk.delta(before, atk.drop_counters(lab))["node-to-container"] == 1
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_spoofed_source(ev, lab, tenant, family):
     a = tenant("app")

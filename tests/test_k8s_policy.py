@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from netpolicy.ruleset import GATEWAY_V6
 from runtime.lab import LAB
 from tests.support import attacks as atk
 from tests.support import k8s
@@ -77,6 +78,35 @@ def test_node_probes_pass_on_listed_ports_only(lab, plugin, app, tmp_path, famil
     # Nothing but the node: the same port from the internet stays closed.
     r = lab.probe(lab.internet, "tcp", c[family], PROBE_PORT, timeout=1.0)
     assert not r.ok, f"the internet opened the node's probe port: {r}"
+
+
+_CONNECT_FROM = r"""
+import json, socket, sys
+dst, port, src, ifname = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.settimeout(2)
+s.bind((src, 0, 0, socket.if_nametoindex(ifname)))
+try:
+    s.connect((dst, port, 0, 0))
+    s.sendall(b"probe\n")
+    print(json.dumps({"echo": s.recv(100).decode(errors="replace")}))
+except OSError as exc:
+    print(json.dumps({"error": str(exc)}))
+"""
+
+
+def test_a_probe_from_the_veths_link_local_address_passes_without_an_agent(lab, plugin, app, tmp_path):
+    """A node with no other IPv6 address probes from fe80::1, its end of every container
+    veth (README). Review 9: without an agent, the ADD loaded the table before it gave
+    the veth that address, and nothing read the node's addresses again: the probe was
+    dropped as node-to-container. fe80::1 is in node6 whether a veth holds it or not."""
+    _policy(plugin, tmp_path, "probes", ingress=[{"source": "node", "protocols": ["tcp"], "ports": [PROBE_PORT]}])
+    c = _container(plugin, app, lab, tmp_path, "probed")
+    veth = json.loads(plugin.calls[-1].stdout)["interfaces"][0]["name"]  # the ADD's result
+    cp = lab.run(lab.node, [sys.executable, "-c", _CONNECT_FROM, c["v6"], str(PROBE_PORT), GATEWAY_V6, veth])
+    got = json.loads(cp.stdout)
+    # The echo server greets with one JSON line; the echoed "probe" may come in the same read.
+    assert "echo" in got and json.loads(got["echo"].splitlines()[0])["peer"] == GATEWAY_V6, got
 
 
 @pytest.mark.parametrize("family", ["v4", "v6"])

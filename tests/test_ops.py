@@ -140,7 +140,7 @@ def test_doctor_on_a_healthy_lab_node(plugin, agent, app, lab):
     assert cp.returncode == 0, cp.stdout + cp.stderr
     assert "checks passed" in cp.stdout
     rc, checks = doctor(lab, plugin)
-    assert rc == 0 and len(checks) == 12
+    assert rc == 0 and len(checks) == 13
     assert "1 attachments' network namespaces open here" in checks["netns-pins"]["detail"]
     assert "1 container end(s) with segmentation offload TCP's metered, the others off" in checks["segmentation"]["detail"]
 
@@ -177,7 +177,7 @@ def test_doctor_finds_tcp_offload_left_on_for_a_segment_meter_that_is_gone(plugi
         assert rc == 1 and failed(checks) == {"segmentation", "agent"}
         assert "not the segment meter the table counts along: metered (tx-tcp" in checks["segmentation"]["detail"]
         assert checks["segmentation"]["fix"].startswith("the meter's pins (under /run/sockgate/bpf")
-        assert "the next ADD does" in checks["segmentation"]["fix"]
+        assert "the next ADD or DEL does" in checks["segmentation"]["fix"]
     finally:
         assert in_netns(node, segment_meter.install)
 
@@ -342,3 +342,81 @@ def test_the_sweep_never_takes_an_attachment_being_added(plugin, app, lab, tmp_p
         assert len(plugin.records()) == 11
     finally:
         agent.stop()
+
+
+# --- teardown -------------------------------------------------------------------------
+
+def test_teardown_refuses_while_anything_needs_the_table_then_removes_it_and_the_meter(plugin, agent, app, lab):
+    """An uninstall that only removes files leaves the table's hooks on every packet of
+    the node and the meter's BPF programs attached by their pins. `sockgate teardown`
+    takes both, but never from under the agent (it would load them again) or a
+    container (its packets would leave unfiltered)."""
+    c = plugin.conf
+    node = f"/run/netns/{lab.node}"
+
+    def teardown(*args: str) -> tuple[int, dict]:
+        cp = sockgate(lab, plugin, "teardown", "--json", "--state-dir", c["stateDir"], "--run-dir", c["runDir"],
+                      *args, paths=False)
+        assert cp.returncode in (0, 1), cp.stdout + cp.stderr
+        return cp.returncode, json.loads(cp.stdout)
+
+    def blocked_by() -> set[str]:
+        code, doc = teardown()
+        assert (code == 1) is bool(doc["blockers"]) and not doc["removed"]
+        return {b["kind"] for b in doc["blockers"]}
+
+    def table_there() -> bool:
+        return lab.run(lab.node, ["nft", "list", "table", "inet", "sockgate"], check=False).returncode == 0
+
+    ns = app()
+    plugin.add("kept", ns)
+    assert blocked_by() == {"agent", "attachment"}
+    assert agent.stop(signal.SIGTERM) == 0
+    assert blocked_by() == {"attachment"}
+    plugin.delete("kept", ns)
+    # Another state dir's container: only its veth in sockgate's interface group says so.
+    in_node(lab, "ip", "link", "add", "sgt-other", "group", str(0x5347), "type", "veth", "peer", "name", "sgt-peer")
+    try:
+        assert blocked_by() == {"veth"}
+    finally:
+        in_node(lab, "ip", "link", "del", "sgt-other")
+    assert table_there() and in_netns(node, segment_meter.installed)
+    code, doc = teardown("--check")
+    assert code == 0 and not doc["removed"] and doc["present"][0] == "nft table inet sockgate"
+    assert len(doc["present"]) == 2 and table_there()
+    code, doc = teardown()
+    assert code == 0 and doc["removed"]
+    assert not table_there()
+    assert not in_netns(node, segment_meter.installed) and not in_netns(node, segment_meter.pin_dir).exists()
+    assert teardown() == (0, {"blockers": [], "present": [], "removed": False})  # nothing left: idempotent
+    text = sockgate(lab, plugin, "teardown", "--state-dir", c["stateDir"], "--run-dir", c["runDir"], paths=False)
+    assert text.returncode == 0 and "nothing to remove" in text.stdout
+
+
+def test_teardown_finds_the_meter_under_either_pin_root_and_refuses_one_it_cannot_see(plugin, app, lab):
+    """Review 9: run where another bpffs sits at /sys/fs/bpf (a shell with the host's
+    mounted, the meter pinned under /run/sockgate/bpf by a process without it),
+    teardown took the table and left the meter attached. It looks under both roots
+    now, and refuses while the table counts along a meter it can't see."""
+    c = plugin.conf
+    node = f"/run/netns/{lab.node}"
+    ns = app()
+    plugin.add("gone-soon", ns)
+    plugin.delete("gone-soon", ns)
+    assert in_netns(node, segment_meter.installed)
+    teardown = f"{sys.executable} -m runtime.cli.main teardown --json --state-dir {c['stateDir']} --run-dir {c['runDir']}"
+
+    def in_private_mounts(setup: str) -> tuple[int, dict]:
+        cp = lab.run(lab.node, ["unshare", "-m", "--propagation", "private", "sh", "-c", f"{setup} && exec {teardown}"],
+                     check=False, timeout=120)
+        assert cp.returncode in (0, 1), cp.stdout + cp.stderr
+        return cp.returncode, json.loads(cp.stdout)
+
+    # Neither root holds it in view: refused, nothing removed.
+    code, doc = in_private_mounts("mount -t bpf bpf /sys/fs/bpf && mount -t tmpfs none /run/sockgate")
+    assert code == 1 and [b["kind"] for b in doc["blockers"]] == ["meter"] and not doc["removed"], doc
+    assert in_netns(node, segment_meter.installed)
+    # /sys/fs/bpf is a bpffs, and the meter is under /run/sockgate/bpf: found and removed.
+    code, doc = in_private_mounts("mount -t bpf bpf /sys/fs/bpf")
+    assert code == 0 and doc["removed"] and any("/run/sockgate/bpf/net-" in p for p in doc["present"]), doc
+    assert not in_netns(node, segment_meter.installed)

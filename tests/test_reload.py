@@ -106,8 +106,9 @@ def test_flush_during_churn_restores_every_attachment_and_bills_exactly(lab, plu
 
 
 def test_final_record_of_an_attachment_whose_elements_never_came_back(lab, plugin, app, tmp_path):
-    """Without an agent nobody reloads a flushed table until the next ADD: a DEL in
-    between finds no counters and still closes the attachment's billing, saying so."""
+    """Without an agent a flushed table is loaded again by the next ADD, or by a DEL
+    while other containers remain: the DEL of the last one finds no counters and still
+    closes the attachment's billing, saying so."""
     ns = app()
     plugin.add("gone", ns)
     lab.run(lab.node, ["nft", "flush", "ruleset"])

@@ -182,6 +182,24 @@ def _extra_of(lab, ifindex: int) -> segment_meter.Extra:
     return in_netns(_node(lab), lambda: segment_meter.count(ifindex))
 
 
+def test_a_del_of_a_record_without_the_veths_index_forgets_its_count_too(lab, plugin, app):
+    """An ADD killed after its elements and before the record's last write leaves a
+    record without the veth's index; its DEL finds the elements by their comment, and
+    (review 9) now the index too: the veth's count no longer stays in the meter's map,
+    whose entries are few (65,536)."""
+    ns = app()
+    res = plugin.add("half", ns)
+    host_if = res["interfaces"][0]["name"]
+    ifindex = in_netns(_node(lab), lambda: socket.if_nametoindex(host_if))
+    assert atk.run(lab, ns, "small-mss", LAB.public_v4, 9000, 88, 100_000)["echoed"] >= 100_000
+    assert _extra_of(lab, ifindex).packets > 100
+    record = next((plugin.state_dir / "networks").glob("*/attachments/half--eth0.json"))
+    record.write_text(json.dumps(dict(json.loads(record.read_text()), host_ifindex=0)))
+    plugin.delete("half", ns)
+    assert _extra_of(lab, ifindex) == segment_meter.Extra()
+    assert not in_netns(_node(lab), lambda: nft.endpoint_counters().get(host_if))
+
+
 def test_a_reload_that_renews_leaves_another_state_dirs_containers_alone(lab, plugin, app, cni_exe, policy_file,
                                                                            tmp_path):
     """A reload restores the containers of its own stateDir only. Renewing the counted

@@ -325,6 +325,25 @@ def test_same_key_after_final_counts_a_new_element_from_zero(env):
     assert rec["tx_bytes"] == 700 and rec["counter_reset"] and not rec["final"] and rec["seq"] == 2
 
 
+def test_the_final_records_own_elements_bill_nothing_more_whatever_their_counters_do(env):
+    """Review 10: a DEL killed after its final record, then a new segment meter: the
+    gone veth's elements lost the old meter's part of their counters, and a flush (or
+    the retried DEL) took that for a new element and billed the whole nft part again.
+    The same generation says they are the elements the final record read."""
+    att = make_att(env.state, "c1")
+    env.kernel.c[att.host_ifname] = Counters(tx_bytes=5000, tx_packets=80, generation="aaaa")
+    assert env.final(att)["tx_bytes"] == 5000
+    env.kernel.c[att.host_ifname] = Counters(tx_bytes=3000, tx_packets=20, generation="aaaa")  # the meter's part gone
+    env.clock.tick()
+    assert env.flush() == []
+    assert env.final(att) is None  # the retried DEL
+    # A new element under the same key (a new ADD of the same ids) still counts from zero.
+    env.kernel.c[att.host_ifname] = Counters(tx_bytes=700, tx_packets=5, generation="bbbb")
+    env.clock.tick()
+    [rec] = env.flush()
+    assert rec["tx_bytes"] == 700 and rec["counter_reset"] and not rec["final"]
+
+
 def test_vanished_attachment_is_closed_then_forgotten(env):
     gone, stays = make_att(env.state, "gone"), make_att(env.state, "stays")
     env.kernel.send(gone, tx=10)

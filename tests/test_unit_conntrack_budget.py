@@ -44,7 +44,13 @@ def test_the_trim_deletes_what_an_attachment_holds_beyond_its_bounds_and_nothing
         "10.77.0.2": made("10.77.0.2", 44, True, b"c2") + made("10.77.0.2", 40, False, b"l2"),
         # At both bounds: nothing.
         "10.77.0.3": made("10.77.0.3", 44, True, b"c3") + made("10.77.0.3", 16 + closing_trim.SLACK, False, b"l3"),
-        "192.0.2.9": made("192.0.2.9", 100, True, b"x"),   # no container's
+        "192.0.2.9": made("192.0.2.9", 100, True, b"x"),   # no container's, and in no pool
+        # A deleted container's, in the pools and routed nowhere: every one goes.
+        "10.77.0.9": made("10.77.0.9", 5, False, b"g9"),
+        "fd77::9": made("fd77::9", 3, True, b"g9"),
+        # Routed into a veth, a container no record of this state dir names (another
+        # state dir's, or one being added): stays.
+        "10.77.0.8": made("10.77.0.8", 100, True, b"o8"),
     }
     deleted: list[bytes] = []
 
@@ -59,8 +65,13 @@ def test_the_trim_deletes_what_an_attachment_holds_beyond_its_bounds_and_nothing
         def close(self):
             pass
     monkeypatch.setattr(conntrack, "Conntrack", FakeConntrack)
+    from runtime.kernel import netns, nft
+    monkeypatch.setattr(nft, "prefixes", {"pools4": ["10.77.0.0/16"], "pools6": ["fd77::/64"]}.get)
+    monkeypatch.setattr(netns, "routed_to_containers",
+                        lambda: {"10.77.0.1", "fd77::1", "10.77.0.2", "10.77.0.3", "10.77.0.8"})
     policies = SimpleNamespace(get=lambda *_: SimpleNamespace(egress=SimpleNamespace(bounds=bounds)))
     trim = closing_trim.ClosingTrim("policy.json", str(tmp_path), policies=policies)
     over = 40 - 16 - closing_trim.SLACK
     assert trim.trim() == {"closing/eth0 (net)": 50, "live/eth0 (net)": over}
-    assert sorted(deleted) == sorted([b"c1"] * 50 + [b"l2"] * over) and trim.deleted == 50 + over
+    assert sorted(deleted) == sorted([b"g9"] * 8 + [b"c1"] * 50 + [b"l2"] * over) and trim.deleted == 50 + over
+    assert trim.forgotten == 8

@@ -186,6 +186,32 @@ def test_a_reload_killed_between_the_offloads_and_the_record_does_it_again(env, 
     assert env.fake.table.owners()["rx"] >= {owned_by(env, "c1"), owned_by(env, "c3")}
 
 
+@pytest.mark.parametrize("step", ["end_escaped_flows", "stop_tcp_offload"])
+def test_a_reload_killed_before_its_last_steps_leaves_a_table_the_next_caller_loads_again(env, monkeypatch, step):
+    # Review 10 (F2, F5): killed after the load and before the flows opened without a
+    # table were ended (or, without a meter, before the offloads went off), the table
+    # was current already, so nothing ever did those steps.
+    env.attach("c1")
+    env.fake.table.flush()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # SIGKILL's stand-in: nothing after it runs
+    monkeypatch.setattr(restore, step, killed)
+    monkeypatch.setattr(env.fake.links, "tcp_offload_metered", lambda: False)
+    with pytest.raises(KeyboardInterrupt):
+        env.attach("c2")
+    assert (env.fake.table.revision or "").startswith("pending ")  # loaded, not current
+    monkeypatch.undo()
+    monkeypatch.setattr(env.fake.links, "tcp_offload_metered", lambda: False)
+    env.fake.faults.calls.clear()
+    env.attach("c3")  # no flush: the table is there, but not current
+    calls = env.fake.faults.calls
+    assert calls.count("table.load_table") == 1 and "flows.purge_unmasqueraded" in calls
+    assert "links.stop_container_segmentation" in calls
+    assert calls.index("flows.purge_unmasqueraded") < calls.index("table.mark_loaded")
+    assert not env.fake.table.revision.startswith("pending ")
+
+
 def test_watched_add_skips_the_rules_check_but_reloads_a_table_it_finds_missing(env):
     env.fake.node.watched = True
     env.attach("c1")
@@ -278,6 +304,34 @@ def test_detach_with_the_table_gone(env):
     env.fake.table.flush()
     core.detach(env.fake.node, env.conf, "c1", "eth0")
     assert env.leftovers() == NOTHING
+
+
+@pytest.mark.parametrize("watched", [False, True])
+def test_unwatched_detach_puts_a_missing_table_back_while_others_remain(env, watched):
+    # No agent checks the table: else the containers left would go unfiltered until
+    # the next ADD, however many DELs came first. Not after the last one.
+    env.fake.node.watched = watched
+    env.attach("c1")
+    env.attach("c2")
+    env.fake.table.flush()
+    core.detach(env.fake.node, env.conf, "c2", "eth0")
+    assert env.fake.table.owners() == ({} if watched else {s: {owned_by(env, "c1")}
+                                                           for s in ("ifaces", "tx4", "tx6", "rx")})
+    env.fake.table.flush()
+    core.detach(env.fake.node, env.conf, "c1", "eth0")
+    assert env.fake.table.dump()["present"] is False
+    assert env.leftovers() == NOTHING
+
+
+def test_unwatched_detach_succeeds_when_the_table_cannot_be_loaded(env, caplog):
+    env.attach("c1")
+    env.attach("c2")
+    env.fake.table.flush()
+    env.fake.faults.fail_op = "table.load_table"
+    assert core.detach(env.fake.node, env.conf, "c2", "eth0") is not None
+    assert env.fake.faults.raised is not None and env.fake.table.dump()["present"] is False
+    assert "could not be loaded again" in caplog.text and "injected failure" in caplog.text
+    assert env.net.attachments.load("c2", "eth0") is None and owned_by(env, "c2") not in env.fake.links.node_links()
 
 
 @pytest.mark.parametrize("watched", [False, True])

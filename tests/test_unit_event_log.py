@@ -238,11 +238,19 @@ def test_a_writer_killed_at_any_moment_loses_and_repeats_nothing_before_its_last
         "        print('writing', flush=True)\n")
     root = Path(__file__).resolve().parents[1]
     rng = random.Random(1206)
+    rotated = events_path(tmp_path).parent.glob
     for life in range(12):
+        before = len(list(rotated("events.jsonl.*")))
         proc = subprocess.Popen([sys.executable, "-c", code, str(life), str(tmp_path)], cwd=root,
                                 stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None and proc.stdout.readline() == "writing\n"
-        time.sleep(0.1 + rng.random() * 0.3)
+        # A rotation in every life, whatever the machine's load (a busy CI runner wrote
+        # too slowly for a fixed sleep), then a random moment after it.
+        deadline = time.monotonic() + 60
+        while len(list(rotated("events.jsonl.*"))) == before:
+            assert time.monotonic() < deadline, f"life {life}: no rotation in 60 s"
+            time.sleep(0.005)
+        time.sleep(rng.random() * 0.3)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(10) == -signal.SIGKILL
         log = EventLog(tmp_path, max_bytes=65536, keep=500)

@@ -198,3 +198,38 @@ def test_cursor_temp_left_by_a_killed_allocator(tmp_path: Path) -> None:
     assert store.remove_temps() == [tmp_path / "..last-v6.tmp"]
     assert store.remove_temps(every=True) == [tmp_path / ".last-v4.77.88.tmp"]
     assert sorted(os.listdir(tmp_path)) == [".last-v4", "192.0.2.1", "192.0.2.2"]
+
+
+_HOLD_AND_DIE = r"""
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from runtime.fsutil import held_while
+with held_while(Path(sys.argv[1])):
+    print("held", flush=True)
+    if sys.argv[3] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("holder", ["killed", "alive", "finished"])
+def test_a_block_its_holder_died_in_is_told_from_one_under_way_or_done(tmp_path: Path, holder: str) -> None:
+    # What tells a killed ADD's record from one whose ADD is under way (runtime.core.attach).
+    path = tmp_path / "adding" / "c1--eth0.lock"
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_AND_DIE, str(path), str(PROJECT),
+                             "kill" if holder == "killed" else "wait"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        if holder != "killed":
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        if holder == "finished":
+            proc.communicate("", timeout=10)
+        else:
+            assert proc.wait(10) == -signal.SIGKILL if holder == "killed" else proc.poll() is None
+        with fsutil.abandoned(path) as dead:
+            assert dead == (holder == "killed")
+        assert path.exists() == (holder == "alive")  # the caller of a dead one's block removes it
+    finally:
+        proc.kill()
+        proc.wait()

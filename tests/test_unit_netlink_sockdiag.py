@@ -44,6 +44,15 @@ def test_v4_mapped_socket_and_no_tcp_info():
     assert s.local == ("10.77.0.5", 5000) and s.remote == ("1.1.1.1", 53) and s.idle is None
 
 
+def test_v6_addresses_are_written_as_canonical_writes_an_attachments():
+    # The sweep compares a socket's addresses with the container's as text.
+    s = sockdiag.parse_inet_diag(_answer(socket.AF_INET6, 1, 5000, 53, "fd77:5067:6174:0::5", "2606:2800:21f:cb07::77",
+                                         b"\1" * 8, None))
+    assert s.local == (sockdiag.canonical("FD77:5067:6174:0000:0000:0000:0000:0005"), 5000)
+    assert s.local[0] == "fd77:5067:6174::5" and s.remote == ("2606:2800:21f:cb07::77", 53)
+    assert sockdiag.canonical("10.77.0.5") == "10.77.0.5"
+
+
 def test_request_is_laid_out_as_inet_diag_req_v2():
     sid = sockdiag.INET_DIAG_SOCKID.pack(1, 2, b"", b"", b"", sockdiag.NO_COOKIE)
     req = sockdiag.INET_DIAG_REQ_V2.pack(socket.AF_INET, socket.IPPROTO_TCP, 2, 1 << 1, sid)

@@ -4,6 +4,7 @@ iptables, status's readers (pools, events) and its rendering. The same commands 
 real kernel: tests/test_ops.py."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -248,6 +249,21 @@ def test_mtu(tmp_path, links, v4, ok, words):
     assert result.ok is ok and words in result.detail, result
     if not ok:
         assert result.fix.startswith(f"set the network's mtu to {'1500' if 'above 1500' in words else '14'}")
+
+
+@pytest.mark.parametrize("extra, ok, words", [
+    ([], True, "every container veth here (1) is recorded in"),
+    ([_link("sgforeign", 1456, "21319")], False, "1 of 2 container veths are not recorded in"),
+    ([_link("docker0", 1500)], True, "every container veth here (1)"),  # not sockgate's group: not counted
+])
+def test_state_dir(tmp_path, policies, extra, ok, words):
+    env = make_env(tmp_path, policies)
+    att = env.attach("c1")
+    cfg = dataclasses.replace(cfg_of(tmp_path), state_dir=env.conf.state_dir)
+    cfg.run = FakeIp([_link("eth0", 1500), _link(att.host_ifname, 1456, "21319"), *extra], [])
+    result = doctor.check_state_dir(cfg)
+    assert result.ok is ok and words in result.detail, result
+    assert ok or ("sgforeign" in result.detail and result.fix.startswith("use one stateDir per node"))
 
 
 DOCKER_FORWARD = "-P FORWARD DROP\n-A FORWARD -j DOCKER-USER\n-A FORWARD -j DOCKER-FORWARD\n"

@@ -183,12 +183,15 @@ def test_what_the_node_answers_before_forward_is_checked_before_routing():
     assert _chain("before_routing4")[1:] == [
         "@nh,64,32 & 0xfe000000 == 0 meta iifgroup 0x5347 goto last_hop4",
         "@nh,0,32 & 0x0f000000 != 0x05000000 meta iifgroup 0x5347 goto options4",
-        'meta pkttype != host meta iifgroup 0x5347 counter drop comment "drop:link-broadcast"']
+        'meta pkttype != host meta iifgroup 0x5347 counter drop comment "drop:link-broadcast"',
+        f"meta iifgroup 0x5347 meta iif . ip saddr != @tx4 {_SPOOFED}"]
     assert _chain("before_routing6")[1:] == [
         "@nh,32,32 & 0x000000fe == 0 meta iifgroup 0x5347 goto last_hop6",
         "@nh,64,32 & 0xffc00000 == 0xfe800000 meta iifgroup 0x5347 jump link_local",
         "@nh,192,32 & 0xffc00000 == 0xfe800000 meta iifgroup 0x5347 jump link_local",
-        'meta pkttype != host @nh,48,8 != 58 meta iifgroup 0x5347 counter drop comment "drop:link-broadcast"']
+        'meta pkttype != host @nh,48,8 != 58 meta iifgroup 0x5347 counter drop comment "drop:link-broadcast"',
+        '@nh,48,8 58 @th,0,8 133-137 meta iifgroup 0x5347 counter drop comment "drop:neighbour"',
+        f"meta iifgroup 0x5347 meta iif . ip6 saddr != @tx6 {_SPOOFED}"]
     # From a forged source counted as such; from the container's own, dropped all the
     # same: conntrack would have refreshed its flow with a packet that never leaves.
     for chain, family, what in (("last_hop4", "ip", "last-hop"), ("options4", "ip", "ip-options"),
@@ -263,6 +266,15 @@ def test_the_nodes_answers_to_hop_by_hop_options_are_dropped_on_their_way_out():
     assert error[112 // 8] == 0 and error[0] == 4
 
 
+
+def test_the_nodes_own_link_local_multicast_is_not_counted_as_a_connection_into_a_container():
+    assert _chain("node_to_container") == [
+        "ct state established,related accept",
+        'ip6 daddr ff02::/16 counter drop comment "drop:node-multicast"',
+        'ip daddr 224.0.0.0/24 counter drop comment "drop:node-multicast"',
+        'counter goto event_node_to_container comment "drop:node-to-container"']
+
+
 # --- refused-flow events ---------------------------------------------------------------
 
 def test_each_reported_reason_goes_through_its_event_chain_and_ends_as_before():
@@ -278,13 +290,12 @@ def test_each_reported_reason_goes_through_its_event_chain_and_ends_as_before():
             assert ends_in(line.split(" ", 5)[5], EVENT_REASONS[reason][1], reason), line
         else:  # not a flow's first packet, nor a flow the contract has: counted, not reported
             assert reason in ("invalid", "neighbour", "fragment", "link-local", "hop-by-hop", "redirect", "last-hop",
-                              "ip-options", "link-broadcast") and " goto " not in line, line
+                              "ip-options", "link-broadcast", "node-multicast") and " goto " not in line, line
     for reason, (iface, verdict) in EVENT_REASONS.items():
         report, end = _chain(event_chain(reason), text)
         # Bounded per container (one bucket per veth, all reasons), the reason in the
         # prefix, headers only.
-        only = "meta l4proto { tcp, udp } " if reason == "node-to-container" else ""
-        assert report.startswith(f"{only}update @event_rate {{ meta {iface} limit rate 5/second burst 10 packets }} "
+        assert report.startswith(f"update @event_rate {{ meta {iface} limit rate 5/second burst 10 packets }} "
                                  "log ")
         assert f'prefix "drop:{reason}" group {EVENTS_NFLOG_GROUP} snaplen 128 queue-threshold 16' in report
         assert end == verdict

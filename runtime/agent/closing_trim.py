@@ -24,6 +24,16 @@ FlowBounds.entries + new_flows_per_second x `every` entries. The dump walks the 
 table and each entry is parsed here: 0.35-0.52 s for 50,000 entries on the 2-core
 development machine (docs/measurements.md), so a full table of 262,144 takes about
 2.5 s of one CPU every `every` seconds.
+
+The same dump ends the flows of containers that are gone. A DEL leaves its
+container's entries (deleting them there would walk the whole conntrack hash, 14-16
+ms per address family here, on every DEL), and a peer that goes on sending to the
+container's public port keeps its entry alive for as long as it sends. Given the
+address, the next container would receive those packets: the old one's replies,
+de-masqueraded to the address it now holds. So the entries from an address in a
+container pool that no container veth is routed to are deleted. IPAM hands a freed
+address out again only after the rest of its pool (runtime.state.ipam), so that is
+done long before, unless the pool wraps around within `every` seconds.
 """
 from __future__ import annotations
 
@@ -33,12 +43,13 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from runtime.core import policy
+from runtime.core.gone_flows import describe_forgotten, forget_gone_containers
 from runtime.errors import SockgateError
 from runtime.state.store import READY, attachments
 
 if TYPE_CHECKING:
     from netpolicy.ruleset import FlowBounds
-    from runtime.kernel.netlink.conntrack import DumpedEntry
+    from runtime.kernel.netlink.conntrack import Conntrack, DumpedEntry
 
 log = logging.getLogger(__name__)
 DEFAULT_EVERY_S = 30.0
@@ -62,6 +73,7 @@ class ClosingTrim:
         self.policy_file, self.state_dir, self.every = policy_file, state_dir, every
         self.policies = policies if policies is not None else policy.CompiledPolicies()
         self.deleted = 0  # entries deleted since start
+        self.forgotten = 0  # entries of containers that were gone, deleted since start
 
     def trim(self) -> dict[str, int]:
         """One pass: {attachment: entries deleted} for those over their bounds."""
@@ -80,6 +92,7 @@ class ClosingTrim:
             found = ct.entries_by_source()
             if not found:
                 return {}
+            self._forget_gone(ct, found)
             held: dict[str, list[DumpedEntry]] = defaultdict(list)
             for addr, entries in found.items():
                 if addr in owner:
@@ -98,6 +111,16 @@ class ClosingTrim:
                         "them", len(trimmed), bounds.closing, bounds.max_flows,
                         ", ".join(f"{who} ({n})" for who, n in sorted(trimmed.items())[:5]))
         return trimmed
+
+    def _forget_gone(self, ct: Conntrack, found: dict[str, list[DumpedEntry]]) -> None:
+        try:
+            deleted = forget_gone_containers(ct, found)
+        except (OSError, SockgateError) as exc:
+            log.warning("can't tell which containers are gone (their conntrack entries stay): %s", exc)
+            return
+        if deleted:
+            self.forgotten += sum(deleted.values())
+            log.info("%s", describe_forgotten(deleted))
 
     def run(self, stop: threading.Event) -> None:
         if self.every <= 0:

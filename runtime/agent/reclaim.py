@@ -40,7 +40,7 @@ from runtime.kernel.netlink.conntrack import (
     Flow,
     parse_destroy,
 )
-from runtime.kernel.netlink.sockdiag import TCP_ESTABLISHED, InetSock, SockDiag
+from runtime.kernel.netlink.sockdiag import TCP_ESTABLISHED, InetSock, SockDiag, canonical
 from runtime.state.store import Attachment, attachments
 
 log = logging.getLogger(__name__)
@@ -445,11 +445,10 @@ class Reclaimer:
                          udp_watched: Mapping[Flow, bytes]) -> tuple[int, dict[Flow, bytes]]:
         """In the container's netns (ct was opened in the node's). Returns how many
         sockets it aborted and the UDP sockets to watch until the next sweep."""
-        own = {ipaddress.ip_address(a) for a in (att.ipv4, att.ipv6) if a}
+        own = {canonical(a) for a in (att.ipv4, att.ipv6) if a}  # compared as text: per socket, cheaper
 
         def through_node(proto: int, s: InetSock) -> Flow | None:
-            local, remote = ipaddress.ip_address(s.local[0]), ipaddress.ip_address(s.remote[0])
-            if local not in own or remote in own:
+            if s.local[0] not in own or s.remote[0] in own:
                 return None     # not through the node (loopback, another interface)
             return Flow(proto, s.local[0], s.local[1], s.remote[0], s.remote[1])
 

@@ -54,6 +54,12 @@ class Session:
         if mark and mark.get("final"):
             if cur == base:
                 return None  # the deleted link's frozen counters (a repeated DEL): billed already
+            if cur.generation and cur.generation == base.generation:
+                # The very elements the final record read, their link gone: nothing more
+                # passed them. Their counters moved only because the segment meter's part
+                # did (a DEL killed after its final record, then a new meter: the old
+                # veth's count went with the old one; review 10). Billed already.
+                return None
             # Counters moved after a final record: the same key (same ids, `created`
             # in the same second) got a new element, which counts from zero.
             base, notes["counter_reset"] = ZERO, True

@@ -141,6 +141,31 @@ def check_mtu(cfg: DoctorConfig) -> Check:
                               f"(via {way_out})")
 
 
+def check_state_dir(cfg: DoctorConfig) -> Check:
+    """Every container veth here must be recorded in this state dir: a table load
+    restores (and, when the segment meter changed, renews) the elements of its own
+    state dir's containers only. Another's keep theirs, and at a meter's renewal lose
+    its part of their tx counters: billed short, without a note (README,
+    "Configuration reference", stateDir)."""
+    from netpolicy.ruleset import CONTAINER_IFGROUP
+    from runtime.state.store import attachments
+    tool = cfg.which("ip")
+    if tool is None:
+        return Check("state-dir", False, "no `ip` tool found: the veths can't be listed", "install iproute2")
+    veths = {link["ifname"] for link in _ip_json(cfg, tool, "link", "show")
+             if link.get("group") == str(CONTAINER_IFGROUP)}
+    other = sorted(veths - {att.host_ifname for att in attachments(cfg.state_dir).records})
+    if not other:
+        return Check("state-dir", True, f"every container veth here ({len(veths)}) is recorded in {cfg.state_dir}")
+    shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+    return Check("state-dir", False,
+                 f"{len(other)} of {len(veths)} container veths are not recorded in {cfg.state_dir}: {shown} "
+                 f"(a conflist or an agent with another stateDir, or records removed by hand)",
+                 "use one stateDir per node: the same in every sockgate conflist and the agent's --state-dir; "
+                 "a table load restores its own state dir's containers only, and bills another's short when "
+                 "the segment meter is replaced")
+
+
 def check_conntrack(cfg: DoctorConfig) -> Check:
     events = cfg.sysctl("net.netfilter.nf_conntrack_events")
     acct = cfg.sysctl("net.netfilter.nf_conntrack_acct")
@@ -408,7 +433,7 @@ def check_segmentation(cfg: DoctorConfig) -> Check:
                          f"carries them{note}",
                          "the meter's pins (under /run/sockgate/bpf or /sys/fs/bpf/sockgate) were removed: the "
                          "agent's table check puts a new meter in place with the table within seconds; without an "
-                         "agent, the next ADD does. (Or a container holding CAP_NET_ADMIN turned them on: take "
+                         "agent, the next ADD or DEL does. (Or a container holding CAP_NET_ADMIN turned them on: take "
                          "that capability away.)")
         return Check("segmentation", False,
                      f"{len(on)} container end(s) with segmentation offload on: {shown}; the node bills each "
@@ -444,8 +469,9 @@ def check_lab_namespaces(cfg: DoctorConfig) -> Check:
 
 
 CHECKS: tuple[Callable[[DoctorConfig], Check], ...] = (
-    check_agent, check_table, check_forwarding, check_mtu, check_conntrack, check_conntrack_max, check_docker_forward,
-    check_iptables_legacy, check_ranges, check_netns_pins, check_segmentation, check_lab_namespaces)
+    check_agent, check_table, check_state_dir, check_forwarding, check_mtu, check_conntrack, check_conntrack_max,
+    check_docker_forward, check_iptables_legacy, check_ranges, check_netns_pins, check_segmentation,
+    check_lab_namespaces)
 
 
 def run_checks(cfg: DoctorConfig) -> list[Check]:

@@ -3,16 +3,21 @@ periodically (runtime/agent/sweep.py over runtime.core.attach.sweep): remove the
 attachments whose container vanished without a DEL, and what crashes left (leases
 without a record, torn records, temp files of killed writers). Unlike the agent's
 sweep, it also takes the Docker door's attachments (the Docker door's own sweep
-then drops their endpoint records)."""
+then drops their endpoint records). And it deletes the conntrack entries of addresses
+no container holds any more, as the agent's closing trim does."""
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from runtime import textable
-from runtime.core.node import Node
+from runtime.core.gone_flows import describe_forgotten
+from runtime.core.node import Node, link_reaper
 from runtime.errors import INVALID_CONFIG, SockgateError
 from runtime.state.store import READY, attachments, network_names
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +39,11 @@ class GcReport:
     removed: list[Removed] = field(default_factory=list)
     # Keys (network, container id, ifname) whose leases had no record.
     leases: list[list[str]] = field(default_factory=list)
+    # Veths a DEL retired whose deletion a killed agent never did.
+    retired_links: list[str] = field(default_factory=list)
+    # Conntrack entries deleted per address no container holds any more (a deleted
+    # container's flows: runtime.agent.closing_trim, which the agent runs every 30 s).
+    forgotten_flows: dict[str, int] = field(default_factory=dict)
     torn_records: list[str] = field(default_factory=list)
     temp_files: list[str] = field(default_factory=list)
 
@@ -73,7 +83,21 @@ def run_gc(state_dir: str, run_dir: str, policy_file: str, network: str | None =
         report.leases += [[name, cid, ifname] for cid, ifname in swept.leftovers.leases]
         report.torn_records += [str(p) for p in swept.leftovers.torn]
         report.temp_files += [str(p) for p in swept.leftovers.temps]
+    # A DEL whose agent was killed before its reaper deleted the veth: no record, no
+    # lease, only the reaper's mark (review 10). (With an agent running, the first of the
+    # two reapers to get there deletes it.)
+    report.retired_links = link_reaper(run_dir, state_dir).reap_earlier()
+    report.forgotten_flows = _forget_gone(node)
     return report
+
+
+def _forget_gone(node: Node) -> dict[str, int]:
+    try:
+        return node.flows.forget_gone_containers()
+    except (OSError, SockgateError) as exc:
+        log.warning("gc: deleted containers' conntrack entries stay (can't read the pools, routes or table): %s",
+                    exc)
+        return {}
 
 
 def render(report: GcReport) -> str:
@@ -88,6 +112,11 @@ def render(report: GcReport) -> str:
     if report.leases:
         out.append(f"released the leases of {len(report.leases)} attachment(s) that had no record: "
                    + ", ".join("/".join(k) for k in report.leases))
+    if report.retired_links:
+        out.append(f"deleted {len(report.retired_links)} veth(s) retired by a DEL whose agent was killed before "
+                   f"deleting them: {', '.join(report.retired_links)}")
+    if report.forgotten_flows:
+        out.append(describe_forgotten(report.forgotten_flows))
     if report.torn_records:
         out.append(f"removed {len(report.torn_records)} unreadable record(s): {', '.join(report.torn_records)}")
     if report.temp_files:

@@ -50,9 +50,9 @@ def _agent(args: argparse.Namespace) -> int:
     from runtime.agent.service import AgentConfig, run_agent, setup_logging
     from runtime.agent.sweep import AttachmentSweep
     from runtime.billing.flush import BillingFlusher
-    from runtime.core.node import Node
+    from runtime.core.node import Node, link_reaper
     setup_logging()
-    reaper = _reaper(args.run_dir, args.state_dir)
+    reaper = link_reaper(args.run_dir, args.state_dir)
     cfg = AgentConfig(state_dir=args.state_dir, run_dir=args.run_dir, policy_file=args.policy,
                       ready_file=args.ready_file, metrics_address=args.metrics_address,
                       docker_socket=args.docker_socket, docker_host=args.docker_host, node=Node.open(reaper))
@@ -81,18 +81,6 @@ def _events_watch(cfg, args: argparse.Namespace):
     return EventsWatch(cfg.state_dir, policy=lambda: cfg.node.policies.get(cfg.policy_file, cfg.state_dir),
                        pools=lambda: nft.prefixes("pools4") + nft.prefixes("pools6"),
                        max_bytes=args.events_max_bytes, keep=args.events_keep)
-
-
-def _reaper(run_dir: str, state_dir: str):
-    from pathlib import Path
-
-    from runtime.kernel import netns
-    from runtime.state.store import attachments
-
-    def in_use() -> set[str]:
-        return {att.host_ifname for att in attachments(state_dir).records}
-    # Under the run dir: the marks must outlive the agent, not the node (nor its veths).
-    return netns.LinkReaper(Path(run_dir) / "retired", in_use)
 
 
 def _lab_cleanup(args: argparse.Namespace) -> int:
@@ -152,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--closing-trim-interval", type=seconds_or_never, default=30.0, metavar="SECONDS",
                    help="seconds between looks at the containers' closing TCP conntrack entries (TIME_WAIT, "
                         "CLOSE): a container holding more than its new-flow rate leaves behind keeps them "
-                        "alive by sending on them, and they are deleted; 0: never (README \"Threat model\"; "
-                        "default: %(default)s)")
+                        "alive by sending on them, and they are deleted; so are the entries of addresses no "
+                        "container holds any more (a deleted container's flows); 0: never (README \"Threat "
+                        "model\"; default: %(default)s)")
     p.add_argument("--reclaim-rcvbuf", type=int, default=8 << 20, metavar="BYTES",
                    help="receive buffer for conntrack DESTROY events (default: %(default)s)")
     p.add_argument("--table-check-interval", type=seconds, default=2.0, metavar="SECONDS",

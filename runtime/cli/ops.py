@@ -1,6 +1,7 @@
-"""`sockgate status`, `sockgate doctor`, `sockgate gc`: the operator's commands for a
-node (README "Operating a node"). Declared here, run from runtime/cli/status.py,
-doctor.py and gc.py, imported when the command runs. Run them in the node's netns."""
+"""`sockgate status`, `sockgate doctor`, `sockgate gc`, `sockgate teardown`: the
+operator's commands for a node (README "Operating a node"). Declared here, run from
+runtime/cli/status.py, doctor.py, gc.py and teardown.py, imported when the command
+runs. Run them in the node's netns."""
 from __future__ import annotations
 
 import argparse
@@ -62,6 +63,14 @@ def _gc(args: argparse.Namespace) -> int:
     return 0
 
 
+@_operator
+def _teardown(args: argparse.Namespace) -> int:
+    from runtime.cli import teardown
+    result = teardown.teardown(args.state_dir, args.run_dir, check_only=args.check)
+    print(json.dumps(result.to_json()) if args.json else teardown.render(result, args.check))
+    return 1 if result.blockers else 0
+
+
 def add_ops_commands(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "status", _status, help="what sockgate is doing on this node",
                 description="Print the agent (up or down; pid, version, uptime from RUN_DIR/agent.json), "
@@ -81,8 +90,9 @@ def add_ops_commands(sub: argparse._SubParsersAction) -> None:
 
     p = command(sub, "doctor", _doctor, help="check this node and say what to fix",
                 description="Check what sockgate needs of this node: the agent answering, the nft "
-                            "table loaded and current, IPv4/IPv6 forwarding, conntrack events, "
-                            "nf_conntrack_max against the containers' flow bounds, Docker's iptables "
+                            "table loaded and current, every container veth recorded in STATE_DIR, "
+                            "IPv4/IPv6 forwarding, conntrack events, nf_conntrack_max against the "
+                            "containers' flow bounds, Docker's iptables "
                             "FORWARD policy and DOCKER-USER rules, iptables-legacy tables, the Google "
                             "ranges cache, the runtime's netns pins, stale lab namespaces. For each "
                             "failed check it says what is wrong and what to do. Reads only: changes "
@@ -116,3 +126,25 @@ def add_ops_commands(sub: argparse._SubParsersAction) -> None:
                    help="run even when no ready attachment's veth and no sockgate table exist here (after "
                         "a reboot); without it gc refuses, taking this for a netns other than the node's")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = command(sub, "teardown", _teardown, help="remove sockgate's nft table and segment meter from this node",
+                description="Remove what sockgate keeps in this network namespace's kernel once nothing "
+                            "needs it: the nft table inet sockgate (its hooks see every packet of the node) "
+                            "and the segment meter (BPF programs at netfilter hooks, kept by their pins "
+                            "under /sys/fs/bpf/sockgate or /run/sockgate/bpf: they outlive any process "
+                            "and any uninstall that only removes files). Refuses, changing nothing, while "
+                            "the agent answers on RUN_DIR (it would load them again: stop it first) or "
+                            "while a container is attached (a record in STATE_DIR, or a veth in "
+                            "sockgate's interface group of any state dir): its packets would leave "
+                            "unfiltered and unmasqueraded. Keeps the state dir (leases, billing), the "
+                            "policy and the node's sysctls. What scripts/install-node.sh --uninstall runs "
+                            "after stopping the agent. Exit status 0 when removed (or nothing was there), "
+                            "1 when refused. Run it in the node's netns, as root.")
+    p.add_argument("--state-dir", default=defaults.STATE_DIR, help="the agent's state dir (default: %(default)s)")
+    p.add_argument("--run-dir", default=defaults.RUN_DIR, help="the agent's run dir (default: %(default)s)")
+    p.add_argument("--check", action="store_true",
+                   help="only say whether it could and what it would remove; change nothing (exit status 1 "
+                        "when it couldn't)")
+    p.add_argument("--json", action="store_true",
+                   help='print one JSON document: {"blockers": [{kind, detail}], "present": [...], "removed": bool} '
+                        '(kind: agent, attachment, record or veth)')

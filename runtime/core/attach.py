@@ -21,7 +21,7 @@ from runtime.core import restore, table
 from runtime.core.netconf import NetConf
 from runtime.core.node import Node
 from runtime.errors import ALREADY_ATTACHED, CHECK_FAILED, KERNEL_FAILURE, NOT_AVAILABLE, SockgateError
-from runtime.fsutil import locked, remove_stale_temps
+from runtime.fsutil import abandoned, held_while, locked, remove, remove_stale_temps
 from runtime.state.ipam import LeaseStore, Owner
 from runtime.state.store import (
     ADDING,
@@ -59,6 +59,11 @@ class Network:
 
     def lock(self) -> contextlib.AbstractContextManager[None]:
         return locked(self.root / "lock")
+
+    def adding(self, container_id: str, ifname: str) -> Path:
+        """Held by an ADD from before its record to its end: a record that is not ready
+        while nobody holds this is a killed ADD's (see remove_crashed_add)."""
+        return self.root / "adding" / f"{container_id}--{ifname}.lock"
 
 
 def _endpoint(att: Attachment, generation: str = "") -> Endpoint | None:
@@ -102,6 +107,12 @@ def attach(node: Node, req: AttachRequest) -> Attachment:
 
 def _attach(node: Node, req: AttachRequest, peer_netns: str, place: Callable[[Attachment], None]) -> Attachment:
     net = Network(req.conf)
+    with held_while(net.adding(req.container_id, req.ifname)):
+        return _attach_held(node, net, req, peer_netns, place)
+
+
+def _attach_held(node: Node, net: Network, req: AttachRequest, peer_netns: str,
+                 place: Callable[[Attachment], None]) -> Attachment:
     att = _reserve(net, req)
     try:
         # Compiled (cached) before the kernel is touched: an invalid policy fails here.
@@ -169,6 +180,7 @@ def _teardown_locked(node: Node, net: Network, att: Attachment, *, net_locked: b
         # Two fixed names each, no directory listing: DEL's cost stays flat.
         net.attachments.remove_temp(att.container_id, att.ifname)
         net.leases.remove_temps()
+        remove(net.adding(att.container_id, att.ifname))  # a killed ADD's (its holder is gone)
         net.attachments.delete(att.container_id, att.ifname)
 
 
@@ -194,6 +206,8 @@ def detach(node: Node, conf: NetConf, container_id: str, ifname: str) -> Attachm
     _teardown(node, net, att or _orphan(net, container_id, ifname))
     if att:
         log.info("detached %s/%s from %s", container_id, ifname, conf.name)
+    if not node.watched:
+        table.put_back(node, conf.policy_file, conf.state_dir)  # after the record went: not restored
     return att
 
 
@@ -316,7 +330,7 @@ class Vanished:
 def vanished(node: Node, records: list[Attachment]) -> list[Attachment]:
     """The ready attachments among `records` whose node-side veth is gone, asked on
     one netlink socket. Not ready ones are never listed: their ADD may be under way
-    (or crashed: the runtime DELs after a failed ADD, and CNI GC removes them)."""
+    (a killed one's: see remove_crashed_add)."""
     ready = [att for att in records if att.state == READY]
     present = node.links.links([att.host_ifname for att in ready])
     return [att for att in ready if att.host_ifname not in present]
@@ -352,6 +366,26 @@ def remove_vanished(node: Node, conf: NetConf, att: Attachment) -> Vanished | No
     return Vanished(now, why)
 
 
+def remove_crashed_add(node: Node, conf: NetConf, att: Attachment) -> Vanished | None:
+    """Remove `att` if the ADD that wrote it was killed: nobody holds its ADD lock
+    (Network.adding), and the record, read again once that lock is ours, is still the
+    same and not ready. Its runtime would DEL it after the failed ADD; one that died
+    too, or whose container vanished, never does, and its leases and elements would
+    stay (review 10; containerd 1.6 sends no CNI GC). A record without the lock's file
+    (an ADD of an earlier version) is left alone: its ADD may be under way."""
+    net = Network(conf)
+    with table_lock(conf.state_dir), net.lock(), abandoned(net.adding(att.container_id, att.ifname)) as dead:
+        if not dead:
+            return None
+        now = net.attachments.load(att.container_id, att.ifname)
+        if now is None or now.state == READY or now.created != att.created:
+            return None
+        why = f"its ADD was killed before it was ready; {_netns_state(node, now.netns)}"
+        _teardown_locked(node, net, now, net_locked=True)
+    log.info("removed attachment %s/%s from %s: %s", now.container_id, now.ifname, conf.name, why)
+    return Vanished(now, why)
+
+
 @dataclass
 class Swept:
     removed: list[Vanished] = field(default_factory=list)
@@ -366,6 +400,10 @@ def sweep(node: Node, conf: NetConf, skip: Callable[[Attachment], bool] = lambda
     done = Swept()
     for att in vanished(node, records):
         gone = remove_vanished(node, conf, att)
+        if gone is not None:
+            done.removed.append(gone)
+    for att in (att for att in records if att.state != READY):
+        gone = remove_crashed_add(node, conf, att)
         if gone is not None:
             done.removed.append(gone)
     done.leftovers = _leftovers(node, Network(conf))

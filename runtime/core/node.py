@@ -27,11 +27,19 @@ class TableBackend(Protocol):
 
     def table_exists(self) -> bool: ...
 
+    def counts_along_meter(self) -> bool:
+        """The loaded table records the segment meter the node has now."""
+
     def table_current(self, policy: EgressPolicy) -> bool:
         """Loaded, and rendered from `policy`."""
 
-    def load_table(self, policy: EgressPolicy, endpoints: list[tuple[Endpoint, tuple[str, ...]]]) -> None:
-        """The table with the elements of `endpoints`, in one transaction."""
+    def load_table(self, policy: EgressPolicy, endpoints: list[tuple[Endpoint, tuple[str, ...]]], *,
+                   pending: bool = False) -> None:
+        """The table with the elements of `endpoints`, in one transaction; pending: not
+        current until mark_loaded()."""
+
+    def mark_loaded(self, policy: EgressPolicy) -> None:
+        """A table loaded with pending=True made current."""
 
     def sync_node_addresses(self) -> bool:
         """The node's own addresses (sets node4/node6) made current; True if they changed."""
@@ -101,9 +109,11 @@ class LinkBackend(Protocol):
 
 
 class FlowBackend(Protocol):
-    """Conntrack, as far as a table reload needs it."""
+    """Conntrack, as far as a table reload and `sockgate gc` need it."""
 
     def purge_unmasqueraded(self, sources: set[str]) -> int: ...
+
+    def forget_gone_containers(self) -> dict[str, int]: ...
 
 
 @dataclass
@@ -126,3 +136,17 @@ class Node:
         from runtime.kernel import nft
         from runtime.kernel.netns import NetlinkLinks
         return cls(table=nft, links=NetlinkLinks(reaper), flows=ConntrackFlows())
+
+
+def link_reaper(run_dir: str, state_dir: str) -> LinkReaper:
+    """The agent's reaper of retired links, its marks under the run dir: they must
+    outlive the agent, not the node (nor its veths). A marked link that an attachment
+    record names again is someone's."""
+    from pathlib import Path
+
+    from runtime.kernel.netns import LinkReaper
+    from runtime.state.store import attachments
+
+    def in_use() -> set[str]:
+        return {att.host_ifname for att in attachments(state_dir).records}
+    return LinkReaper(Path(run_dir) / "retired", in_use)

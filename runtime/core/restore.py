@@ -89,6 +89,16 @@ class ConntrackFlows:
         finally:
             ct.close()
 
+    def forget_gone_containers(self) -> dict[str, int]:
+        from runtime.core.gone_flows import forget_gone_containers
+        from runtime.kernel.netlink.conntrack import Conntrack
+
+        ct = Conntrack()
+        try:
+            return forget_gone_containers(ct)
+        finally:
+            ct.close()
+
 
 def end_escaped_flows(flows: FlowBackend, endpoints: list[tuple[Endpoint, tuple[str, ...]]]) -> int:
     """After a reload: end the flows the containers opened while there was no table

@@ -39,6 +39,8 @@ from runtime.state.store import READY, attachments
 log = logging.getLogger("sockgate.docker")
 
 PORTMAP = "com.docker.network.portmap"
+ANSWERING = "answering"  # an endpoint record's state until CreateEndpoint's answer is written
+DELETING = "deleting"  # an endpoint record's state from DeleteEndpoint's start to its end
 
 
 def peer_ifname(eid: str) -> str:
@@ -138,7 +140,10 @@ class DockerDriver:
                 if mine.overlaps(theirs):
                     raise DriverError(f"pool {mine} overlaps {theirs} of network {other.name or other.id[:12]}; "
                                       f"use the same pools (they share addresses) or disjoint ones")
-        self.store.networks.save(NetworkRecord(id=nid, options=options, sockgate_network=name, created=time.time()))
+        # answered=False until the answer is written (see answered()): a record whose
+        # answer a killed agent never wrote is a network Docker doesn't have.
+        self.store.networks.save(NetworkRecord(id=nid, options=options, sockgate_network=name, created=time.time(),
+                                               answered=False))
         log.info("network %s created: core network %s, pools %s %s", nid[:12], name, conf.ipv4_pool, conf.ipv6_pool)
         return {}
 
@@ -198,8 +203,32 @@ class DockerDriver:
                 attach.detach(self.node, conf, eid, peer_ifname(eid))
                 return {}
             self.store.endpoints.save(EndpointRecord(network_id=rec.id, id=eid, ifname=att.ifname,
-                                                    created=time.time()))
+                                                    state=ANSWERING, created=time.time()))
         return self._interface(att)
+
+    def answered(self, path: str, req: dict) -> None:
+        """The transport wrote a successful answer to `path` (review 11): Docker has the
+        network or endpoint now. Until then its record says otherwise, and the agent
+        that starts after a kill removes it (sweep(startup=True)): Docker fails a call
+        whose answer it never got and never deletes what that call made (its retry
+        comes with an empty body)."""
+        if path == "/NetworkDriver.CreateEndpoint":
+            eid = req.get("EndpointID")
+            if not isinstance(eid, str) or not DOCKER_ID.match(eid):
+                return
+            with self._lock(eid):
+                ep = self.store.endpoints.get(eid)
+                if ep is not None and ep.state == ANSWERING:  # (a Join may have come first)
+                    ep.state = "created"
+                    self.store.endpoints.save(ep)
+        elif path == "/NetworkDriver.CreateNetwork":
+            nid = req.get("NetworkID")
+            if not isinstance(nid, str) or not DOCKER_ID.match(nid):
+                return
+            rec = self.store.networks.get(nid)
+            if rec is not None and not rec.answered:
+                rec.answered = True
+                self.store.networks.save(rec)
 
     def endpoint_info(self, req: dict, op: Op) -> dict:
         eid = check_id(req.get("EndpointID"), "EndpointID")
@@ -222,6 +251,13 @@ class DockerDriver:
 
     def _drop_endpoint(self, eid: str, nid: Any) -> None:
         with self._lock(eid):
+            ep = self.store.endpoints.get(eid)
+            if ep is not None and ep.state != DELETING:
+                # Docker forgets an endpoint whatever DeleteEndpoint answers (its retry
+                # after a killed agent has an empty body): the record says the removal
+                # was asked for, and the sweep finishes one the agent died in (review 11).
+                ep.state = DELETING
+                self.store.endpoints.save(ep)
             self._detach(eid, nid)
             self.store.endpoints.delete(eid)
         self._forget_lock(eid)
@@ -317,13 +353,18 @@ class DockerDriver:
                 net.attachments.save(att)
         log.info("endpoint %s belongs to container %s (%s)", eid[:12], container_name, container_id[:12])
 
-    def sweep(self) -> list[str]:
+    def sweep(self, startup: bool = False) -> list[str]:
         """Endpoints whose interface is gone: the container's netns died with it in
         while Docker's DeleteEndpoint never reached us (agent down, dockerd killed).
         Free their leases, records and set elements. Also attachments of this door
-        whose endpoint record never got written (the agent died in CreateEndpoint)."""
+        whose endpoint record never got written (the agent died in CreateEndpoint).
+        `startup` (before the socket serves, so no call is under way): also the
+        endpoints and networks whose CreateEndpoint/CreateNetwork answer a killed agent
+        never wrote (see answered())."""
         undone: list[str] = []
         self.store.remove_stale_temps()
+        if startup:
+            undone += self._unanswered()
         known = {ep.id: ep for ep in self.store.endpoints.all()}
         if not known and not self.store.networks.all():
             return undone
@@ -342,6 +383,12 @@ class DockerDriver:
                         undone.append(eid)
                         log.info("attachment of endpoint %s had no endpoint record; removed", eid[:12])
                     continue
+                if ep.state == DELETING:  # a DeleteEndpoint the agent died in (review 11)
+                    self._detach(eid, ep.network_id)
+                    self.store.endpoints.delete(eid)
+                    undone.append(eid)
+                    log.info("endpoint %s: finished its DeleteEndpoint, cut short by the agent's end", eid[:12])
+                    continue
                 try:
                     _, conf = self._network(ep.network_id)
                 except DriverError:
@@ -352,6 +399,24 @@ class DockerDriver:
                 self.store.endpoints.delete(eid)
                 undone.append(eid)
                 log.info("endpoint %s: its interface is gone (container netns deleted); attachment removed", eid[:12])
+        return undone
+
+    def _unanswered(self) -> list[str]:
+        undone = []
+        for ep in self.store.endpoints.all():
+            if ep.state == ANSWERING:
+                with self._lock(ep.id):
+                    self._detach(ep.id, ep.network_id)
+                    self.store.endpoints.delete(ep.id)
+                undone.append(ep.id)
+                log.info("endpoint %s: its CreateEndpoint was never answered (the agent was killed before); "
+                         "Docker failed that call and will not delete it: removed", ep.id[:12])
+        used = {ep.network_id for ep in self.store.endpoints.all()}
+        for rec in self.store.networks.all():
+            if not rec.answered and rec.id not in used:
+                self.store.networks.delete(rec.id)
+                log.info("network %s: its CreateNetwork was never answered (the agent was killed before); "
+                         "Docker doesn't have it: record removed", rec.id[:12])
         return undone
 
     def pending_identities(self) -> None:

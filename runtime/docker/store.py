@@ -18,13 +18,17 @@ class NetworkRecord:
     sockgate_network: str              # the core network (lease and attachment space)
     name: str = ""                     # Docker's name, learnt in the background
     created: float = 0.0
+    answered: bool = True              # False from CreateNetwork's record to its answer's write
 
 
 @dataclass
 class EndpointRecord:
     network_id: str
     id: str
-    state: str = "created"             # created (CreateEndpoint) -> joined (Join) -> created (Leave)
+    state: str = "created"             # answering (CreateEndpoint, until its answer is written) ->
+                                       # created -> joined (Join) -> created (Leave)
+                                       # -> deleting (DeleteEndpoint under way; the sweep finishes
+                                       # one whose agent was killed)
     ifname: str = ""
     sandbox: str = ""
     container_id: str = ""             # Docker's, learnt in the background

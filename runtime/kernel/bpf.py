@@ -28,6 +28,8 @@ MAP_GET_NEXT_KEY = 4
 PROG_LOAD = 5
 OBJ_PIN = 6
 OBJ_GET = 7
+PROG_GET_FD_BY_ID = 13
+MAP_GET_FD_BY_ID = 14
 OBJ_GET_INFO_BY_FD = 15
 MAP_LOOKUP_AND_DELETE_ELEM = 21
 LINK_CREATE = 28
@@ -49,6 +51,7 @@ PROG_LOAD_ATTR = Layout(("prog_type", "I"), ("insn_cnt", "I"), ("insns", "Q"), (
                         ("prog_flags", "I"), ("prog_name", "16s"), ("prog_ifindex", "I"),
                         ("expected_attach_type", "I"))
 OBJ_ATTR = Layout(("pathname", "Q"), ("bpf_fd", "I"), ("file_flags", "I"))
+BY_ID_ATTR = Layout(("id", "I"), ("next_id", "I"), ("open_flags", "I"))
 INFO_ATTR = Layout(("bpf_fd", "I"), ("info_len", "I"), ("info", "Q"))
 MAP_ELEM_ATTR = Layout(("map_fd", "I"), ("_pad", "4x"), ("key", "Q"), ("value", "Q"), ("flags", "Q"))
 # link_create's netfilter member sits in the union after the four common fields
@@ -279,6 +282,46 @@ def object_id(fd: int) -> int:
     _call(OBJ_GET_INFO_BY_FD, "read a BPF object's id", INFO_ATTR, bpf_fd=fd, info_len=8,
           info=ctypes.addressof(info))
     return int.from_bytes(info.raw[4:8], sys.byteorder)
+
+
+def link_prog_id(fd: int) -> int:
+    """The id of the program a link attaches (bpf_link_info: type, id, prog_id)."""
+    info = ctypes.create_string_buffer(12)
+    _call(OBJ_GET_INFO_BY_FD, "read a BPF link's program", INFO_ATTR, bpf_fd=fd, info_len=12,
+          info=ctypes.addressof(info))
+    return int.from_bytes(info.raw[8:12], sys.byteorder)
+
+
+# bpf_prog_info's nr_map_ids (u32) and map_ids (a pointer to u32s), after type, id,
+# tag[8], two lengths, two pointers, load_time and created_by_uid.
+_PROG_INFO_MAPS = Layout(("nr_map_ids", "I"), ("map_ids", "Q"))
+_PROG_INFO_MAPS_AT = 52
+
+
+def prog_map_ids(prog_id: int, most: int = 8) -> list[int]:
+    """The ids of the maps a live program uses (at most `most` of them)."""
+    fd = _call(PROG_GET_FD_BY_ID, f"open BPF program {prog_id}", BY_ID_ATTR, id=prog_id)
+    try:
+        ids = (ctypes.c_uint32 * most)()
+        info = ctypes.create_string_buffer(_PROG_INFO_MAPS_AT + _PROG_INFO_MAPS.size)
+        _PROG_INFO_MAPS.pack_into(info, _PROG_INFO_MAPS_AT, most, ctypes.addressof(ids))
+        _call(OBJ_GET_INFO_BY_FD, f"read BPF program {prog_id}'s maps", INFO_ATTR, bpf_fd=fd,
+              info_len=len(info), info=ctypes.addressof(info))
+        (count, _) = _PROG_INFO_MAPS.unpack_from(info, _PROG_INFO_MAPS_AT)
+        return list(ids[:min(count, most)])
+    finally:
+        os.close(fd)
+
+
+def map_alive(map_id: int) -> bool:
+    """Whether a map of that id lives (something holds it: a pin, a program, an fd)."""
+    try:
+        os.close(_call(MAP_GET_FD_BY_ID, f"open BPF map {map_id}", BY_ID_ATTR, id=map_id))
+    except BpfError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True
 
 
 def lookup(fd: int, key: bytes, value_size: int) -> bytes | None:

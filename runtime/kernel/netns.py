@@ -514,6 +514,18 @@ class LinkReaper:
                 self._cond.notify()
         return queued
 
+    def reap_earlier(self) -> list[str]:
+        """Delete now, in this process, what an earlier reaper marked and never deleted
+        (`sockgate gc`: an agent killed between a DEL's answer and the link's deletion,
+        and not started again). Returns the links deleted."""
+        queued = self.recover()
+        with self._cond:
+            self._queue = [n for n in self._queue if n not in queued]
+        for name in queued:
+            delete_link(name)  # a running agent's reaper may delete it too: one finds it gone
+            self._unmark(name)
+        return queued
+
     def run(self, stop: threading.Event) -> None:
         """Until stop is set and the queue is empty: nothing retired is left behind."""
         self.recover()
@@ -639,6 +651,17 @@ def host_routes(host_ifname: str) -> set[str]:
             return set()
         return {f"{r.get('RTA_DST')}/{r['dst_len']}" for r in ipr.get_routes(oif=idx, family=socket.AF_INET)
                 } | {f"{r.get('RTA_DST')}/{r['dst_len']}" for r in ipr.get_routes(oif=idx, family=socket.AF_INET6)}
+
+
+def routed_to_containers() -> set[str]:
+    """The addresses the node routes into a container veth now (a link in
+    CONTAINER_IFGROUP): the attached containers', of every state dir and door. A
+    deleted container's address is not among them: its veth went down at DEL, and its
+    routes with it."""
+    with IPRoute() as ipr:
+        veths = {link["index"] for link in ipr.get_links() if link.get("IFLA_GROUP") == CONTAINER_IFGROUP}
+        return {r.get("RTA_DST") for family in (socket.AF_INET, socket.AF_INET6)
+                for r in ipr.get_routes(family=family) if r.get("RTA_OIF") in veths and r.get("RTA_DST")}
 
 
 class NetlinkLinks:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from netpolicy.ruleset import (
     COUNTED_SETS,
     FAMILY,
+    GATEWAY_V6,
     METER_SET,
     NODE_SETS,
     REVISION_SET,
@@ -38,6 +39,7 @@ from netpolicy.ruleset import (
     renew_counted_script,
     revision,
     revision_key,
+    revision_script,
 )
 from runtime.errors import KERNEL_FAILURE, SockgateError
 from runtime.kernel import segment_meter
@@ -98,11 +100,18 @@ def table_exists() -> bool:
 
 
 def table_current(policy: EgressPolicy = EgressPolicy()) -> bool:
-    """Whether the loaded table was rendered from `policy` (its first rule's stamp) and
-    counts along the segment meter the node netns has now (METER_SET): one whose
-    meter was removed or replaced must be loaded again."""
+    """Whether the loaded table was rendered from `policy` (its first rule's stamp: the
+    rules themselves, not changed since), loaded to the end (its revision element: a
+    load that had more to do writes it last, see load_table), and counts along the
+    segment meter the node netns has now (METER_SET): one whose meter was removed or
+    replaced must be loaded again."""
     rc, listed, _ = _nft(f"list chain {FAMILY} {TABLE} forward")
-    return rc == 0 and f"rev {revision(policy)}" in listed and counts_along_meter()
+    if rc != 0 or f"rev {revision(policy)}" not in listed:
+        return False
+    with nftnl.current() as sock:
+        if sock.get(TABLE, REVISION_SET, revision_key(policy)) is None:
+            return False
+    return counts_along_meter()
 
 
 def counts_along_meter() -> bool:
@@ -121,7 +130,7 @@ def _records(meter: int) -> bool:
     if meter:
         with nftnl.current() as sock:
             return sock.get(TABLE, METER_SET, meter_key(meter)) is not None
-    return _recorded_meter() == [0]
+    return recorded_meter() == [0]
 
 
 def loaded_revision() -> str | None:
@@ -134,7 +143,8 @@ def loaded_revision() -> str | None:
     return None
 
 
-def load_table(policy: EgressPolicy, endpoints: Sequence[tuple[Endpoint, tuple[str, ...]]] = ()) -> None:
+def load_table(policy: EgressPolicy, endpoints: Sequence[tuple[Endpoint, tuple[str, ...]]] = (), *,
+               pending: bool = False) -> None:
     """The table and the elements of `endpoints` (each with its pools), the node's own
     addresses and the segment meter it counts along, in one transaction: the table
     never exists without them. The rendering is idempotent (elements already there
@@ -147,9 +157,13 @@ def load_table(policy: EgressPolicy, endpoints: Sequence[tuple[Endpoint, tuple[s
     counters. A table that counted along a meter that is gone (its pins removed, its
     bpffs unmounted) or another one has counters that can't be read any more (see
     endpoint_counters): its counted elements are created anew, from zero, under the
-    load's generation (billing notes counter_reset)."""
+    load's generation (billing notes counter_reset).
+
+    pending: the table is loaded without its revision element, so that it is not
+    current (nor added to) until mark_loaded(): the caller's steps in between are
+    repeated by whoever loads it next if the caller dies before them."""
     meter = _meter_in_place()
-    recorded = _recorded_meter()
+    recorded = recorded_meter()
     # Any record but this meter's alone (another meter, gone or replaced; none while
     # there is one now; none at all, from a table of an earlier version): the counters
     # went along other counts, or none, and can't go on with these.
@@ -164,10 +178,15 @@ def load_table(policy: EgressPolicy, endpoints: Sequence[tuple[Endpoint, tuple[s
             if c is not None:
                 with c:
                     c.clear(None if renew else _not_counted(endpoints))
-    run(render_table(policy) + (renew_counted_script([ep for ep, _ in endpoints]) if renew else "")
+    run(render_table(policy, pending=pending) + (renew_counted_script([ep for ep, _ in endpoints]) if renew else "")
         + add_pools([p for _, pools in endpoints for p in pools])
         + "".join(add_endpoint(ep) for ep, _ in endpoints) + node_addresses_script(node_addresses())
         + meter_record_script(meter))
+
+
+def mark_loaded(policy: EgressPolicy) -> None:
+    """A table loaded with pending=True made current (its revision element)."""
+    run(revision_script(policy))
 
 
 def _meter_in_place() -> int:
@@ -180,7 +199,7 @@ def _meter_in_place() -> int:
         return 0
 
 
-def _recorded_meter() -> list[int] | None:
+def recorded_meter() -> list[int] | None:
     """What the loaded table records of its meter (METER_SET: one id, 0 for none); []
     when nothing (a table from before the record); None without a table."""
     elements = _set_elements(METER_SET)
@@ -198,10 +217,13 @@ def _not_counted(endpoints: Sequence[tuple[Endpoint, tuple[str, ...]]]) -> list[
 
 def node_addresses() -> tuple[str, ...]:
     """Every address of the calling thread's netns (the node's: where the table lives),
-    v4 and v6, loopback and link-local included."""
+    v4 and v6, loopback and link-local included; and GATEWAY_V6, the node's end of
+    every container veth, whether or not one exists yet: an ADD without an agent loads
+    the table before it gives its veth that address, and nothing would read the
+    addresses again (review 9: the node's probes from it were dropped)."""
     from pyroute2 import IPRoute  # read only when the table is loaded or checked, never per ADD
     with IPRoute() as ipr:
-        found = {a.get("IFA_LOCAL") or a.get("IFA_ADDRESS") for a in ipr.get_addr()}
+        found = {a.get("IFA_LOCAL") or a.get("IFA_ADDRESS") for a in ipr.get_addr()} | {GATEWAY_V6}
     return tuple(sorted(str(ipaddress.ip_address(a)) for a in found if a))
 
 
@@ -274,12 +296,14 @@ def add_if_current(ep: Endpoint, pools: tuple[str, ...], policy: EgressPolicy) -
 
 
 def remove(ep: Endpoint) -> None:
-    _remove_elements(ep)
+    ifindex = _remove_elements(ep)
     with _meter(f"clear the segment meter's count of {ep.host_ifname}"):
-        segment_meter.forget(ep.host_ifindex)
+        segment_meter.forget(ifindex)
 
 
-def _remove_elements(ep: Endpoint) -> None:
+def _remove_elements(ep: Endpoint) -> int:
+    """The veth's index: the endpoint's, or the one its rx element was keyed by when the
+    record never got it (review 9: else its count stayed in the meter's map)."""
     if ep.host_ifindex:
         # Idempotent: `delete` of a missing element would abort the transaction, so
         # each element is first added (a no-op if it is there).
@@ -289,9 +313,9 @@ def _remove_elements(ep: Endpoint) -> None:
         except nftnl.NftnlError as exc:
             if table_exists():
                 raise SockgateError(KERNEL_FAILURE, "nftables transaction failed", str(exc)) from exc
-        return
+        return ep.host_ifindex
     if not table_exists():
-        return
+        return 0
     # The index never reached the record (a crash between creating the veth and the
     # record's last write, or a DEL rebuilt from leases): find the elements by the
     # comment they carry, and delete them by the key nft lists them under.
@@ -302,6 +326,13 @@ def _remove_elements(ep: Endpoint) -> None:
                 found.append((set_name, _key_text(elem["elem"]["val"])))
     if found:
         run(remove_elements(found))
+    # rx's key is the index alone: listed as a number once the veth is gone, as its
+    # name while the agent's reaper still holds it down.
+    for set_name, key in found:
+        if set_name == "rx":
+            with contextlib.suppress(OSError):
+                return int(key) if key.isdigit() else socket.if_nametoindex(key.strip('"'))
+    return 0
 
 
 def _key_text(val: object) -> str:
@@ -406,7 +437,7 @@ def endpoint_counters_of(ep: Endpoint) -> Counters | None:
 
 
 METER_GONE = ("the segment meter they count along is gone (its pins removed or its bpffs unmounted); "
-              "the agent's table check (or the next ADD) loads the table with new elements and a new meter")
+              "the agent's table check (or the next ADD or DEL) loads the table with new elements and a new meter")
 
 
 def endpoint_counters() -> dict[str, Counters] | None:

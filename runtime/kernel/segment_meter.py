@@ -266,11 +266,19 @@ _LINKS = {"pre4": (_NFPROTO_IPV4, _NF_PRE_ROUTING, PREROUTING_PRIORITY),
 _libc = ctypes.CDLL(None, use_errno=True)  # as runtime/kernel/netns.py: no ldconfig run
 
 
+_BPF_FS_MAGIC = 0xCAFE4A11
+_STATFS_SIZE = 256  # struct statfs is 120 bytes on x86_64 and arm64; its first field is f_type
+
+
 def _is_bpffs(path: Path) -> bool:
-    want = str(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(len(parts) > 8 and parts[4] == want and parts[parts.index("-") + 1] == "bpf"
-                   for parts in (line.split() for line in f))
+    """Whether what this process sees at `path` is a bpffs. Asked of statfs, not of
+    /proc/self/mountinfo, whose line stays for a bpffs that a later mount over its
+    parent hides (a tmpfs over /run/sockgate): taken for mounted, it was never mounted
+    again, and every install failed to pin in a directory that wasn't there (review 10)."""
+    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    if _libc.statfs(str(path).encode(), buf) != 0:
+        return False  # not there (or not ours to see)
+    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF == _BPF_FS_MAGIC
 
 
 def _mount_bpffs() -> None:
@@ -375,33 +383,81 @@ def _unpin(d: Path) -> None:
 
 
 def remove(cookie: int | None = None) -> bool:
-    """Detach and free the meter of a netns (the calling thread's by default). Must run
-    before a node netns that has one is deleted: its pinned links keep the netns alive."""
-    d = pin_dir(cookie)
-    if not d.parent.exists():
-        return False
+    """Detach and free the meter of a netns (the calling thread's by default), under
+    every pin root in view, a killed install's leftovers included. Must run before a
+    node netns that has one is deleted: its pinned links keep the netns alive. True
+    when a whole meter was there."""
+    c = netns_cookie() if cookie is None else cookie
+    if not pinned_anywhere(c):
+        return False  # nothing to take: no lock, so no run directory made for it
     with _locked():
-        found = d.exists()
-        for stale in d.parent.glob(f"{d.name}-*"):
-            _unpin(stale)
-        _unpin(d)
-    return found
+        found = pinned_anywhere(c)
+        for d in found:
+            _unpin(d)
+    return any(d.name == f"net-{c}" for d in found)
+
+
+def _roots_in_view() -> list[Path]:
+    """Every pin root this process sees: a meter may have been pinned under the other
+    one by a process with other mounts (the agent's pod, a shell without /sys/fs/bpf)."""
+    return [root for root, fs in ((SYSTEM_BPFFS / "sockgate", SYSTEM_BPFFS), (OWN_BPFFS, OWN_BPFFS))
+            if _is_bpffs(fs) and root.is_dir()]
+
+
+def pinned_anywhere(cookie: int | None = None) -> list[Path]:
+    """The meter directories of a netns (the calling thread's) under every pin root in
+    view, a killed install's unfinished one included."""
+    c = netns_cookie() if cookie is None else cookie
+    return sorted(d for root in _roots_in_view() for d in (root / f"net-{c}", *root.glob(f"net-{c}-*"))
+                  if d.exists())
+
+
+def map_ids(dirs: Iterable[Path]) -> set[int]:
+    """The ids of the maps of the meters in these directories: the map's pin, and the
+    map each pinned link's program counts into. A removal killed after the map's pin
+    (_unpin takes it first) leaves links whose program still holds the map: it is in
+    view, and removing those pins frees it (review 10: teardown took it for a meter out
+    of view and refused for good)."""
+    ids = set()
+    for d in dirs:
+        for name in ("map", *_LINKS):
+            with contextlib.suppress(OSError):
+                fd = bpf.pinned(str(d / name))
+                try:
+                    ids.update([bpf.object_id(fd)] if name == "map" else bpf.prog_map_ids(bpf.link_prog_id(fd)))
+                finally:
+                    os.close(fd)
+    return ids
 
 
 def unmount_if_unused() -> bool:
-    """Unmount sockgate's own bpffs when no netns has a meter in it any more (the run
-    directory stays: it is what the lock is taken on)."""
-    if pin_root() != OWN_BPFFS or not OWN_BPFFS.exists():
+    """The pin roots gone that no netns has a meter in any more: sockgate's own bpffs
+    unmounted, its directory in the host's removed (the run directory stays: it is
+    what the lock is taken on). True when one went."""
+    roots = _roots_in_view()
+    if not roots:
         return False
+    gone = False
     with _locked():
-        if not _is_bpffs(OWN_BPFFS) or any(OWN_BPFFS.glob("net-*")):
-            return False
-        if _libc.umount2(str(OWN_BPFFS).encode(), 0) != 0:
-            return False
-        try:
-            OWN_BPFFS.rmdir()
-        except OSError:
-            return False  # another mount under it (not sockgate's): it stays
+        for root in roots:
+            if any(root.glob("net-*")):
+                continue
+            if root != OWN_BPFFS:
+                with contextlib.suppress(OSError):
+                    root.rmdir()  # under the lock: an install between its mkdir and its pins waits
+                    gone = True
+            elif _unmount_own():
+                gone = True
+    return gone
+
+
+def _unmount_own() -> bool:
+    if _libc.umount2(str(OWN_BPFFS).encode(), 0) != 0:
+        return False
+    try:
+        OWN_BPFFS.rmdir()
+    except OSError:
+        return False  # another mount under it (not sockgate's): it stays
     return True
 
 

@@ -98,18 +98,27 @@ class FakeTable:
         self.faults.hit("table.table_exists")
         return self.revision is not None
 
+    def counts_along_meter(self) -> bool:
+        self.faults.hit("table.counts_along_meter")
+        return self.revision is not None  # the fakes have no meter: a table records "none"
+
     def table_current(self, policy: EgressPolicy) -> bool:
         self.faults.hit("table.table_current")
         return self.revision == revision(policy)
 
-    def load_table(self, policy: EgressPolicy, endpoints: list[tuple[Endpoint, tuple[str, ...]]] = ()) -> None:
+    def load_table(self, policy: EgressPolicy, endpoints: list[tuple[Endpoint, tuple[str, ...]]] = (), *,
+                   pending: bool = False) -> None:
         self.faults.hit("table.load_table")
         # Elements already there stay (the rendering is idempotent).
-        self.revision = revision(policy)
+        self.revision = ("pending " if pending else "") + revision(policy)
         self.loads += 1
         for ep, pools in endpoints:
             self.pools.update(pools)
             self._add(ep)
+
+    def mark_loaded(self, policy: EgressPolicy) -> None:
+        self.faults.hit("table.mark_loaded")
+        self.revision = revision(policy)
 
     def sync_node_addresses(self) -> bool:
         self.faults.hit("table.sync_node_addresses")
@@ -352,6 +361,10 @@ class FakeFlows:
         self.faults.hit("flows.purge_unmasqueraded")
         self.purged.append(set(sources))
         return 0
+
+    def forget_gone_containers(self) -> dict[str, int]:
+        self.faults.hit("flows.forget_gone_containers")
+        return {}
 
 
 @dataclass
