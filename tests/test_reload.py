@@ -126,7 +126,7 @@ def test_flows_opened_while_the_table_was_missing_end_at_the_reload(lab, plugin,
     scripts/soak). The reload ends such flows: the container's next packet starts a
     new flow, filtered and masqueraded."""
     from runtime.lab import LAB
-    from tests.support.attacks import conntrack_entries, forget_flows
+    from tests.support.attacks import conntrack_entries, conntrack_lines, forget_flows
     from tests.test_hostile import Holder
 
     ns = app()
@@ -142,7 +142,8 @@ def test_flows_opened_while_the_table_was_missing_end_at_the_reload(lab, plugin,
         holder = Holder(lab, ns, server, 9000)
         first = holder.exchange("in the window")
         assert first["reply"] and first["reply"]["peer"] == own, first   # unfiltered, not masqueraded
-        assert [p for p, _ in conntrack_entries(lab, own)] == ["udp"]
+        lines = conntrack_lines(lab, own)
+        assert [line.split()[0] for line in lines] == ["udp"], "\n".join(lines)
         plugin.add("reloader", app())                   # an ADD finds no table and loads it
         assert conntrack_entries(lab, own) == [], "the flow opened without the table outlived the reload"
         again = holder.exchange("after the reload")

@@ -105,12 +105,17 @@ class EchoServers:
         self.active = 0
         self.udp_socks: list[socket.socket] = []
         self.servers: list[asyncio.Server] = []
+        # A connection's events carry its own id: after a container's DEL the next holder
+        # of its address can reopen the same four addresses and ports, and a test must
+        # not take the old connection's close for its own.
+        self.conns = 0
 
     async def handle_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         local = writer.get_extra_info("sockname")
+        self.conns += 1
         info = {"proto": "tcp", "peer": norm(peer[0]), "peer_port": peer[1],
-                "local": norm(local[0]), "port": local[1]}
+                "local": norm(local[0]), "port": local[1], "conn": f"{os.getpid()}.{self.conns}"}
         if self.active >= self.limits.max_conns:
             self.log.write(ev="tcp_refused", **info)
             writer.close()

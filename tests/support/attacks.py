@@ -777,22 +777,35 @@ def delta(before: dict[str, int], after: dict[str, int], noise: tuple[str, ...] 
             if after.get(k, 0) != before.get(k, 0) and k not in noise}
 
 
+def conntrack_lines(lab, address: str) -> list[str]:
+    """The node's conntrack entries whose original source is `address`, as conntrack
+    prints them."""
+    cmd = ["conntrack", "-L", "-s", address] + (["-f", "ipv6"] if is_v6(address) else [])
+    return [line for line in lab.run(lab.node, cmd).stdout.splitlines() if line.strip()]
+
+
 def conntrack_entries(lab, address: str) -> list[tuple[str, str]]:
     """(protocol, TCP state or "") of the node's conntrack entries whose original
     source is `address`, i.e. the flows of the container that owns it."""
-    cmd = ["conntrack", "-L", "-s", address] + (["-f", "ipv6"] if is_v6(address) else [])
-    out = lab.run(lab.node, cmd, check=False).stdout
     entries = []
-    for line in out.splitlines():
+    for line in conntrack_lines(lab, address):
         f = line.split()
-        if f:
-            entries.append((f[0], f[3] if f[0] == "tcp" else ""))
+        entries.append((f[0], f[3] if f[0] == "tcp" else ""))
     return entries
 
 
 def forget_flows(lab, *addresses: str) -> None:
+    """Delete the node's conntrack entries from these addresses, and see them gone: CI
+    once found 17 entries of earlier tests' containers after a single `conntrack -D`
+    (which exits 0 or 1 alike, whether it deleted all, some or none)."""
     for a in addresses:
-        lab.run(lab.node, ["conntrack", "-D", "-s", a] + (["-f", "ipv6"] if is_v6(a) else []), check=False)
+        for _ in range(10):
+            lab.run(lab.node, ["conntrack", "-D", "-s", a] + (["-f", "ipv6"] if is_v6(a) else []), check=False)
+            if not (left := conntrack_lines(lab, a)):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"conntrack entries from {a} would not go:\n" + "\n".join(left))
 
 
 def neighbours(lab, ns: str) -> list[dict]:
