@@ -452,27 +452,29 @@ class Reclaimer:
                 return None     # not through the node (loopback, another interface)
             return Flow(proto, s.local[0], s.local[1], s.remote[0], s.remote[1])
 
-        def lookup(flow: Flow) -> CtEntry | None:
-            try:
-                return ct.get(flow)
-            except OSError as exc:
-                log.warning("conntrack lookup of %s failed: %s", flow, exc)
-                raise
-
         n = 0
         d = SockDiag()
         try:
+            tcp: list[Flow] = []
             udp: dict[tuple[Flow, bytes], InetSock] = {}
             for fam in (socket.AF_INET, socket.AF_INET6):
                 for s in d.dump(fam, socket.IPPROTO_TCP, 1 << TCP_ESTABLISHED):
-                    flow = through_node(socket.IPPROTO_TCP, s)
-                    if flow is not None and ct.exists(flow) is False and self._abort(att, flow, "sweep", diag=d):
-                        n += 1
+                    if (flow := through_node(socket.IPPROTO_TCP, s)) is not None:
+                        tcp.append(flow)
                 # Connected UDP sockets (sock_diag reports them as ESTABLISHED).
                 for s in d.dump(fam, socket.IPPROTO_UDP, 1 << TCP_ESTABLISHED):
                     flow = through_node(socket.IPPROTO_UDP, s)
                     if flow is not None:
                         udp[(flow, s.cookie)] = s
+            entries = _entries(ct, [*tcp, *(flow for flow, _ in udp)])
+            for flow in tcp:
+                if flow in entries and entries[flow] is None and self._abort(att, flow, "sweep", diag=d):
+                    n += 1
+
+            def lookup(flow: Flow) -> CtEntry | None:
+                if flow not in entries:
+                    raise OSError(errno.EIO, f"no answer from conntrack for {flow}")
+                return entries[flow]
             expired, watch = sweep_udp(udp_watched, udp, lookup)
             for flow, cookie in expired:
                 if self._abort(att, flow, "sweep", diag=d, sock=udp[(flow, cookie)]):
@@ -480,6 +482,16 @@ class Reclaimer:
         finally:
             d.close()
         return n, watch
+
+
+def _entries(ct: Conntrack, flows: list[Flow]) -> dict[Flow, CtEntry | None]:
+    """Conntrack's entry of each flow; a flow left out got no definite answer (so
+    nothing is decided about it at this sweep)."""
+    try:
+        return ct.get_many(flows)
+    except OSError as exc:
+        log.warning("conntrack lookups of %d flow(s) failed: %s", len(flows), exc)
+        return {}
 
 
 def _check_events_sysctl() -> None:

@@ -11,7 +11,8 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
+import struct
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from pyroute2.netlink.marshal import Marshal
@@ -40,7 +41,6 @@ from runtime.kernel.netlink.core import (
     attr,
     attr_map,
     attributes,
-    be16,
     be32,
     cstr,
     error_code,
@@ -49,6 +49,8 @@ from runtime.kernel.netlink.core import (
 )
 
 log = logging.getLogger(__name__)
+# Lookups per datagram in Conntrack.get_many (its docstring says why 64).
+GET_CHUNK = 64
 
 TCP_CONNTRACK_ESTABLISHED = 3
 CT_DESTROY_TYPE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
@@ -226,14 +228,32 @@ def parse_udp_idle_timeout(payload: bytes) -> int | None:
     return None
 
 
+def _tuple_layout(addr: int) -> struct.Struct:
+    """CTA_TUPLE_ORIG { CTA_TUPLE_IP { SRC, DST }, CTA_TUPLE_PROTO { NUM, SRC_PORT,
+    DST_PORT } } for addresses of `addr` bytes, in one pack: built attribute by
+    attribute it cost a sweep more than the kernel's answers (8 attributes per
+    socket). Attribute headers are host order; the ports are packed as htons()."""
+    return struct.Struct(f"=HH HH HH{addr}s HH{addr}s HH HHB3x HHH2x HHH2x")
+
+
+_TUPLE: dict[int, struct.Struct] = {socket.AF_INET: _tuple_layout(4), socket.AF_INET6: _tuple_layout(16)}
+_PROTO_NEST = 4 + 8 + 8 + 8     # its header, then three attributes padded to 8 bytes
+
+
 def ct_tuple_orig(flow: Flow) -> bytes:
     """The CTA_TUPLE_ORIG attribute of a flow, as a GET request carries it."""
-    v6 = flow.family == socket.AF_INET6
+    family = flow.family
+    v6 = family == socket.AF_INET6
+    a = 16 if v6 else 4
+    ip_nest = 4 + 2 * (4 + a)
     src, dst = (CTA_IP_V6_SRC, CTA_IP_V6_DST) if v6 else (CTA_IP_V4_SRC, CTA_IP_V4_DST)
-    ip = attr(src, socket.inet_pton(flow.family, flow.src)) + attr(dst, socket.inet_pton(flow.family, flow.dst))
-    proto = (attr(CTA_PROTO_NUM, bytes([flow.proto])) + attr(CTA_PROTO_SRC_PORT, be16(flow.sport))
-             + attr(CTA_PROTO_DST_PORT, be16(flow.dport)))
-    return attr(CTA_TUPLE_ORIG, attr(CTA_TUPLE_IP, ip) + attr(CTA_TUPLE_PROTO, proto))
+    return _TUPLE[family].pack(
+        4 + ip_nest + _PROTO_NEST, CTA_TUPLE_ORIG,
+        ip_nest, CTA_TUPLE_IP,
+        4 + a, src, socket.inet_pton(family, flow.src), 4 + a, dst, socket.inet_pton(family, flow.dst),
+        _PROTO_NEST, CTA_TUPLE_PROTO,
+        5, CTA_PROTO_NUM, flow.proto,
+        6, CTA_PROTO_SRC_PORT, socket.htons(flow.sport), 6, CTA_PROTO_DST_PORT, socket.htons(flow.dport))
 
 
 # --- requests --------------------------------------------------------------------
@@ -260,30 +280,43 @@ class Conntrack(NetlinkSocket):
                 on_message(kind, payload)
         return 0
 
-    def get(self, flow: Flow) -> CtEntry | None:
-        """Conntrack's entry with this tuple (in either direction), None when there is
-        none. Raises OSError when the kernel gave no definite answer."""
-        found: list[int] = []
+    def get_many(self, flows: Iterable[Flow], chunk: int = GET_CHUNK) -> dict[Flow, CtEntry | None]:
+        """Conntrack's entry of each flow (a tuple matches an entry in either
+        direction), asked `chunk` to a datagram: a sweep looks up every connected
+        socket of every container, and a request and a wait per socket made those
+        lookups half a sweep's CPU (docs/measurements.md). A flow absent from the
+        result got no definite answer; raises OSError when the socket failed.
 
-        def entry(mtype: int, payload: bytes) -> None:
-            if mtype == CT_NEW_TYPE:
-                found.append(parse_ct_status(payload) or 0)
-        err = self._call(ct_tuple_orig(flow), IPCTNL_MSG_CT_GET, NLM_F_ACK, flow.family, on_message=entry)
-        if err == errno.ENOENT:
-            return None
-        if err:
-            raise OSError(err, os.strerror(err))
-        # The entry comes before the ACK; an ACK alone (never seen) would still mean "exists".
-        return CtEntry(found[0] if found else 0)
-
-    def exists(self, flow: Flow) -> bool | None:
-        """Whether conntrack has an entry with this tuple (in either direction); None
-        when the kernel didn't give a definite answer."""
-        try:
-            return self.get(flow) is not None
-        except OSError as exc:
-            log.warning("conntrack lookup of %s failed: %s", flow, exc)
-            return None
+        Only a chunk's last request asks for an ACK. Every other one is answered once,
+        by its entry or by its error (ENOENT: no entry), and the kernel answers a
+        datagram's requests in order, so the last one's ACK (or error) comes after all
+        of the chunk's answers. They wait in the socket's receive buffer meanwhile:
+        the default one (212,992 bytes) held 224 entries here and overflowed at 256
+        (ENOBUFS, raised here), so 64 leave room to spare."""
+        found: dict[Flow, CtEntry | None] = {}
+        todo = list(dict.fromkeys(flows))
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            last = len(part) - 1
+            seqs = self.send_batch(((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
+                                    NLM_F_REQUEST | (NLM_F_ACK if i == last else 0),
+                                    nfgen(flow.family) + ct_tuple_orig(flow)) for i, flow in enumerate(part))
+            by_seq = dict(zip(seqs, part))
+            for kind, seq, payload in self.answers():
+                flow = by_seq.get(seq)
+                if flow is None:
+                    continue        # an answer to an earlier request that timed out
+                if kind == CT_NEW_TYPE:
+                    found[flow] = CtEntry(parse_ct_status(payload) or 0)
+                elif kind == NLMSG_ERROR:
+                    err = error_code(payload)
+                    if err == errno.ENOENT:
+                        found[flow] = None
+                    elif err:
+                        log.warning("conntrack lookup of %s failed: %s", flow, os.strerror(err))
+                    if seq == seqs[-1]:
+                        break
+        return found
 
     def udp_idle_timeouts(self, table: str = TABLE) -> list[int] | None:
         """The `replied` timeouts (s) of the UDP ct timeout objects in nft table `inet
