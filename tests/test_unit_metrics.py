@@ -3,13 +3,15 @@ info, the request histograms and reclaims with the pod labels of their container
 (The kernel's counters are read in the lab: tests/test_agent.py scrapes a real agent.)"""
 from __future__ import annotations
 
+import socket
+import urllib.request
 from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.agent.metrics import SockgateCollector, parse_address, registry_for
+from runtime.agent.metrics import SockgateCollector, parse_address, registry_for, serve
 from runtime.state.store import Attachment, AttachmentStore
 from runtime.version import version
 
@@ -129,3 +131,32 @@ def test_the_readme_table_names_every_exported_metric(tmp_path):
     families, _ = render(tmp_path, {})
     exposed = {name + ("_total" if f.type == "counter" else ""): f.type for name, f in families.items()}
     assert {n: t for n, t in rows.items() if n not in PENDING or n in exposed} == exposed
+
+
+def _free_port(family: int, host: str) -> int:
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("family,host,address", [(socket.AF_INET, "127.0.0.1", "127.0.0.1:{}"),
+                                                 (socket.AF_INET6, "::1", "[::1]:{}")])
+def test_the_endpoint_starts_without_asking_the_resolver(tmp_path, monkeypatch, family, host, address):
+    """http.server looks up its own address's host name when it binds (a reverse DNS
+    query): on a node whose resolver doesn't answer, the agent's start waited 10 s for
+    it. The endpoint must bind without any lookup, and serve."""
+    def no_lookup(*_args):
+        raise AssertionError("the metrics endpoint asked the resolver")
+    monkeypatch.setattr(socket, "getfqdn", no_lookup)
+    monkeypatch.setattr(socket, "gethostbyaddr", no_lookup)
+    registry, _ = registry_for(SockgateCollector(str(tmp_path), reclaims=lambda: {}))
+    port = _free_port(family, host)
+    server = serve(address.format(port), registry)
+    try:
+        url = f"http://{address.format(port)}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            assert "sockgate_build_info" in r.read().decode()
+        assert server.address_family == family
+    finally:
+        server.shutdown()
+        server.server_close()

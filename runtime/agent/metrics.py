@@ -11,10 +11,15 @@ whose labels carry the version."""
 from __future__ import annotations
 
 import logging
+import socket
+import socketserver
+import threading
 from typing import Callable, Iterator, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from runtime.errors import SockgateError
 from runtime.kernel import nft
@@ -151,10 +156,32 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def serve(address: str, registry: CollectorRegistry):
+class _Server(ThreadingWSGIServer):
+    """prometheus_client's server, without the reverse lookup of its own address:
+    http.server's server_bind asks the resolver for the address's host name
+    (socket.getfqdn), only to fill in SERVER_NAME. Where the node's resolver doesn't
+    answer, the agent's start, and so every pod's first ADD, waited for the
+    resolver's timeout (10 s in the lab)."""
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+        self.setup_environ()
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass    # a scrape every few seconds is no news
+
+
+def serve(address: str, registry: CollectorRegistry) -> _Server:
     """The endpoint at `address` (parse_address), in a thread of its own."""
     host, port = parse_address(address)
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    server_class: type[_Server] = type("MetricsServer", (_Server,), {"address_family": family})
+    server = make_server(str(sockaddr[0]), port, make_wsgi_app(registry), server_class, _Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("metrics on http://%s/metrics", address)
     return server
 
