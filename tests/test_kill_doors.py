@@ -562,3 +562,41 @@ def test_docker_call_cut_short_by_a_kill_gets_a_clear_error(denv, net, killed_ag
         c.remove(force=True)
     err = str(started.error)
     assert "malformed" not in err and "restarted" in err, err
+
+
+# --- an endpoint the sweep can't remove ------------------------------------------------------
+
+def test_an_endpoint_the_sweep_cannot_remove_holds_up_neither_the_others_nor_the_agent(denv, net):
+    """A disk or kernel error that keeps the door's sweep from removing one endpoint
+    (here its attachment record is made immutable: deleting it fails with EPERM) must
+    not keep the sweep from the endpoints after it, nor the agent from starting: before,
+    the first failure ended the sweep, and at startup it failed the agent's start. The
+    failure is logged once, and the endpoint goes at the first sweep after the error
+    is gone, never billed twice."""
+    before = leftovers(denv)
+    cts = [run(denv, net, f"{net.name}-{k}") for k in ("a", "b")]
+    eids = [endpoint_of(c) for c in cts]
+    records = denv.state / "networks" / CORE_NET / "attachments"
+    record = {e: next(records.glob(f"{e}--*.json")) for e in eids}
+    host_end = {e: json.loads(record[e].read_text())["host_ifname"] for e in eids}
+    stuck, other = sorted(eids)   # the sweep goes in this order: the stuck one first
+    subprocess.run(["chattr", "+i", str(record[stuck])], check=True)
+    try:
+        for e in eids:   # their interfaces go, as when a container's netns is deleted behind Docker's back
+            denv.lab.run(denv.lab.node, ["ip", "link", "del", host_end[e]])
+        assert wait_for(lambda: not record[other].exists(), timeout=15), "the sweep stopped at the stuck endpoint"
+        assert record[stuck].exists()
+        assert denv.agent.stop() == 0
+        denv.agent.start()           # its startup sweep meets the stuck endpoint again
+        assert wait_for(lambda: record[stuck].exists() and not record[other].exists(), timeout=2)
+        failures = [e for e in denv.agent.entries() if f"endpoint {stuck[:12]} could not be removed" in e["msg"]]
+        # One for each agent (the log file is the same): not one per sweep, every 5 s.
+        assert len(failures) == 2, failures
+    finally:
+        subprocess.run(["chattr", "-i", str(record[stuck])], check=True)
+    assert settle(denv, before) == {}
+    assert denv.agent.stop() == 0  # its shutdown flush
+    denv.agent.start()
+    for e in eids:   # no traffic: a final record only where the elements went before it (the stuck one)
+        recs, total = billed(denv, e)
+        assert [r["final"] for r in recs].count(True) <= 1 and total == (0, 0), (e == stuck, summary(recs))

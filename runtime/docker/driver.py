@@ -41,6 +41,7 @@ log = logging.getLogger("sockgate.docker")
 PORTMAP = "com.docker.network.portmap"
 ANSWERING = "answering"  # an endpoint record's state until CreateEndpoint's answer is written
 DELETING = "deleting"  # an endpoint record's state from DeleteEndpoint's start to its end
+SWEEP_FAILURE_LOG_S = 600  # an endpoint the sweep can't remove is logged again after this
 
 
 def peer_ifname(eid: str) -> str:
@@ -67,6 +68,7 @@ class DockerDriver:
         self.ops = BoundedOps(cfg.op_timeout)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._sweep_failures: dict[str, tuple[float, float]] = {}  # endpoint -> (first, last logged)
         self.routes: dict[str, Callable[[dict, Op], dict]] = {
             "/Plugin.Activate": lambda r, op: {"Implements": ["NetworkDriver"]},
             "/NetworkDriver.GetCapabilities": lambda r, op: {"Scope": "local", "ConnectivityScope": "local"},
@@ -375,39 +377,64 @@ class DockerDriver:
         orphans = {a.container_id for name in cores for a in attachments(self.cfg.state_dir, name).records
                    if a.container_id not in known and DOCKER_ID.match(a.container_id)}
         for eid in sorted(set(known) | orphans):
-            with self._lock(eid):
-                ep = self.store.endpoints.get(eid)
-                if ep is None:
-                    if eid in orphans:
-                        self._detach(eid, None)
-                        undone.append(eid)
-                        log.info("attachment of endpoint %s had no endpoint record; removed", eid[:12])
-                    continue
-                if ep.state == DELETING:  # a DeleteEndpoint the agent died in (review 11)
-                    self._detach(eid, ep.network_id)
-                    self.store.endpoints.delete(eid)
+            try:
+                if self._sweep_endpoint(eid, eid in orphans, links):
                     undone.append(eid)
-                    log.info("endpoint %s: finished its DeleteEndpoint, cut short by the agent's end", eid[:12])
-                    continue
-                try:
-                    _, conf = self._network(ep.network_id)
-                except DriverError:
-                    continue
-                if self._intact(conf, eid, links) is not None or self._intact(conf, eid) is not None:
-                    continue  # (the second look: the link dump may predate a CreateEndpoint)
+                    self._sweep_failures.pop(eid, None)
+            except Exception as exc:    # one endpoint that can't be undone holds up no other
+                self._sweep_failed(eid, exc)
+        return undone
+
+    def _sweep_endpoint(self, eid: str, orphan: bool, links: Any) -> bool:
+        """Undo one endpoint if the sweep should (sweep()); whether it did."""
+        with self._lock(eid):
+            ep = self.store.endpoints.get(eid)
+            if ep is None:
+                if orphan:
+                    self._detach(eid, None)
+                    log.info("attachment of endpoint %s had no endpoint record; removed", eid[:12])
+                return orphan
+            if ep.state == DELETING:  # a DeleteEndpoint the agent died in (review 11)
                 self._detach(eid, ep.network_id)
                 self.store.endpoints.delete(eid)
-                undone.append(eid)
-                log.info("endpoint %s: its interface is gone (container netns deleted); attachment removed", eid[:12])
-        return undone
+                log.info("endpoint %s: finished its DeleteEndpoint, cut short by the agent's end", eid[:12])
+                return True
+            try:
+                _, conf = self._network(ep.network_id)
+            except DriverError:
+                return False
+            if self._intact(conf, eid, links) is not None or self._intact(conf, eid) is not None:
+                return False  # (the second look: the link dump may predate a CreateEndpoint)
+            self._detach(eid, ep.network_id)
+            self.store.endpoints.delete(eid)
+            log.info("endpoint %s: its interface is gone (container netns deleted); attachment removed", eid[:12])
+            return True
+
+    def _sweep_failed(self, eid: str, exc: Exception) -> None:
+        """Logged with its traceback the first time, then once every SWEEP_FAILURE_LOG_S
+        while it goes on failing (the sweep runs every few seconds)."""
+        now = time.monotonic()
+        first, last = self._sweep_failures.get(eid, (now, float("-inf")))
+        if now - last < SWEEP_FAILURE_LOG_S:
+            return
+        self._sweep_failures[eid] = (first, now)
+        if last == float("-inf"):
+            log.error("sweep: endpoint %s could not be removed (tried again at every sweep): %s", eid[:12], exc,
+                      exc_info=exc)
+        else:
+            log.error("sweep: endpoint %s still could not be removed, for %.0f s: %s", eid[:12], now - first, exc)
 
     def _unanswered(self) -> list[str]:
         undone = []
         for ep in self.store.endpoints.all():
             if ep.state == ANSWERING:
-                with self._lock(ep.id):
-                    self._detach(ep.id, ep.network_id)
-                    self.store.endpoints.delete(ep.id)
+                try:
+                    with self._lock(ep.id):
+                        self._detach(ep.id, ep.network_id)
+                        self.store.endpoints.delete(ep.id)
+                except Exception as exc:    # the agent starts all the same; a later startup retries
+                    self._sweep_failed(ep.id, exc)
+                    continue
                 undone.append(ep.id)
                 log.info("endpoint %s: its CreateEndpoint was never answered (the agent was killed before); "
                          "Docker failed that call and will not delete it: removed", ep.id[:12])
