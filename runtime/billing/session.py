@@ -35,9 +35,10 @@ class Session:
 
     def bill(self, att: Attachment, cur: Counters | None, *, final: bool = False) -> dict | None:
         """Queue the record of `att` for the interval since its last record. Periodic
-        (final=False): only when something moved. Final: always, for every attachment
-        that was ready (a DEL's rollback of a failed ADD excepted). cur None: the
-        elements are gone."""
+        (final=False): only when something moved. Final: for every attachment that was
+        ready (a DEL's rollback of a failed ADD excepted), but one that never carried
+        a packet and has no record yet: nothing to bill, nothing to close. cur None:
+        the elements are gone."""
         key = attachment_key(att)
         mark = self.marks.get(key)
         notes: dict[str, bool] = {}
