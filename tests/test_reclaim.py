@@ -691,30 +691,28 @@ def test_lookups_in_batches_answer_each_flow_as_conntrack_holds_it(lab, app):
     with `conntrack -I` in a netns of the test's own: over several datagrams, each flow
     gets its own entry (assured or not) or None, in either direction, and a flow asked
     twice is asked once."""
-    from runtime.kernel.netlink.conntrack import Conntrack
+    from runtime.kernel.netlink.conntrack import PROTOS, Conntrack
     from runtime.kernel.netns import in_netns
 
     ns = app()
+
+    def flow_no(i: int) -> Flow:    # TCP or UDP, IPv4 or IPv6, from consecutive ports
+        v6 = i % 4 >= 2
+        return Flow(socket.IPPROTO_UDP if i % 3 else socket.IPPROTO_TCP, "fd00:1::5" if v6 else "10.9.0.5",
+                    20000 + i, "2001:db8::9" if v6 else "192.0.2.9", 9000)
+    asked = [flow_no(i) for i in range(150)]
     made: dict[Flow, bool] = {}
-    for i in range(150):     # every other flow has an entry; one in three of those assured
-        v6 = i % 4 == 1
-        src, dst = ("fd00:1::5", "2001:db8::9") if v6 else ("10.9.0.5", "192.0.2.9")
-        flow = Flow(socket.IPPROTO_UDP if i % 3 else socket.IPPROTO_TCP, src, 20000 + i, dst, 9000)
+    for i, flow in enumerate(asked):
         if i % 2:
-            continue
+            continue        # every other flow has an entry; one in three of those assured
         assured = i % 6 == 0
-        cmd = ["conntrack", "-I", "-s", src, "-d", dst,
-               "-p", "udp" if flow.proto == socket.IPPROTO_UDP else "tcp",
-               "--sport", str(flow.sport), "--dport", "9000", "--timeout", "120"]
+        cmd = ["conntrack", "-I", "-s", flow.src, "-d", flow.dst, "-p", PROTOS[flow.proto],
+               "--sport", str(flow.sport), "--dport", str(flow.dport), "--timeout", "120"]
         if flow.proto == socket.IPPROTO_TCP:
             cmd += ["--state", "ESTABLISHED"]
         cmd += ["--status", "ASSURED"] if assured else []
         lab.run(ns, cmd)
         made[flow] = assured
-    asked = [Flow(p, s, sp, d, dp) for p, s, sp, d, dp in
-             ((socket.IPPROTO_UDP if i % 3 else socket.IPPROTO_TCP,
-               "fd00:1::5" if i % 4 == 1 else "10.9.0.5", 20000 + i,
-               "2001:db8::9" if i % 4 == 1 else "192.0.2.9", 9000) for i in range(150))]
     reply = next(iter(made))
     reversed_flow = Flow(reply.proto, reply.dst, reply.dport, reply.src, reply.sport)
 

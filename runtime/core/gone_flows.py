@@ -18,8 +18,11 @@ def of_gone_containers(found: dict[str, list[DumpedEntry]], pools: Iterable[str]
     container pools that the node routes into no container veth (`routed`, read after
     the dump: an address given to a new container by then keeps its entries)."""
     nets = [ipaddress.ip_network(p) for p in pools]
-    return {addr: entries for addr, entries in found.items()
-            if addr not in routed and any(ipaddress.ip_address(addr) in n for n in nets)}
+
+    def pooled(addr: str) -> bool:
+        ip = ipaddress.ip_address(addr)
+        return any(ip in n for n in nets)
+    return {addr: entries for addr, entries in found.items() if addr not in routed and pooled(addr)}
 
 
 def forget_gone_containers(ct: Conntrack, found: dict[str, list[DumpedEntry]] | None = None) -> dict[str, int]:
