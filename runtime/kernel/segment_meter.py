@@ -42,6 +42,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -81,6 +82,7 @@ NAME = b"sg_segments"
 SYSTEM_BPFFS = Path("/sys/fs/bpf")
 OWN_BPFFS = Path(RUN_DIR) / "bpf"
 MAP_ENTRIES = 65536            # veths with a count; more than a node's containers
+LINK_BUSY_WAIT_S = 2.0         # how long an attach waits for an unpinned link to let go
 VETH_SLACK = 4                 # runtime.kernel.netns: the node end is this much below the container's MTU
 PREROUTING_PRIORITY = -420     # after before_routing (-450), before defrag (-400) and conntrack (-200)
 FORWARD_PRIORITY = 1           # after sockgate's forward chain (filter, 0)
@@ -337,6 +339,22 @@ def install() -> bool:
         raise MeterError(exc.errno or errno.EIO, f"segment meter: {exc}") from None
 
 
+def _link_when_free(prog_fd: int, pf: int, hook: int, priority: int) -> int:
+    """bpf.link_netfilter, waiting up to LINK_BUSY_WAIT_S while the hook's priority is
+    taken. The kernel gives a priority to one BPF program only (EBUSY), and a link
+    unpinned a moment ago (a killed install's, just removed by _install) keeps it
+    until the kernel has released it, which happens after the unpin returns (CI saw
+    the next attach fail). Another meter that stays is still refused, after the wait."""
+    deadline = time.monotonic() + LINK_BUSY_WAIT_S
+    while True:
+        try:
+            return bpf.link_netfilter(prog_fd, pf, hook, priority)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _install() -> bool:
     if installed():
         return False  # another process did, while this one waited
@@ -357,7 +375,7 @@ def _install() -> bool:
         fds.append(prog_fd)
         bpf.pin(map_fd, str(work / "map"))
         for name, (pf, hook, priority) in _LINKS.items():
-            link = bpf.link_netfilter(prog_fd, pf, hook, priority)
+            link = _link_when_free(prog_fd, pf, hook, priority)
             fds.append(link)
             bpf.pin(link, str(work / name))
         work.rename(final)
