@@ -302,6 +302,7 @@ def test_entry_deleted_by_a_process_is_not_an_idle_reclaim(lab, plugin, app, app
     tcp, udp = apps(lab, ns, "tcp", LAB.public_v4), apps(lab, ns, "udp", LAB.public_v4)
     tcp.echo("x")
     udp.echo("y")
+    tcp.wait_acked()
     tcp.ask("recv")
     for flow in (tcp.flow(), udp.flow()):
         lab.run(lab.node, ["conntrack", "-D", "-f", "ipv4", "-p", "tcp" if flow.proto == 6 else "udp",
@@ -349,6 +350,7 @@ def test_lost_events_are_logged_and_made_up_for_by_a_sweep(lab, plugin, app, app
     rec = reclaimer("--sweep-interval", "0", "--rcvbuf", "2048")
     conn = apps(lab, ns, "tcp", LAB.public_v4)
     conn.echo("x")
+    conn.wait_acked()
     conn.ask("recv")
     flood = ("import socket\n"
              "for i in range(1500):\n"

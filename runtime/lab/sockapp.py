@@ -9,6 +9,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 from runtime.lab.builder import Lab
@@ -82,6 +83,7 @@ class SocketApp:
 
     def __init__(self, lab: Lab, ns: str, proto: str, host: str, port: int = 9000) -> None:
         self.proto, self.host, self.port = proto, host, port
+        self.lab = lab
         self.proc = lab.popen(ns, [sys.executable, "-c", APP, proto, host, str(port)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -119,6 +121,31 @@ class SocketApp:
         if self.proto == "udp":
             self.server = r["server"]
         return r
+
+    def wait_acked(self, timeout: float = 5.0) -> None:
+        """TCP: return once the echo server holds nothing the app hasn't acknowledged.
+        The app's ACK of an echo may be delayed (up to 200 ms, more when the node is
+        busy); a test that deletes the flow's conntrack entry waits for it first,
+        because an ACK that reaches the node after the deletion is a packet without a
+        flow, which the node refuses with a reset: the app would see ECONNRESET, not
+        the reclaimer's abort that the test is about."""
+        assert self.proto == "tcp" and self.server is not None
+        srv = self.server
+
+        def ends(addr: str, port: int) -> str:
+            return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+        argv = ["ss", "-Htn", "state", "established", "src", ends(srv["local"], srv["port"]),
+                "dst", ends(srv["peer"], srv["peer_port"])]
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.lab.run(self.lab.internet, argv).stdout.split()
+            # One row: Recv-Q, Send-Q, local, peer (a single state selected: no state column).
+            if len(rows) == 4 and rows[1] == "0":
+                return
+            if time.monotonic() > deadline:
+                raise AppError(f"the echo server's side of {ends(*self.local)} still holds unacknowledged "
+                               f"data after {timeout} s: {rows}")
+            time.sleep(0.02)
 
     def close(self) -> None:
         self.proc.kill()
