@@ -33,6 +33,7 @@ from runtime.core.attach import AttachRequest, attach
 from runtime.core.netconf import parse_netconf
 from runtime.core.node import Node
 from runtime.errors import SockgateError
+from runtime.hostport import host_port
 from runtime.kernel import netns, nft, segment_meter
 from runtime.lab import LAB, Lab
 from runtime.lab.builder import PROJECT_ROOT
@@ -349,7 +350,7 @@ class Bench:
             log = self.lab.run_dir / f"iperf3-server-v{6 if ':' in host else 4}.log"
             self.lab.popen(self.lab.internet, argv, log=log,
                            die_with_parent=True)
-        want = {f"{h}:{LAB.iperf_port}" if ":" not in h else f"[{h}]:{LAB.iperf_port}" for h in hosts}
+        want = {host_port(h, LAB.iperf_port) for h in hosts}
         deadline = time.monotonic() + 10
         while True:
             out = self.lab.run(self.lab.internet, ["ss", "-Hltn"]).stdout

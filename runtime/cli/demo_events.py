@@ -8,6 +8,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from runtime.agent.events import read_events
 from runtime.cli.demo_rows import Row
+from runtime.hostport import host_port
 
 # An event is stamped by the agent when the kernel hands it the packet; a probe's
 # start is stamped here just before the probe process starts. Same clock, so this
@@ -75,7 +76,7 @@ def format_event(event: Mapping[str, Any]) -> str:
     `policy explain`'s words; the reason too when the rule's name isn't it."""
     def hp(addr: object, port: object) -> str:
         a = str(addr)
-        return (f"[{a}]:{port}" if ":" in a else f"{a}:{port}") if port is not None else a
+        return host_port(a, port) if port is not None else a
     who = event.get("pod") or event.get("container_name") or event.get("container_id") or "?"
     when = str(event.get("time", ""))
     when = when[11:23] if len(when) >= 23 else when  # HH:MM:SS.mmm of the ISO time

@@ -7,6 +7,7 @@ import time
 from typing import Any, Callable
 
 from runtime.cli.demo_rows import Row, Target
+from runtime.hostport import host_port
 from runtime.lab import LAB, Lab
 from runtime.lab.agent import log_entries
 from runtime.lab.sockapp import AppError, SocketApp
@@ -21,7 +22,7 @@ RECLAIM_DEADLINE_S = IDLE_TIMEOUT_S + 20
 
 def _reclaim_line(agent_log: str, local: tuple[str, int]) -> dict[str, Any] | None:
     """The agent's log entry of the reclaim of the flow from `local`."""
-    src = f"[{local[0]}]:{local[1]}" if ":" in local[0] else f"{local[0]}:{local[1]}"
+    src = host_port(local[0], local[1])
     for entry in log_entries(agent_log.splitlines()):
         msg = str(entry.get("msg", ""))
         if msg.startswith("reclaimed ") and f" {src} -> " in msg:

@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from runtime.hostport import host_port
 from runtime.lab import LAB, Lab, ProbeResult
 
 APP_PORT = 8080  # each app listens here: something for inbound attempts to (fail to) reach
@@ -47,7 +48,7 @@ class Row:
     def dst(self) -> str:
         if self.port is None:
             return self.host
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     def verdict(self) -> str:
         """ok, MISMATCH (got is not what the contract says), or NO EVENT (a refusal

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 
 from runtime import defaults
 from runtime.cli.commands import command, count
+from runtime.hostport import host_port
 
 COLUMNS = ("time", "pod/container", "proto", "source", "destination", "port", "reason", "rule — element")
 
@@ -34,7 +35,7 @@ def row(event: dict) -> list[str]:
     port = event.get("port")
     source = str(event.get("source", ""))
     if event.get("source_port") is not None:
-        source = f"[{source}]:{event['source_port']}" if ":" in source else f"{source}:{event['source_port']}"
+        source = host_port(source, event['source_port'])
     decided = event.get("rule") or ""
     if event.get("element"):
         decided += f" — {event['element']}"

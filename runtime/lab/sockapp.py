@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+from runtime.hostport import host_port
 from runtime.lab.builder import Lab
 
 # The app: holds one socket to the echo server and does what stdin says, one JSON line
@@ -131,11 +132,8 @@ class SocketApp:
         the reclaimer's abort that the test is about."""
         assert self.proto == "tcp" and self.server is not None
         srv = self.server
-
-        def ends(addr: str, port: int) -> str:
-            return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-        argv = ["ss", "-Htn", "state", "established", "src", ends(srv["local"], srv["port"]),
-                "dst", ends(srv["peer"], srv["peer_port"])]
+        argv = ["ss", "-Htn", "state", "established", "src", host_port(srv["local"], srv["port"]),
+                "dst", host_port(srv["peer"], srv["peer_port"])]
         deadline = time.monotonic() + timeout
         while True:
             rows = self.lab.run(self.lab.internet, argv).stdout.split()
@@ -143,7 +141,7 @@ class SocketApp:
             if len(rows) == 4 and rows[1] == "0":
                 return
             if time.monotonic() > deadline:
-                raise AppError(f"the echo server's side of {ends(*self.local)} still holds unacknowledged "
+                raise AppError(f"the echo server's side of {host_port(*self.local)} still holds unacknowledged "
                                f"data after {timeout} s: {rows}")
             time.sleep(0.02)
 

@@ -28,6 +28,7 @@ from pyroute2.netlink.nfnetlink.nfctsocket import (
 from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETOBJ, NFT_MSG_NEWOBJ
 
 from netpolicy.ruleset import TABLE
+from runtime.hostport import host_port
 from runtime.kernel.netlink.core import (
     NETLINK_NETFILTER,
     NFGENMSG,
@@ -94,9 +95,8 @@ class Flow:
         return socket.AF_INET6 if ":" in self.src else socket.AF_INET
 
     def __str__(self) -> str:
-        def hp(a: str, p: int) -> str:
-            return f"[{a}]:{p}" if ":" in a else f"{a}:{p}"
-        return f"{PROTOS.get(self.proto, self.proto)} {hp(self.src, self.sport)} -> {hp(self.dst, self.dport)}"
+        return (f"{PROTOS.get(self.proto, self.proto)} {host_port(self.src, self.sport)} -> "
+                f"{host_port(self.dst, self.dport)}")
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def parse_destroy(msg) -> Destroyed | None:
         state = tcp.get_attr("CTA_PROTOINFO_TCP_STATE")
     nat = ""
     if reply is not None:
-        nat = f"[{reply.daddr}]:{reply.dport}" if ":" in str(reply.daddr) else f"{reply.daddr}:{reply.dport}"
+        nat = host_port(reply.daddr, reply.dport)
     return Destroyed(Flow(orig.proto, str(orig.saddr), orig.sport, str(orig.daddr), orig.dport),
                      status=msg.get_attr("CTA_STATUS") or 0, tcp_state=state,
                      portid=msg["header"]["pid"], nat=nat)
