@@ -70,3 +70,25 @@ def test_counts_the_segment_meter_at_prerouting_and_forward_as_sockgates():
     text = "\n".join([IN_METER, IN_METER.replace(" ip_rcv", " ip6_forward"), OTHER_HOOK, IN_PREROUTING_CHAIN])
     got = forward_hook_share(text)
     assert (got.samples, got.in_hook, got.in_prerouting, got.in_meter) == (4, 3, 1, 2)
+
+
+# perf often can't unwind out of a JIT image: the program's frame, then the user stack.
+IN_METER_UNWOUND = """\
+\tffffffffc0001234 bpf_prog_6deef7357e7b4530_sg_segments
+\t7f0000001234 __GI___libc_write
+\t0 [unknown]
+"""
+# The call into the meter's program at prerouting, outside the program itself.
+IN_METER_CALL = """\
+\tffffffff81200003 nf_hook_run_bpf
+\tffffffff81f28e13 nf_hook_slow
+\tffffffff81ff0001 ipv6_rcv
+"""
+
+
+def test_counts_the_meter_where_perf_lost_its_hook_and_the_call_into_it():
+    text = "\n".join([IN_METER_UNWOUND, IN_METER_CALL, IN_METER_CALL.replace(" ipv6_rcv", " ip6_forward"),
+                      OTHER_HOOK, FORWARD_ONLY])
+    got = forward_hook_share(text)
+    # the forward hook's call is the hook's (and not the meter's); conntrack's isn't sockgate's
+    assert (got.samples, got.in_hook, got.in_prerouting, got.in_meter) == (5, 3, 0, 2)
