@@ -4,12 +4,14 @@ from pathlib import Path
 import pytest
 
 from netpolicy.ruleset import BASE_CHAINS, REGULAR_CHAINS, Endpoint
+from runtime.bench.dataplane import Test as Metric  # not "Test": pytest would collect it
 from runtime.bench.variants import (
     AS_IS,
     Shares,
     Variant,
     VariantsError,
     parse_variants,
+    rate,
     rotated,
     summarize,
     with_measured,
@@ -59,10 +61,14 @@ def test_every_variant_takes_every_position_over_the_rounds():
         assert sorted(o[position] for o in orders) == sorted(names)
 
 
+TCP4, UDP6 = Metric("tcp4", "tcp", 4), Metric("udp6", "udp", 6)
+
+
 def _shares(*hooks: float) -> Shares:
     s = Shares()
     for h in hooks:
-        s.add({"samples": 100, "hook_share": h, "in_prerouting_chain": 10, "cpu_busy": 1.0})
+        s.add(UDP6, {"samples": 100, "hook_share": h, "in_prerouting_chain": 10, "cpu_busy": 1.0,
+                     "sent_pps": 512_400.0, "sent_bps": 3.0e8})
     return s
 
 
@@ -72,7 +78,13 @@ def test_summary_is_medians_and_the_difference_from_b_as_it_is():
     assert b["hooks"] == pytest.approx(0.057) and b["vs_sockgate"] == 0
     assert w["hooks"] == pytest.approx(0.049) and w["vs_sockgate"] == pytest.approx(-0.008)
     assert w["expected_ratio"] == pytest.approx(0.951) and w["prerouting"] == pytest.approx(0.1)
-    assert w["rounds"] == [0.049, 0.048, 0.060]
+    assert w["rounds"] == [0.049, 0.048, 0.060] and w["sent"] == ["512 kpps"] * 3
+
+
+def test_what_the_container_sent_is_in_the_metrics_unit():
+    profile = {"sent_pps": 100_200.0, "sent_bps": 38.24e9}
+    assert rate(TCP4, profile) == "38.2 Gbit/s" and rate(UDP6, profile) == "100 kpps"
+    assert rate(TCP4, {}) == "?"  # a profile from before the rates were taken
 
 
 def test_measured_container_variables_come_before_and_go_after_the_commands():

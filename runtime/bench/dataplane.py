@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
+from pyroute2 import IPRoute
+
 from netpolicy import ruleset
 from netpolicy.ruleset import FAMILY, TABLE, Endpoint
 from runtime import defaults, textable
@@ -429,18 +431,32 @@ class Bench:
         return self.profile_as_is(test)
 
     def profile_as_is(self, test: Test) -> dict[str, Any]:
-        """profile(), under whatever configuration is in force."""
+        """profile(), under whatever configuration is in force; with what the measured
+        container sent meanwhile (its veth's counters), because a share compares only
+        at like rates: a TCP connection of the same configuration ran at 15 or at 38
+        Gbit/s, a regime per connection, with the hooks at 1.6-1.9 % or 6.0-6.6 % of the
+        CPU (docs/measurements.md)."""
         cpus = self.args.tcp_cpus if test.proto == "tcp" else self.args.udp_cpus
         proc = self.lab.popen(self.measured_ns, self.client_argv(test, seconds=int(WARMUP_S + PROFILE_S + 2)))
         try:
             time.sleep(WARMUP_S)
+            before, t0 = self.in_node(self._sent), time.monotonic()
             got = perf_profile.record(cpus[0], PROFILE_S, self.lab.run_dir / f"perf-{test.key}.data")
+            after, seconds = self.in_node(self._sent), time.monotonic() - t0
         finally:
             proc.kill()
             proc.wait()
         return {"cpu": cpus[0], "seconds": PROFILE_S, "samples": got.samples, "in_hooks": got.in_hook,
                 "in_prerouting_chain": got.in_prerouting, "in_meter": got.in_meter,
-                "hook_share": got.share, "cpu_busy": got.busy, "expected_ratio": 1 - got.share}
+                "hook_share": got.share, "cpu_busy": got.busy, "expected_ratio": 1 - got.share,
+                "sent_pps": (after[0] - before[0]) / seconds, "sent_bps": 8 * (after[1] - before[1]) / seconds}
+
+    def _sent(self) -> tuple[int, int]:
+        """Packets and bytes the node has taken in from the measured container's veth
+        (a super-packet counts once). In the node netns."""
+        with IPRoute() as ipr:
+            stats = ipr.get_links(ifname=self.measured.host_ifname)[0].get_attr("IFLA_STATS64")
+        return int(stats["rx_packets"]), int(stats["rx_bytes"])
 
     def _label(self, test: Test, d: dict, windows: list[Window]) -> list[Sample]:
         if test.proto == "tcp":
@@ -574,8 +590,8 @@ def print_report(rep: dict[str, Any], tests: list[Test], samples: list[Sample]) 
             pre, meter = pr["in_prerouting_chain"] / n, pr.get("in_meter", 0) / n
             print(f"  {t.label:<24} profile: sockgate's hooks took {100 * pr['hook_share']:.2f} % of CPU "
                   f"{pr['cpu']}'s samples ({pr['samples']}, CPU busy {100 * pr['cpu_busy']:.0f} %; the "
-                  f"prerouting chain {100 * pre:.2f} %, the segment meter {100 * meter:.2f} %) under {SOCKGATE}: "
-                  f"expected ratio {pr['expected_ratio']:.3f}")
+                  f"prerouting chain {100 * pre:.2f} %, the segment meter {100 * meter:.2f} %) under {SOCKGATE}, "
+                  f"sending {bench_variants.rate(t, pr)}: expected ratio {pr['expected_ratio']:.3f}")
     unsure = [rep["ratios"][t.key]["metric"] for t in tests if rep["ratios"][t.key]["uncertain"]]
     if unsure:
         print(f"  note: the middle half of the paired ratios of {', '.join(unsure)} straddles the target, so "
